@@ -1,0 +1,132 @@
+"""Where things live inside an appliance home.
+
+Every other module asks a `Home` for paths instead of joining strings itself, so the
+layout is written down once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT_HOME = Path("/var/lib/appliance")
+
+
+def default_home() -> Path:
+    """`--home` beats `APPLIANCE_HOME`, which beats the per-user or system default."""
+    env = os.environ.get("APPLIANCE_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return ROOT_HOME
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "appliance"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike | None = None) -> "Home":
+        return cls(Path(path).expanduser().resolve() if path else default_home().resolve())
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "appliance.toml"
+
+    # secrets: generated store credentials, mode 0600
+    @property
+    def secrets_dir(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def store_credentials(self) -> Path:
+        return self.secrets_dir / "store.json"
+
+    @property
+    def store_identities(self) -> Path:
+        """SeaweedFS's `-s3.config` file (identities)."""
+        return self.secrets_dir / "s3.json"
+
+    # rendered files and sockets of the running appliance
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def supervisord_conf(self) -> Path:
+        return self.run_dir / "supervisord.conf"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    @property
+    def supervisord_pid(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def plan_file(self) -> Path:
+        """The plan currently applied (JSON), so a re-plan can stay stable."""
+        return self.run_dir / "plan.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def store_data(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def studioml_home(self) -> Path:
+        """What users set STUDIOML_HOME to; the local queue root is its `queue/` folder."""
+        return self.root / "studioml"
+
+    @property
+    def queue_root(self) -> Path:
+        return self.studioml_home / "queue"
+
+    @property
+    def credentials_dir(self) -> Path:
+        """One entry per queue source (RabbitMQ URL files, SQS credential folders)."""
+        return self.root / "credentials"
+
+    @property
+    def status_dir(self) -> Path:
+        """One small JSON status file per runner."""
+        return self.root / "status"
+
+    def slot_status(self, slot: str) -> Path:
+        return self.status_dir / f"{slot}.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def artifact_cache(self) -> Path:
+        return self.cache_dir / "artifacts"
+
+    @property
+    def venv_cache(self) -> Path:
+        return self.cache_dir / "venvs"
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-slot scratch space where experiments are unpacked and run."""
+        return self.root / "work"
+
+    @property
+    def events_file(self) -> Path:
+        """Controller's re-plan log (JSON lines)."""
+        return self.root / "events.jsonl"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.run_dir, self.logs_dir, self.store_data, self.queue_root,
+                  self.credentials_dir, self.status_dir, self.cache_dir, self.work_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.secrets_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.secrets_dir, 0o700)

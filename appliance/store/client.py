@@ -1,0 +1,61 @@
+"""S3 clients for the appliance's store and for the endpoints named in experiment requests."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config as BotoConfig
+
+
+def s3_client(endpoint_url: str, access_key: str | None, secret_key: str | None,
+              region: str | None = "us-east-1", session_token: str | None = None,
+              connect_timeout: float = 5, read_timeout: float = 60, attempts: int = 3):
+    """A boto3 S3 client with path-style addressing (what SeaweedFS and MinIO expect)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or None,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        aws_session_token=session_token,
+        region_name=region or "us-east-1",
+        config=BotoConfig(
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+        ),
+    )
+
+
+def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
+                region: str = "us-east-1") -> str | None:
+    """None when the store answers our credentials and has `bucket`; else what is wrong and the fix."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = s3_client(endpoint_url, access_key, secret_key, region, connect_timeout=2, read_timeout=5,
+                       attempts=1)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket") or status == 404:
+            return f"bucket '{bucket}' does not exist at {endpoint_url}: `appliance up` creates it"
+        if status == 403 or code in ("403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"):
+            return (f"{endpoint_url} refused the appliance's credentials ({code or status}): "
+                    "check secrets/store.json against the store's identities (`appliance render` then restart)")
+        return f"{endpoint_url} answered {code or status}: {e}"
+    except BotoCoreError as e:
+        return f"cannot reach the object store at {endpoint_url}: {e}; is it running? (`appliance status`)"
+    return None
+
+
+def ensure_bucket(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
+                  region: str = "us-east-1") -> None:
+    from botocore.exceptions import ClientError
+
+    client = s3_client(endpoint_url, access_key, secret_key, region)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError:
+        client.create_bucket(Bucket=bucket)

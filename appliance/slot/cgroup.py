@@ -390,16 +390,14 @@ class SlotCgroup:
     def delegate_job(self, uid: int, gid: int) -> None:
         """Let a process of user uid move itself into the job leaf (the runner after it dropped root).
 
-        v1 checks write access to the target's cgroup.procs; v2 also checks cgroup.procs of
-        the common ancestor (the slot) and of the source (runner leaf). Limit files stay root's.
+        v1 checks write access to the target's cgroup.procs (or tasks); v2 checks the target's
+        and the common ancestor's (the slot's). Limit files stay root's, so the user cannot
+        raise its own limits.
         """
         for root in self.hierarchy.roots():
             files = [os.path.join(self.path(root, "job"), "cgroup.procs")]
             if self.hierarchy.version == "v2":
-                files += [
-                    os.path.join(self.path(root), "cgroup.procs"),
-                    os.path.join(self.path(root, "runner"), "cgroup.procs"),
-                ]
+                files.append(os.path.join(self.path(root), "cgroup.procs"))
             else:
                 files.append(os.path.join(self.path(root, "job"), "tasks"))
             for path in files:

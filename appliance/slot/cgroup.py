@@ -184,7 +184,7 @@ def _fix_for(path: str, err: OSError) -> str:
         return "a child cgroup still uses CPUs or memory nodes outside the new set"
     if code == errno.EINVAL and name.startswith("cpuset."):
         return "the value must be a subset of the parent cgroup's cpuset (and of the online CPUs)"
-    if code in (errno.ENOENT, errno.EOPNOTSUPP, errno.EINVAL) and name == "cgroup.subtree_control":
+    if code in (errno.EOPNOTSUPP, errno.EINVAL) and name == "cgroup.subtree_control":
         return "the controller is not available in the parent cgroup; enable it there (systemd Delegate=yes)"
     return "check the cgroup setup (/proc/self/mountinfo, /proc/self/cgroup)"
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.gpus import Gpu, GpuScan, scan_gpus
+from appliance.slot.cgroup import cgroup_version
+from appliance.slot.limits import format_cpu_list, parse_cpu_list  # noqa: F401 (re-exported)
 
 SYS = Path("/sys")
 PROC = Path("/proc")
@@ -24,38 +26,6 @@ class Inventory:
 
     def numa_nodes(self, cpus) -> tuple[int, ...]:
         return tuple(sorted({self.numa_of_cpu.get(c, 0) for c in cpus})) or (0,)
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """Linux list format "0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11]."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise ValueError(f"{text!r} is not a CPU list (write e.g. 0-3,8)")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"{part!r} in {text!r} runs backwards")
-        cpus.update(range(lo, hi + 1))
-    return sorted(cpus)
-
-
-def format_cpu_list(cpus) -> str:
-    """[0, 1, 2, 3, 8] -> "0-3,8"."""
-    out, run = [], []
-    for cpu in sorted(set(cpus)):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
 
 
 def _read(path: Path) -> str | None:
@@ -105,18 +75,6 @@ def cgroup_memory_limit() -> int | None:
     return None
 
 
-def detect_cgroup_version() -> str:
-    """"v2" (unified only), "v1" (legacy only), "hybrid" (v1 controllers + a cgroup2 mount)."""
-    v1 = v2 = False
-    for line in (_read(PROC / "self/mountinfo") or "").splitlines():
-        fstype = line.split(" - ", 1)[-1].split(" ", 1)[0]
-        v1 |= fstype == "cgroup"
-        v2 |= fstype == "cgroup2"
-    if v1 and v2:
-        return "hybrid"
-    return "v2" if v2 else ("v1" if v1 else "none")
-
-
 def take_inventory(gpu_scan: GpuScan | None = None) -> Inventory:
     cpus = usable_cpus()
     memory = physical_memory()
@@ -125,4 +83,4 @@ def take_inventory(gpu_scan: GpuScan | None = None) -> Inventory:
         memory = min(memory, limit)
     scan = gpu_scan if gpu_scan is not None else scan_gpus(max(cpus, default=0) + 1)
     return Inventory(cpus=tuple(cpus), memory_bytes=memory, numa_of_cpu=numa_map(cpus),
-                     cgroup_version=detect_cgroup_version(), gpus=scan.gpus, gpu_problem=scan.problem)
+                     cgroup_version=cgroup_version(), gpus=scan.gpus, gpu_problem=scan.problem)

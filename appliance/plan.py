@@ -25,6 +25,7 @@ from appliance.units import format_size
 
 GiB = 1024**3
 MiB = 1024**2
+PAGE = 4096
 
 
 class PlanError(ValueError):
@@ -124,8 +125,10 @@ def _gpu_cpus_each(config: Config, free: int, gpus: int) -> int:
 
 
 def _sizes(kind_cfg, key: str, cpus: int, per_cpu: int) -> tuple[int, int]:
-    memory = per_cpu * cpus if kind_cfg.memory == "auto" else kind_cfg.memory
-    shm = memory // 4 if kind_cfg.shm == "auto" else kind_cfg.shm
+    # Auto sizes are whole MiB, named ones whole pages: the kernel rounds limits and tmpfs
+    # sizes to pages, and what it reports should equal the plan.
+    memory = _round_down(per_cpu * cpus, MiB) if kind_cfg.memory == "auto" else _round_down(kind_cfg.memory, PAGE)
+    shm = _round_down(memory // 4, MiB) if kind_cfg.shm == "auto" else _round_down(kind_cfg.shm, PAGE)
     if memory < 64 * MiB:
         raise PlanError(f"slots.{key}.memory would be {format_size(memory)}, too little to run a job; "
                         "give the host more memory, lower host.reserved_memory, or make fewer slots")
@@ -133,6 +136,10 @@ def _sizes(kind_cfg, key: str, cpus: int, per_cpu: int) -> tuple[int, int]:
         raise PlanError(f"slots.{key}.shm = {format_size(shm)} is larger than the slot's memory "
                         f"{format_size(memory)} (/dev/shm pages count against it); lower slots.{key}.shm")
     return memory, shm
+
+
+def _round_down(n: int, unit: int) -> int:
+    return n - n % unit
 
 
 def _slot_number(name: str) -> int:

@@ -1,0 +1,1 @@
+"""One module per user action: `register(subparsers)` adds its parser and sets `func=run`."""

@@ -1,0 +1,17 @@
+"""appliance status: slots, their CPUs, memory, GPU, current job; the store; GPUs; queues."""
+
+import json
+
+from appliance.status import format_status, gather
+
+
+def register(sub):
+    p = sub.add_parser("status", help="show slots, jobs, the store, GPUs and queues")
+    p.add_argument("--json", action="store_true", help="print the same facts as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    facts = gather(args.home)
+    print(json.dumps(facts, indent=2) if args.json else format_status(facts))
+    return 0

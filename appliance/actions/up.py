@@ -1,0 +1,29 @@
+"""appliance up: start (or update) the appliance and wait until it is healthy."""
+
+from appliance.lifecycle import client_environment, up
+from appliance.store.server import endpoint_url
+
+
+def register(sub):
+    p = sub.add_parser("up", help="start the appliance (or apply a changed plan) and wait until healthy",
+                       description="Render the configs, start supervisord in the background with the object "
+                                   "store and one program per slot, and wait until all are healthy. On a "
+                                   "running appliance it applies only the difference. If anything fails "
+                                   "it says what, and stops what it started.")
+    p.add_argument("--foreground", action="store_true",
+                   help="run supervisord in the foreground (what the systemd unit uses)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for health (default 60)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    prepared = up(args.home, foreground=args.foreground, timeout=args.timeout)
+    config = prepared.config
+    print(f"appliance up at {args.home.root}: {len(prepared.plan.slots)} slot(s) running; "
+          f"store {endpoint_url(config)} bucket {config.object_store.bucket}")
+    print(f"submit experiments: STUDIOML_HOME={args.home.studioml_home} (local queue at {args.home.queue_root}),"
+          " or `appliance submit SCRIPT`")
+    print("store: `mc ls appliance/` (alias written to ~/.mc/config.json); for boto3 and `aws s3`:")
+    for key, value in client_environment(args.home, config).items():
+        print(f"  export {key}={value}")
+    return 0

@@ -1,0 +1,66 @@
+"""The `appliance` command: a thin parser over one module per action in appliance/actions/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from appliance import __version__
+from appliance.paths import Home
+
+# Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
+ACTIONS = ["up", "down", "status", "render", "doctor", "config"]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one message, no traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="Cut this box into pinned slots and run StudioML experiments in them.",
+        epilog="The appliance home is --home, else $APPLIANCE_HOME, else /var/lib/appliance (root) "
+               "or ~/.local/share/appliance.")
+    parser.add_argument("--home", help="appliance home directory (default: $APPLIANCE_HOME or the system default)")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    for name in ACTIONS:
+        importlib.import_module(f"appliance.actions.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    args.home = Home.at(args.home)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - known error kinds become one clear line
+        if _is_user_error(e):
+            print(f"appliance: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Errors whose message already says what is wrong and how to fix it."""
+    from appliance.config import ConfigError
+    from appliance.lifecycle import StartError
+    from appliance.plan import PlanError
+    from appliance.store.credentials import CredentialsError
+    from appliance.store.server import StoreError
+    from appliance.supervisor import SupervisorError
+
+    return isinstance(e, (UserError, ConfigError, PlanError, StartError, StoreError, CredentialsError,
+                          SupervisorError, PermissionError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

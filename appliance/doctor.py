@@ -1,0 +1,113 @@
+"""`appliance doctor`: look at everything the appliance relies on; each problem with its fix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import supervisor
+from appliance.config import Config, ConfigError, load_config
+from appliance.gpus import scan_gpus
+from appliance.paths import Home
+from appliance.store.client import check_store
+from appliance.store.credentials import CredentialsError, load_credentials
+from appliance.store.server import StoreError, endpoint_url, ports_in_use, store_program, weed_binary
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    what: str
+    detail: str  # on a problem: what is wrong and the fix
+
+
+def check(home: Home) -> list[Finding]:
+    out: list[Finding] = []
+    try:
+        config = load_config(home.config_file)
+        out.append(Finding(True, "config", str(home.config_file)))
+    except ConfigError as e:
+        return [Finding(False, "config", str(e))]
+
+    out += _check_permissions(home)
+    out += _check_cgroups(config)
+    out += _check_store(home, config)
+    scan = scan_gpus()
+    if scan.gpus:
+        bad = [g for g in scan.gpus if not g.healthy]
+        out.append(Finding(not bad, "gpus", f"{len(scan.gpus)} GPU(s) via NVML" + (
+            "; unhealthy: " + ", ".join(f"{g.index} ({g.problem})" for g in bad) +
+            ": their slots are left out; check `nvidia-smi -q`" if bad else "")))
+    else:
+        out.append(Finding(True, "gpus", f"none: {scan.problem or 'NVML lists no GPU'} (CPU slots only)"))
+    if config.isolation.backend == "docker":
+        from appliance.slot.docker_slot import docker_problems
+
+        problems = docker_problems(gpus_needed=bool(scan.gpus))
+        out.append(Finding(not problems, "docker", "; ".join(problems) or "daemon reachable"))
+    return out
+
+
+def _check_permissions(home: Home) -> list[Finding]:
+    out = []
+    if home.root.exists() and not os.access(home.root, os.W_OK):
+        out.append(Finding(False, "home", f"{home.root} is not writable by uid {os.geteuid()}: run as its owner "
+                                          "or with sudo"))
+    secrets = [p for p in (home.store_credentials, home.store_identities) if p.exists()]
+    loose = [p for p in secrets if p.stat().st_mode & 0o077]
+    if loose:
+        out.append(Finding(False, "secrets", f"{', '.join(map(str, loose))} readable by others: "
+                                             f"chmod 600 {' '.join(map(str, loose))}"))
+    elif secrets:
+        out.append(Finding(True, "secrets", "store credentials are private (0600)"))
+    return out
+
+
+def _check_cgroups(config: Config) -> list[Finding]:
+    from appliance.slot.cgroup import cgroup_version
+
+    version = cgroup_version()
+    if config.isolation.backend == "docker":
+        return [Finding(True, "cgroups", f"{version} (docker does the isolation)")]
+    if os.geteuid() != 0:
+        return [Finding(False, "cgroups", f"{version}, but not root: slots cannot get their own cgroup or "
+                                          "/dev/shm; run `sudo appliance up` or use isolation.backend = \"docker\"")]
+    if version == "none":
+        return [Finding(False, "cgroups", "no cgroup filesystem mounted: mount cgroup2 on /sys/fs/cgroup")]
+    if version in ("v1", "hybrid"):
+        missing = [c for c in ("cpuset", "memory") if not Path(f"/sys/fs/cgroup/{c}").is_dir()]
+    else:
+        controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+        missing = [c for c in ("cpuset", "memory") if c not in controllers]
+    if missing:
+        return [Finding(False, "cgroups", f"{version} without the {', '.join(missing)} controller(s): enable them "
+                                          "(kernel cmdline cgroup_enable=memory, or systemd Delegate=yes)")]
+    return [Finding(True, "cgroups", f"{version} with cpuset and memory")]
+
+
+def _check_store(home: Home, config: Config) -> list[Finding]:
+    out = []
+    try:
+        program = store_program(home, config)
+        if config.object_store.kind == "seaweedfs":
+            out.append(Finding(True, "store binary", weed_binary()))
+    except StoreError as e:
+        return [Finding(False, "store", str(e))]
+    running = supervisor.is_running(home)
+    if program is not None and not running:
+        busy = ports_in_use(config.object_store.host, program.ports)
+        out.append(Finding(not busy, "ports", f"port(s) {', '.join(map(str, busy))} taken: free them or "
+                                              "`appliance config set object_store.port PORT`" if busy else
+                           f"store ports {program.ports[0]}..{program.ports[-1]} free"))
+    if running or program is None:
+        try:
+            creds = load_credentials(home)
+            problem = check_store(endpoint_url(config), creds.access_key, creds.secret_key,
+                                  config.object_store.bucket, config.object_store.region)
+        except (CredentialsError, StoreError) as e:
+            problem = str(e)
+        out.append(Finding(problem is None, "store", problem or f"{endpoint_url(config)} answers with our keys"))
+    else:
+        out.append(Finding(True, "store", "not running (start with `appliance up`)"))
+    return out

@@ -1,0 +1,221 @@
+"""Bringing an appliance up and down: the engine behind `appliance up`, `down` and `render`.
+
+`up` is safe to repeat: on a running appliance it re-plans and applies only the difference.
+If anything fails on the way up, everything it started is stopped again (nothing half-started).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from appliance.config import Config, load_config
+from appliance.files import write_atomic
+from appliance.inventory import Inventory, take_inventory
+from appliance.paths import Home
+from appliance.plan import Plan, make_plan
+from appliance.render import render_default_config, write_supervisord
+from appliance.store import mc
+from appliance.store.client import check_store, ensure_bucket
+from appliance.store.credentials import ensure_credentials, write_identities
+from appliance.store.server import endpoint_url, ports_in_use, store_program
+from appliance import supervisor
+
+
+class StartError(RuntimeError):
+    """The appliance could not start; the message names what failed and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    config: Config
+    inventory: Inventory
+    plan: Plan
+
+
+def previous_plan(home: Home) -> Plan | None:
+    try:
+        return Plan.from_json(home.plan_file.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_default_config(home: Home) -> bool:
+    """Write a commented appliance.toml for this host unless one exists (never overwrite edits)."""
+    if home.config_file.exists():
+        return False
+    inventory = take_inventory()
+    try:
+        plan = make_plan(Config(), inventory)
+    except ValueError:
+        plan = None
+    write_atomic(home.config_file, render_default_config(inventory, plan))
+    return True
+
+
+def prepare(home: Home, python: str = sys.executable) -> Prepared:
+    """Config, inventory and plan; credentials generated; supervisord.conf and plan.json rendered."""
+    home.ensure()
+    write_default_config(home)
+    config = load_config(home.config_file)
+    inventory = take_inventory()
+    plan = make_plan(config, inventory, previous_plan(home))
+    creds = ensure_credentials(home)
+    if config.object_store.kind == "seaweedfs":
+        write_identities(home, creds)
+    write_supervisord(home, config, plan, python)
+    return Prepared(config, inventory, plan)
+
+
+def preflight(home: Home, config: Config) -> list[str]:
+    """Problems that would make `up` fail, each with its fix. Empty when all is well."""
+    problems = []
+    if config.isolation.backend == "process" and os.geteuid() != 0:
+        problems.append("slots need root to create cgroups and mount a private /dev/shm: run "
+                        "`sudo appliance up` (or install as root), or use isolation.backend = \"docker\"")
+    if config.isolation.backend == "docker":
+        from appliance.slot.docker_slot import docker_problems
+
+        problems += docker_problems()
+    store = store_program(home, config)
+    if store is not None and not supervisor.is_running(home):
+        busy = ports_in_use(config.object_store.host, store.ports)
+        if busy:
+            problems.append(f"port(s) {', '.join(map(str, busy))} on {config.object_store.host} are in use, "
+                            "and the object store needs them: stop what listens there (`ss -ltnp`) or "
+                            "choose another base with `appliance config set object_store.port PORT`")
+    return problems
+
+
+def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list[str]:
+    """Wait until the store answers and every slot is RUNNING; return what is still wrong."""
+    from appliance.store.credentials import load_credentials
+
+    creds = load_credentials(home)
+    expected = [s.name for s in plan.slots] + (["store"] if store_program(home, config) else [])
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = []
+        states = supervisor.processes(home)
+        for name in expected:
+            info = states.get(name)
+            if info is None:
+                problems.append(f"{name}: not known to supervisord")
+            elif info.state != "RUNNING":
+                problems.append(f"{name}: {info.state} {info.description}".strip())
+        if not any(p.startswith("store") for p in problems):
+            store_problem = check_store(endpoint_url(config), creds.access_key, creds.secret_key,
+                                        config.object_store.bucket, config.object_store.region)
+            if store_problem and "does not exist" in store_problem:
+                try:
+                    ensure_bucket(endpoint_url(config), creds.access_key, creds.secret_key,
+                                  config.object_store.bucket, config.object_store.region)
+                    store_problem = None
+                except Exception as e:  # noqa: BLE001 - reported below with the endpoint
+                    store_problem = f"cannot create bucket {config.object_store.bucket}: {e}"
+            if store_problem:
+                problems.append(f"object store: {store_problem}")
+        hopeless = any(states.get(n) and states[n].state in ("FATAL", "EXITED") for n in expected)
+        if not problems or hopeless or time.monotonic() > deadline:
+            return problems
+        time.sleep(0.2)
+
+
+def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> Prepared:
+    prepared = prepare(home)
+    config, plan = prepared.config, prepared.plan
+    problems = preflight(home, config)
+    if problems:
+        raise StartError("cannot start the appliance:\n  - " + "\n  - ".join(problems))
+    _prepare_slots_environment(home, config)
+    if foreground:
+        supervisor.start_supervisord(home, foreground=True)  # execs; never returns
+    if supervisor.is_running(home):
+        added, changed, removed = supervisor.apply_config(home)
+        say(f"appliance already running; applied the plan: {len(added)} added, {len(changed)} changed, "
+            f"{len(removed)} removed")
+    else:
+        supervisor.start_supervisord(home)
+    problems = wait_healthy(home, config, plan, timeout)
+    if problems:
+        details = []
+        for line in problems:
+            name = line.split(":", 1)[0]
+            log = supervisor.tail_log(home, name if name != "object store" else "store", 8)
+            details.append(line + (f"\n      last lines of logs/{name}.log:\n        " +
+                                   log.replace("\n", "\n        ") if log else ""))
+        down(home, timeout=30)
+        raise StartError("the appliance did not come up, and was stopped again:\n  - " + "\n  - ".join(details))
+    write_client_settings(home, config)
+    return prepared
+
+
+def _prepare_slots_environment(home: Home, config: Config) -> None:
+    """Runners may run as another user: let them write where they must."""
+    if config.isolation.backend == "docker":
+        from appliance.slot.docker_slot import remove_stale
+
+        remove_stale(str(home.root))
+    if not config.isolation.user or os.geteuid() != 0:
+        return
+    import pwd
+
+    pw = pwd.getpwnam(config.isolation.user)
+    for d in (home.status_dir, home.work_dir, home.cache_dir, home.studioml_home, home.queue_root):
+        for root, dirs, files in os.walk(d):
+            for name in [root] + [os.path.join(root, f) for f in dirs + files]:
+                os.chown(name, pw.pw_uid, pw.pw_gid)
+
+
+def write_client_settings(home: Home, config: Config) -> None:
+    """The `appliance` alias in ~/.mc/config.json and an env file for boto3 and `aws s3`."""
+    from appliance.store.credentials import load_credentials
+
+    creds = load_credentials(home)
+    url = endpoint_url(config)
+    mc.write_alias("appliance", url, creds.access_key, creds.secret_key)
+    write_atomic(home.secrets_dir / "s3.env", "".join(f"export {k}={v}\n" for k, v in
+                                                     client_environment(home, config).items()), mode=0o600)
+
+
+def client_environment(home: Home, config: Config) -> dict[str, str]:
+    from appliance.store.credentials import load_credentials
+
+    creds = load_credentials(home)
+    return {
+        "AWS_ACCESS_KEY_ID": creds.access_key,
+        "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+        "AWS_ENDPOINT_URL": endpoint_url(config),
+        "AWS_DEFAULT_REGION": config.object_store.region,
+    }
+
+
+def down(home: Home, timeout: float | None = None) -> None:
+    """Stop everything: slots drain, then the store, then supervisord; clean slot cgroups."""
+    config = load_config(home.config_file) if home.config_file.exists() else Config()
+    from appliance.render import stop_wait_seconds
+
+    if supervisor.is_running(home) or supervisor.supervisord_pid(home):
+        supervisor.shutdown(home, timeout or stop_wait_seconds(config) + 60)
+    if config.isolation.backend == "docker":
+        try:
+            from appliance.slot.docker_slot import remove_stale
+
+            remove_stale(str(home.root))
+        except Exception:  # noqa: BLE001 - docker gone: nothing of ours can be left in it
+            pass
+    plan = previous_plan(home)
+    if plan is not None and os.geteuid() == 0:
+        from appliance.slot.cgroup import remove_slot
+
+        for slot in plan.slots:
+            try:
+                remove_slot(slot.name)
+            except Exception:  # noqa: BLE001 - best effort; `doctor` reports leftovers
+                pass
+
+
+
+

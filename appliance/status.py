@@ -1,0 +1,185 @@
+"""The facts `appliance status` shows, gathered once as plain data (also `status --json`)."""
+
+from __future__ import annotations
+
+import json
+import time
+import xmlrpc.client
+
+from appliance import supervisor
+from appliance.config import Config, ConfigError, load_config
+from appliance.gpus import scan_gpus
+from appliance.inventory import format_cpu_list
+from appliance.lifecycle import previous_plan
+from appliance.paths import Home
+from appliance.runner.status import read_status
+from appliance.store.client import check_store
+from appliance.store.credentials import CredentialsError, load_credentials
+from appliance.store.server import StoreError, endpoint_url
+from appliance.units import format_size
+
+
+def _memory_used(slot: str) -> int | None:
+    try:
+        from appliance.slot.cgroup import memory_usage
+
+        return memory_usage(slot)
+    except Exception:  # noqa: BLE001 - not readable here: shown as unknown
+        return None
+
+
+def _store_facts(home: Home, config: Config) -> dict:
+    facts = {"kind": config.object_store.kind, "bucket": config.object_store.bucket}
+    try:
+        facts["endpoint"] = endpoint_url(config)
+        creds = load_credentials(home)
+        problem = check_store(facts["endpoint"], creds.access_key, creds.secret_key,
+                              config.object_store.bucket, config.object_store.region)
+    except (StoreError, CredentialsError) as e:
+        problem = str(e)
+    facts["healthy"] = problem is None
+    facts["problem"] = problem or ""
+    return facts
+
+
+def _last_rebalance(home: Home) -> dict | None:
+    try:
+        lines = home.events_file.read_text().strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def _containers(home: Home, config: Config) -> dict[str, str]:
+    if config.isolation.backend != "docker":
+        return {}
+    try:
+        from appliance.slot.docker_slot import list_slot_containers
+
+        return {c["slot"]: c["id"] for c in list_slot_containers(str(home.root))}
+    except Exception:  # noqa: BLE001 - docker down: `doctor` says why
+        return {}
+
+
+def gather(home: Home) -> dict:
+    try:
+        config = load_config(home.config_file)
+        config_problem = ""
+    except ConfigError as e:
+        config, config_problem = Config(), str(e)
+    plan = previous_plan(home)
+    running = supervisor.is_running(home)
+    try:
+        procs = supervisor.processes(home) if running else {}
+    except (OSError, xmlrpc.client.Fault):
+        procs = {}
+    containers = _containers(home, config)
+    now = time.time()
+    slots = []
+    for slot in plan.slots if plan else ():
+        info = procs.get(slot.name)
+        state = info.state if info else "STOPPED"
+        runner = read_status(home, slot.name) or {}
+        if runner and info and runner.get("pid") not in (info.pid, None) and config.isolation.backend == "process":
+            runner = {}  # left behind by an earlier runner of this slot
+        slots.append({
+            "name": slot.name,
+            "kind": slot.kind,
+            "state": state,
+            "pid": info.pid if info and info.pid else None,
+            "uptime_s": round(now - info.started) if info and state == "RUNNING" else None,
+            "cpus": list(slot.cpus),
+            "cpu_list": format_cpu_list(slot.cpus),
+            "mems": list(slot.mems),
+            "memory_bytes": slot.memory_bytes,
+            "memory_used_bytes": _memory_used(slot.name) if state == "RUNNING" else None,
+            "shm_bytes": slot.shm_bytes,
+            "gpus": list(slot.gpus),
+            "gpu_indexes": list(slot.gpu_indexes),
+            "container_id": containers.get(slot.name),
+            "runner_state": runner.get("state"),
+            "experiment": runner.get("experiment"),
+            "queue": runner.get("queue"),
+            "job_started": runner.get("started"),
+            "last_upload": runner.get("last_upload"),
+            "last_result": runner.get("last_result"),
+        })
+    scan = scan_gpus()
+    return {
+        "home": str(home.root),
+        "config_problem": config_problem,
+        "running": running,
+        "supervisord_pid": supervisor.supervisord_pid(home),
+        "backend": config.isolation.backend,
+        "slots": slots,
+        "reserved_cpus": list(plan.reserved_cpus) if plan else [],
+        "reserved_memory_bytes": plan.reserved_memory if plan else 0,
+        "plan_notes": list(plan.notes) if plan else [],
+        "store": _store_facts(home, config) if running or config.object_store.kind == "external" else
+                 {"kind": config.object_store.kind, "healthy": False, "problem": "appliance is not running"},
+        "gpus": {"devices": [{"index": g.index, "uuid": g.uuid, "name": g.name, "memory_bytes": g.memory_bytes,
+                              "healthy": g.healthy, "problem": g.problem} for g in scan.gpus],
+                 "problem": scan.problem},
+        "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
+                   "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
+        "last_rebalance": _last_rebalance(home),
+    }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def format_status(facts: dict) -> str:
+    lines = [f"appliance at {facts['home']}: " +
+             (f"running (supervisord pid {facts['supervisord_pid']})" if facts["running"] else "not running"),
+             ]
+    if facts["config_problem"]:
+        lines.append(f"  config problem: {facts['config_problem']}")
+    header = f"  {'SLOT':<8} {'STATE':<9} {'PID':>7} {'CPUS':<8} {'MEMORY (used/limit)':<20} {'SHM':<8} {'GPU':<5} {'UPTIME':>7}  JOB"
+    lines += ["", header]
+    for s in facts["slots"]:
+        memory = f"{format_size(s['memory_used_bytes']) if s['memory_used_bytes'] is not None else '-'}/{format_size(s['memory_bytes'])}"
+        gpu = ",".join(map(str, s["gpu_indexes"])) or "-"
+        job = s["experiment"] or (s["runner_state"] or "-")
+        if s["experiment"]:
+            job = f"{s['experiment']} ({s['runner_state']}, queue {s['queue']})"
+        elif s["last_result"]:
+            r = s["last_result"]
+            job = f"{s['runner_state'] or 'idle'}; last: {r.get('experiment')} {r.get('outcome')}"
+        lines.append(f"  {s['name']:<8} {s['state']:<9} {s['pid'] or '-':>7} {s['cpu_list']:<8} "
+                     f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<5} {_age(s['uptime_s']):>7}  {job}")
+        if s["container_id"]:
+            lines.append(f"  {'':<8} container {s['container_id'][:12]}")
+    if not facts["slots"]:
+        lines.append("  (no plan yet: run `appliance up`)")
+    lines.append(f"  reserved for the OS: CPUs {format_cpu_list(facts['reserved_cpus']) or 'none'}, "
+                 f"{format_size(facts['reserved_memory_bytes'])} memory")
+    for note in facts["plan_notes"]:
+        lines.append(f"  note: {note}")
+    store = facts["store"]
+    lines += ["", f"store: {store['kind']} at {store.get('endpoint', '-')} bucket {store.get('bucket', '-')}: "
+                  + ("healthy" if store["healthy"] else f"NOT healthy: {store['problem']}")]
+    gpus = facts["gpus"]
+    if gpus["devices"]:
+        lines.append("gpus:")
+        for g in gpus["devices"]:
+            lines.append(f"  {g['index']} {g['uuid']} {g['name']} {format_size(g['memory_bytes'])}"
+                         + ("" if g["healthy"] else f" UNHEALTHY: {g['problem']}"))
+    else:
+        lines.append(f"gpus: none ({gpus['problem'] or 'NVML lists no GPU'})")
+    q = facts["queues"]
+    lines.append(f"queues: local root {q['root']} (STUDIOML_HOME={q['studioml_home']}); "
+                 f"credentials in {q['credentials_dir']}")
+    if facts["last_rebalance"]:
+        r = facts["last_rebalance"]
+        lines.append(f"last rebalance: {r.get('time_text', '')} cause {r.get('cause')}: "
+                     f"added {r.get('added')}, changed {r.get('changed')}, drained {r.get('removed')}")
+    return "\n".join(lines)

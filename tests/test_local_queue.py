@@ -129,6 +129,7 @@ def test_dead_letter_keeps_reason(src, root):
     assert (root / DEAD / Q / "bad").read_bytes() == b"not json"
     assert (root / DEAD / Q / "bad.reason").read_text() == "message: not JSON\n"
     assert src.dead_counts() == {Q: 1}
+    assert src.dead_letters() == [(Q, "bad", "message: not JSON")]
     assert src.depths() == {Q: 0} and src.claimed_counts() == {Q: 0}
 
 
@@ -138,6 +139,13 @@ def test_close_releases_unsettled(root):
     assert s.claim(Q) is not None
     s.close()
     assert LocalQueueSource(root).depths() == {Q: 1}
+
+
+def test_reader_without_watch_creates_nothing(tmp_path):
+    s = LocalQueueSource(tmp_path / "nowhere", watch=False)
+    assert s.queues() == [] and s.depths() == {} and s.dead_counts() == {}
+    assert s.wait(0) is False
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_bad_queue_name(src):

@@ -179,9 +179,9 @@ class LocalQueueSource:
     name = "local"
 
     def __init__(self, root: Path, runner_id: str = "runner", lease_s: float = LEASE_S,
-                 stale_lock_s: float = STALE_LOCK_S):
+                 stale_lock_s: float = STALE_LOCK_S, watch: bool = True):
+        """`watch=False` for readers that never `wait()` (the CLI): no inotify, no mkdir."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.runner_id = re.sub(r"[^A-Za-z0-9_.\-]", "_", runner_id) or "runner"
         self.lease_s = lease_s
         self.stale_lock_s = stale_lock_s
@@ -190,10 +190,14 @@ class LocalQueueSource:
         self._notify: Optional[_Inotify] = None
         self._last_recover = 0.0
         self._blocked: set = set()  # queues whose last claim met the writers' lock
-        try:
-            self._notify = _Inotify(self.root)
-        except OSError:
-            self._notify = None  # no inotify (limits, odd filesystem): wait() just sleeps
+        if watch:
+            # Watch from the start, so a message landing between a runner's empty claim and
+            # its first wait() still wakes it.
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self._notify = _Inotify(self.root)
+            except OSError:
+                self._notify = None  # no inotify (limits, odd filesystem): wait() just sleeps
 
     # -- reading the layout
 
@@ -238,6 +242,19 @@ class LocalQueueSource:
         if not claimed.is_dir():
             return {}
         return {q: len(self._messages(claimed / q)) for q in sorted(os.listdir(claimed))}
+
+    def dead_letters(self) -> list:
+        """(queue, message id, reason) of every dead-lettered message, oldest first."""
+        dead = self.root / DEAD
+        out = []
+        for q in sorted(os.listdir(dead)) if dead.is_dir() else []:
+            for _mtime, name, _size in self._messages(dead / q, dead=True):
+                try:
+                    reason = (dead / q / f"{name}.reason").read_text().strip()
+                except FileNotFoundError:
+                    reason = "(no reason recorded)"
+                out.append((q, name, reason))
+        return out
 
     def locked(self, queue: str) -> bool:
         """True while a writer holds the queue's soft lock (a lock older than
@@ -372,21 +389,26 @@ class LocalQueueSource:
     # -- writing (what `appliance submit` and tests use)
 
     def enqueue(self, queue: str, body: bytes, timeout: float = 10.0) -> str:
-        """Put a message on `queue` like the StudioML client does, but atomically (temp file
-        then rename) and under the same soft lock; returns the message id."""
-        if not is_local_queue(queue):
-            raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
-        folder = self.root / queue
-        folder.mkdir(parents=True, exist_ok=True)
-        msgid = str(uuid.uuid4())
-        tmp = folder / f".{msgid}.tmp"
-        with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=self.stale_lock_s):
-            with open(tmp, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, folder / msgid)
-        return msgid
+        return enqueue(self.root, queue, body, timeout=timeout, stale_s=self.stale_lock_s)
+
+
+def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
+            stale_s: float = STALE_LOCK_S) -> str:
+    """Put a message on `queue` like the StudioML client does, but atomically (temp file then
+    rename) and under the same soft lock; returns the message id (a uuid4, as the client's)."""
+    if not is_local_queue(queue):
+        raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
+    folder = Path(root) / queue
+    folder.mkdir(parents=True, exist_ok=True)
+    msgid = str(uuid.uuid4())
+    tmp = folder / f".{msgid}.tmp"
+    with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, folder / msgid)
+    return msgid
 
 
 class soft_lock:

@@ -1,0 +1,229 @@
+"""appliance submit: pack this folder, upload it to the appliance's store, queue SCRIPT.
+
+What lands on the queue is a StudioML request of the same shape the `studioml` client writes
+(tests/fixtures/studioml-request.json), so runners treat both alike. Default queue:
+`local_appliance` (a `local*` name, so it is the directory queue under the home's
+studioml/queue folder; a StudioML user reaches the same queue with
+`STUDIOML_HOME=<home>/studioml studio run --queue local_appliance ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from appliance.config import load_config
+from appliance.queues.local import enqueue, is_local_queue
+from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.store.client import check_store, s3_client
+from appliance.store.credentials import load_credentials
+from appliance.store.server import endpoint_url
+from appliance.workspace import pack_directory, workspace_key
+
+DEFAULT_QUEUE = "local_appliance"
+MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
+
+
+def register(sub):
+    p = sub.add_parser(
+        "submit", help="pack this folder and queue `python SCRIPT ARGS...` to run in a slot",
+        description="Pack the current folder (without .git, __pycache__, .venv), upload it to "
+                    "the appliance's object store and queue a StudioML experiment request. "
+                    "Prints the experiment key.")
+    p.add_argument("--queue", default=DEFAULT_QUEUE,
+                   help=f"local queue to put it on (default: {DEFAULT_QUEUE})")
+    p.add_argument("--dir", default=".", help="folder to pack (default: the current one)")
+    p.add_argument("--cpus", default=1, type=int, help="cpus it needs (default: 1)")
+    p.add_argument("--ram", default="2gb", help="memory it needs (default: 2gb; gb = GiB)")
+    p.add_argument("--hdd", default="3gb", help="disk it needs (default: 3gb)")
+    p.add_argument("--gpus", default=0, type=int, help="gpus it needs (default: 0)")
+    p.add_argument("--gpu-mem", default="0gb", help="memory per gpu it needs (default: 0gb)")
+    p.add_argument("--lifetime", help="drop it if not finished this long after submission "
+                                      "(e.g. 30m; default: the runner's)")
+    p.add_argument("--max-duration", help="stop it after running this long (e.g. 1h)")
+    p.add_argument("--save-every", default="3m",
+                   help="upload its outputs this often while it runs (default: 3m)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment variable for the experiment; repeatable; %%VAR%% expands "
+                        "from the runner's environment")
+    p.add_argument("--pip", action="append", default=[], metavar="PKG",
+                   help="extra package to install; repeatable")
+    p.add_argument("--python", default="python3",
+                   help="interpreter whose `pip freeze` and version the runner reproduces "
+                        "(default: python3 on PATH, i.e. your active virtualenv)")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="send no pip freeze: the runner installs only --pip packages")
+    p.add_argument("script", help="Python file to run, relative to the packed folder")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=run)
+
+
+def _fail(msg: str) -> int:
+    print(f"appliance submit: {msg}", file=sys.stderr)
+    return 2
+
+
+def freeze(python: str) -> tuple:
+    """(pythonenv lines, "3.11", [skipped lines]) of `python`, as the StudioML client sends."""
+    ver = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([python, "-m", "pip", "freeze", "--all"],
+                         capture_output=True, text=True, check=True).stdout
+    keep, skipped = [], []
+    for line in out.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # editable installs and local paths only exist on this machine
+        if line.startswith("-e ") or " @ file:" in line:
+            skipped.append(line)
+        else:
+            keep.append(line)
+    return keep, ver, skipped
+
+
+def build_request(*, key: str, script: str, script_args: list, workspace_key: str,
+                  workspace_dir: str, endpoint: str, bucket: str, access_key: str,
+                  secret_key: str, region: str, resources: dict, max_duration, lifetime,
+                  save_every, env: dict, pip: list, pythonenv: list, pythonver,
+                  studioml_home: Path, now: float) -> dict:
+    """The request body as the studioml client writes it (all default artifacts)."""
+    host = urlsplit(endpoint).netloc
+    creds = {"aws": {"access_key": access_key, "secret_access_key": secret_key,
+                     "region": region}}
+
+    def artifact(art_key: str, mutable: bool, local: str) -> dict:
+        return {"unpack": True, "mutable": mutable, "key": art_key, "local": local,
+                "qualified": f"s3://{host}/{bucket}/{art_key}", "bucket": bucket,
+                "credentials": creds}
+
+    artifacts = {"workspace": artifact(workspace_key, False, workspace_dir)}
+    for tag in MUTABLE_ARTIFACTS:
+        artifacts[tag] = artifact(f"experiments/{key}/{tag}.tar", True,
+                                  str(studioml_home / "experiments" / key / tag))
+    storage = {"type": "s3", "endpoint": endpoint, "bucket": bucket, "credentials": creds}
+    return {
+        "experiment": {
+            "key": key, "args": list(script_args), "filename": script,
+            "pythonenv": list(pythonenv), "project": None, "pythonver": pythonver,
+            "resources_needed": resources, "status": "waiting", "time_added": now,
+            "time_started": None, "time_last_checkpoint": now, "time_finished": None,
+            "info": {}, "git": None, "metric": None, "max_duration": max_duration,
+            "owner": _owner(), "from_compl_service": False, "artifacts": artifacts,
+        },
+        "config": {
+            "database": {**storage, "authentication": "none"},
+            "storage": storage,
+            "cloud": {"queue": {}},
+            "saveWorkspaceFrequency": save_every,
+            "experimentLifetime": lifetime,
+            "verbose": "info",
+            "resources_needed": resources,
+            "env": env,
+            "pip": list(pip),
+        },
+    }
+
+
+def _owner() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in a bare container
+        return "guest"
+
+
+def run(args) -> int:
+    home = args.home
+    if not is_local_queue(args.queue):
+        return _fail(f"--queue {args.queue!r}: only local queues (names starting with 'local') "
+                     "can be submitted to from here")
+    workdir = Path(args.dir).resolve()
+    if not workdir.is_dir():
+        return _fail(f"--dir {args.dir}: not a folder")
+    script = Path(args.script)
+    if script.is_absolute() or ".." in script.parts or not (workdir / script).is_file():
+        return _fail(f"{args.script}: no such file inside {workdir} (give a path relative to it)")
+
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            return _fail(f"--env {item!r}: write NAME=VALUE")
+        env[name] = value
+    try:
+        resources = {"cpus": args.cpus, "gpus": args.gpus, "ram": args.ram, "hdd": args.hdd,
+                     "gpuMem": args.gpu_mem}
+        for flag, value in (("--ram", args.ram), ("--hdd", args.hdd),
+                            ("--gpu-mem", args.gpu_mem)):
+            parse_size(value, flag)
+        for flag, value in (("--lifetime", args.lifetime), ("--max-duration", args.max_duration),
+                            ("--save-every", args.save_every)):
+            parse_duration(value, flag)
+    except BadRequest as e:
+        return _fail(str(e))
+
+    pythonenv, pythonver = [], f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if not args.no_freeze:
+        try:
+            pythonenv, pythonver, skipped = freeze(args.python)
+        except (OSError, subprocess.CalledProcessError) as e:
+            return _fail(f"--python {args.python}: cannot run `pip freeze` ({e}); "
+                         "use --no-freeze with --pip, or point --python at your interpreter")
+        for line in skipped:
+            print(f"appliance submit: not sent (only exists here): {line}", file=sys.stderr)
+
+    config = load_config(home.config_file)
+    endpoint = endpoint_url(config)
+    bucket, region = config.object_store.bucket, config.object_store.region
+    creds = load_credentials(home)
+    problem = check_store(endpoint, creds.access_key, creds.secret_key, bucket, region)
+    if problem:
+        return _fail(problem)
+
+    key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
+
+    def skipped_entry(rel, why):
+        print(f"appliance submit: left out {rel}: {why}", file=sys.stderr)
+
+    tar, sha = pack_directory(workdir, on_skip=skipped_entry)
+    try:
+        ws_key = workspace_key(sha)
+        client = s3_client(endpoint, creds.access_key, creds.secret_key, region)
+        if not _exists(client, bucket, ws_key):  # same tree, same hash: upload once
+            client.upload_file(str(tar), bucket, ws_key)
+        size = tar.stat().st_size
+    finally:
+        tar.unlink(missing_ok=True)
+
+    body = build_request(
+        key=key, script=script.as_posix(), script_args=args.script_args, workspace_key=ws_key,
+        workspace_dir=str(workdir), endpoint=endpoint, bucket=bucket,
+        access_key=creds.access_key, secret_key=creds.secret_key, region=region,
+        resources=resources, max_duration=args.max_duration, lifetime=args.lifetime,
+        save_every=args.save_every, env=env, pip=args.pip, pythonenv=pythonenv,
+        pythonver=pythonver, studioml_home=home.studioml_home, now=time.time())
+    data = json.dumps(body).encode()
+    parse_request(data)  # what a runner will accept; a failure here is our bug
+    enqueue(home.queue_root, args.queue, data)
+    print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as e:
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return False
+        raise

@@ -1,0 +1,263 @@
+"""Packing a workspace, `appliance submit` against a real store, and `appliance queue`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from appliance.actions.submit import DEFAULT_QUEUE, freeze
+from appliance.cli import main
+from appliance.paths import Home
+from appliance.queues.local import LocalQueueSource
+from appliance.runner.request import parse_request
+from appliance.runner.safetar import safe_extract
+from appliance.workspace import pack_directory, workspace_key
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    p = tmp_path / "project"
+    (p / "pkg" / "__pycache__").mkdir(parents=True)
+    (p / ".git" / "objects").mkdir(parents=True)
+    (p / ".venv" / "bin").mkdir(parents=True)
+    (p / "train.py").write_text("print('hello')\n")
+    (p / "pkg" / "__init__.py").write_text("")
+    (p / "pkg" / "model.py").write_text("W = 1\n")
+    (p / "pkg" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
+    (p / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (p / ".venv" / "bin" / "python").write_text("")
+    (p / "data").mkdir()
+    (p / "data" / "x.csv").write_text("a,b\n1,2\n")
+    os.symlink("pkg/model.py", p / "model_link.py")
+    return p
+
+
+def names(tar_path: Path) -> list:
+    with tarfile.open(tar_path) as tf:
+        return tf.getnames()
+
+
+# ---------------------------------------------------------------- workspace packing
+
+def test_pack_layout_matches_the_client(project, tmp_path):
+    tar, sha = pack_directory(project, out_dir=tmp_path)
+    try:
+        got = names(tar)
+        assert got == ["data", "data/x.csv", "model_link.py", "pkg", "pkg/__init__.py",
+                       "pkg/model.py", "train.py"]
+        assert sha == hashlib.sha256(tar.read_bytes()).hexdigest()
+        assert workspace_key(sha) == f"blobstore/{sha}.tar"
+        # the studioml client: tf.add(join(path, name), arcname=name) for name in listdir(path)
+        client_tar = tmp_path / "client.tar"
+        with tarfile.open(client_tar, "w") as tf:
+            for name in os.listdir(project):
+                tf.add(project / name, arcname=name)
+        skipped = (".git", ".venv", "__pycache__")
+        assert set(got) == {n for n in names(client_tar)
+                            if not any(s in n.split("/") for s in skipped)}
+        with tarfile.open(tar) as tf:
+            assert tf.getmember("model_link.py").issym()
+            assert {m.uname for m in tf.getmembers()} == {""}
+    finally:
+        tar.unlink()
+
+
+def test_pack_is_deterministic(project, tmp_path):
+    a, sha_a = pack_directory(project, out_dir=tmp_path)
+    b, sha_b = pack_directory(project, out_dir=tmp_path)
+    assert sha_a == sha_b and a != b
+    (project / "train.py").write_text("print('changed')\n")
+    c, sha_c = pack_directory(project, out_dir=tmp_path)
+    assert sha_c != sha_a
+
+
+def test_pack_leaves_out_what_a_runner_would_refuse(project, tmp_path):
+    os.symlink("/etc/passwd", project / "abs_link")
+    os.symlink("../../outside", project / "pkg" / "rel_out")
+    os.mkfifo(project / "pipe")
+    told = []
+    tar, _ = pack_directory(project, out_dir=tmp_path, on_skip=lambda r, why: told.append(r))
+    assert sorted(told) == ["abs_link", "pipe", "pkg/rel_out"]
+    assert not {"abs_link", "pipe", "pkg/rel_out"} & set(names(tar))
+    dest = tmp_path / "unpacked"
+    safe_extract(tar, dest, max_bytes=2**20)
+    assert (dest / "train.py").read_text() == "print('hello')\n"
+    assert (dest / "model_link.py").read_text() == "W = 1\n"
+
+
+def test_pack_into_the_packed_folder(project):
+    tar, _ = pack_directory(project, out_dir=project)
+    assert tar.name not in names(tar)
+    tar.unlink()
+
+
+def test_pack_rejects_a_file(project):
+    with pytest.raises(NotADirectoryError):
+        pack_directory(project / "train.py")
+
+
+# ---------------------------------------------------------------- submit, bad input first
+
+@pytest.fixture
+def home(tmp_path) -> Home:
+    h = Home.at(tmp_path / "home")
+    h.ensure()
+    return h
+
+
+def submit(home: Home, *args) -> int:
+    return main(["--home", str(home.root), "submit", *args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--queue", "rmq_gpu", "train.py"], "only local queues"),
+    (["--queue", "local/../x", "train.py"], "only local queues"),
+    (["missing.py"], "no such file"),
+    (["../train.py"], "no such file"),
+    (["--ram", "lots", "train.py"], "--ram"),
+    (["--gpu-mem=-1gb", "train.py"], "--gpu-mem"),
+    (["--max-duration", "soon", "train.py"], "--max-duration"),
+    (["--env", "NOVALUE", "train.py"], "NAME=VALUE"),
+    (["--python", "/nonexistent/python", "train.py"], "--python"),
+])
+def test_submit_bad_input(home, project, capsys, args, message):
+    assert submit(home, "--dir", str(project), *args) == 2
+    assert message in capsys.readouterr().err
+    assert LocalQueueSource(home.queue_root, watch=False).depths() == {}
+
+
+def test_submit_without_credentials(home, project, capsys):
+    assert submit(home, "--dir", str(project), "--no-freeze", "train.py") == 2
+    assert "store.json" in capsys.readouterr().err
+
+
+def test_submit_with_store_down(home, project, capsys, store):
+    shutil.copy(store.home.store_credentials, home.store_credentials)
+    from tests.realparts import free_port
+    home.config_file.write_text(f"[object_store]\nport = {free_port()}\n")
+    assert submit(home, "--dir", str(project), "--no-freeze", "train.py") == 2
+    assert "cannot reach the object store" in capsys.readouterr().err
+    assert LocalQueueSource(home.queue_root, watch=False).depths() == {}
+
+
+def test_freeze_of_a_real_interpreter():
+    env, ver, _skipped = freeze(sys.executable)
+    assert ver == "%d.%d" % sys.version_info[:2]
+    assert any(line.lower().startswith("boto3==") for line in env)
+
+
+# ---------------------------------------------------------------- submit against the store
+
+@pytest.fixture
+def store_home(home, store) -> Home:
+    """An appliance home that uses the session's real store."""
+    shutil.copy(store.home.store_credentials, home.store_credentials)
+    port = urlsplit(store.endpoint_url).port
+    home.config_file.write_text(
+        f'[object_store]\nport = {port}\nbucket = "{store.bucket}"\n')
+    return home
+
+
+def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
+    rc = submit(store_home, "--dir", str(project), "--no-freeze", "--cpus", "2", "--ram", "1gb",
+                "--lifetime", "30m", "--max-duration", "1h", "--env", "A=1", "--env",
+                "PATH=%PATH%:./bin", "--pip", "numpy", "train.py", "--lr", "0.1", "--flag")
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    key = out.out.strip()
+    assert key and "/" not in key
+
+    src = LocalQueueSource(store_home.queue_root, runner_id="test")
+    assert src.depths() == {DEFAULT_QUEUE: 1}
+    msg = src.claim(DEFAULT_QUEUE)
+    req = parse_request(msg.body)
+    assert req.key == key and req.filename == "train.py"
+    assert req.args == ("--lr", "0.1", "--flag")
+    assert req.resources.cpus == 2 and req.resources.ram_bytes == 2**30
+    assert (req.lifetime_s, req.max_duration_s, req.save_every_s) == (1800, 3600, 180)
+    assert req.env == {"A": "1", "PATH": "%PATH%:./bin"}
+    assert req.pip == ("numpy",) and req.pythonenv == ()
+    raw = req.raw
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "studioml-request.json")
+                         .read_text())
+    assert set(raw["experiment"]["artifacts"]) == set(fixture["experiment"]["artifacts"])
+    assert set(raw["experiment"]) == set(fixture["experiment"])
+    assert set(raw["config"]) >= set(fixture["config"]) - {"cloud"}
+
+    ws = req.artifacts["workspace"]
+    assert ws.endpoint_url == store.endpoint_url and ws.bucket == store.bucket
+    assert ws.key.startswith("blobstore/") and not ws.mutable
+    assert req.artifacts["output"].key == f"experiments/{key}/output.tar"
+    assert (ws.access_key, ws.secret_key) == (store.access_key, store.secret_key)
+
+    got = tmp_path / "ws.tar"
+    store.client().download_file(ws.bucket, ws.key, str(got))
+    assert ws.key == f"blobstore/{hashlib.sha256(got.read_bytes()).hexdigest()}.tar"
+    dest = tmp_path / "workspace"
+    safe_extract(got, dest, max_bytes=2**20)
+    assert (dest / "train.py").read_text() == "print('hello')\n"
+    assert not (dest / ".git").exists() and not (dest / ".venv").exists()
+    src.ack(msg)
+    src.close()
+
+
+def test_same_tree_same_workspace(store_home, project, capsys, monkeypatch):
+    monkeypatch.chdir(project)  # --dir defaults to the current folder
+    assert submit(store_home, "--no-freeze", "--queue", "local_twice", "train.py") == 0
+    assert submit(store_home, "--no-freeze", "--queue", "local_twice", "train.py") == 0
+    keys = capsys.readouterr().out.split()
+    assert len(set(keys)) == 2
+    src = LocalQueueSource(store_home.queue_root, watch=False)
+    reqs = [parse_request(src.claim("local_twice").body) for _ in range(2)]
+    assert reqs[0].artifacts["workspace"].key == reqs[1].artifacts["workspace"].key
+    assert {r.key for r in reqs} == set(keys)
+
+
+def test_submit_with_freeze(store_home, project, capsys):
+    assert submit(store_home, "--dir", str(project), "--python", sys.executable,
+                  "--queue", "local_frozen", "train.py") == 0
+    src = LocalQueueSource(store_home.queue_root, watch=False)
+    req = parse_request(src.claim("local_frozen").body)
+    assert req.pythonver == "%d.%d" % sys.version_info[:2]
+    assert any(p.lower().startswith("boto3==") for p in req.pythonenv)
+
+
+# ---------------------------------------------------------------- appliance queue
+
+def queue_cli(home: Home, *args) -> int:
+    return main(["--home", str(home.root), "queue", *args])
+
+
+def test_queue_ls_and_dead(home, capsys):
+    assert queue_cli(home) == 0
+    assert "no queues yet" in capsys.readouterr().out
+    src = LocalQueueSource(home.queue_root, runner_id="t")
+    for _ in range(3):
+        src.enqueue("local_a", b"{}")
+    src.enqueue("local_b", b"{}")
+    src.claim("local_a")
+    bad = src.claim("local_b")
+    src.dead_letter(bad, "message: not JSON")
+
+    assert queue_cli(home, "ls", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [
+        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0},
+        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1},
+    ]
+    assert queue_cli(home, "ls") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SOURCE", "QUEUE", "WAITING", "RUNNING", "DEAD"]
+    assert lines[1].split() == ["local", "local_a", "2", "1", "0"]
+
+    assert queue_cli(home, "dead") == 0
+    assert capsys.readouterr().out.strip() == f"local_b/{bad.message_id}: message: not JSON"
+    src.close()

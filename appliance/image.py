@@ -3,7 +3,7 @@
 The image is a root filesystem made from this host: the Python interpreter that runs us (its
 real prefix: executable, standard library, libpython), the venv's site-packages (the appliance
 and its dependencies), a shell and basic tools, and every shared library those need (found with
-`ldd`). It is streamed into a tar file and handed to `docker import`.
+`ldd`). It is written to a temporary tar file and handed to `docker import`.
 
 Paths are kept as they are on the host (a pyenv Python stays under /root/.pyenv/...), because
 interpreters and libraries find each other by absolute paths (RUNPATH, the ELF interpreter).

@@ -189,12 +189,14 @@ class Foreground:
         self.signals = 0
 
     def on_signal(self, signum, _frame) -> None:
-        """First SIGTERM/SIGINT: `docker stop` (SIGTERM, then SIGKILL after the timeout).
-        A second one: kill now. Done in a thread: the main thread stays in `wait`.
-        Before the container runs, a signal only stops us from starting it."""
+        """SIGTERM/SIGINT. Before the container runs, it only keeps us from starting it."""
         self.signals += 1
-        if not self.started:
-            return
+        if self.started:
+            self._stop()
+
+    def _stop(self) -> None:
+        """First signal: `docker stop` (SIGTERM, then SIGKILL after the timeout); a second
+        one: kill now. In a thread, so the main thread stays in `wait`."""
         if self.signals == 1:
             action, kwargs = self.container.stop, {"timeout": self.stop_timeout}
         else:
@@ -221,8 +223,7 @@ class Foreground:
             raise SlotError(describe_failure(e)) from None
         self.started = True
         if self.signals:  # a signal came while we were starting
-            self.signals -= 1
-            self.on_signal(signal.SIGTERM, None)
+            self._stop()
         pump = threading.Thread(target=_pump, args=(stream,), daemon=True)
         pump.start()
         status = self.container.wait()

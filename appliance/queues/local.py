@@ -293,7 +293,11 @@ class LocalQueueSource:
                 os.rename(folder / name, dest)
             except FileNotFoundError:
                 continue  # another runner was faster
-            body = dest.read_bytes()
+            try:
+                body = dest.read_bytes()
+            except OSError:
+                os.rename(dest, folder / name)  # not readable by us: leave it for others
+                raise
             msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest)
             self._held[dest] = msg
             return msg

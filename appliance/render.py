@@ -88,9 +88,11 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
         command = [python, "-m", "appliance.slot.docker_slot", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--memory-bytes", str(slot.memory_bytes),
                    "--shm-bytes", str(slot.shm_bytes), "--image", config.isolation.docker_image,
-                   "--home", str(home.root)]
+                   "--home", str(home.root), "--stop-timeout", str(int(config.runner.drain_timeout) + 30)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
+        if config.isolation.user:
+            command += ["--user", config.isolation.user]
         command += ["--env", "APPLIANCE_HOME=" + str(home.root), "--env", "PYTHONUNBUFFERED=1", "--"]
         command += runner_command(home, slot, "python3")
     else:

@@ -1,0 +1,386 @@
+"""RabbitMQ queues (`rmq_*`), the way StudioML uses them: topic exchange `StudioML.topic`,
+routing key `StudioML.<queue>`, one JSON request per message.
+
+Finding queues: the bindings of `StudioML.topic` (management API, like StudioML's Go runner),
+keeping destinations named `rmq_*`; plus any queue named in the credentials entry (`queues`),
+checked with a passive declare. Without a `management` URL, `http://<amqp host>:15672` is tried
+with the AMQP user and password.
+
+Claiming is `basic.get` with manual ack, so a runner holds at most the one message it runs,
+and a runner (or a whole appliance) that dies hands its message back to the broker at once:
+another appliance consuming the same queue runs it. That is how work spreads over machines.
+
+Long jobs and RabbitMQ's `consumer_timeout` (30 min by default; it also covers `basic.get`
+deliveries): a delivery left unacked longer than that gets its channel closed by the broker,
+and the message would be redelivered while the job still runs. So a job running longer than
+`lease_after` (default 10 min, keep it below the broker's consumer_timeout) switches to a
+*lease*: the runner publishes a copy of the message (publisher-confirmed) into a private
+holding queue `appliance.lease.<queue>.<id>` whose messages expire after `lease` (default
+20 min) and are then dead-lettered back to `<queue>`; only then is the original acked. Every
+`lease_after` the lease is renewed (new holding queue, old one deleted). Done: the holding queue
+is deleted. Released: the message is republished to `<queue>` and the holding queue deleted.
+A runner that dies while holding a lease lets the copy expire, and the message returns to its
+queue within `lease`. Runners call `keepalive` every minute, which also keeps AMQP heartbeats
+flowing during a job.
+
+Dead letters go to a durable queue `<queue>.dead` with the reason in header
+`x-appliance-reason` (not bound to StudioML.topic, so nobody consumes them by accident).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pika
+import pika.exceptions
+
+from appliance.queues.base import Claimed
+
+log = logging.getLogger("appliance.queues.rabbitmq")
+
+EXCHANGE = "StudioML.topic"
+QUEUE_PREFIX = "rmq_"
+REFRESH_S = 2.0  # how often the list of queues is asked for again
+
+AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+class RabbitError(RuntimeError):
+    """The entry cannot be served; the message says why (shown in `appliance status`)."""
+
+
+@dataclass(frozen=True)
+class RabbitSpec:
+    url: str
+    management: str = ""
+    queues: tuple = ()
+    lease_after_s: float = 600.0
+    lease_s: float = 1200.0
+    heartbeat_s: int = 600
+
+    def redacted_url(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    netloc = f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
+
+
+def is_rmq_queue(name: str) -> bool:
+    return name.startswith(QUEUE_PREFIX)
+
+
+@dataclass
+class _Held:
+    tag: int
+    channel: Any
+    properties: Any
+    exchange: str
+    routing_key: str
+    got_at: float
+    lease_queue: str = ""
+    leased_at: float = 0.0
+    lost: str = ""  # why the broker took the message back (channel closed), if it did
+
+
+def _vhost(url: str) -> str:
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def management_url(spec: RabbitSpec) -> tuple[str, str, str]:
+    """(base URL without credentials, user, password) of the management API."""
+    amqp = urllib.parse.urlsplit(spec.url)
+    if spec.management:
+        m = urllib.parse.urlsplit(spec.management)
+        user = urllib.parse.unquote(m.username) if m.username else urllib.parse.unquote(amqp.username or "guest")
+        password = urllib.parse.unquote(m.password) if m.password is not None else urllib.parse.unquote(amqp.password or "guest")
+        netloc = m.hostname + (f":{m.port}" if m.port else "")
+        base = urllib.parse.urlunsplit((m.scheme, netloc, m.path.rstrip("/"), "", ""))
+    else:
+        user = urllib.parse.unquote(amqp.username or "guest")
+        password = urllib.parse.unquote(amqp.password or "guest")
+        base = f"http://{amqp.hostname or 'localhost'}:15672"
+    return base, user, password
+
+
+def bound_queues(spec: RabbitSpec, timeout: float = 3.0) -> list[str]:
+    """Queues bound to StudioML.topic (management API); [] if the exchange does not exist yet."""
+    base, user, password = management_url(spec)
+    vhost = urllib.parse.quote(_vhost(spec.url), safe="")
+    url = f"{base}/api/exchanges/{vhost}/{urllib.parse.quote(EXCHANGE)}/bindings/source"
+    req = urllib.request.Request(url, headers={
+        "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            bindings = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return []  # no StudioML client has declared the exchange yet
+        if e.code == 401:
+            raise RabbitError(f"management API {base} refused user {user!r} (401): check the password") from None
+        raise RabbitError(f"management API {base}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise RabbitError(f"management API {base} not reachable ({reason}); set `management` in the "
+                          "entry, or list the queues with `queues = [...]`") from None
+    return sorted({b["destination"] for b in bindings
+                   if b.get("destination_type") == "queue" and is_rmq_queue(b.get("destination", ""))})
+
+
+def connect(spec: RabbitSpec, timeout: float = 5.0) -> pika.BlockingConnection:
+    try:
+        params = pika.URLParameters(spec.url)
+    except Exception as e:  # noqa: BLE001 - pika raises various types for bad URLs
+        raise RabbitError(f"bad AMQP URL {spec.redacted_url()}: {e}") from None
+    if "heartbeat" not in spec.url:
+        params.heartbeat = spec.heartbeat_s
+    params.socket_timeout = timeout
+    params.stack_timeout = timeout + 5
+    params.blocked_connection_timeout = 60
+    params.connection_attempts = 1
+    try:
+        return pika.BlockingConnection(params)
+    except pika.exceptions.ProbableAuthenticationError:
+        raise RabbitError(f"{spec.redacted_url()}: login refused (wrong user or password)") from None
+    except pika.exceptions.ProbableAccessDeniedError:
+        raise RabbitError(f"{spec.redacted_url()}: access to the virtual host refused") from None
+    except AMQP_ERRORS as e:
+        raise RabbitError(f"{spec.redacted_url()}: cannot connect ({type(e).__name__}: {e or 'no answer'})") from None
+
+
+def check(spec: RabbitSpec) -> list[str]:
+    """Connect, list the queues, disconnect: what the controller shows for an entry.
+    Raises RabbitError with the reason when the entry cannot be served."""
+    conn = connect(spec)
+    try:
+        source = RabbitSource("check", spec, connection=conn)
+        return source.queues(strict=True)
+    finally:
+        try:
+            conn.close()
+        except AMQP_ERRORS:
+            pass
+
+
+class RabbitSource:
+    """`QueueSource` over one broker (one credentials entry)."""
+
+    def __init__(self, name: str, spec: RabbitSpec, connection: Optional[pika.BlockingConnection] = None):
+        self.name = name
+        self.spec = spec
+        self.conn = connection or connect(spec)
+        self.ch = self._channel()
+        self._queues: list[str] = []
+        self._queues_at = 0.0
+        self.problem = ""  # last trouble listing queues (shown in status)
+        self._held: dict[str, Claimed] = {}
+
+    # -- plumbing
+
+    def _channel(self):
+        ch = self.conn.channel()
+        ch.confirm_delivery()
+        return ch
+
+    def _alive(self) -> None:
+        """Reconnect / reopen what the broker closed."""
+        if self.conn is None or not self.conn.is_open:
+            log.warning("%s: connection lost; reconnecting to %s", self.name, self.spec.redacted_url())
+            self._drop_held("the connection was lost")
+            self.conn = connect(self.spec)
+            self.ch = self._channel()
+        elif not self.ch.is_open:
+            self._drop_held("the channel was closed by the broker")
+            self.ch = self._channel()
+
+    def _drop_held(self, why: str) -> None:
+        for msg in self._held.values():
+            h: _Held = msg.handle
+            if not h.lease_queue and not h.lost:
+                h.lost = why
+                log.error("%s: %s while %s/%s ran; the broker put it back on the queue, so it may "
+                          "run again elsewhere (if this was RabbitMQ's consumer_timeout, lower "
+                          "lease_after below it)", self.name, why, msg.queue, msg.message_id)
+
+    def pump(self) -> None:
+        """Let pika send heartbeats and notice a closed connection."""
+        try:
+            if self.conn.is_open:
+                self.conn.process_data_events(0)
+        except AMQP_ERRORS as e:
+            log.warning("%s: %s", self.name, e)
+
+    # -- QueueSource
+
+    def queues(self, strict: bool = False) -> list[str]:
+        now = time.monotonic()
+        if not strict and now - self._queues_at < REFRESH_S:
+            self.pump()
+            return list(self._queues)
+        self._queues_at = now
+        found: set = set()
+        problem = ""
+        if self.spec.management or not self.spec.queues:
+            try:
+                found.update(bound_queues(self.spec))
+            except RabbitError as e:
+                problem = str(e)
+                if strict and not self.spec.queues:
+                    raise
+        self._alive()
+        for q in self.spec.queues:
+            try:
+                self.ch.queue_declare(q, passive=True)
+                found.add(q)
+            except pika.exceptions.ChannelClosedByBroker:
+                problem = problem or f"queue {q} does not exist"
+                self.ch = self._channel()
+        self.problem = problem
+        self._queues = sorted(found)
+        return list(self._queues)
+
+    def claim(self, queue: str) -> Optional[Claimed]:
+        self._alive()
+        try:
+            method, props, body = self.ch.basic_get(queue, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self.ch = self._channel()
+            if e.reply_code == 404:
+                self._queues_at = 0.0
+                return None
+            raise
+        if method is None:
+            return None
+        msg_id = props.message_id or f"{queue}.{uuid.uuid4().hex[:12]}"
+        held = _Held(method.delivery_tag, self.ch, props, method.exchange, method.routing_key,
+                     time.monotonic())
+        msg = Claimed(source=self.name, queue=queue, message_id=msg_id, body=body, handle=held)
+        self._held[msg_id] = msg
+        return msg
+
+    def keepalive(self, msg: Claimed) -> None:
+        self.pump()
+        h: _Held = msg.handle
+        if h.lost:
+            return
+        now = time.monotonic()
+        if not h.lease_queue and now - h.got_at >= self.spec.lease_after_s:
+            self._lease(msg)
+        elif h.lease_queue and now - h.leased_at >= self.spec.lease_after_s:
+            self._lease(msg)
+
+    def _lease(self, msg: Claimed) -> None:
+        """Move the message into a fresh holding queue that gives it back when it expires."""
+        h: _Held = msg.handle
+        try:
+            self._alive()
+        except (RabbitError, *AMQP_ERRORS) as e:
+            log.warning("%s: cannot renew the lease of %s now: %s", self.name, msg.message_id, e)
+            return
+        if not h.lease_queue and h.channel is not self.ch:
+            return  # its channel is gone: the broker already took it back (logged)
+        name = f"appliance.lease.{msg.queue}.{uuid.uuid4().hex[:12]}"
+        ttl = int(self.spec.lease_s * 1000)
+        try:
+            self.ch.queue_declare(name, durable=True, arguments={
+                "x-message-ttl": ttl, "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": msg.queue, "x-expires": 2 * ttl + 60_000})
+            self.ch.basic_publish("", name, msg.body, self._persistent(h.properties), mandatory=True)
+            if h.lease_queue:
+                self.ch.queue_delete(h.lease_queue)
+            else:
+                h.channel.basic_ack(h.tag)
+        except AMQP_ERRORS as e:
+            log.warning("%s: lease of %s/%s failed (%s); will retry", self.name, msg.queue,
+                        msg.message_id, e)
+            return
+        log.info("%s: %s/%s now held by lease %s (%ss)", self.name, msg.queue, msg.message_id,
+                 name, self.spec.lease_s)
+        h.lease_queue, h.leased_at = name, time.monotonic()
+
+    @staticmethod
+    def _persistent(props, headers: Optional[dict] = None):
+        p = pika.BasicProperties(
+            content_type=props.content_type or "application/json", delivery_mode=2,
+            message_id=props.message_id, headers={**(props.headers or {}), **(headers or {})},
+            correlation_id=props.correlation_id, timestamp=props.timestamp)
+        return p
+
+    def _settle(self, msg: Claimed, done_original, republish_to: str = "", headers=None) -> None:
+        h: _Held = msg.handle
+        self._held.pop(msg.message_id, None)
+        if h.lost:
+            log.warning("%s: %s/%s was already put back by the broker (%s)", self.name,
+                        msg.queue, msg.message_id, h.lost)
+            return
+        try:
+            if republish_to:
+                self._alive()
+                if republish_to != msg.queue:
+                    self.ch.queue_declare(republish_to, durable=True)
+                self.ch.basic_publish("", republish_to, msg.body, self._persistent(h.properties, headers))
+            if h.lease_queue:
+                self.ch.queue_delete(h.lease_queue)
+            else:
+                done_original(h)
+        except AMQP_ERRORS as e:
+            log.error("%s: settling %s/%s failed (%s); the broker will hand it out again",
+                      self.name, msg.queue, msg.message_id, e)
+
+    def ack(self, msg: Claimed) -> None:
+        self._settle(msg, lambda h: h.channel.basic_ack(h.tag))
+
+    def release(self, msg: Claimed) -> None:
+        h: _Held = msg.handle
+        if h.lease_queue:
+            self._settle(msg, None, republish_to=msg.queue)
+        else:
+            self._settle(msg, lambda h: h.channel.basic_nack(h.tag, requeue=True))
+
+    def dead_letter(self, msg: Claimed, reason: str) -> None:
+        self._settle(msg, lambda h: h.channel.basic_ack(h.tag), republish_to=f"{msg.queue}.dead",
+                     headers={"x-appliance-reason": reason[:4000]})
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    def close(self) -> None:
+        for msg in list(self._held.values()):
+            self.release(msg)
+        try:
+            if self.conn is not None and self.conn.is_open:
+                self.conn.close()
+        except AMQP_ERRORS:
+            pass
+        self.conn = None
+
+
+def publish(url: str, queue: str, body: bytes, persistent: bool = True) -> None:
+    """Put a request on `queue` as the StudioML client does (tests, `bench/`)."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        ch.queue_declare(queue, durable=persistent)
+        ch.queue_bind(queue, EXCHANGE, routing_key=f"StudioML.{queue}")
+        ch.confirm_delivery()
+        ch.basic_publish(EXCHANGE, f"StudioML.{queue}", body, pika.BasicProperties(
+            content_type="application/json", delivery_mode=2 if persistent else 1,
+            message_id=str(uuid.uuid4())))
+    finally:
+        conn.close()

@@ -1,0 +1,22 @@
+"""TEST ONLY. Fakes NVML at the pynvml boundary for processes the tests start (the controller
+under supervisord, `appliance status`): put this folder first on PYTHONPATH and point
+APPLIANCE_FAKE_NVML at a JSON file, which is re-read on every nvmlInit:
+
+    {"gpus": [{"uuid": "GPU-1", "name": "Fake", "memory": 8589934592, "ecc": 0,
+               "lost": false}],
+     "fail": ""}          # non-empty: nvmlDeviceGetCount raises NVMLError (NVML failing mid-poll)
+
+A missing or unreadable file means "no driver" (NVMLError_LibraryNotFound), like a host
+without NVIDIA. Nothing happens unless APPLIANCE_FAKE_NVML is set.
+"""
+
+import os
+
+if os.environ.get("APPLIANCE_FAKE_NVML"):
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "_appliance_fake_nvml", os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py"))
+    _shim = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_shim)
+    _shim.install(os.environ["APPLIANCE_FAKE_NVML"])

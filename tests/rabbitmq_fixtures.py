@@ -1,0 +1,114 @@
+"""A real RabbitMQ (Debian `rabbitmq-server`) for the tests: an ordinary process bound to
+127.0.0.1 on free ports, with a private node name, database, logs, Erlang cookie and epmd, and
+the management plugin (queues are found through its bindings API, as StudioML's runner does)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.realparts import free_port, need
+
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+@dataclass
+class RunningRabbit:
+    url: str  # amqp://guest:guest@127.0.0.1:PORT/%2f
+    management: str  # http://127.0.0.1:PORT
+    amqp_port: int
+    root: Path
+    env: dict
+    process: subprocess.Popen
+
+    def credential(self, user: str = "guest", password: str = "guest", management: bool = True) -> str:
+        """The text of a credentials entry for this broker."""
+        url = f"amqp://{user}:{password}@127.0.0.1:{self.amqp_port}/%2f"
+        text = f'url = "{url}"\n'
+        if management:
+            text += f'management = "{self.management}"\n'
+        return text
+
+    def ctl(self, *args) -> str:
+        return subprocess.run(["/usr/lib/rabbitmq/bin/rabbitmqctl", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    def queue_depths(self) -> dict:
+        out = self.ctl("list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+                       "messages_unacknowledged")
+        depths = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                depths[parts[0]] = (int(parts[1]), int(parts[2]))
+        return depths
+
+
+def start_rabbit(root: Path, consumer_timeout_ms: int | None = None) -> RunningRabbit:
+    need(Path(SERVER).exists(), "rabbitmq-server (apt-get install rabbitmq-server)")
+    root.mkdir(parents=True, exist_ok=True)
+    amqp, mgmt, dist, epmd = free_port(), free_port(), free_port(), free_port()
+    conf = [f"listeners.tcp.1 = 127.0.0.1:{amqp}", f"management.tcp.port = {mgmt}",
+            "management.tcp.ip = 127.0.0.1", "loopback_users = none"]
+    if consumer_timeout_ms:
+        conf.append(f"consumer_timeout = {consumer_timeout_ms}")
+    (root / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
+    (root / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    node = f"apptest{uuid.uuid4().hex[:8]}@localhost"
+    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(root), "LANG": "C.UTF-8",
+           "RABBITMQ_MNESIA_BASE": str(root / "mnesia"), "RABBITMQ_LOG_BASE": str(root / "log"),
+           "RABBITMQ_NODENAME": node, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+           "RABBITMQ_NODE_PORT": str(amqp), "RABBITMQ_DIST_PORT": str(dist),
+           "ERL_EPMD_ADDRESS": "127.0.0.1", "ERL_EPMD_PORT": str(epmd),
+           "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
+           "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
+           "RABBITMQ_PID_FILE": str(root / "rabbit.pid")}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([SERVER], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    management = f"http://127.0.0.1:{mgmt}"
+    running = RunningRabbit(f"amqp://guest:guest@127.0.0.1:{amqp}/%2f", management, amqp, root, env, proc)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            req = urllib.request.Request(f"{management}/api/overview",
+                                         headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+            with urllib.request.urlopen(req, timeout=2):
+                return running
+        except OSError:
+            time.sleep(0.3)
+    stop_rabbit(running)
+    raise RuntimeError(f"test RabbitMQ did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
+
+
+def stop_rabbit(r: RunningRabbit) -> None:
+    try:
+        os.killpg(r.process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        r.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(r.process.pid, signal.SIGKILL)
+        r.process.wait()
+    epmd = shutil.which("epmd") or "/usr/lib/erlang/erts-13.1.5/bin/epmd"
+    subprocess.run([epmd, "-port", r.env["ERL_EPMD_PORT"], "-kill"], env=r.env,
+                   capture_output=True, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory):
+    running = start_rabbit(tmp_path_factory.mktemp("rabbitmq"))
+    yield running
+    stop_rabbit(running)

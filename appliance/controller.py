@@ -1,0 +1,430 @@
+"""The controller: follows the box and the queues while the appliance runs.
+
+`python -m appliance.controller --home HOME` runs as supervisord's `controller` program.
+
+- Credentials directory (watchdog, debounced by `controller.debounce`; an editor's atomic save
+  arrives as a move): every entry is checked (parsed, connected to, its queues listed) and the
+  result written to `run/sources.json` for `appliance status`. Slots are not touched: under the
+  sharing policy every slot serves every source, and runners pick up new and removed entries by
+  themselves within a fraction of a second (queues/sources.py).
+- GPUs (NVML, every `gpus.poll_interval`) and appliance.toml (watchdog): on a change the plan
+  is made again from the previous one (slots whose resources remain keep them), supervisord.conf
+  and plan.json re-rendered, and only the difference applied over XML-RPC: slots to remove or
+  change are stopped without waiting (SIGTERM: the runner drains, finishing its job within
+  `runner.drain_timeout`), removed once stopped, and new or changed slots are added as soon as
+  no draining slot still holds their CPUs or GPUs. Unchanged slots keep their PIDs and jobs.
+  While NVML fails, the last good GPU list stands (3 failed polls in a row count as "no GPUs").
+- Every re-plan is one JSON line in `events.jsonl`: time, cause, added, changed, removed.
+
+Nothing here blocks for long: a drain of many minutes goes on while the controller keeps
+watching. supervisord unreachable (restarting) is logged once and retried every tick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Callable, Optional
+
+from appliance import supervisor
+from appliance.config import Config, ConfigError, load_config
+from appliance.files import write_atomic
+from appliance.gpus import GpuScan, scan_gpus
+from appliance.inventory import take_inventory
+from appliance.lifecycle import previous_plan
+from appliance.paths import Home
+from appliance.plan import Plan, PlanError, diff_plans, make_plan
+from appliance.queues import sources as qsources
+from appliance.render import write_supervisord
+
+log = logging.getLogger("appliance.controller")
+
+TICK_S = 0.1
+RECONCILE_EVERY_S = 5.0
+NVML_FAILURES_BEFORE_GIVING_UP = 3  # failed polls in a row, and at least NVML_GRACE_S long,
+NVML_GRACE_S = 30.0  # before a failing NVML counts as "no GPUs" (their slots drain)
+RPC_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
+STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+
+
+def _gpu_key(scan: GpuScan) -> tuple:
+    return tuple((g.index, g.uuid, g.healthy, g.problem) for g in scan.gpus)
+
+
+def describe_gpu_change(old: Optional[GpuScan], new: GpuScan) -> str:
+    """One line saying what happened to the GPUs between two scans."""
+    before = {g.uuid: g for g in (old.gpus if old else ())}
+    after = {g.uuid: g for g in new.gpus}
+    parts = []
+    for uuid, g in before.items():
+        if uuid not in after:
+            parts.append(f"GPU {g.index} ({uuid}) lost")
+        elif g.healthy and not after[uuid].healthy:
+            parts.append(f"GPU {after[uuid].index} ({uuid}) unhealthy: {after[uuid].problem}")
+        elif not g.healthy and after[uuid].healthy:
+            parts.append(f"GPU {after[uuid].index} ({uuid}) healthy again")
+    for uuid, g in after.items():
+        if uuid not in before:
+            parts.append(f"GPU {g.index} ({uuid}) appeared" + ("" if g.healthy else f", unhealthy: {g.problem}"))
+    if new.problem and not new.gpus:
+        parts.append(new.problem)
+    return "; ".join(parts) or "GPUs changed"
+
+
+def log_event(home: Home, cause: str, added=(), changed=(), removed=(), **extra) -> dict:
+    now = time.time()
+    event = {"time": now, "time_text": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+             "cause": cause, "added": list(added), "changed": list(changed), "removed": list(removed),
+             **extra}
+    home.events_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(home.events_file, "a") as f:
+        f.write(json.dumps(event) + "\n")
+    return event
+
+
+class _Watch:
+    """watchdog on the credentials directory (recursive) and the home (appliance.toml); the
+    handler only stamps times, the controller's loop does the work after the debounce."""
+
+    def __init__(self, home: Home, creds: Path):
+        self.home, self.creds = home, creds
+        self.lock = threading.Lock()
+        self.creds_changed_at: Optional[float] = None
+        self.config_changed_at: Optional[float] = None
+        self.observer = None
+        self.creds_watch = None
+        self._creds_existed = False
+
+    def start(self) -> None:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError as e:  # pragma: no cover - watchdog is a dependency
+            log.warning("watchdog not available (%s); polling only", e)
+            return
+        watch = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
+                paths = [Path(event.src_path)]
+                if getattr(event, "dest_path", ""):
+                    paths.append(Path(event.dest_path))  # atomic saves arrive as moves
+                watch.touched(paths)
+
+        self.handler = Handler()
+        self.observer = Observer()
+        parents = {self.home.root, self.creds.parent}
+        for parent in parents:
+            if parent.is_dir():
+                self.observer.schedule(self.handler, str(parent), recursive=False)
+        self.observer.daemon = True
+        self.observer.start()
+        self.ensure_creds_watch()
+
+    def ensure_creds_watch(self) -> None:
+        """(Re)watch the credentials directory: it may be deleted and made again."""
+        if self.observer is None:
+            return
+        exists = self.creds.is_dir()
+        if exists and not self._creds_existed:
+            try:
+                if self.creds_watch is not None:
+                    self.observer.unschedule(self.creds_watch)
+            except (KeyError, ValueError):
+                pass
+            try:
+                self.creds_watch = self.observer.schedule(self.handler, str(self.creds), recursive=True)
+            except OSError as e:
+                log.warning("cannot watch %s: %s", self.creds, e)
+                return
+        self._creds_existed = exists
+
+    def touched(self, paths) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for p in paths:
+                if p == self.home.config_file:
+                    self.config_changed_at = now
+                elif p == self.creds or self.creds in p.parents:
+                    self.creds_changed_at = now
+
+    def take(self, debounce: float) -> tuple[bool, bool]:
+        """(credentials changed, config changed), each once quiet for `debounce` seconds."""
+        now = time.monotonic()
+        with self.lock:
+            creds = self.creds_changed_at is not None and now - self.creds_changed_at >= debounce
+            config = self.config_changed_at is not None and now - self.config_changed_at >= debounce
+            if creds:
+                self.creds_changed_at = None
+            if config:
+                self.config_changed_at = None
+        return creds, config
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=2)
+
+
+class Controller:
+    def __init__(self, home: Home, scan: Callable[[], GpuScan] = scan_gpus, apply: bool = True):
+        self.home = home
+        self.scan = scan
+        self.apply = apply  # False: plan and log only (tests without supervisord)
+        self.config = self._load_config() or Config()
+        self.creds = qsources.credentials_dir(home, self.config)
+        self.watch = _Watch(home, self.creds)
+        self.stopping = False
+        self.gpus: Optional[GpuScan] = None
+        self.nvml_failures = 0
+        self.nvml_failing_since = 0.0
+        self.nvml_grace_s = NVML_GRACE_S
+        self.next_poll = 0.0
+        self.creds_sig: Optional[tuple] = None
+        self.next_creds_check = 0.0
+        self.retiring: dict = {}  # slot name -> the old Slot, while it drains
+        self.pending = True  # the running programs may differ from supervisord.conf
+        self.next_reconcile = 0.0
+        self.rpc_down_since: Optional[float] = None
+
+    # -- config
+
+    def _load_config(self) -> Optional[Config]:
+        try:
+            return load_config(self.home.config_file)
+        except ConfigError as e:
+            log.error("%s; keeping the last good config", e)
+            return None
+
+    # -- main loop
+
+    def run(self) -> int:
+        self.watch.start()
+        log.info("controller for %s: credentials %s, GPU poll every %.1fs, debounce %.2fs",
+                 self.home.root, self.creds, self.config.gpus.poll_interval, self.config.controller.debounce)
+        self.check_credentials("startup")
+        while not self.stopping:
+            self.step()
+            time.sleep(TICK_S)
+        self.watch.stop()
+        log.info("controller stopped")
+        return 0
+
+    def step(self) -> None:
+        now = time.monotonic()
+        creds_changed, config_changed = self.watch.take(self.config.controller.debounce)
+        if now >= self.next_creds_check:  # fallback for missed events, deleted directory
+            self.next_creds_check = now + 2.0
+            self.watch.ensure_creds_watch()
+            if qsources.directory_signature(self.creds) != self.creds_sig:
+                creds_changed = True
+        if creds_changed:
+            self.check_credentials("credentials changed")
+        if config_changed:
+            new = self._load_config()
+            if new is not None and new != self.config:
+                self.config = new
+                if self.replan("config changed (appliance.toml)", quiet_if_same=True) is None:
+                    log.info("appliance.toml changed; no slot changes (other settings apply on `appliance up`)")
+        if now >= self.next_poll:
+            self.next_poll = now + self.config.gpus.poll_interval
+            self.poll_gpus()
+        if self.pending or self.retiring or now >= self.next_reconcile:
+            self.reconcile()
+
+    # -- credentials
+
+    def check_credentials(self, cause: str) -> list[dict]:
+        self.creds_sig = qsources.directory_signature(self.creds)
+        rows = [{"name": "local", "kind": "local", "entry": "", "state": "ok", "reason": "",
+                 "queues": _local_queues(self.home)}]
+        if not self.creds.is_dir():
+            log.warning("credentials directory %s is missing: only the local queue is served "
+                        "(make the directory to add queue sources)", self.creds)
+        for entry in qsources.read_entries(self.creds):
+            state, reason, queues = qsources.check_entry(entry)
+            rows.append({"name": entry.source_name, "kind": entry.kind, "entry": entry.name,
+                         "state": state, "reason": reason, "queues": queues})
+            if state == "ok":
+                log.info("%s: %s ok, queues %s", cause, entry.name, ", ".join(queues) or "(none yet)")
+            else:
+                log.warning("%s: %s BROKEN: %s", cause, entry.name, reason)
+        previous = _read_json(qsources.sources_file(self.home)) or {}
+        before = {r["name"]: r["state"] for r in previous.get("sources", [])}
+        write_atomic(qsources.sources_file(self.home), json.dumps({
+            "time": time.time(), "credentials_dir": str(self.creds), "policy": qsources.POLICY,
+            "sources": rows}, indent=1) + "\n")
+        after = {r["name"]: r["state"] for r in rows}
+        if cause != "startup" and after != before:
+            added = sorted(set(after) - set(before))
+            gone = sorted(set(before) - set(after))
+            parts = [f"+{n}" + ("" if after[n] == "ok" else " (broken)") for n in added]
+            parts += [f"-{n}" for n in gone]
+            parts += [f"{n} {after[n]}" for n in after if n in before and before[n] != after[n]]
+            log_event(self.home, f"queue sources changed: {', '.join(parts)}",
+                      sources={r["name"]: r["state"] for r in rows})
+        return rows
+
+    # -- GPUs
+
+    def poll_gpus(self) -> None:
+        try:
+            scan = self.scan()
+        except Exception as e:  # noqa: BLE001 - NVML may raise anything mid-poll
+            scan = GpuScan((), f"NVML raised {type(e).__name__}: {e}")
+        if scan.problem and self.gpus is not None and self.gpus.gpus:
+            self.nvml_failures += 1
+            if self.nvml_failures == 1:
+                self.nvml_failing_since = time.monotonic()
+            failing_for = time.monotonic() - self.nvml_failing_since
+            if self.nvml_failures < NVML_FAILURES_BEFORE_GIVING_UP or failing_for < self.nvml_grace_s:
+                log.warning("GPU poll failed (%s); keeping the last GPU list (failing for %.0fs, "
+                            "giving up after %.0fs)", scan.problem, failing_for, self.nvml_grace_s)
+                return
+            log.error("GPU poll failed %d times in a row over %.0fs (%s): treating it as no GPUs",
+                      self.nvml_failures, failing_for, scan.problem)
+        else:
+            self.nvml_failures = 0
+        if self.gpus is None:
+            self.gpus = scan
+            # `up` planned with a scan of its own: re-plan once in case the box changed since
+            self.replan("controller started", scan, quiet_if_same=True)
+            return
+        if _gpu_key(scan) != _gpu_key(self.gpus):
+            cause = describe_gpu_change(self.gpus, scan)
+            self.gpus = scan
+            self.replan(cause, scan)
+
+    # -- planning
+
+    def replan(self, cause: str, scan: Optional[GpuScan] = None, quiet_if_same: bool = False) -> Optional[dict]:
+        scan = scan or self.gpus or self.scan()
+        previous = previous_plan(self.home)
+        try:
+            plan = make_plan(self.config, take_inventory(scan), previous)
+        except PlanError as e:
+            log.error("re-plan after %s failed: %s; the slots stay as they are", cause, e)
+            return None
+        diff = diff_plans(previous, plan)
+        if previous is not None and plan == previous and quiet_if_same:
+            return None
+        for name in diff.removed + diff.changed:
+            old = previous.slot(name) if previous else None
+            if old is not None:
+                self.retiring.setdefault(name, old)
+        try:
+            write_supervisord(self.home, self.config, plan, sys.executable)
+        except OSError as e:
+            log.error("writing supervisord.conf: %s", e)
+            return None
+        self.pending = True
+        event = log_event(self.home, cause, diff.added, diff.changed, diff.removed,
+                          notes=list(plan.notes))
+        log.info("re-plan (%s): added %s, changed %s, draining %s", cause, list(diff.added),
+                 list(diff.changed), list(diff.removed))
+        return event
+
+    # -- applying
+
+    def reconcile(self) -> None:
+        """One non-blocking pass toward supervisord running exactly supervisord.conf."""
+        self.next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+        if not self.apply:
+            self.pending = False
+            return
+        try:
+            server = supervisor.rpc(self.home)
+            [[added, changed, removed]] = server.supervisor.reloadConfig()
+            if self.rpc_down_since is not None:
+                log.info("supervisord answers again after %.0fs", time.monotonic() - self.rpc_down_since)
+                self.rpc_down_since = None
+            slots = lambda names: [n for n in names if n.startswith("slot-")]  # noqa: E731
+            draining = []
+            for name in slots(removed) + slots(changed):
+                info = server.supervisor.getProcessInfo(name)
+                if info["statename"] in STOPPED_STATES:
+                    server.supervisor.removeProcessGroup(name)
+                    log.info("%s stopped%s", name, " (drained)" if name in self.retiring else "")
+                    if name in removed:
+                        self.retiring.pop(name, None)
+                    continue
+                if info["statename"] != "STOPPING":
+                    log.info("draining %s (pid %s): it finishes its job, then stops", name, info["pid"])
+                    try:
+                        server.supervisor.stopProcessGroup(name, False)
+                    except xmlrpc.client.Fault as e:
+                        if "NOT_RUNNING" not in e.faultString:
+                            raise
+                draining.append(name)
+            busy_cpus, busy_gpus, unknown = set(), set(), False
+            for name in draining:
+                old = self.retiring.get(name)
+                if old is None:
+                    unknown = True
+                else:
+                    busy_cpus |= set(old.cpus)
+                    busy_gpus |= set(old.gpus)
+            plan = previous_plan(self.home)
+            waiting = []
+            for name in slots(added):
+                new = plan.slot(name) if plan else None
+                if unknown or (new is not None and (set(new.cpus) & busy_cpus or set(new.gpus) & busy_gpus)):
+                    waiting.append(name)  # the slot holding its CPUs/GPU is still draining
+                    continue
+                server.supervisor.addProcessGroup(name)
+                log.info("started %s", name)
+            self.retiring = {n: s for n, s in self.retiring.items() if n in draining}
+            self.pending = bool(draining or waiting)
+        except RPC_ERRORS as e:
+            if self.rpc_down_since is None:
+                self.rpc_down_since = time.monotonic()
+                log.warning("supervisord not answering (%s); retrying", e)
+            self.pending = True
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+
+def _local_queues(home: Home) -> list[str]:
+    try:
+        from appliance.queues.local import LocalQueueSource
+
+        return LocalQueueSource(home.queue_root, watch=False).queues()
+    except OSError:
+        return []
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m appliance.controller",
+                                description="re-plan slots as GPUs, config and queue credentials change")
+    p.add_argument("--home", default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s controller %(levelname)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    controller = Controller(Home.at(args.home))
+    signal.signal(signal.SIGTERM, controller.stop)
+    signal.signal(signal.SIGINT, controller.stop)
+    return controller.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""The controller: GPU changes re-plan and apply only the difference; credentials entries are
+checked and shown; bad input (NVML raising, bursts, a deleted directory) is survived.
+
+Unit tests drive `Controller` with a fake scan and no supervisord. Integration tests run the
+real CLI, real supervisord and a real RabbitMQ, with NVML faked at the pynvml boundary
+(tests/fake_nvml) in every process the appliance starts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from appliance.controller import Controller
+from appliance.gpus import Gpu, GpuScan
+from appliance.paths import Home
+from appliance.queues.sources import sources_file
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_NVML = REPO / "tests" / "fake_nvml"
+
+
+def wait_for(what, predicate, timeout=120.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def gpu(n: int, healthy=True, problem="") -> Gpu:
+    return Gpu(n, f"GPU-{n}", "Fake", 8 << 30, None, healthy, problem)
+
+
+class FakeScan:
+    def __init__(self, *gpus):
+        self.result = GpuScan(tuple(gpus))
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+@pytest.fixture
+def home(tmp_path) -> Home:
+    h = Home.at(tmp_path / "home")
+    h.ensure()
+    h.config_file.write_text('[host]\nreserved_cpus = 0\nreserved_memory = "1GiB"\n'
+                             '[slots.cpu]\nmemory = "256MiB"\n[slots.gpu]\ncpus = 1\nmemory = "256MiB"\n'
+                             '[gpus]\npoll_interval = "0.05s"\n[controller]\ndebounce = "0.2s"\n')
+    return h
+
+
+def events(home: Home) -> list[dict]:
+    try:
+        return [json.loads(line) for line in home.events_file.read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def test_gpu_lost_and_back_replans_with_cause_and_diff(home):
+    scan = FakeScan(gpu(0))
+    c = Controller(home, scan=scan, apply=False)
+    c.poll_gpus()
+    first = json.loads(home.plan_file.read_text())
+    gpu_slot = next(s for s in first["slots"] if s["kind"] == "gpu")
+    cpu_slots = {s["name"] for s in first["slots"] if s["kind"] == "cpu"}
+
+    scan.result = GpuScan(())
+    c.poll_gpus()
+    ev = events(home)[-1]
+    assert ev["cause"] == "GPU 0 (GPU-0) lost"
+    assert ev["removed"] == [gpu_slot["name"]] and ev["changed"] == []
+    assert set(ev["added"]).isdisjoint(cpu_slots)  # CPU slots untouched
+    assert "time_text" in ev and ev["time"] > 0
+
+    scan.result = GpuScan((gpu(0),))
+    c.poll_gpus()
+    ev = events(home)[-1]
+    assert ev["cause"] == "GPU 0 (GPU-0) appeared" and len(ev["added"]) == 1
+
+    scan.result = GpuScan((gpu(0, healthy=False, problem="2 uncorrected ECC errors"),))
+    c.poll_gpus()
+    ev = events(home)[-1]
+    assert "unhealthy: 2 uncorrected ECC errors" in ev["cause"] and len(ev["removed"]) == 1
+    assert any("ECC" in n for n in ev["notes"])
+
+
+def test_nvml_failing_mid_poll_keeps_the_gpus_until_the_grace_ends(home):
+    scan = FakeScan(gpu(0))
+    c = Controller(home, scan=scan, apply=False)
+    c.nvml_grace_s = 0.3
+    c.poll_gpus()
+    n = len(events(home))
+    scan.result = RuntimeError("driver hiccup")
+    for _ in range(5):
+        c.poll_gpus()  # raises inside the scan: no crash, no re-plan yet
+    assert len(events(home)) == n
+    scan.result = GpuScan((gpu(0),))
+    c.poll_gpus()
+    assert len(events(home)) == n and c.nvml_failures == 0
+    scan.result = GpuScan((), "NVML failed while listing GPUs: Unknown Error")
+    for _ in range(4):
+        c.poll_gpus()
+    time.sleep(0.35)
+    c.poll_gpus()
+    ev = events(home)[-1]
+    assert "lost" in ev["cause"] and ev["removed"]
+
+
+def test_a_disabled_gpu_in_the_config_is_fenced(home):
+    from appliance.config import set_value
+
+    scan = FakeScan(gpu(0), gpu(1))
+    c = Controller(home, scan=scan, apply=False)
+    c.poll_gpus()
+    c.watch.start()
+    try:
+        set_value(home.config_file, "gpus.disabled", "GPU-1")
+        wait_for("the config change to be re-planned", lambda: (c.step(), events(home)[-1]["cause"].startswith("config"))[1],
+                 timeout=10)
+        plan = json.loads(home.plan_file.read_text())
+        assert [s["gpus"] for s in plan["slots"] if s["kind"] == "gpu"] == [["GPU-0"]]
+    finally:
+        c.watch.stop()
+
+
+def test_a_burst_of_credential_writes_is_checked_once(home, monkeypatch):
+    c = Controller(home, scan=FakeScan(), apply=False)
+    calls = []
+    real = c.check_credentials
+    monkeypatch.setattr(c, "check_credentials", lambda cause: calls.append(cause) or real(cause))
+    c.watch.start()
+    try:
+        c.step()
+        calls.clear()
+        for i in range(50):
+            (home.credentials_dir / f"q{i}.toml").write_text(f'url = "amqp://u:p@127.0.0.1:1/%2f"  # {i}\n')
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            c.step()
+            time.sleep(0.05)
+        assert calls == ["credentials changed"]
+        rows = json.loads(sources_file(home).read_text())["sources"]
+        assert len(rows) == 51 and rows[0]["name"] == "local"
+        assert all(r["state"] == "broken" and "cannot connect" in r["reason"] for r in rows[1:])
+        # the directory deleted: one more check, only the local queue left, no crash
+        for p in home.credentials_dir.iterdir():
+            p.unlink()
+        home.credentials_dir.rmdir()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            c.step()
+            time.sleep(0.05)
+        assert [r["name"] for r in json.loads(sources_file(home).read_text())["sources"]] == ["local"]
+        assert "queue sources changed" in events(home)[-1]["cause"]
+        # ...and made again with an entry: it is found (the watch is set up again)
+        home.credentials_dir.mkdir()
+        (home.credentials_dir / "again.toml").write_text("url = \"amqp://u:p@127.0.0.1:1/%2f\"\n")
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and len(json.loads(sources_file(home).read_text())["sources"]) < 2:
+            c.step()
+            time.sleep(0.05)
+        assert [r["name"] for r in json.loads(sources_file(home).read_text())["sources"]] == ["local", "rabbitmq:again"]
+    finally:
+        c.watch.stop()
+
+
+# ---------------------------------------------------------------- real supervisord
+
+def fake_env(appliance, gpus_json: Path) -> None:
+    appliance.env["PYTHONPATH"] = f"{FAKE_NVML}:{REPO}"
+    appliance.env["APPLIANCE_FAKE_NVML"] = str(gpus_json)
+
+
+def slot_pids(appliance) -> dict:
+    return {s["name"]: s["pid"] for s in appliance.status()["slots"]}
+
+
+def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tmp_path):
+    from tests.appliance_fixtures import make_home, stop_home
+    from tests.fake_nvml.shim import fake_gpu, write_gpus
+
+    gpus_json = tmp_path / "gpus.json"
+    write_gpus(gpus_json, [fake_gpu(1)])
+    appliance = make_home(tmp_path, '[gpus]\npoll_interval = "0.3s"\n[slots.gpu]\ncpus = 1\n'
+                                    'memory = "512MiB"\nshm = "64MiB"\n')
+    fake_env(appliance, gpus_json)
+    try:
+        appliance.cli("up", "--timeout", "90")
+        facts = appliance.status()
+        gpu_slot = next(s for s in facts["slots"] if s["kind"] == "gpu")
+        cpu_slot = next(s for s in facts["slots"] if s["kind"] == "cpu")
+        wait_for("the controller to run",
+                 lambda: "controller for" in (appliance.home.logs_dir / "controller.log").read_text())
+
+        write_gpus(gpus_json, [])  # the GPU falls off the bus
+        wait_for("the GPU slot to drain",
+                 lambda: gpu_slot["name"] not in slot_pids(appliance) and
+                 all(s["state"] == "RUNNING" for s in appliance.status()["slots"]))
+        facts = appliance.status()
+        assert slot_pids(appliance)[cpu_slot["name"]] == cpu_slot["pid"]  # untouched
+        last = facts["last_rebalance"]
+        assert "lost" in last["cause"] and last["removed"] == [gpu_slot["name"]]
+
+        write_gpus(gpus_json, [fake_gpu(1)])  # and comes back
+        wait_for("a GPU slot again", lambda: any(
+            s["kind"] == "gpu" and s["state"] == "RUNNING" for s in appliance.status()["slots"]))
+        assert slot_pids(appliance)[cpu_slot["name"]] == cpu_slot["pid"]
+        assert "appeared" in appliance.status()["last_rebalance"]["cause"]
+        out = appliance.cli("status").stdout
+        assert "last rebalance:" in out and "appeared" in out
+
+        # NVML raising for a moment: nothing drains
+        before = slot_pids(appliance)
+        write_gpus(gpus_json, [fake_gpu(1)], fail="flaky")
+        time.sleep(1.5)
+        write_gpus(gpus_json, [fake_gpu(1)])
+        time.sleep(1.0)
+        assert slot_pids(appliance) == before
+        assert "keeping the last GPU list" in (appliance.home.logs_dir / "controller.log").read_text()
+    finally:
+        stop_home(appliance)
+
+
+def test_gpu_disable_and_enable_by_hand(tmp_path):
+    from tests.appliance_fixtures import make_home, stop_home
+    from tests.fake_nvml.shim import fake_gpu, write_gpus
+
+    gpus_json = tmp_path / "gpus.json"
+    write_gpus(gpus_json, [fake_gpu(1)])
+    appliance = make_home(tmp_path, '[gpus]\npoll_interval = "0.3s"\n[slots.gpu]\ncpus = 1\n'
+                                    'memory = "512MiB"\nshm = "64MiB"\n')
+    fake_env(appliance, gpus_json)
+    try:
+        appliance.cli("up", "--timeout", "90")
+        out = appliance.cli("gpu", "disable", "GPU-fake-0001").stdout
+        assert "disabled" in out
+        assert "GPU-fake-0001" in appliance.home.config_file.read_text()
+        wait_for("the GPU slot to go", lambda: all(s["kind"] == "cpu" and s["state"] == "RUNNING"
+                                                  for s in appliance.status()["slots"]))
+        appliance.cli("gpu", "enable", "0")
+        wait_for("the GPU slot to come back", lambda: any(
+            s["kind"] == "gpu" and s["state"] == "RUNNING" for s in appliance.status()["slots"]))
+        bad = appliance.cli("gpu", "disable", "7", check=False)
+        assert bad.returncode == 2 and "no GPU 7" in bad.stderr
+    finally:
+        stop_home(appliance)

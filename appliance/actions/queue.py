@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from appliance.queues.local import LocalQueueSource
+from appliance.queues.local import DEAD, LocalQueueSource
 
 
 def register(sub):
@@ -30,17 +30,27 @@ def queue_table(home) -> list:
              "running": running.get(q, 0), "dead": dead.get(q, 0)} for q in names]
 
 
+def _experiment_key(path) -> str | None:
+    """The experiment key inside a message file, if it is readable JSON that has one."""
+    try:
+        return json.loads(path.read_bytes())["experiment"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(args) -> int:
     if args.queue_action == "dead":
-        rows = [{"queue": q, "message": m, "reason": r}
-                for q, m, r in LocalQueueSource(args.home.queue_root, watch=False).dead_letters()]
+        local = LocalQueueSource(args.home.queue_root, watch=False)
+        rows = [{"queue": q, "message": m, "experiment": _experiment_key(local.root / DEAD / q / m),
+                 "reason": r} for q, m, r in local.dead_letters()]
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
             print("no dead-lettered messages")
         else:
             for row in rows:
-                print(f"{row['queue']}/{row['message']}: {row['reason']}")
+                key = f" (experiment {row['experiment']})" if row["experiment"] else ""
+                print(f"{row['queue']}/{row['message']}{key}: {row['reason']}")
         return 0
     rows = queue_table(args.home)
     if args.json:

@@ -112,3 +112,61 @@ def rabbit(tmp_path_factory):
     running = start_rabbit(tmp_path_factory.mktemp("rabbitmq"))
     yield running
     stop_rabbit(running)
+
+
+# ---------------------------------------------------------------- StudioML messages for rmq_ queues
+
+MARKER_SCRIPT = (
+    "import os, sys, time\n"
+    "marker, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
+    "def note(what):\n"
+    "    with open(marker, 'a') as f:\n"
+    "        f.write(f'{what} {key} {os.getcwd()} {os.getpid()}\\n')\n"
+    "note('start')\n"
+    "time.sleep(seconds)\n"
+    "note('done')\n")
+
+
+def upload_marker_workspace(store, tmp_path: Path) -> str:
+    """Pack and upload a workspace whose train.py notes start/done in a marker file; its key."""
+    from appliance.store.client import ensure_bucket
+    from appliance.workspace import pack_directory, workspace_key
+
+    ensure_bucket(store.endpoint_url, store.access_key, store.secret_key, store.bucket)
+    ws = tmp_path / f"ws-{uuid.uuid4().hex[:6]}"
+    ws.mkdir()
+    (ws / "train.py").write_text(MARKER_SCRIPT)
+    tar, sha = pack_directory(ws)
+    key = workspace_key(sha)
+    store.client().upload_file(str(tar), store.bucket, key)
+    Path(tar).unlink()
+    return key
+
+
+def marker_request(store, ws_key: str, marker: Path, seconds: float, key: str | None = None) -> tuple[str, bytes]:
+    """A StudioML request (as the studioml client writes it) running the marker workspace."""
+    import json
+    import sys
+    import time
+
+    from appliance.actions.submit import build_request
+
+    key = key or f"exp-{uuid.uuid4().hex[:10]}"
+    resources = {"cpus": 1, "gpus": 0, "ram": "128mb", "hdd": "100mb", "gpuMem": "0gb"}
+    body = build_request(key=key, script="train.py", script_args=[str(marker), key, str(seconds)],
+                         workspace_key=ws_key, workspace_dir="/client/ws", endpoint=store.endpoint_url,
+                         bucket=store.bucket, access_key=store.access_key, secret_key=store.secret_key,
+                         region="us-east-1", resources=resources, max_duration=None, lifetime=None,
+                         save_every="3m", env={}, pip=[], pythonenv=[],
+                         pythonver="%d.%d" % sys.version_info[:2], studioml_home=Path("/client/.studioml"),
+                         now=time.time())
+    return key, json.dumps(body).encode()
+
+
+def marker_lines(marker: Path) -> list[tuple[str, str, str]]:
+    """(what, key, cwd) per line of the marker file."""
+    try:
+        text = marker.read_text()
+    except FileNotFoundError:
+        return []
+    return [tuple(line.split()[:3]) for line in text.splitlines() if len(line.split()) >= 3]

@@ -260,3 +260,60 @@ def test_gpu_disable_and_enable_by_hand(tmp_path):
         assert bad.returncode == 2 and "no GPU 7" in bad.stderr
     finally:
         stop_home(appliance)
+
+
+def test_a_rabbitmq_credential_is_served_live_without_restarting_busy_slots(rabbit, store, tmp_path):
+    """A job runs on one slot; a RabbitMQ entry is written: a message on its rmq_ queue runs on
+    the other slot, nothing restarts, the running job finishes once. A broken entry next to it
+    shows in `appliance status` with its reason and changes nothing."""
+    from appliance.queues.local import enqueue
+    from appliance.queues.rabbitmq import publish
+    from tests.appliance_fixtures import make_home, stop_home
+    from tests.rabbitmq_fixtures import marker_lines, marker_request, upload_marker_workspace
+
+    marker = tmp_path / "marker.log"
+    ws_key = upload_marker_workspace(store, tmp_path)
+    appliance = make_home(tmp_path, f'python = "{sys.executable}"\n')
+    try:
+        appliance.cli("up", "--timeout", "90")
+        before = slot_pids(appliance)
+        busy_key, body = marker_request(store, ws_key, marker, seconds=6)
+        enqueue(appliance.home.queue_root, "local_busy", body)
+        wait_for("the local job to start", lambda: any(k == busy_key for _, k, _ in marker_lines(marker)))
+
+        creds = appliance.home.credentials_dir
+        (creds / "broken.toml").write_text(rabbit.credential(password="wrong"))
+        tmp = creds / ".main.toml.tmp"
+        tmp.write_text(rabbit.credential())
+        os.replace(tmp, creds / "main.toml")  # an editor's atomic save
+        queue = f"rmq_live_{uuid.uuid4().hex[:6]}"
+        key, body = marker_request(store, ws_key, marker, seconds=0.1)
+        publish(rabbit.url, queue, body)
+        wait_for("the rmq job to finish", lambda: ("done", key) in {(w, k) for w, k, _ in marker_lines(marker)},
+                 timeout=60)
+        wait_for("the busy job to finish", lambda: ("done", busy_key) in {(w, k) for w, k, _ in marker_lines(marker)},
+                 timeout=60)
+        assert [w for w, k, _ in marker_lines(marker) if k == busy_key] == ["start", "done"]  # never restarted
+        assert slot_pids(appliance) == before
+
+        facts = wait_for("the controller to check both entries", lambda: (lambda f: f if len(
+            f["sources"]["sources"]) == 3 else None)(appliance.status()))
+        rows = {r["name"]: r for r in facts["sources"]["sources"]}
+        assert rows["rabbitmq:main"]["state"] == "ok" and queue in rows["rabbitmq:main"]["queues"]
+        assert rows["rabbitmq:broken"]["state"] == "broken" and "login refused" in rows["rabbitmq:broken"]["reason"]
+        assert all("rabbitmq:main" in (s["serves"] or {}) for s in facts["slots"])
+        text = appliance.cli("status").stdout
+        assert "rabbitmq:broken [broken.toml]: BROKEN: " in text and "serves: " in text
+
+        # the entry removed: its queue is no longer pulled
+        (creds / "main.toml").unlink()
+        wait_for("runners to drop the source", lambda: all(
+            "rabbitmq:main" not in (s["serves"] or {}) for s in appliance.status()["slots"]), timeout=30)
+        key2, body = marker_request(store, ws_key, marker, seconds=0.1)
+        publish(rabbit.url, queue, body)
+        time.sleep(2)
+        assert key2 not in {k for _, k, _ in marker_lines(marker)}
+        assert rabbit.queue_depths()[queue] == (1, 0)
+        assert slot_pids(appliance) == before
+    finally:
+        stop_home(appliance)

@@ -50,6 +50,29 @@ def _last_rebalance(home: Home) -> dict | None:
         return None
 
 
+def _sources(home: Home) -> dict:
+    """What the controller found in the credentials directory (queues/sources.py)."""
+    from appliance.queues.sources import POLICY, sources_file
+
+    try:
+        data = json.loads(sources_file(home).read_text())
+    except (OSError, ValueError):
+        return {"policy": POLICY, "sources": [], "checked": None}
+    return {"policy": data.get("policy", POLICY), "sources": data.get("sources", []),
+            "checked": data.get("time")}
+
+
+def _serving(home: Home, slot: str, pid) -> dict | None:
+    """{source: [queues]} this slot's runner serves now (None if it has not said)."""
+    from appliance.queues.sources import serving_file
+
+    try:
+        data = json.loads(serving_file(home, slot).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("sources")
+
+
 def _containers(home: Home, config: Config) -> dict[str, str]:
     if config.isolation.backend != "docker":
         return {}
@@ -103,6 +126,7 @@ def gather(home: Home) -> dict:
             "job_started": runner.get("started"),
             "last_upload": runner.get("last_upload"),
             "last_result": runner.get("last_result"),
+            "serves": _serving(home, slot.name, info.pid if info else None),
         })
     scan = scan_gpus()
     return {
@@ -123,6 +147,7 @@ def gather(home: Home) -> dict:
         "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
+        "sources": _sources(home),
     }
 
 
@@ -178,6 +203,18 @@ def format_status(facts: dict) -> str:
     q = facts["queues"]
     lines.append(f"queues: local root {q['root']} (STUDIOML_HOME={q['studioml_home']}); "
                  f"credentials in {q['credentials_dir']}")
+    src = facts.get("sources") or {}
+    if src.get("sources"):
+        lines.append(f"queue sources ({src.get('policy')}):")
+        for r in src["sources"]:
+            what = ", ".join(r.get("queues") or []) or "no queues yet"
+            state = "ok" if r.get("state") == "ok" else f"BROKEN: {r.get('reason')}"
+            entry = f" [{r['entry']}]" if r.get("entry") else ""
+            lines.append(f"  {r['name']}{entry}: {state}; {what}")
+    serving = [s for s in facts["slots"] if s.get("serves")]
+    for s in serving:
+        parts = [f"{name} ({', '.join(qs) or '-'})" for name, qs in sorted(s["serves"].items())]
+        lines.append(f"  {s['name']} serves: {'; '.join(parts)}")
     if facts["last_rebalance"]:
         r = facts["last_rebalance"]
         lines.append(f"last rebalance: {r.get('time_text', '')} cause {r.get('cause')}: "

@@ -1,0 +1,255 @@
+"""Run one workload process inside the slot and say how it ended.
+
+`cd workspace; python <filename> <args>` with stdout and stderr appended to the file that
+becomes the `output` artifact. The runner already runs within the slot's cpuset and memory
+limit; the workload additionally joins the slot's `job` leaf cgroup (when the runner is in a
+slot) so an out-of-memory kill hits the workload, never the runner, and can be counted.
+
+The workload gets its own session (process group): a timeout or a drain stops the whole
+group, SIGTERM first (so it can checkpoint into `modeldir`), SIGKILL after a grace period.
+It also gets PR_SET_PDEATHSIG=SIGKILL, so a runner killed with SIGKILL does not leave its
+workload running unsupervised; the job then runs again when the message is recovered.
+
+Everything here is single-threaded: one poll loop that waits on the process with a short
+timeout, calling back for keepalives and periodic uploads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+SUCCESS = "success"
+FAILED = "failed"
+OUT_OF_MEMORY = "out of memory"
+TIMED_OUT = "timed out"
+INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
+ENV_FAILED = "environment failed"  # the Python environment could not be built
+
+
+@dataclass
+class Result:
+    outcome: str
+    exit_code: Optional[int]
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == SUCCESS
+
+
+# --- environment -------------------------------------------------------------------------
+
+# What a workload inherits from the runner. Everything else (AWS_* and APPLIANCE_* secrets of
+# the appliance, PYTHONPATH pointing into the appliance, ...) stays out.
+KEEP_NAMES = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "LD_LIBRARY_PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+    "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CUDA_VISIBLE_DEVICES",
+}
+KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PIP_")
+
+_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+
+
+def base_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the runner's environment a workload may see."""
+    return {k: v for k, v in environ.items()
+            if k in KEEP_NAMES or k.startswith(KEEP_PREFIXES)}
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """StudioML's `%VAR%` expansion; an unknown variable expands to the empty string."""
+    return _VAR.sub(lambda m: env.get(m.group(1), ""), value)
+
+
+def workload_env(environ: Mapping[str, str], config_env: Mapping[str, object],
+                 extra: Mapping[str, str] = ()) -> dict[str, str]:
+    """base_env(environ), then `extra` (venv, experiment paths), then the request's
+    `config.env`, each value `%VAR%`-expanded against the environment built so far (never
+    against the runner's secrets, which are not in it)."""
+    env = base_env(environ)
+    env.setdefault("PATH", os.defpath)
+    env["PYTHONUNBUFFERED"] = "1"  # so `appliance logs -f` sees lines as they come
+    env.update(dict(extra))
+    for k, v in (config_env or {}).items():
+        if v is None:
+            continue
+        env[str(k)] = expand(str(v), env)
+    return env
+
+
+# --- process control ---------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _preexec(slot: Optional[str], parent: int) -> Callable[[], None]:
+    join = None
+    if slot:
+        try:
+            from appliance.slot import cgroup
+            join = cgroup.join_job
+        except ImportError:
+            join = None
+
+    def child() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except Exception:
+            pass
+        if os.getppid() != parent:  # the runner died before prctl took effect
+            os._exit(137)
+        if join is not None:
+            r = join(slot)
+            if callable(r):  # join_job(slot) may return the function to call
+                r()
+
+    return child
+
+
+def oom_kills(slot: Optional[str]) -> Optional[int]:
+    """OOM kill count of the slot's job cgroup, or None when there is no cgroup to ask."""
+    if not slot:
+        return None
+    try:
+        from appliance.slot import cgroup
+        return int(cgroup.oom_kills(slot))
+    except Exception:
+        return None
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_start_ticks(pid: int) -> Optional[int]:
+    """Start time of `pid` (clock ticks since boot): with the pid, names a process uniquely."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_leftover(workload: Optional[dict]) -> bool:
+    """Kill the process group a previous runner of this slot left behind (it was killed
+    before it could stop its workload). True if something was killed."""
+    if not workload or not workload.get("pid"):
+        return False
+    pid = int(workload["pid"])
+    if process_start_ticks(pid) != workload.get("start_ticks"):
+        return False  # gone, or the pid now belongs to someone else
+    signal_group(pid, signal.SIGKILL)
+    return True
+
+
+@dataclass
+class Supervision:
+    """How a process is watched. All times are epoch seconds."""
+
+    deadline: Optional[float] = None  # kill at this time -> TIMED_OUT
+    stop_at: Callable[[], Optional[float]] = lambda: None  # drain: stop the job at this time
+    tick: Callable[[], None] = lambda: None  # called about every tick_s (keepalive, status)
+    save_every_s: Optional[float] = None
+    save: Callable[[], None] = lambda: None  # periodic upload
+    tick_s: float = 1.0
+    term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
+
+
+def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
+    """Wait for `proc` (leader of its own process group) under `sv`.
+
+    Returns (returncode, why we stopped it: TIMED_OUT / INTERRUPTED / None)."""
+    stopped_for: Optional[str] = None
+    kill_at = None
+    next_save = time.time() + sv.save_every_s if sv.save_every_s else None
+    while True:
+        try:
+            rc = proc.wait(timeout=sv.tick_s)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        drain_at = sv.stop_at() if stopped_for is None else None
+        now = time.time()
+        if stopped_for is None:
+            if sv.deadline is not None and now >= sv.deadline:
+                stopped_for = TIMED_OUT
+            elif drain_at is not None and now >= drain_at:
+                stopped_for = INTERRUPTED
+            if stopped_for:
+                signal_group(proc.pid, signal.SIGTERM)
+                kill_at = now + sv.term_grace_s
+        elif now >= kill_at:
+            signal_group(proc.pid, signal.SIGKILL)
+        sv.tick()
+        if next_save is not None and now >= next_save and stopped_for is None:
+            sv.save()
+            next_save = time.time() + sv.save_every_s
+    # the leader is gone; children it left in its group go too
+    signal_group(proc.pid, signal.SIGKILL)
+    return rc, stopped_for
+
+
+def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optional[str]
+          ) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, cwd=str(cwd), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+        stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_preexec(slot, os.getpid()), close_fds=True)
+
+
+def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
+             oom_after: Optional[int], slot: Optional[str] = None) -> Result:
+    if stopped_for == TIMED_OUT:
+        return Result(TIMED_OUT, rc, "lifetime exceeded (experimentLifetime/max_duration)")
+    if stopped_for == INTERRUPTED:
+        return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
+    if rc == 0:
+        return Result(SUCCESS, 0, "")
+    oomed = oom_before is not None and oom_after is not None and oom_after > oom_before
+    if oomed:
+        where = f" of slot {slot}" if slot else ""
+        return Result(OUT_OF_MEMORY, rc, f"out of memory: the workload exceeded the memory "
+                                         f"limit{where} and was killed")
+    if rc == -signal.SIGKILL and oom_after is None:
+        return Result(OUT_OF_MEMORY, rc, "out of memory (probably): the workload was killed "
+                                         "by SIGKILL")
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+        return Result(FAILED, rc, f"killed by signal {name}")
+    return Result(FAILED, rc, f"exit code {rc}")
+
+
+def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Path,
+                 sv: Supervision, slot: Optional[str] = None,
+                 on_start: Callable[[subprocess.Popen], None] = lambda p: None) -> Result:
+    """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
+    own failures (a missing interpreter is a FAILED result too)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    before = oom_kills(slot)
+    with open(output, "ab") as out:
+        try:
+            proc = spawn(argv, cwd, env, out, slot)
+        except OSError as e:
+            msg = f"cannot start {argv[0]}: {e}"
+            out.write(f"appliance: {msg}\n".encode())
+            return Result(FAILED, None, msg)
+        on_start(proc)
+        rc, stopped_for = supervise(proc, sv)
+        result = classify(rc, stopped_for, before, oom_kills(slot), slot)
+        if not result.ok:
+            out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
+    return result

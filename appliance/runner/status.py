@@ -1,0 +1,118 @@
+"""The small status file each runner keeps, and the experiment index `logs`/`results` read.
+
+`HOME/status/<slot>.json` is replaced atomically (write a temp file, rename) at every step:
+
+    {"state": "idle|fetching|preparing|running|uploading|draining|stopped",
+     "slot": ..., "pid": <runner pid>, "updated": <epoch>,
+     "experiment": <key or null>, "queue": ..., "source": ..., "started": <epoch or null>,
+     "last_upload": <epoch or null>, "output": <local output file while running or null>,
+     "workload": {"pid": .., "start_ticks": ..} or null,
+     "last_result": {"experiment", "outcome", "exit_code", "reason", "finished"} or null}
+
+`HOME/status/experiments/<key>.json` records where an experiment's mutable artifacts live in
+the store (endpoint, bucket, key per artifact; never credentials), so `appliance logs` and
+`appliance results` find them without guessing the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class StatusFile:
+    """The runner's own status; `update(**fields)` merges and rewrites the file."""
+
+    def __init__(self, home, slot: str):
+        self.path = Path(home.slot_status(slot))
+        self.data: dict = {
+            "state": "idle", "slot": slot, "pid": os.getpid(), "experiment": None,
+            "queue": None, "source": None, "started": None, "last_upload": None,
+            "output": None, "workload": None, "last_result": None, "updated": None,
+        }
+        previous = _read_json(self.path)
+        if previous:
+            self.data["last_result"] = previous.get("last_result")
+        self.previous = previous  # what a runner killed before us left behind
+
+    def update(self, **fields: Any) -> None:
+        state = fields.get("state")
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown runner state {state!r}")
+        self.data.update(fields)
+        self.data["updated"] = time.time()
+        write_json_atomic(self.path, self.data)
+
+    def job_started(self, experiment: str, queue: str, source: str) -> None:
+        self.update(state="fetching", experiment=experiment, queue=queue, source=source,
+                    started=time.time(), last_upload=None, output=None, workload=None)
+
+    def job_finished(self, outcome: str, exit_code: Optional[int], reason: str) -> None:
+        self.update(state="idle", last_result={
+            "experiment": self.data.get("experiment"), "outcome": outcome,
+            "exit_code": exit_code, "reason": reason, "finished": time.time()},
+            experiment=None, queue=None, source=None, started=None, output=None,
+            workload=None)
+
+
+def read_status(home, slot: str) -> Optional[dict]:
+    return _read_json(Path(home.slot_status(slot)))
+
+
+def all_statuses(home) -> dict[str, dict]:
+    out = {}
+    d = Path(home.status_dir)
+    if d.is_dir():
+        for p in sorted(d.glob("*.json")):
+            data = _read_json(p)
+            if data is not None:
+                out[p.stem] = data
+    return out
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key) or "_"
+
+
+def experiment_record_path(home, key: str) -> Path:
+    return Path(home.status_dir) / "experiments" / f"{_safe_name(key)}.json"
+
+
+def record_experiment(home, key: str, record: dict) -> None:
+    write_json_atomic(experiment_record_path(home, key), record)
+
+
+def find_experiment(home, key: str) -> Optional[dict]:
+    return _read_json(experiment_record_path(home, key))
+
+
+def running_slot(home, key: str) -> Optional[dict]:
+    """The status of the slot running `key` right now, if any."""
+    for data in all_statuses(home).values():
+        if data.get("experiment") == key and data.get("state") not in ("idle", "stopped"):
+            return data
+    return None

@@ -121,7 +121,7 @@ MARKER_SCRIPT = (
     "marker, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])\n"
     "def note(what):\n"
     "    with open(marker, 'a') as f:\n"
-    "        f.write(f'{what} {key} {os.getcwd()} {os.getpid()}\\n')\n"
+    "        f.write(f'{what} {key} {os.getcwd()} {os.getpid()} {time.time()}\\n')\n"
     "note('start')\n"
     "time.sleep(seconds)\n"
     "note('done')\n")

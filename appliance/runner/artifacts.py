@@ -1,0 +1,278 @@
+"""Moving an experiment's artifacts between the S3 store and its job directory.
+
+Layout on disk, the one StudioML's workload helpers expect (`get_artifact(tag)` falls back to
+`cwd/../tag`): `JOB/<artifact name>/` for every artifact, the workload runs in
+`JOB/workspace/`, and its stdout+stderr go to `JOB/output/output`.
+
+Every artifact is a tar of a directory. We write what the `studioml` client writes: a plain
+(uncompressed) tar whose members are the directory's entries by relative name; we read any tar
+(`r:*`: the client may compress). Downloads go through the safe extractor with a byte bound.
+
+- Each artifact carries its own endpoint and credentials (the request's `qualified` and
+  `credentials.aws`). No credentials means unsigned requests, never the runner's own (boto3
+  would otherwise fall back to the appliance's environment).
+- Immutable artifacts (`workspace`) are cached by key (cache.py): a repeated experiment does
+  not download them again.
+- Mutable ones are downloaded if they exist (a job that runs again, after its runner was
+  killed, continues from its last upload: `modeldir` checkpoints, `output` so far) and
+  uploaded by `Uploader`, which skips a directory unchanged since its last upload.
+
+Errors: a store that does not answer is retried with backoff, then `StoreUnavailable` (the
+runner puts the message back). Refused credentials are `AccessDenied` and a missing immutable
+object `ArtifactMissing`: retrying cannot help, the message text names artifact, endpoint,
+bucket and key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+MUTABLE_DEFAULTS = ("output", "modeldir", "retval", "tb", "_metrics", "_metadata")
+OUTPUT_FILE = "output"  # JOB/output/output
+
+
+class ArtifactError(Exception):
+    """An artifact could not be moved; permanent for this request."""
+
+
+class AccessDenied(ArtifactError):
+    pass
+
+
+class ArtifactMissing(ArtifactError):
+    pass
+
+
+class StoreUnavailable(ArtifactError):
+    """The store did not answer (after retries): try again later."""
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 5
+    first_delay_s: float = 1.0
+    max_delay_s: float = 15.0
+    sleep: Callable[[float], None] = time.sleep
+
+
+def where(art) -> str:
+    return f"artifact '{art.name}' at {art.endpoint_url}/{art.bucket}/{art.key}"
+
+
+_clients: dict = {}
+
+
+def client_for(art):
+    """A (cached) S3 client for the artifact's endpoint and its own credentials."""
+    ident = (art.endpoint_url, art.access_key, art.secret_key, art.region, art.session_token)
+    c = _clients.get(ident)
+    if c is None:
+        if art.access_key and art.secret_key:
+            from appliance.store.client import s3_client
+            c = s3_client(art.endpoint_url, art.access_key, art.secret_key,
+                          art.region or "us-east-1", art.session_token,
+                          connect_timeout=5, read_timeout=60, attempts=2)
+        else:
+            import boto3
+            from botocore import UNSIGNED
+            from botocore.config import Config as BotoConfig
+            c = boto3.client("s3", endpoint_url=art.endpoint_url,
+                             region_name=art.region or "us-east-1",
+                             config=BotoConfig(signature_version=UNSIGNED,
+                                               s3={"addressing_style": "path"},
+                                               connect_timeout=5, read_timeout=60,
+                                               retries={"max_attempts": 2, "mode": "standard"}))
+        _clients[ident] = c
+    return c
+
+
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "AllAccessDisabled"}
+_MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+def _classify(e: Exception, art, doing: str) -> ArtifactError:
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _DENIED or status == 403:
+            return AccessDenied(f"{doing} {where(art)}: the store refused the request's "
+                                f"credentials ({code or status}); check credentials.aws of this "
+                                f"artifact (access key {art.access_key or 'none'})")
+        if code in _MISSING or status == 404:
+            return ArtifactMissing(f"{doing} {where(art)}: {code or 'not found'}")
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError",
+                                     "RequestTimeout"):
+            return StoreUnavailable(f"{doing} {where(art)}: the store answered {code or status}")
+        return ArtifactError(f"{doing} {where(art)}: {code or status}: {err.get('Message', e)}")
+    if isinstance(e, NoCredentialsError):
+        return AccessDenied(f"{doing} {where(art)}: no credentials")
+    if isinstance(e, (BotoCoreError, ConnectionError, TimeoutError)):
+        return StoreUnavailable(f"{doing} {where(art)}: cannot reach the store: {e}")
+    return ArtifactError(f"{doing} {where(art)}: {e}")
+
+
+def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
+    """Call fn; transient store failures are retried with exponential backoff."""
+    delay = retry.first_delay_s
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return fn()
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as e:
+            err = _classify(e, art, doing)
+            if not isinstance(err, StoreUnavailable):
+                raise err from None
+            if attempt == retry.attempts:
+                raise StoreUnavailable(f"{err} (gave up after {attempt} attempts)") from None
+        retry.sleep(delay)
+        delay = min(delay * 2, retry.max_delay_s)
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+    return TransferConfig(use_threads=False)  # the runner is single-threaded by design
+
+
+def download(art, dest: Path, retry: RetryPolicy) -> None:
+    """The object of `art` into the file `dest`."""
+    c = client_for(art)
+    with_retries(lambda: c.download_file(art.bucket, art.key, str(dest),
+                                         Config=_transfer_config()),
+                 art, "downloading", retry)
+
+
+def exists(art, retry: RetryPolicy) -> bool:
+    c = client_for(art)
+    try:
+        with_retries(lambda: c.head_object(Bucket=art.bucket, Key=art.key), art,
+                     "looking up", retry)
+        return True
+    except ArtifactMissing:
+        return False
+
+
+def unpack(tar_file, dest: Path, max_bytes: int) -> None:
+    """Extract a tar (a path or an open file; any compression) into `dest` through the safe
+    extractor; a hostile or broken archive raises UnsafeArchive."""
+    from appliance.runner.safetar import safe_extract
+    safe_extract(tar_file, dest, max_bytes)
+
+
+def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
+    """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false."""
+    if art.unpack:
+        from appliance.runner.safetar import UnsafeArchive
+        try:
+            unpack(obj, dest, max_bytes)
+        except (UnsafeArchive, tarfile.TarError) as e:
+            raise ArtifactError(f"unpacking {where(art)}: {e}") from None
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / os.path.basename(art.key)
+        if hasattr(obj, "read"):
+            with open(target, "wb") as out:
+                shutil.copyfileobj(obj, out)
+        else:
+            shutil.copyfile(obj, target)
+
+
+def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int) -> bool:
+    """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
+    it. Mutable: downloaded if it exists, else `dest` stays empty (False)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if not art.mutable and cache is not None:
+        f = cache.fill(art.key, lambda tmp: download(art, tmp, retry))
+        with f:
+            place(art, f, dest, max_bytes)
+        return True
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmpdir:
+        tmp = Path(tmpdir) / "object"
+        try:
+            download(art, tmp, retry)
+        except ArtifactMissing:
+            if art.mutable:
+                return False
+            raise
+        place(art, tmp, dest, max_bytes)
+    return True
+
+
+def pack(src: Path, tar_path: Path) -> None:
+    """A plain tar of the directory `src`, members named relative to it (as the client)."""
+    with tarfile.open(tar_path, "w") as tar:
+        if src.is_dir():
+            for name in sorted(os.listdir(src)):
+                tar.add(str(src / name), arcname=name)
+
+
+def upload(art, src: Path, retry: RetryPolicy) -> None:
+    c = client_for(art)
+    with tempfile.TemporaryDirectory(prefix=".upload-", dir=src.parent) as tmpdir:
+        tar_path = Path(tmpdir) / f"{art.name}.tar"
+        pack(src, tar_path)
+        with_retries(lambda: c.upload_file(str(tar_path), art.bucket, art.key,
+                                           Config=_transfer_config()),
+                     art, "uploading", retry)
+
+
+def fingerprint(src: Path) -> tuple:
+    """What changes when a directory's content changes (names, sizes, mtimes)."""
+    out = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            out.append((os.path.relpath(p, src), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class Uploader:
+    """Uploads the mutable artifacts of one job, each only when it changed."""
+
+    def __init__(self, artifacts: dict, job_dir: Path, retry: RetryPolicy):
+        self.artifacts = {n: a for n, a in artifacts.items() if a.mutable}
+        self.job_dir = job_dir
+        self.retry = retry
+        self.sent: dict = {}
+        self.last_upload: Optional[float] = None
+
+    def mark_current(self) -> None:
+        """What is on disk now is what the store has (right after fetching)."""
+        for name in self.artifacts:
+            self.sent[name] = fingerprint(self.job_dir / name)
+
+    def upload_changed(self) -> list[str]:
+        """Upload every mutable artifact whose directory changed; the names uploaded.
+        Raises StoreUnavailable/AccessDenied/ArtifactError after trying all of them."""
+        done, first_error = [], None
+        for name, art in self.artifacts.items():
+            src = self.job_dir / name
+            fp = fingerprint(src)
+            if self.sent.get(name) == fp:
+                continue
+            try:
+                upload(art, src, self.retry)
+            except ArtifactError as e:
+                first_error = first_error or e
+                continue
+            self.sent[name] = fp
+            done.append(name)
+        if done:
+            self.last_upload = time.time()
+        if first_error is not None:
+            raise first_error
+        return done

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 MUTABLE_DEFAULTS = ("output", "modeldir", "retval", "tb", "_metrics", "_metadata")
@@ -122,14 +123,23 @@ def _classify(e: Exception, art, doing: str) -> ArtifactError:
     return ArtifactError(f"{doing} {where(art)}: {e}")
 
 
+def _unwrap(e: Exception) -> Exception:
+    """boto3's transfer layer wraps the client error (S3UploadFailedError, ...)."""
+    if isinstance(e, Boto3Error):
+        inner = e.__cause__ or e.__context__
+        if isinstance(inner, (ClientError, BotoCoreError)):
+            return inner
+    return e
+
+
 def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
     """Call fn; transient store failures are retried with exponential backoff."""
     delay = retry.first_delay_s
     for attempt in range(1, retry.attempts + 1):
         try:
             return fn()
-        except (ClientError, BotoCoreError, ConnectionError, TimeoutError) as e:
-            err = _classify(e, art, doing)
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError, Boto3Error) as e:
+            err = _classify(_unwrap(e), art, doing)
             if not isinstance(err, StoreUnavailable):
                 raise err from None
             if attempt == retry.attempts:

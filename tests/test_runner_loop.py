@@ -1,0 +1,441 @@
+"""The runner loop end to end: local queue -> real SeaweedFS -> real workload processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from appliance.paths import Home
+from appliance.queues.local import CLAIMED, DEAD, LocalQueueSource
+from appliance.runner.artifacts import RetryPolicy
+from appliance.runner.loop import Runner, RunnerSettings
+from appliance.runner.status import find_experiment, read_status
+from tests.realparts import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+Q = "local_test"
+MUTABLE = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
+
+
+# ------------------------------------------------------------------ helpers
+
+def workspace_tar(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, text in files.items():
+            data = textwrap.dedent(text).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def request(store, files: dict[str, str], args=(), key=None, secret=None, endpoint=None,
+            pythonenv=("studioml==0.0.49",), ram="1gb", save="3m", lifetime="30m",
+            max_duration=None, pip=()):
+    """A request shaped like the real fixture, pointing at the test store."""
+    key = key or f"exp-{uuid.uuid4().hex[:12]}"
+    host = (endpoint or store.endpoint_url).split("://", 1)[1]
+    blob = f"blobstore/{uuid.uuid4().hex}.tar"
+    if endpoint is None:
+        store.client().put_object(Bucket=store.bucket, Key=blob, Body=workspace_tar(files))
+    creds = {"aws": {"access_key": store.access_key,
+                     "secret_access_key": secret or store.secret_key, "region": "us-east-1"}}
+
+    def art(name, k, mutable):
+        return {"unpack": True, "mutable": mutable, "key": k, "local": f"/home/user/{name}",
+                "qualified": f"s3://{host}/{store.bucket}/{k}", "bucket": store.bucket,
+                "credentials": creds}
+
+    artifacts = {"workspace": art("workspace", blob, False)}
+    for n in MUTABLE:
+        artifacts[n] = art(n, f"experiments/{key}/{n}.tar", True)
+    body = {
+        "experiment": {"key": key, "args": list(args), "filename": "train.py",
+                       "pythonenv": list(pythonenv), "pythonver": "3.11",
+                       "resources_needed": {"gpus": 0, "cpus": 1, "ram": ram, "hdd": "1gb",
+                                            "gpuMem": "0gb"},
+                       "status": "waiting", "time_added": time.time(),
+                       "max_duration": max_duration, "artifacts": artifacts},
+        "config": {"saveWorkspaceFrequency": save, "experimentLifetime": lifetime,
+                   "env": {"PATH": "%PATH%:./bin", "GREETING": "hello"}, "pip": list(pip)},
+    }
+    return key, json.dumps(body).encode()
+
+
+def read_artifact(store, key, name, member=None) -> dict[str, bytes]:
+    obj = store.client().get_object(Bucket=store.bucket, Key=f"experiments/{key}/{name}.tar")
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(obj["Body"].read()), mode="r:*") as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def output_of(store, key) -> str:
+    return read_artifact(store, key, "output")["output"].decode()
+
+
+@pytest.fixture
+def home(tmp_path) -> Home:
+    h = Home.at(tmp_path / "home")
+    h.ensure()
+    return h
+
+
+def fast_settings(**kw) -> RunnerSettings:
+    base = dict(python=sys.executable, idle_wait_s=0.2, tick_s=0.05, term_grace_s=2,
+                retry=RetryPolicy(attempts=2, first_delay_s=0.01, max_delay_s=0.01))
+    base.update(kw)
+    return RunnerSettings(**base)
+
+
+def make_runner(home, slot="slot-0", **kw) -> tuple[Runner, LocalQueueSource]:
+    src = LocalQueueSource(home.queue_root, runner_id=slot)
+    return Runner(home, slot, [src], fast_settings(**kw), environ=dict(os.environ)), src
+
+
+def submit(home, body, queue=Q) -> str:
+    writer = LocalQueueSource(home.queue_root, runner_id="client")
+    try:
+        return writer.enqueue(queue, body)
+    finally:
+        writer.close()
+
+
+def dead_reasons(home, queue=Q) -> list[str]:
+    d = home.queue_root / DEAD / queue
+    return [p.read_text() for p in sorted(d.glob("*.reason"))] if d.is_dir() else []
+
+
+def pending(home, queue=Q) -> list[str]:
+    d = home.queue_root / queue
+    return [p.name for p in d.iterdir() if not p.name.startswith(".")
+            and p.name != "lock.lock"] if d.is_dir() else []
+
+
+def claimed(home, queue=Q) -> list:
+    d = home.queue_root / CLAIMED / queue
+    return list(d.iterdir()) if d.is_dir() else []
+
+
+HELLO = {"train.py": """
+    import os, sys
+    print("hello from the workload", sys.argv[1:], flush=True)
+    print(os.environ["GREETING"], "on stderr", file=sys.stderr, flush=True)
+    with open(os.path.join("..", "modeldir", "model.txt"), "w") as f:
+        f.write("trained")
+    """}
+
+
+# ------------------------------------------------------------------ the happy path
+
+def test_experiment_runs_and_its_output_lands_in_the_store(store, home):
+    key, body = request(store, HELLO, args=["--lr", "0.1"])
+    submit(home, body)
+    runner, _ = make_runner(home)
+    assert runner.run_forever(exit_when_idle=True) == 0
+    out = output_of(store, key)
+    assert "hello from the workload ['--lr', '0.1']" in out
+    assert "hello on stderr" in out
+    assert read_artifact(store, key, "modeldir") == {"model.txt": b"trained"}
+    assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []
+    st = read_status(home, "slot-0")
+    assert st["state"] == "stopped"
+    assert st["last_result"]["experiment"] == key
+    assert st["last_result"]["outcome"] == "success"
+    rec = find_experiment(home, key)
+    assert rec["artifacts"]["output"]["key"] == f"experiments/{key}/output.tar"
+    assert "secret" not in json.dumps(rec).lower()
+    assert list((home.work_dir / "slot-0").iterdir()) == []  # job directory cleaned up
+
+
+def test_runner_process_builds_a_venv_and_runs_the_experiment(store, home):
+    """`python -m appliance.runner` as supervisord starts it, venv built from pythonenv."""
+    key, body = request(store, {"train.py": """
+        import sys
+        print("interpreter", sys.prefix)
+        """})
+    submit(home, body)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    p = subprocess.run([sys.executable, "-m", "appliance.runner", "--home", str(home.root),
+                        "--slot", "slot-1", "--exit-when-idle"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = output_of(store, key)
+    assert f"interpreter {home.venv_cache}" in out, (out, p.stderr)
+    assert pending(home) == [] and dead_reasons(home) == []
+
+
+def test_round_robin_over_queues(store, home):
+    order = home.root / "order.txt"
+    script = {"train.py": f"""
+        import sys
+        open({str(order)!r}, "a").write(sys.argv[1] + "\\n")
+        """}
+    for q in ("local_a", "local_b"):
+        for i in range(2):
+            submit(home, request(store, script, args=[f"{q}{i}"])[1], queue=q)
+            time.sleep(0.01)  # distinct mtimes keep each queue FIFO
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    assert order.read_text().split() == ["local_a0", "local_b0", "local_a1", "local_b1"]
+
+
+def test_second_experiment_with_the_same_pythonenv_starts_much_faster(store, home):
+    """Figures for the issue: claim -> workload start, venv built vs reused."""
+    started = home.root / "started"
+    script = {"train.py": f"""
+        import time
+        open({str(started)!r}, "w").write(repr(time.time()))
+        """}
+    runner, _ = make_runner(home, python="")
+    times = []
+    for _ in range(2):
+        submit(home, request(store, script, pythonenv=["six==1.17.0", "studioml==0.0.49"])[1])
+        t0 = time.time()
+        assert runner.run_once()
+        times.append(float(started.read_text()) - t0)
+    print(f"\nclaim -> workload start: first {times[0]:.2f}s (venv built), "
+          f"second {times[1]:.3f}s (venv reused): {times[0] / times[1]:.0f}x")
+    assert runner.status.data["last_result"]["outcome"] == "success"
+    assert len(runner.venvs.entries()) == 1
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_request_is_dead_lettered_and_the_runner_goes_on(store, home):
+    submit(home, b'{"experiment": {"key": "x"}}')
+    key, body = request(store, HELLO)
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    reasons = dead_reasons(home)
+    assert len(reasons) == 1 and reasons[0].startswith("bad request: experiment.filename")
+    assert "hello from the workload" in output_of(store, key)
+
+
+def test_wrong_credentials_dead_letter_with_a_clear_reason(store, home):
+    key, body = request(store, HELLO, secret="not-the-secret")
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert "artifact 'workspace'" in reason and store.endpoint_url in reason
+    assert "credentials" in reason
+    st = read_status(home, "slot-0")["last_result"]
+    assert st["outcome"] == "failed" and "credentials" in st["reason"]
+
+
+def test_store_down_puts_the_message_back(store, home):
+    key, body = request(store, HELLO, endpoint=f"http://127.0.0.1:{free_port()}")
+    msgid = submit(home, body)
+    runner, _ = make_runner(home)
+    assert runner.run_once()
+    assert pending(home) == [msgid] and claimed(home) == [] and dead_reasons(home) == []
+    st = runner.status.data["last_result"]
+    assert st["outcome"] == "released" and "store unavailable" in st["reason"]
+    assert runner.pause_until > time.time()  # and it does not hammer the store
+
+
+def test_failing_workload_is_dead_lettered_with_its_output_uploaded(store, home):
+    key, body = request(store, {"train.py": """
+        import sys
+        print("about to fail", flush=True)
+        raise SystemExit(3)
+        """})
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    assert dead_reasons(home) == ["failed: exit code 3\n"]
+    out = output_of(store, key)
+    assert "about to fail" in out and "exit code 3" in out
+
+
+def test_hostile_workspace_is_refused(store, home):
+    key = f"exp-{uuid.uuid4().hex[:8]}"
+    key, body = request(store, {"../../../evil.py": "print('x')"}, key=key)
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert "unsafe" in reason
+    assert not (home.work_dir.parent / "evil.py").exists()
+
+
+def test_out_of_memory_fails_the_job_not_the_runner(store, home):
+    # no slot cgroup here: the workload SIGKILLs itself the way the OOM killer would
+    key, body = request(store, {"train.py": """
+        import os, signal
+        print("allocating", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """})
+    submit(home, body)
+    key2, body2 = request(store, HELLO)
+    submit(home, body2)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert "out of memory" in reason
+    assert "out of memory" in output_of(store, key)
+    assert "hello from the workload" in output_of(store, key2)
+
+
+def test_pip_failure_fails_the_experiment_with_pips_error(store, home):
+    key, body = request(store, HELLO, pythonenv=["appliance-no-such-package-0xdead==1.0"])
+    submit(home, body)
+    runner, _ = make_runner(home, python="")
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("environment failed")
+    assert "appliance-no-such-package-0xdead" in output_of(store, key)
+
+
+def test_lifetime_is_enforced(store, home):
+    key, body = request(store, {"train.py": "import time; print('long', flush=True); time.sleep(600)"},
+                        max_duration="1s")
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("timed out")
+    assert "long" in output_of(store, key)
+
+
+def _plan(home, slots):
+    home.plan_file.parent.mkdir(parents=True, exist_ok=True)
+    home.plan_file.write_text(json.dumps({"slots": [
+        {"name": n, "kind": "cpu", "cpus": list(range(c)), "mems": [0], "memory_bytes": m,
+         "shm_bytes": m // 4, "gpus": [], "gpu_indexes": []} for n, c, m in slots]}))
+
+
+def test_a_request_no_slot_can_run_is_dead_lettered(store, home):
+    _plan(home, [("slot-0", 1, 1 << 30), ("slot-1", 1, 2 << 30)])
+    submit(home, request(store, HELLO, ram="64gb")[1])
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("no slot of this appliance can run it: needs 64 GiB ram")
+
+
+def test_a_request_for_a_bigger_slot_is_left_for_it(store, home):
+    _plan(home, [("slot-0", 1, 1 << 30), ("slot-big", 1, 8 << 30)])
+    msgid = submit(home, request(store, HELLO, ram="4gb")[1])
+    key, body = request(store, HELLO, ram="512mb")
+    submit(home, body)
+    runner, _ = make_runner(home)
+    assert runner.run_once()  # skips the big one, runs the small one
+    assert "hello from the workload" in output_of(store, key)
+    assert pending(home) == [msgid] and dead_reasons(home) == []
+    assert not runner.run_once()
+    assert pending(home) == [msgid]
+
+
+# ------------------------------------------------------------------ drain and crashes
+
+def start_runner(home, slot, extra_toml=""):
+    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n{extra_toml}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    log = open(home.logs_dir / f"{slot}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "appliance.runner", "--home",
+                             str(home.root), "--slot", slot], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(cond, what, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_drains_checkpoints_uploads_and_releases(store, home):
+    key, body = request(store, {"train.py": """
+        import os, signal, sys, time
+        def stop(*_):
+            open(os.path.join("..", "modeldir", "ckpt"), "w").write("step 7")
+            print("checkpointed", flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        print("working", flush=True)
+        time.sleep(600)
+        """})
+    msgid = submit(home, body)
+    runner = start_runner(home, "slot-d", 'drain_timeout = "1s"\n')
+    try:
+        wait_for(lambda: (read_status(home, "slot-d") or {}).get("workload"), "the workload")
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(60) == 0
+    finally:
+        runner.kill()
+        runner.wait()
+    assert pending(home) == [msgid] and claimed(home) == []  # runs again later
+    assert read_artifact(store, key, "modeldir") == {"ckpt": b"step 7"}
+    assert "checkpointed" in output_of(store, key)
+    st = read_status(home, "slot-d")
+    assert st["state"] == "stopped" and st["last_result"]["outcome"] == "interrupted"
+
+
+def test_idle_runner_stops_at_once_on_sigterm(home):
+    runner = start_runner(home, "slot-i")
+    try:
+        wait_for(lambda: (read_status(home, "slot-i") or {}).get("state") == "idle", "idle")
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(30) == 0
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_sigkill_of_the_runner_mid_job_runs_the_job_again(store, home):
+    marker = home.root / "first-attempt"
+    key, body = request(store, {"train.py": f"""
+        import os, time
+        if os.path.exists({str(marker)!r}):
+            print("second attempt completes", flush=True)
+        else:
+            open({str(marker)!r}, "w").close()
+            print("first attempt", flush=True)
+            time.sleep(600)
+        """}, save="1s")
+    submit(home, body)
+    first = start_runner(home, "slot-k")
+    try:
+        st = wait_for(lambda: (read_status(home, "slot-k") or {}).get("last_upload")
+                      and read_status(home, "slot-k"), "a periodic upload")
+        workload = st["workload"]["pid"]
+        first.kill()  # SIGKILL
+        first.wait()
+        wait_for(lambda: not Path(f"/proc/{workload}").exists(), "the orphaned workload to die")
+    finally:
+        first.kill()
+        first.wait()
+    second = start_runner(home, "slot-k")
+    try:
+        wait_for(lambda: (read_status(home, "slot-k") or {}).get("last_result"), "the rerun")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        second.kill()
+        second.wait()
+    assert read_status(home, "slot-k")["last_result"]["outcome"] == "success"
+    out = output_of(store, key)
+    assert "first attempt" in out and "running again" in out
+    assert out.rstrip().endswith("second attempt completes")
+    assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []

@@ -439,3 +439,73 @@ def test_sigkill_of_the_runner_mid_job_runs_the_job_again(store, home):
     assert "first attempt" in out and "running again" in out
     assert out.rstrip().endswith("second attempt completes")
     assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []
+
+
+# ------------------------------------------------------------------ appliance logs / results
+
+def configure_store(home, store, extra=""):
+    """Point `home` at the test store: its port, bucket and credentials."""
+    import shutil
+    from urllib.parse import urlsplit
+    port = urlsplit(store.endpoint_url).port
+    home.config_file.write_text(f'[object_store]\nport = {port}\nbucket = "{store.bucket}"\n'
+                                f'{extra}')
+    home.secrets_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(store.home.store_credentials, home.store_credentials)
+
+
+def cli(home, *argv) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run([sys.executable, "-m", "appliance", "--home", str(home.root), *argv],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_logs_and_results_of_a_finished_experiment(store, home, tmp_path):
+    configure_store(home, store)
+    key, body = request(store, HELLO)
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    p = cli(home, "logs", key)
+    assert p.returncode == 0, p.stderr
+    assert "hello from the workload" in p.stdout and "hello on stderr" in p.stdout
+    p = cli(home, "results", key, "--dest", str(tmp_path / "res"))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "res" / "modeldir" / "model.txt").read_text() == "trained"
+    assert "hello from the workload" in (tmp_path / "res" / "output" / "output").read_text()
+    assert not (tmp_path / "res" / "tb").exists()  # never written, never uploaded
+    p = cli(home, "logs", "no-such-experiment")
+    assert p.returncode == 1 and "no output" in p.stderr
+
+
+def test_logs_follow_a_running_experiment(store, home):
+    go = home.root / "go"
+    key, body = request(store, {"train.py": f"""
+        import os, time
+        print("first line", flush=True)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.05)
+        print("last line", flush=True)
+        """})
+    submit(home, body)
+    runner = start_runner(home, "slot-f")
+    configure_store(home, store, f'[runner]\npython = "{sys.executable}"\n')
+    try:
+        wait_for(lambda: (read_status(home, "slot-f") or {}).get("workload"), "the workload")
+        wait_for(lambda: "first line" in cli(home, "logs", key).stdout, "live output")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+        follower = subprocess.Popen([sys.executable, "-m", "appliance", "--home",
+                                     str(home.root), "logs", "-f", key], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        go.touch()
+        out, _ = follower.communicate(timeout=60)
+        assert follower.returncode == 0
+        assert out.index("first line") < out.index("last line")
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        try:
+            runner.wait(60)
+        finally:
+            runner.kill()
+            runner.wait()

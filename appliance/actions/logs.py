@@ -1,0 +1,103 @@
+"""appliance logs EXPERIMENT [-f]: print an experiment's output (stdout and stderr).
+
+While a slot runs the experiment, its output is read from that slot's local output file
+(what the workload printed a moment ago); `-f` follows it until the job ends. Otherwise the
+`output` artifact is read from the store (what the last upload holds).
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+
+def register(sub):
+    p = sub.add_parser("logs", help="print (or follow) an experiment's output",
+                       description="Print the output of EXPERIMENT: live from its slot while "
+                                   "it runs, else from the object store.")
+    p.add_argument("experiment", help="experiment key")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new output until the experiment stops running")
+    p.set_defaults(func=run)
+
+
+def output_from_tar(data: bytes) -> bytes:
+    """The `output` file in an output artifact (ours: `output`; a StudioML client's single-file
+    form: `./output`); else every file in it, concatenated."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        files = [m for m in tar.getmembers() if m.isfile()]
+        named = [m for m in files if m.name.rsplit("/", 1)[-1] == "output"]
+        return b"".join(tar.extractfile(m).read() for m in (named[:1] or files))
+
+
+def stored_output(home, key: str) -> bytes | None:
+    from appliance.actions.results import experiment_artifacts
+    from appliance.runner import artifacts as arts
+    from appliance.runner.artifacts import client_for
+
+    (art,) = experiment_artifacts(home, key, names=("output",))
+    c = client_for(art)
+    try:
+        obj = arts.with_retries(lambda: c.get_object(Bucket=art.bucket, Key=art.key), art,
+                                "reading", arts.RetryPolicy(attempts=3))
+    except arts.ArtifactMissing:
+        return None
+    return output_from_tar(obj["Body"].read())
+
+
+def _write(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
+    from appliance.runner.status import running_slot
+
+    pos = 0
+    while True:
+        running = running_slot(home, key)
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+        except FileNotFoundError:  # the job ended and its folder is gone: the rest is stored
+            data = b""
+            if running is None:
+                data = (stored_output(home, key) or b"")[pos:]
+        if data:
+            _write(data)
+            pos += len(data)
+        if running is None:
+            return
+        time.sleep(poll_s)
+
+
+def run(args) -> int:
+    from appliance.runner import artifacts as arts
+    from appliance.runner.status import running_slot
+
+    key = args.experiment
+    running = running_slot(args.home, key)
+    if running and running.get("output") and Path(running["output"]).exists():
+        path = Path(running["output"])
+        if args.follow:
+            follow(args.home, key, path)
+        else:
+            _write(path.read_bytes())
+        return 0
+    try:
+        data = stored_output(args.home, key)
+    except arts.ArtifactError as e:
+        print(f"appliance logs: {e}", file=sys.stderr)
+        return 1
+    if data is None:
+        where = f"slot {running['slot']} is preparing it" if running else \
+            "it has not started (or the key is wrong)"
+        print(f"appliance logs: no output for experiment {key!r} yet: {where}",
+              file=sys.stderr)
+        return 1
+    _write(data)
+    return 0

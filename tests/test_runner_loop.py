@@ -509,3 +509,15 @@ def test_logs_follow_a_running_experiment(store, home):
         finally:
             runner.kill()
             runner.wait()
+
+
+def test_the_hello_example_runs(store, home):
+    files = {"train.py": (REPO / "examples" / "hello" / "train.py").read_text()}
+    key, body = request(store, files, args=["--steps", "3", "--sleep", "0"])
+    submit(home, body)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
+    out = output_of(store, key)
+    assert f"hello from experiment {key}" in out and out.rstrip().endswith("done")
+    assert json.loads(read_artifact(store, key, "modeldir")["checkpoint.json"])["step"] == 3
+    assert "w" in json.loads(read_artifact(store, key, "retval")["retval.json"])

@@ -213,7 +213,11 @@ class Controller:
                  self.home.root, self.creds, self.config.gpus.poll_interval, self.config.controller.debounce)
         self.check_credentials("startup")
         while not self.stopping:
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug or a surprise must not become a crash loop
+                log.exception("controller step failed; carrying on")
+                time.sleep(1.0)
             time.sleep(TICK_S)
         self.watch.stop()
         log.info("controller stopped")
@@ -384,6 +388,9 @@ class Controller:
                 log.info("started %s", name)
             self.retiring = {n: s for n, s in self.retiring.items() if n in draining}
             self.pending = bool(draining or waiting)
+        except xmlrpc.client.Fault as e:  # e.g. `appliance up` applied the same change meanwhile
+            log.warning("supervisord refused a change (%s); trying again", e.faultString)
+            self.pending = True
         except RPC_ERRORS as e:
             if self.rpc_down_since is None:
                 self.rpc_down_since = time.monotonic()

@@ -317,3 +317,13 @@ def test_a_rabbitmq_credential_is_served_live_without_restarting_busy_slots(rabb
         assert slot_pids(appliance) == before
     finally:
         stop_home(appliance)
+
+
+def test_no_supervisord_is_logged_and_retried_not_a_crash(home, caplog):
+    c = Controller(home, scan=FakeScan(gpu(0)), apply=True)  # nothing listens on the socket
+    with caplog.at_level("WARNING"):
+        c.poll_gpus()
+        c.reconcile()
+        c.reconcile()
+    assert c.pending
+    assert sum("supervisord not answering" in r.message for r in caplog.records) == 1

@@ -110,7 +110,7 @@ def test_a_signal_is_named(tmp_path):
 def test_sigkill_without_cgroup_counts_as_out_of_memory(tmp_path):
     result, out = run(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     assert result.outcome == execute.OUT_OF_MEMORY
-    assert "out of memory" in result.reason and "out of memory" in out
+    assert "SIGKILL" in result.reason and "appliance: out of memory" in out
 
 
 def test_classify_uses_the_cgroup_oom_count():
@@ -247,7 +247,7 @@ def test_real_oom_in_the_slot_fails_the_job_not_the_runner(tmp_path, slot_cgroup
             blocks.append(bytearray(16 * 1024 * 1024))
         """, slot=slot_cgroup)
     assert result.outcome == execute.OUT_OF_MEMORY, (result, out)
-    assert "out of memory" in result.reason
+    assert "memory limit of slot slot-oom" in result.reason
     assert "allocating" in out
     # the runner (this process) is alive and can run the next job in the same slot
     result, out = run(tmp_path, "print('next')", slot=slot_cgroup)

@@ -22,6 +22,7 @@ from appliance.runner.artifacts import RetryPolicy
 from appliance.runner.loop import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port
+from tests.test_execute import slot_cgroup  # noqa: F401 (fixture: a real slot cgroup)
 
 REPO = Path(__file__).resolve().parent.parent
 Q = "local_test"
@@ -291,6 +292,29 @@ def test_out_of_memory_fails_the_job_not_the_runner(store, home):
     (reason,) = dead_reasons(home)
     assert "out of memory" in reason
     assert "out of memory" in output_of(store, key)
+    assert "hello from the workload" in output_of(store, key2)
+
+
+def test_real_oom_in_a_slot_cgroup_fails_only_that_job(store, home, slot_cgroup):
+    """The runner is in slot `slot_cgroup` (APPLIANCE_SLOT): workloads join its 64 MiB job
+    cgroup; one that eats memory is OOM-killed there, the runner goes on with the next."""
+    key, body = request(store, {"train.py": """
+        print("allocating", flush=True)
+        hog = []
+        while True:
+            hog.append(bytearray(16 << 20))
+        """})
+    submit(home, body)
+    key2, body2 = request(store, HELLO)
+    submit(home, body2)
+    src = LocalQueueSource(home.queue_root, runner_id="slot-oom")
+    runner = Runner(home, "slot-oom", [src], fast_settings(),
+                    environ={**os.environ, "APPLIANCE_SLOT": slot_cgroup})
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("out of memory: the workload exceeded the memory limit of slot "
+                             "slot-oom")
+    assert "allocating" in output_of(store, key)
     assert "hello from the workload" in output_of(store, key2)
 
 

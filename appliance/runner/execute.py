@@ -222,11 +222,11 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before
     if oomed:
         where = f" of slot {slot}" if slot else ""
-        return Result(OUT_OF_MEMORY, rc, f"out of memory: the workload exceeded the memory "
-                                         f"limit{where} and was killed")
+        return Result(OUT_OF_MEMORY, rc, f"the workload exceeded the memory limit{where} "
+                                         f"and was killed")
     if rc == -signal.SIGKILL and oom_after is None:
-        return Result(OUT_OF_MEMORY, rc, "out of memory (probably): the workload was killed "
-                                         "by SIGKILL")
+        return Result(OUT_OF_MEMORY, rc, "the workload was killed by SIGKILL, most likely by "
+                                         "the kernel's OOM killer")
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
         return Result(FAILED, rc, f"killed by signal {name}")

@@ -94,7 +94,7 @@ def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list
     from appliance.store.credentials import load_credentials
 
     creds = load_credentials(home)
-    expected = [s.name for s in plan.slots] + (["store"] if store_program(home, config) else [])
+    expected = [s.name for s in plan.slots] + ["controller"] + (["store"] if store_program(home, config) else [])
     deadline = time.monotonic() + timeout
     while True:
         problems = []

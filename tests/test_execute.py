@@ -252,3 +252,14 @@ def test_real_oom_in_the_slot_fails_the_job_not_the_runner(tmp_path, slot_cgroup
     # the runner (this process) is alive and can run the next job in the same slot
     result, out = run(tmp_path, "print('next')", slot=slot_cgroup)
     assert result.ok and out.endswith("next\n")
+
+
+def test_a_slot_without_a_job_cgroup_runs_without_one(tmp_path):
+    """The docker backend sets APPLIANCE_SLOT but the container is the slot: no cgroup moves,
+    and a SIGKILL still reads as out of memory."""
+    assert execute.job_cgroup("slot-not-here") is None
+    assert execute.job_cgroup(None) is None
+
+
+def test_job_cgroup_is_found_for_a_real_slot(slot_cgroup):
+    assert execute.job_cgroup(slot_cgroup) == slot_cgroup

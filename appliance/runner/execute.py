@@ -109,11 +109,26 @@ def _preexec(slot: Optional[str], parent: int) -> Callable[[], None]:
         if os.getppid() != parent:  # the runner died before prctl took effect
             os._exit(137)
         if join is not None:
-            r = join(slot)
-            if callable(r):  # join_job(slot) may return the function to call
-                r()
+            try:
+                join(slot)
+            except Exception as e:  # still inside the slot's limits, via the runner's cgroup
+                os.write(2, f"appliance: warning: cannot join the job cgroup of slot {slot}: "
+                            f"{e}\n".encode())
 
     return child
+
+
+def job_cgroup(slot: Optional[str]) -> Optional[str]:
+    """`slot` if its job cgroup exists on this host (process backend), else None: no slot
+    (dev, tests), or the docker backend, where the container itself is the slot."""
+    if not slot:
+        return None
+    try:
+        from appliance.slot import cgroup
+        cg = cgroup.SlotCgroup(slot)
+        return slot if os.path.isdir(cg.path(cg.hierarchy.memory, "job")) else None
+    except Exception:
+        return None
 
 
 def oom_kills(slot: Optional[str]) -> Optional[int]:
@@ -122,7 +137,7 @@ def oom_kills(slot: Optional[str]) -> Optional[int]:
         return None
     try:
         from appliance.slot import cgroup
-        return int(cgroup.oom_kills(slot))
+        return int(cgroup.SlotCgroup(slot).oom_kills())
     except Exception:
         return None
 
@@ -243,7 +258,7 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     with open(output, "ab") as out:
         try:
             proc = spawn(argv, cwd, env, out, slot)
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:
             msg = f"cannot start {argv[0]}: {e}"
             out.write(f"appliance: {msg}\n".encode())
             return Result(FAILED, None, msg)

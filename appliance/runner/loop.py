@@ -139,8 +139,9 @@ class Runner:
         self.sources = list(sources)
         self.settings = settings or RunnerSettings()
         self.environ = dict(os.environ if environ is None else environ)
-        # in a slot (the exec wrapper set APPLIANCE_SLOT), workloads join its job cgroup
-        self.cgroup_slot = self.environ.get("APPLIANCE_SLOT") or None
+        # in a slot (the exec wrapper set APPLIANCE_SLOT), workloads join its job cgroup;
+        # none with the docker backend (the container is the slot) or outside a slot
+        self.cgroup_slot = execute.job_cgroup(self.environ.get("APPLIANCE_SLOT"))
         self.status = StatusFile(home, slot)
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,

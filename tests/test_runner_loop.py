@@ -545,3 +545,42 @@ def test_the_hello_example_runs(store, home):
     assert f"hello from experiment {key}" in out and out.rstrip().endswith("done")
     assert json.loads(read_artifact(store, key, "modeldir")["checkpoint.json"])["step"] == 3
     assert "w" in json.loads(read_artifact(store, key, "retval")["retval.json"])
+
+
+def test_runner_under_the_slot_exec_wrapper_survives_an_oom_and_runs_on(store, home,
+                                                                        slot_cgroup):
+    """The real chain: exec wrapper (cgroup, affinity, /dev/shm) -> runner -> workloads in the
+    slot's job cgroup. The memory hog is OOM-killed inside the slot; the runner (same pid all
+    along) runs the next experiment."""
+    from appliance.slot import cgroup
+    key, body = request(store, {"train.py": """
+        hog = []
+        print("allocating", flush=True)
+        while True:
+            hog.append(bytearray(16 << 20))
+        """}, ram="128mb")
+    submit(home, body)
+    key2, body2 = request(store, HELLO, ram="128mb")
+    submit(home, body2)
+    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n')
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("APPLIANCE_") or k == cgroup.PARENT_ENV}
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    log = open(home.logs_dir / "slot-oom.log", "ab")
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "appliance.slot.exec", "--slot", slot_cgroup, "--cpus", str(cpu),
+         "--mems", "0", "--memory-bytes", str(400 << 20), "--shm-bytes", str(16 << 20), "--",
+         sys.executable, "-m", "appliance.runner", "--home", str(home.root), "--slot",
+         slot_cgroup, "--exit-when-idle"], cwd=REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+    try:
+        assert runner.wait(300) == 0, (home.logs_dir / "slot-oom.log").read_text()[-3000:]
+    finally:
+        runner.kill()
+        runner.wait()
+    (reason,) = dead_reasons(home)
+    assert reason.startswith(f"out of memory: the workload exceeded the memory limit of slot "
+                             f"{slot_cgroup}")
+    assert "allocating" in output_of(store, key)
+    assert "hello from the workload" in output_of(store, key2)
+    assert read_status(home, slot_cgroup)["last_result"]["outcome"] == "success"

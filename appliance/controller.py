@@ -40,7 +40,7 @@ from appliance.gpus import GpuScan, scan_gpus
 from appliance.inventory import take_inventory
 from appliance.lifecycle import previous_plan
 from appliance.paths import Home
-from appliance.plan import Plan, PlanError, diff_plans, make_plan
+from appliance.plan import PlanError, diff_plans, make_plan
 from appliance.queues import sources as qsources
 from appliance.render import write_supervisord
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.paths import Home
+from tests.cgroup_fixtures import remove_cgroup_parent
 from tests.realparts import need
 from tests.store_fixtures import free_store_port
 
@@ -61,20 +62,7 @@ def make_home(tmp_path: Path, extra_config: str = "") -> ApplianceHome:
 
 def stop_home(home: ApplianceHome) -> None:
     home.cli("down", "--timeout", "120", check=False)
-    parent = home.env["APPLIANCE_CGROUP_PARENT"]
-    for controller in ("cpuset", "memory"):
-        base = Path("/sys/fs/cgroup") / controller / parent
-        if base.is_dir():
-            for d in sorted(base.rglob("*"), key=lambda p: -len(p.parts)):
-                if d.is_dir():
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
-            try:
-                base.rmdir()
-            except OSError:
-                pass
+    remove_cgroup_parent(home.env["APPLIANCE_CGROUP_PARENT"])
 
 
 @pytest.fixture

@@ -8,12 +8,9 @@ real CLI, real supervisord and a real RabbitMQ, with NVML faked at the pynvml bo
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
 import sys
-import tarfile
 import time
 import uuid
 from pathlib import Path

@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from appliance.paths import Home
-from appliance.queues.local import LocalQueueSource, enqueue
+from appliance.queues.local import enqueue
 from appliance.queues.rabbitmq import RabbitSource, RabbitSpec, bound_queues, publish
 from appliance.queues.sources import SourceSet, check_entry, parse_rabbit, read_entries, serving_file
 

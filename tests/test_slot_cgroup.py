@@ -3,66 +3,18 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import uuid
 
 import pytest
 
 from appliance.slot import cgroup
 from appliance.slot.cgroup import CgroupError, Hierarchy, SlotCgroup
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
+from tests.cgroup_fixtures import wait_empty
 from tests.realparts import need
 
 MiB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def _real_hierarchy() -> Hierarchy | None:
-    try:
-        return Hierarchy.detect()
-    except (CgroupError, OSError):
-        return None
-
-
-@pytest.fixture
-def cgroup_parent(monkeypatch):
-    """A unique APPLIANCE_CGROUP_PARENT on the real cgroupfs; everything below it is removed after."""
-    hierarchy = _real_hierarchy()
-    need(os.geteuid() == 0, "root (to create cgroups)")
-    need(hierarchy is not None, "a cgroupfs with the cpuset and memory controllers")
-    parent = f"appliance-test-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv(cgroup.PARENT_ENV, parent)
-    yield parent
-    for root in hierarchy.roots():
-        base = os.path.join(root, parent)
-        if not os.path.isdir(base):
-            continue
-        for slot in os.listdir(base):
-            if not os.path.isdir(os.path.join(base, slot)):
-                continue
-            cg = SlotCgroup(slot, hierarchy, parent)
-            for pid in cg.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            _wait_empty(cg)
-            cg.remove()
-        os.rmdir(base)
-
-
-def _wait_empty(cg: SlotCgroup, tries: int = 200) -> None:
-    import time
-
-    for _ in range(tries):
-        if not cg.pids():
-            return
-        time.sleep(0.01)
 
 
 def _sleeper() -> subprocess.Popen:
@@ -290,7 +242,7 @@ def test_real_setup_join_and_remove(cgroup_parent):
     finally:
         child.kill()
         child.wait()
-    _wait_empty(cg)
+    wait_empty(cg)
     cgroup.remove_slot("s0")
     for root in h.roots():
         assert not os.path.exists(os.path.join(root, cgroup_parent, "s0"))

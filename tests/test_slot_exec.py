@@ -12,7 +12,7 @@ import pytest
 from appliance.slot import cgroup
 from appliance.slot.exec import Request, StepFailed, parse_args, slot_environment
 from tests.realparts import need
-from tests.test_slot_cgroup import REPO, cgroup_parent  # noqa: F401  (fixture)
+from tests.test_slot_cgroup import REPO
 
 MiB = 1024 * 1024
 SLOT = "s0"

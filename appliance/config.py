@@ -100,7 +100,8 @@ def opt(default: Any, parse: Callable[[Any], Any], help: str) -> Any:
 @dataclass(frozen=True)
 class HostConfig:
     reserved_cpus: Auto = opt("auto", _auto_or(_int_at_least(0)),
-                              'CPUs kept for the OS and the appliance; "auto" keeps 1 per 32 (at least 1 when there are 2 or more)')
+                              'CPUs kept for the OS and the appliance; "auto" keeps 1 per 32 '
+                              '(at least 1 when there are 2 or more)')
     reserved_memory: Auto = opt("auto", _auto_or(_size),
                                 'memory kept for the OS and the appliance; "auto" keeps 10% (at least 1GiB)')
 
@@ -118,7 +119,8 @@ class CpuSlotConfig:
 @dataclass(frozen=True)
 class GpuSlotConfig:
     cpus: Auto = opt("auto", _auto_or(_int_at_least(1)),
-                     'CPUs per GPU slot, picked close to the GPU; "auto" gives each up to 4, leaving half the CPUs to CPU slots')
+                     'CPUs per GPU slot, picked close to the GPU; "auto" gives each up to 4, '
+                     'leaving half the CPUs to CPU slots')
     memory: Auto = opt("auto", _auto_or(_size),
                        'memory limit per GPU slot; "auto" shares the memory left out by CPUs')
     shm: Auto = opt("auto", _auto_or(_size), '/dev/shm size per GPU slot; "auto" is a quarter of its memory')
@@ -212,7 +214,8 @@ def _build(cls, data: dict, where: str, source: str):
             try:
                 values[key] = f.metadata["parse"](_plain(value))
             except ValueError as e:
-                raise ConfigError(f"{source}: {dotted} = {_plain(value)!r}: {e}; expected {f.metadata['help']}") from None
+                raise ConfigError(f"{source}: {dotted} = {_plain(value)!r}: {e}; "
+                                  f"expected {f.metadata['help']}") from None
     return cls(**values)
 
 

@@ -168,10 +168,12 @@ def format_status(facts: dict) -> str:
              ]
     if facts["config_problem"]:
         lines.append(f"  config problem: {facts['config_problem']}")
-    header = f"  {'SLOT':<8} {'STATE':<9} {'PID':>7} {'CPUS':<8} {'MEMORY (used/limit)':<20} {'SHM':<8} {'GPU':<5} {'UPTIME':>7}  JOB"
+    header = (f"  {'SLOT':<8} {'STATE':<9} {'PID':>7} {'CPUS':<8} {'MEMORY (used/limit)':<20} {'SHM':<8} "
+              f"{'GPU':<5} {'UPTIME':>7}  JOB")
     lines += ["", header]
     for s in facts["slots"]:
-        memory = f"{format_size(s['memory_used_bytes']) if s['memory_used_bytes'] is not None else '-'}/{format_size(s['memory_bytes'])}"
+        used = s["memory_used_bytes"]
+        memory = f"{format_size(used) if used is not None else '-'}/{format_size(s['memory_bytes'])}"
         gpu = ",".join(map(str, s["gpu_indexes"])) or "-"
         job = s["experiment"] or (s["runner_state"] or "-")
         if s["experiment"]:

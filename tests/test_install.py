@@ -1,0 +1,90 @@
+"""README's install command on this machine: ./install.sh --home DIR, again, then --uninstall."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.cgroup_fixtures import remove_cgroup_parent
+from tests.realparts import need
+from tests.store_fixtures import free_store_port
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = Path("/usr/local/bin/appliance")
+
+pytestmark = pytest.mark.integration
+
+
+def run(argv, env, check=True, timeout=600):
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def install_env(tmp_path):
+    need(os.geteuid() == 0, "root (install.sh as root installs the launcher and starts slots)")
+    saved = LAUNCHER.read_bytes() if LAUNCHER.exists() else None
+    parent = f"appliance-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "APPLIANCE_CGROUP_PARENT": parent, "MC_CONFIG_DIR": str(tmp_path / "mc")}
+    env.pop("APPLIANCE_HOME", None)
+    home = tmp_path / "home"
+    yield home, env
+    if (home / "venv" / "bin" / "appliance").exists():
+        run([str(home / "venv" / "bin" / "appliance"), "--home", str(home), "down"], env, check=False)
+    remove_cgroup_parent(parent)
+    if saved is not None:
+        LAUNCHER.write_bytes(saved)
+        LAUNCHER.chmod(0o755)
+
+
+def test_install_runs_the_appliance_and_uninstall_keeps_the_data(install_env):
+    home, env = install_env
+    home.mkdir()
+    config = home / "appliance.toml"
+    config.write_text("# my own note, kept\n[host]\nreserved_cpus = 0\n"
+                      f"[object_store]\nport = {free_store_port()}\n[runner]\ndrain_timeout = \"10s\"\n")
+    before = config.read_text()
+
+    out = run([str(REPO / "install.sh"), "--home", str(home)], env)
+    assert "done" in out.stdout
+    assert config.read_text() == before  # the user's config is never overwritten
+    status = json.loads(run(["appliance", "status", "--json"], env).stdout)  # the launcher knows the home
+    assert status["home"] == str(home)
+    assert status["slots"] and all(s["state"] == "RUNNING" for s in status["slots"])
+    assert status["store"]["healthy"]
+    assert (home / "secrets" / "store.json").stat().st_mode & 0o777 == 0o600
+    pids = [s["pid"] for s in status["slots"]]
+
+    run([str(REPO / "install.sh"), "--home", str(home)], env)  # again: safe, nothing restarts
+    status = json.loads(run(["appliance", "status", "--json"], env).stdout)
+    assert [s["pid"] for s in status["slots"]] == pids
+
+    run([str(REPO / "install.sh"), "--uninstall", "--home", str(home)], env)
+    assert not (home / "venv").exists() and not LAUNCHER.exists()
+    assert config.read_text() == before and (home / "store").is_dir() and (home / "secrets" / "store.json").exists()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+    run([str(REPO / "install.sh"), "--uninstall", "--purge", "--home", str(home)], env)
+    assert not home.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unknown option '--bogus'"),
+    (["--purge"], "--purge goes with --uninstall"),
+    (["--home"], "--home needs a directory"),
+])
+def test_install_refuses_bad_options(args, message):
+    if not shutil.which("bash"):
+        pytest.skip("no bash")
+    result = run([str(REPO / "install.sh"), *args], dict(os.environ), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr

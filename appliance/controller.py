@@ -38,7 +38,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.files import write_atomic
 from appliance.gpus import GpuScan, scan_gpus
 from appliance.inventory import take_inventory
-from appliance.lifecycle import previous_plan
+from appliance.lifecycle import previous_plan, remove_slot_cgroup
 from appliance.paths import Home
 from appliance.plan import PlanError, diff_plans, make_plan
 from appliance.queues import sources as qsources
@@ -360,6 +360,9 @@ class Controller:
                     log.info("%s stopped%s", name, " (drained)" if name in self.retiring else "")
                     if name in removed:
                         self.retiring.pop(name, None)
+                        problem = remove_slot_cgroup(name)
+                        if problem:
+                            log.warning("%s: its cgroup stays: %s", name, problem)
                     continue
                 if info["statename"] != "STOPPING":
                     log.info("draining %s (pid %s): it finishes its job, then stops", name, info["pid"])

@@ -69,7 +69,7 @@ def prepare(home: Home, python: str = sys.executable) -> Prepared:
     return Prepared(config, inventory, plan)
 
 
-def preflight(home: Home, config: Config) -> list[str]:
+def preflight(home: Home, config: Config, plan: Plan | None = None) -> list[str]:
     """Problems that would make `up` fail, each with its fix. Empty when all is well."""
     problems = []
     if config.isolation.backend == "process" and os.geteuid() != 0:
@@ -78,7 +78,8 @@ def preflight(home: Home, config: Config) -> list[str]:
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import docker_problems
 
-        problems += docker_problems()
+        problems += docker_problems(gpus_needed=any(s.gpus for s in plan.slots) if plan else False,
+                                    image=config.isolation.docker_image)
     store = store_program(home, config)
     if store is not None and not supervisor.is_running(home):
         busy = ports_in_use(config.object_store.host, store.ports)
@@ -126,7 +127,7 @@ def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list
 def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> Prepared:
     prepared = prepare(home)
     config, plan = prepared.config, prepared.plan
-    problems = preflight(home, config)
+    problems = preflight(home, config, plan)
     if problems:
         raise StartError("cannot start the appliance:\n  - " + "\n  - ".join(problems))
     _prepare_slots_environment(home, config)
@@ -207,14 +208,23 @@ def down(home: Home, timeout: float | None = None) -> None:
         except Exception:  # noqa: BLE001 - docker gone: nothing of ours can be left in it
             pass
     plan = previous_plan(home)
-    if plan is not None and os.geteuid() == 0:
-        from appliance.slot.cgroup import remove_slot
+    for slot in plan.slots if plan else ():
+        remove_slot_cgroup(slot.name)
 
-        for slot in plan.slots:
-            try:
-                remove_slot(slot.name)
-            except Exception:  # noqa: BLE001 - best effort; `doctor` reports leftovers
-                pass
+
+def remove_slot_cgroup(name: str) -> str | None:
+    """Remove a stopped slot's empty cgroup (cgroups outlive their processes).
+
+    Returns what went wrong, if anything; a leftover cgroup is harmless and never fatal."""
+    if os.geteuid() != 0:
+        return None
+    from appliance.slot.cgroup import CgroupError, remove_slot
+
+    try:
+        remove_slot(name)
+    except (CgroupError, OSError) as e:
+        return str(e)
+    return None
 
 
 

@@ -213,6 +213,10 @@ def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tm
         assert slot_pids(appliance)[cpu_slot["name"]] == cpu_slot["pid"]  # untouched
         last = facts["last_rebalance"]
         assert "lost" in last["cause"] and last["removed"] == [gpu_slot["name"]]
+        parent = appliance.env["APPLIANCE_CGROUP_PARENT"]
+        wait_for("the drained slot's cgroup to go", lambda: not any(
+            (Path("/sys/fs/cgroup") / c / parent / gpu_slot["name"]).exists() for c in ("cpuset", "memory")))
+        assert (Path("/sys/fs/cgroup/memory") / parent / cpu_slot["name"]).is_dir()
 
         write_gpus(gpus_json, [fake_gpu(1)])  # and comes back
         wait_for("a GPU slot again", lambda: any(

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    args.home = Home.at(args.home)
     try:
+        args.home = Home.at(args.home)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
@@ -53,13 +53,14 @@ def _is_user_error(e: Exception) -> bool:
     """Errors whose message already says what is wrong and how to fix it."""
     from appliance.config import ConfigError
     from appliance.lifecycle import StartError
+    from appliance.paths import HomeError
     from appliance.plan import PlanError
     from appliance.store.credentials import CredentialsError
     from appliance.store.server import StoreError
     from appliance.supervisor import SupervisorError
 
     return isinstance(e, (UserError, ConfigError, PlanError, StartError, StoreError, CredentialsError,
-                          SupervisorError, PermissionError))
+                          SupervisorError, HomeError, PermissionError))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,21 @@ def default_home() -> Path:
     return Path(xdg) / "appliance"
 
 
+class HomeError(ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class Home:
     root: Path
 
     @classmethod
     def at(cls, path: str | os.PathLike | None = None) -> "Home":
-        return cls(Path(path).expanduser().resolve() if path else default_home().resolve())
+        root = Path(path).expanduser().resolve() if path else default_home().resolve()
+        if "%" in str(root):
+            # supervisord expands '%' in its log paths (twice), so such a home cannot work
+            raise HomeError(f"the appliance home {root} contains '%': choose a path without it (--home DIR)")
+        return cls(root)
 
     @property
     def config_file(self) -> Path:

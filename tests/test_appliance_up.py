@@ -126,3 +126,28 @@ def test_a_store_that_fails_to_start_is_reported_and_nothing_is_left(appliance_h
     facts = appliance_home.status()
     assert not facts["running"]
     assert not any(_alive(s["pid"]) for s in facts["slots"] if s["pid"])
+
+
+def test_an_external_store_runs_no_local_store(appliance_home, store):
+    appliance_home.cli("config", "set", "object_store.kind", "external")
+    appliance_home.cli("config", "set", "object_store.endpoint", store.endpoint_url)
+    secrets = appliance_home.home.store_credentials
+    secrets.parent.mkdir(parents=True, exist_ok=True)
+    secrets.write_text(json.dumps({"access_key": store.access_key, "secret_key": store.secret_key}))
+    appliance_home.cli("up", "--timeout", "60")
+    facts = appliance_home.status()
+    assert facts["store"]["healthy"] and facts["store"]["endpoint"] == store.endpoint_url
+    assert all(s["state"] == "RUNNING" for s in facts["slots"])
+    assert "[program:store]" not in appliance_home.home.supervisord_conf.read_text()
+
+
+def test_an_external_store_with_wrong_keys_is_refused_at_up(appliance_home, store):
+    appliance_home.cli("config", "set", "object_store.kind", "external")
+    appliance_home.cli("config", "set", "object_store.endpoint", store.endpoint_url)
+    secrets = appliance_home.home.store_credentials
+    secrets.parent.mkdir(parents=True, exist_ok=True)
+    secrets.write_text(json.dumps({"access_key": store.access_key, "secret_key": "wrong"}))
+    result = appliance_home.cli("up", "--timeout", "20", check=False)
+    assert result.returncode == 2
+    assert "refused the appliance's credentials" in result.stderr
+    assert not appliance_home.status()["running"]

@@ -44,7 +44,7 @@ def check(home: Home) -> list[Finding]:
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import docker_problems
 
-        problems = docker_problems(gpus_needed=bool(scan.gpus))
+        problems = docker_problems(gpus_needed=bool(scan.gpus), image=config.isolation.docker_image)
         out.append(Finding(not problems, "docker", "; ".join(problems) or "daemon reachable"))
     return out
 

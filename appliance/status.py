@@ -19,7 +19,12 @@ from appliance.store.server import StoreError, endpoint_url
 from appliance.units import format_size
 
 
-def _memory_used(slot: str) -> int | None:
+def _memory_used(slot: str, container_id: str | None = None) -> int | None:
+    """Bytes in use by the slot: its cgroup, or with the docker backend its container's."""
+    if container_id:
+        from appliance.slot.docker_slot import container_memory_usage
+
+        return container_memory_usage(container_id)
     try:
         from appliance.slot.cgroup import memory_usage
 
@@ -115,7 +120,8 @@ def gather(home: Home) -> dict:
             "cpu_list": format_cpu_list(slot.cpus),
             "mems": list(slot.mems),
             "memory_bytes": slot.memory_bytes,
-            "memory_used_bytes": _memory_used(slot.name) if state == "RUNNING" else None,
+            "memory_used_bytes": (_memory_used(slot.name, containers.get(slot.name))
+                                  if state == "RUNNING" else None),
             "shm_bytes": slot.shm_bytes,
             "gpus": list(slot.gpus),
             "gpu_indexes": list(slot.gpu_indexes),

@@ -263,3 +263,21 @@ def test_a_slot_without_a_job_cgroup_runs_without_one(tmp_path):
 
 def test_job_cgroup_is_found_for_a_real_slot(slot_cgroup):
     assert execute.job_cgroup(slot_cgroup) == slot_cgroup
+
+
+def test_the_workload_is_the_first_choice_of_the_oom_killer(tmp_path):
+    result, output = run(tmp_path, """
+        print("adj", open("/proc/self/oom_score_adj").read().strip())
+    """)
+    assert result.ok, output
+    assert "adj 1000" in output
+
+
+def test_in_a_container_its_own_cgroup_counts_the_oom_kills(tmp_path, monkeypatch):
+    kills = iter([3, 4])
+    monkeypatch.setattr(execute, "container_oom_kills", lambda: next(kills))
+    argv = script(tmp_path, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = run_workload(argv, tmp_path / "ws", execute.workload_env(os.environ, {}),
+                          tmp_path / "out", Supervision(tick_s=0.05), container_slot="slot-3")
+    assert result.outcome == execute.OUT_OF_MEMORY
+    assert "memory limit of slot slot-3" in result.reason

@@ -108,6 +108,11 @@ def _preexec(slot: Optional[str], parent: int) -> Callable[[], None]:
             pass
         if os.getppid() != parent:  # the runner died before prctl took effect
             os._exit(137)
+        try:  # when the slot runs out of memory the kernel takes the workload, not the runner
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError:
+            pass
         if join is not None:
             try:
                 join(slot)
@@ -140,6 +145,26 @@ def oom_kills(slot: Optional[str]) -> Optional[int]:
         return int(cgroup.SlotCgroup(slot).oom_kills())
     except Exception:
         return None
+
+
+def container_oom_kills() -> Optional[int]:
+    """OOM kills in the memory cgroup of the container we run in (docker backend: the
+    container is the slot, and its own cgroup is what /sys/fs/cgroup shows); None if unknown."""
+    for path in ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def in_container() -> bool:
+    """Whether we run inside a docker (or podman) container."""
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -250,11 +275,18 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
 
 def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Path,
                  sv: Supervision, slot: Optional[str] = None,
-                 on_start: Callable[[subprocess.Popen], None] = lambda p: None) -> Result:
+                 on_start: Callable[[subprocess.Popen], None] = lambda p: None,
+                 container_slot: Optional[str] = None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
-    own failures (a missing interpreter is a FAILED result too)."""
+    own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
+    job cgroup the workload joins; `container_slot` the slot whose container we run in
+    (docker backend), whose own cgroup then counts the OOM kills."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    before = oom_kills(slot)
+    if container_slot and not slot:
+        count_ooms, slot_name = container_oom_kills, container_slot
+    else:
+        count_ooms, slot_name = (lambda: oom_kills(slot)), slot
+    before = count_ooms()
     with open(output, "ab") as out:
         try:
             proc = spawn(argv, cwd, env, out, slot)
@@ -264,7 +296,7 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
             return Result(FAILED, None, msg)
         on_start(proc)
         rc, stopped_for = supervise(proc, sv)
-        result = classify(rc, stopped_for, before, oom_kills(slot), slot)
+        result = classify(rc, stopped_for, before, count_ooms(), slot_name)
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
     return result

@@ -142,6 +142,9 @@ class Runner:
         # in a slot (the exec wrapper set APPLIANCE_SLOT), workloads join its job cgroup;
         # none with the docker backend (the container is the slot) or outside a slot
         self.cgroup_slot = execute.job_cgroup(self.environ.get("APPLIANCE_SLOT"))
+        # in a slot's container, that container's own cgroup counts the OOM kills
+        self.container_slot = (self.environ.get("APPLIANCE_SLOT") if not self.cgroup_slot
+                               and execute.in_container() else None)
         self.status = StatusFile(home, slot)
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
@@ -498,7 +501,8 @@ class Job:
 
         return execute.run_workload(
             self.argv(), self.dir / "workspace", self.workload_env(), self.output,
-            self.supervision(True), slot=self.r.cgroup_slot, on_start=started)
+            self.supervision(True), slot=self.r.cgroup_slot, on_start=started,
+            container_slot=self.r.container_slot)
 
     def upload_quietly(self) -> None:
         try:

@@ -33,7 +33,8 @@ DOCKER_FIX = ("install docker (apt-get install docker.io) and start dockerd "
               "(systemctl start docker, or: dockerd &)")
 NVIDIA_FIX = ("install the NVIDIA Container Toolkit (nvidia-container-toolkit), run "
               "`nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
-IMAGE_FIX = "build it with: python -m appliance.image --tag {image}"
+IMAGE_FIX = ("build it with: appliance image build --tag {image} "
+             "(or python -m appliance.image --tag {image})")
 
 
 class SlotError(Exception):
@@ -103,6 +104,33 @@ def list_slot_containers(home: str | os.PathLike, client=None) -> list[dict]:
     found = client.containers.list(all=True, filters={"label": f"{HOME_LABEL}={_home_label(home)}"})
     return sorted(({"name": c.name, "id": c.id, "slot": c.labels.get(SLOT_LABEL, ""),
                     "status": c.status} for c in found), key=lambda c: c["name"])
+
+
+# Where a container's memory cgroup is on the host: v1 and v2, cgroupfs and systemd drivers.
+_MEMORY_USAGE_FILES = (
+    "/sys/fs/cgroup/memory/docker/{id}/memory.usage_in_bytes",
+    "/sys/fs/cgroup/memory/system.slice/docker-{id}.scope/memory.usage_in_bytes",
+    "/sys/fs/cgroup/docker/{id}/memory.current",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.current",
+)
+
+
+def container_memory_usage(container_id: str, client=None) -> int | None:
+    """Bytes charged to the container's memory cgroup (its runner, workload and /dev/shm
+    pages): read from the host's cgroup files, else one `docker stats` sample; None if unknown."""
+    for pattern in _MEMORY_USAGE_FILES:
+        try:
+            with open(pattern.format(id=container_id)) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    try:
+        client = client or _client()
+        stats = client.api.stats(container_id, stream=False, one_shot=True)
+        usage = (stats.get("memory_stats") or {}).get("usage")
+        return int(usage) if usage is not None else None
+    except Exception:  # noqa: BLE001  (daemon gone, container gone: unknown)
+        return None
 
 
 def remove_stale(home: str | os.PathLike, client=None) -> list[str]:
@@ -253,7 +281,7 @@ def run_slot(args) -> int:
     try:
         code = foreground.run(container, lambda e: _start_failure(e, args))
         container.reload()
-        if container.attrs["State"].get("OOMKilled"):
+        if code == 137 and container.attrs["State"].get("OOMKilled"):  # not just a workload
             print(f"{container.name}: the container was OOM-killed (memory limit "
                   f"{args.memory_bytes} bytes)", file=sys.stderr, flush=True)
         return code

@@ -251,3 +251,46 @@ def test_uploader_reports_a_store_that_is_down(tmp_path):
     with pytest.raises(arts.StoreUnavailable):
         up.upload_changed()
     assert up.last_upload is None
+
+
+# ------------------------------------------------------------------ which mutable artifacts exist
+
+def test_one_listing_tells_which_mutable_artifacts_exist(store, tmp_path, monkeypatch):
+    exp = uuid.uuid4().hex
+    names = ["output", "modeldir", "retval"]
+    art_map = {n: artifact(store, n, f"experiments/{exp}/{n}.tar", mutable=True) for n in names}
+    put(store, f"experiments/{exp}/modeldir.tar", make_tar({"ckpt": b"step 7"}))
+    put(store, f"experiments/{exp}x/output.tar", make_tar({"other": b"x"}))  # same prefix, not ours
+    retry, sleeps = policy()
+    calls = []
+    real_download = arts.download
+    monkeypatch.setattr(arts, "download", lambda a, d, r: (calls.append(a.name),
+                                                           real_download(a, d, r)))
+    known = arts.listed(list(art_map.values()), retry)
+    assert known == {"output": False, "modeldir": True, "retval": False}
+    for n in names:
+        arts.fetch(art_map[n], tmp_path / n, None, retry, 1 << 20, exists=known[n])
+    assert calls == ["modeldir"]  # nothing asked for what the listing did not show
+    assert (tmp_path / "modeldir" / "ckpt").read_bytes() == b"step 7"
+    assert not list((tmp_path / "output").iterdir()) and not list((tmp_path / "retval").iterdir())
+    assert sleeps == []
+
+
+def test_what_cannot_be_listed_is_left_to_a_fetch_of_its_own(store, tmp_path):
+    retry, _ = policy()
+    lone = artifact(store, "data", "data.tar", mutable=True)  # no folder to list
+    wrong = artifact(store, "tb", f"experiments/{uuid.uuid4().hex}/tb.tar", mutable=True,
+                     secret="wrong-secret")  # refused: fetching it says so, as before
+    assert arts.listed([lone, wrong], retry) == {}
+    with pytest.raises(arts.AccessDenied):
+        arts.fetch(wrong, tmp_path / "tb", None, retry, 1 << 20)
+
+
+def test_listing_a_store_that_is_down_says_so(tmp_path):
+    art = Artifact(name="output", key="experiments/e/output.tar", bucket="b",
+                   endpoint_url=f"http://127.0.0.1:{free_port()}", mutable=True, unpack=True,
+                   access_key="a", secret_key="s", region="us-east-1", session_token=None)
+    retry, sleeps = policy(attempts=2)
+    with pytest.raises(arts.StoreUnavailable, match="listing artifact 'output'"):
+        arts.listed([art], retry)
+    assert sleeps == [0.5]

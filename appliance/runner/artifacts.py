@@ -25,6 +25,7 @@ bucket and key.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tarfile
@@ -171,6 +172,49 @@ def exists(art, retry: RetryPolicy) -> bool:
         return False
 
 
+class _TooMany(Exception):
+    pass
+
+
+def _list_keys(art, prefix: str, max_pages: int = 5) -> set:
+    found = set()
+    pages = client_for(art).get_paginator("list_objects_v2").paginate(
+        Bucket=art.bucket, Prefix=prefix)
+    for n, page in enumerate(pages):
+        if n == max_pages:
+            raise _TooMany(prefix)  # a big shared folder: cheaper to ask for each
+        found.update(o["Key"] for o in page.get("Contents", ()))
+    return found
+
+
+def listed(arts: list, retry: RetryPolicy) -> dict[str, bool]:
+    """Whether each of `arts` exists, by name, from one listing per endpoint, credentials,
+    bucket and key folder (a job's mutable artifacts share `experiments/<key>/`): one request
+    instead of one per artifact. An artifact left out of the answer could not be listed (no
+    common folder, or the credentials may read but not list): ask the store for it alone.
+    A store that does not answer raises StoreUnavailable, as a download would."""
+    groups: dict = {}
+    for art in arts:
+        ident = (art.endpoint_url, art.access_key, art.secret_key, art.region,
+                 art.session_token, art.bucket)
+        groups.setdefault(ident, []).append(art)
+    out: dict[str, bool] = {}
+    for group in groups.values():
+        prefix = os.path.commonprefix([a.key for a in group])
+        prefix = prefix[:prefix.rfind("/") + 1]
+        if not prefix:
+            continue
+        try:
+            found = with_retries(functools.partial(_list_keys, group[0], prefix), group[0],
+                                 "listing", retry)
+        except StoreUnavailable:
+            raise
+        except Exception:  # e.g. no permission to list: each is fetched on its own
+            continue
+        out.update((a.name, a.key in found) for a in group)
+    return out
+
+
 def unpack(tar_file, dest: Path, max_bytes: int) -> None:
     """Extract a tar (a path or an open file; any compression) into `dest` through the safe
     extractor; a hostile or broken archive raises UnsafeArchive."""
@@ -196,10 +240,14 @@ def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
             shutil.copyfile(obj, target)
 
 
-def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int) -> bool:
+def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
+          exists: Optional[bool] = None) -> bool:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
-    it. Mutable: downloaded if it exists, else `dest` stays empty (False)."""
+    it. Mutable: downloaded if it exists, else `dest` stays empty (False); `exists=False`
+    (a listing did not show it, see `listed`) skips asking the store again."""
     dest.mkdir(parents=True, exist_ok=True)
+    if art.mutable and exists is False:
+        return False
     if not art.mutable and cache is not None:
         f = cache.fill(art.key, lambda tmp: download(art, tmp, retry))
         with f:

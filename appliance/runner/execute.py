@@ -243,12 +243,154 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     return rc, stopped_for
 
 
-def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optional[str]
-          ) -> subprocess.Popen:
+def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optional[str],
+          launcher: Optional["Launcher"] = None) -> subprocess.Popen:
+    """The workload process: through `launcher`'s process started ahead of time if it has
+    one, else forked now (the same setup either way: `_preexec`)."""
+    if launcher is not None:
+        proc = launcher.launch(argv, cwd, env, out)
+        if proc is not None:
+            return proc
     return subprocess.Popen(
         argv, cwd=str(cwd), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
         stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_preexec(slot, os.getpid()), close_fds=True)
+
+
+# The launcher process: waits for one JSON line on stdin ({argv, cwd, env, output}), then
+# becomes the workload the way subprocess.Popen would have started it: stdin /dev/null,
+# stdout and stderr appended to the output file, cwd, signals Python ignores back to their
+# defaults, argv[0] looked up on the env's PATH. On stdout it answers "." right before the
+# exec, and [errno, strerror, filename] if that failed; the exec closes it (close-on-exec).
+_LAUNCHER = """\
+import json, os, signal, sys
+spec = sys.stdin.buffer.readline()
+if not spec:
+    os._exit(0)
+status = os.dup(1)
+name = None
+try:
+    s = json.loads(spec)
+    fd = os.open(s["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    name = s["cwd"]
+    os.chdir(name)
+    for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    name = s["argv"][0]
+    os.write(status, b".")
+    os.execvpe(name, s["argv"], s["env"])
+except OSError as e:
+    os.write(status, json.dumps([e.errno, e.strerror, name]).encode())
+os._exit(127)
+"""
+
+
+class Launcher:
+    """Starts the next workload process ahead of time, while the runner is idle.
+
+    Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms, and the
+    cgroup join, PDEATHSIG and new session have to happen in the child before it runs the
+    workload. `warm()` does all that for a small waiting process (`_LAUNCHER`) before there
+    is a job; `launch()` then hands it the workload, which it execs at once. The workload
+    ends up exactly as `spawn` would start it: a child of the runner, leader of its own
+    session, in the job cgroup, PDEATHSIG=SIGKILL, oom_score_adj 1000.
+
+    Anything wrong with the waiting process (it died, it was never started) makes
+    `launch()` return None and the caller forks as before: nothing depends on it.
+    """
+
+    def __init__(self, slot: Optional[str], python: Optional[str] = None):
+        import sys
+        self.slot = slot
+        self.python = python or sys.executable
+        self.proc: Optional[subprocess.Popen] = None
+
+    def warm(self) -> None:
+        """Have a launcher process waiting (call when idle)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._discard()
+        try:
+            self.proc = subprocess.Popen(
+                [self.python, "-I", "-S", "-c", _LAUNCHER], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env={},
+                start_new_session=True, preexec_fn=_preexec(self.slot, os.getpid()),
+                close_fds=True)
+        except (OSError, subprocess.SubprocessError):
+            self.proc = None
+
+    def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out
+               ) -> Optional[subprocess.Popen]:
+        """The waiting process turned into the workload; None if there was none (fork then).
+        Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
+        import json
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            self._discard(proc)
+            return None
+        try:
+            os.set_blocking(proc.stderr.fileno(), False)
+            try:  # what _preexec said in the launcher (a failed cgroup join) goes to the output
+                said = proc.stderr.read()
+            except BlockingIOError:
+                said = None
+            if said:
+                out.write(said)
+            out.flush()
+            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "output": os.path.abspath(out.name)}
+            proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            proc.stdin.close()
+            answer = proc.stdout.read()
+        except (OSError, ValueError):
+            self._discard(proc)
+            return None
+        if not answer.startswith(b"."):  # it died before it could start the workload
+            self._discard(proc)
+            return None
+        for f in (proc.stdout, proc.stderr):
+            f.close()
+        proc.stdin = proc.stdout = proc.stderr = None
+        proc.args = list(argv)
+        if answer != b".":
+            proc.wait()
+            errno_, strerror, name = json.loads(answer[1:])
+            raise OSError(errno_, strerror, name)
+        return proc
+
+    def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
+        proc = proc or self.proc
+        if proc is self.proc:
+            self.proc = None
+        if proc is None:
+            return
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        if proc.poll() is None:
+            signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def close(self) -> None:
+        """No more jobs: the waiting process exits (EOF on its stdin)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self._discard(proc)
 
 
 def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
@@ -276,11 +418,13 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
 def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Path,
                  sv: Supervision, slot: Optional[str] = None,
                  on_start: Callable[[subprocess.Popen], None] = lambda p: None,
-                 container_slot: Optional[str] = None) -> Result:
+                 container_slot: Optional[str] = None,
+                 launcher: Optional[Launcher] = None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
     own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
     job cgroup the workload joins; `container_slot` the slot whose container we run in
-    (docker backend), whose own cgroup then counts the OOM kills."""
+    (docker backend), whose own cgroup then counts the OOM kills. `launcher`: start it
+    through that Launcher's waiting process when it has one (see Launcher)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     if container_slot and not slot:
         count_ooms, slot_name = container_oom_kills, container_slot
@@ -289,7 +433,7 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     before = count_ooms()
     with open(output, "ab") as out:
         try:
-            proc = spawn(argv, cwd, env, out, slot)
+            proc = spawn(argv, cwd, env, out, slot, launcher)
         except (OSError, subprocess.SubprocessError) as e:
             msg = f"cannot start {argv[0]}: {e}"
             out.write(f"appliance: {msg}\n".encode())

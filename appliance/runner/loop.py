@@ -145,6 +145,8 @@ class Runner:
         # in a slot's container, that container's own cgroup counts the OOM kills
         self.container_slot = (self.environ.get("APPLIANCE_SLOT") if not self.cgroup_slot
                                and execute.in_container() else None)
+        # the next workload's process, started while idle (saves a fork when a job comes)
+        self.launcher = execute.Launcher(self.cgroup_slot)
         self.status = StatusFile(home, slot)
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
@@ -196,6 +198,7 @@ class Runner:
                 self._idle(self.settings.idle_wait_s if not self.held_back
                            else min(2.0, self.settings.idle_wait_s))
         finally:
+            self.launcher.close()
             for src in self.sources:
                 try:
                     src.close()
@@ -206,6 +209,7 @@ class Runner:
 
     def _idle(self, seconds: float) -> None:
         """Wait for work, in short steps so a SIGTERM is seen at once."""
+        self.launcher.warm()
         end = time.monotonic() + max(0.0, seconds)
         waiter = next((s for s in self.sources if hasattr(s, "wait")), None)
         while not self.stopping:
@@ -406,13 +410,18 @@ class Job:
     def fetch(self) -> bool:
         self.uploader.mark_current()  # nothing yet: a failure uploads only the output
         order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
+        mutable = [a for a in order if a.mutable]
+        known = None  # which mutable artifacts exist: one listing, not one request each
         for art in order:
             self.tick()
             if self.r.stopping:
                 return self.give_back("runner stopping before the job started")
             try:
+                if art.mutable and known is None:
+                    known = arts.listed(mutable, self.s.retry)
                 arts.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                           self.s.retry, self.s.max_unpack_bytes)
+                           self.s.retry, self.s.max_unpack_bytes,
+                           exists=known.get(art.name) if art.mutable else None)
             except StoreUnavailable as e:
                 self.r.pause_until = time.time() + self.r.store_backoff
                 self.r.store_backoff = min(self.r.store_backoff * 2, self.s.store_backoff_max_s)
@@ -502,7 +511,7 @@ class Job:
         return execute.run_workload(
             self.argv(), self.dir / "workspace", self.workload_env(), self.output,
             self.supervision(True), slot=self.r.cgroup_slot, on_start=started,
-            container_slot=self.r.container_slot)
+            container_slot=self.r.container_slot, launcher=self.r.launcher)
 
     def upload_quietly(self) -> None:
         try:

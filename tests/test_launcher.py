@@ -156,10 +156,11 @@ def test_out_of_memory_through_the_launcher(tmp_path, slot_cgroup):
 def test_a_failed_cgroup_join_is_reported_in_the_output_alike(tmp_path, monkeypatch):
     from appliance.slot import cgroup
 
-    def refuse(slot, hierarchy=None):
-        raise PermissionError(f"no access to the job cgroup of {slot}")
+    def refuse(self, leaf, pid=None):
+        raise PermissionError(f"no access to the {leaf} cgroup of {self.slot}")
 
-    monkeypatch.setattr(cgroup, "join_job", refuse)  # the forked children inherit this
+    # the runner joins a launcher from outside, a forked child joins itself: both refused
+    monkeypatch.setattr(cgroup.SlotCgroup, "join", refuse)
     texts = []
     for launcher in (Launcher("slot-x"), None):
         if launcher:

@@ -257,13 +257,29 @@ def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optiona
         preexec_fn=_preexec(slot, os.getpid()), close_fds=True)
 
 
-# The launcher process: waits for one JSON line on stdin ({argv, cwd, env, output}), then
-# becomes the workload the way subprocess.Popen would have started it: stdin /dev/null,
-# stdout and stderr appended to the output file, cwd, signals Python ignores back to their
-# defaults, argv[0] looked up on the env's PATH. On stdout it answers "." right before the
-# exec, and [errno, strerror, filename] if that failed; the exec closes it (close-on-exec).
+# The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
+# preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
+# the runner is already gone, oom_score_adj 1000 (the runner joins it to the job cgroup from
+# outside, see Launcher.warm), then answers "R" on stdout. Then it waits for one JSON line on
+# stdin ({argv, cwd, env, output}) and becomes the workload the way subprocess.Popen would
+# have started it: stdin /dev/null, stdout and stderr appended to the output file, cwd,
+# signals Python ignores back to their defaults, argv[0] looked up on the env's PATH. On
+# stdout it answers "." right before the exec, and [errno, strerror, filename] if that
+# failed; the exec closes that descriptor (close-on-exec).
 _LAUNCHER = """\
-import json, os, signal, sys
+import ctypes, json, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    os._exit(137)
+try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+except OSError:
+    pass
+os.write(1, b"R")
 spec = sys.stdin.buffer.readline()
 if not spec:
     os._exit(0)
@@ -295,12 +311,14 @@ os._exit(127)
 class Launcher:
     """Starts the next workload process ahead of time, while the runner is idle.
 
-    Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms, and the
-    cgroup join, PDEATHSIG and new session have to happen in the child before it runs the
-    workload. `warm()` does all that for a small waiting process (`_LAUNCHER`) before there
-    is a job; `launch()` then hands it the workload, which it execs at once. The workload
-    ends up exactly as `spawn` would start it: a child of the runner, leader of its own
-    session, in the job cgroup, PDEATHSIG=SIGKILL, oom_score_adj 1000.
+    Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms before the
+    workload even starts its interpreter. `warm()` instead starts a small waiting process
+    (`_LAUNCHER`, through vfork: cheap for the runner) that sets itself up as `_preexec`
+    would, and joins it to the slot's job cgroup; `launch()` then hands it the workload,
+    which it execs at once. The workload ends up exactly as `spawn` would start it: a child
+    of the runner, leader of its own session, in the job cgroup (joined before the workload
+    existed), PDEATHSIG=SIGKILL, oom_score_adj 1000, a failed cgroup join reported in its
+    output.
 
     Anything wrong with the waiting process (it died, it was never started) makes
     `launch()` return None and the caller forks as before: nothing depends on it.
@@ -311,6 +329,7 @@ class Launcher:
         self.slot = slot
         self.python = python or sys.executable
         self.proc: Optional[subprocess.Popen] = None
+        self.warning = b""  # _preexec's words on a failed cgroup join, for the output
 
     def warm(self) -> None:
         """Have a launcher process waiting (call when idle)."""
@@ -319,12 +338,20 @@ class Launcher:
         self._discard()
         try:
             self.proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _LAUNCHER], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env={},
-                start_new_session=True, preexec_fn=_preexec(self.slot, os.getpid()),
-                close_fds=True)
+                [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                cwd="/", env={}, start_new_session=True, close_fds=True)
         except (OSError, subprocess.SubprocessError):
             self.proc = None
+            return
+        self.warning = b""
+        if self.slot:
+            try:
+                from appliance.slot import cgroup
+                cgroup.SlotCgroup(self.slot).join("job", pid=self.proc.pid)
+            except Exception as e:  # still inside the slot's limits, via the runner's cgroup
+                self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
+                                f"{self.slot}: {e}\n").encode()
 
     def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out
                ) -> Optional[subprocess.Popen]:
@@ -336,15 +363,14 @@ class Launcher:
             self._discard(proc)
             return None
         try:
-            os.set_blocking(proc.stderr.fileno(), False)
-            try:  # what _preexec said in the launcher (a failed cgroup join) goes to the output
-                said = proc.stderr.read()
-            except BlockingIOError:
-                said = None
-            if said:
-                out.write(said)
+            if proc.stdout.read(1) != b"R":  # not ready: it died (or the runner's pid changed)
+                self._discard(proc)
+                return None
+            if self.warning:
+                out.write(self.warning)
             out.flush()
-            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "output": os.path.abspath(out.name)}
+            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env),
+                    "output": os.path.abspath(out.name)}
             proc.stdin.write(json.dumps(spec).encode() + b"\n")
             proc.stdin.close()
             answer = proc.stdout.read()
@@ -354,9 +380,8 @@ class Launcher:
         if not answer.startswith(b"."):  # it died before it could start the workload
             self._discard(proc)
             return None
-        for f in (proc.stdout, proc.stderr):
-            f.close()
-        proc.stdin = proc.stdout = proc.stderr = None
+        proc.stdout.close()
+        proc.stdin = proc.stdout = None
         proc.args = list(argv)
         if answer != b".":
             proc.wait()

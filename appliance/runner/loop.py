@@ -237,6 +237,7 @@ class Runner:
 
     def run_once(self) -> bool:
         """Claim and run at most one message; False if there was nothing to run."""
+        self.launcher.warm()  # gets ready while we claim and fetch (no-op if it is waiting)
         found = self.next_message()
         if found is None:
             return False

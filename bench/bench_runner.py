@@ -35,6 +35,7 @@ from appliance.queues.local import enqueue  # noqa: E402
 from appliance.store.client import s3_client  # noqa: E402
 from appliance.store.credentials import load_credentials  # noqa: E402
 from appliance.workspace import pack_directory, workspace_key  # noqa: E402
+from tests.cgroup_fixtures import remove_cgroup_parent  # noqa: E402
 from tests.store_fixtures import free_store_port  # noqa: E402
 
 QUEUE = "local_bench"
@@ -81,6 +82,7 @@ class Bench:
 
     def down(self):
         cli(self.home_dir, "down", env=self.env)
+        remove_cgroup_parent(self.env["APPLIANCE_CGROUP_PARENT"])
 
     def request(self, key: str, pythonenv=()) -> bytes:
         body = build_request(

@@ -165,6 +165,8 @@ def _python_parts() -> dict:
         "stdlib": sysconfig.get_path("stdlib"),  # the base prefix's, also from inside a venv
         "site_packages": sysconfig.get_path("purelib"),
         "appliance": os.path.dirname(os.path.realpath(appliance.__file__)),
+        # where ensurepip (and so `python -m venv`) finds pip, when not bundled in the stdlib
+        "wheels": sysconfig.get_config_var("WHEEL_PKG_DIR"),
     }
 
 
@@ -184,6 +186,8 @@ def write_rootfs(tar_path: str, progress: Callable[[str], None] = print) -> int:
         fs.add(py["executable"])
         fs.add_tree(py["stdlib"], skip=STDLIB_SKIP)
         fs.mkdirs(os.path.join(py["stdlib"], "site-packages"))
+        if py["wheels"] and os.path.isdir(py["wheels"]):  # Debian keeps ensurepip's wheels here
+            fs.add_tree(py["wheels"])
         progress(f"image: {fs.bytes / 1e6:.0f} MB so far")
 
         progress(f"image: venv {VENV} with the packages of {site}"

@@ -252,3 +252,10 @@ def test_the_image_can_be_rebuilt_under_the_same_tag(docker_client):
         assert any("MB" in line for line in lines)
     finally:
         docker_client.images.remove(tag, force=True)
+
+
+def test_experiment_virtualenvs_can_be_built_inside_the_image(docker_client, runner_image):
+    # the runner builds each experiment's environment with `python -m venv` (pip via ensurepip)
+    script = "python -m venv /tmp/v && /tmp/v/bin/python -m pip --version"
+    out = docker_client.containers.run(runner_image, ["sh", "-c", script], remove=True, network_mode="none")
+    assert out.decode().startswith("pip ")

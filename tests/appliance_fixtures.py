@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import subprocess
 import sys
 import uuid
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from appliance.paths import Home
+from appliance.store.client import s3_client
+from appliance.store.credentials import load_credentials
 from tests.cgroup_fixtures import remove_cgroup_parent
 from tests.realparts import need
 from tests.store_fixtures import free_store_port
@@ -63,6 +67,46 @@ def make_home(tmp_path: Path, extra_config: str = "") -> ApplianceHome:
 def stop_home(home: ApplianceHome) -> None:
     home.cli("down", "--timeout", "120", check=False)
     remove_cgroup_parent(home.env["APPLIANCE_CGROUP_PARENT"])
+
+
+# what tests read back from a running appliance
+
+
+def submit(appliance, workspace, script, *args, ram="256mb"):
+    result = appliance.cli("submit", "--no-freeze", "--ram", ram, "--hdd", "1gb", "--dir", str(workspace),
+                           script, *args)
+    key = result.stdout.strip().splitlines()[-1]
+    assert key, result.stdout
+    return key
+
+
+def store_client(appliance):
+    creds = load_credentials(appliance.home)
+    port = appliance.home.config_file.read_text().split("port = ")[1].split()[0]
+    return s3_client(f"http://127.0.0.1:{port}", creds.access_key, creds.secret_key)
+
+
+def artifact_text(appliance, key, name="output") -> str | None:
+    """All text inside the experiment's `name` artifact tar, or None while it is not there."""
+    client = store_client(appliance)
+    try:
+        body = client.get_object(Bucket="appliance", Key=f"experiments/{key}/{name}.tar")["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    texts = []
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                texts.append(tar.extractfile(member).read().decode(errors="replace"))
+    return "\n".join(texts)
+
+
+def last_result(appliance, key):
+    for slot in appliance.status()["slots"]:
+        result = slot.get("last_result") or {}
+        if result.get("experiment") == key:
+            return result
+    return None
 
 
 @pytest.fixture

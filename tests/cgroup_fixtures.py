@@ -61,3 +61,11 @@ def cgroup_parent(monkeypatch):
     monkeypatch.setenv(cgroup.PARENT_ENV, parent)
     yield parent
     remove_cgroup_parent(parent, hierarchy)
+
+
+@pytest.fixture
+def slot_cgroup(cgroup_parent):
+    """A real slot "slot-oom" on one CPU with a 64 MiB memory limit, below a unique parent."""
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    cgroup.setup_slot("slot-oom", cpus, [0], 64 * 1024 * 1024)
+    return "slot-oom"

@@ -69,7 +69,8 @@ def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
         time.sleep(0.1)
     if problem is not None:
         proc.kill()
-        raise RuntimeError(f"test store did not come up: {problem}\n{(home.logs_dir / 'store.log').read_text()[-2000:]}")
+        log_tail = (home.logs_dir / "store.log").read_text()[-2000:]
+        raise RuntimeError(f"test store did not come up: {problem}\n{log_tail}")
     return RunningStore(endpoint, creds.access_key, creds.secret_key, bucket, home, proc)
 
 

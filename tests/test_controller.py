@@ -21,19 +21,10 @@ from appliance.controller import Controller
 from appliance.gpus import Gpu, GpuScan
 from appliance.paths import Home
 from appliance.queues.sources import sources_file
+from tests.realparts import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_NVML = REPO / "tests" / "fake_nvml"
-
-
-def wait_for(what, predicate, timeout=120.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gpu(n: int, healthy=True, problem="") -> Gpu:
@@ -128,8 +119,8 @@ def test_a_disabled_gpu_in_the_config_is_fenced(home):
     c.watch.start()
     try:
         set_value(home.config_file, "gpus.disabled", "GPU-1")
-        wait_for("the config change to be re-planned", lambda: (c.step(), events(home)[-1]["cause"].startswith("config"))[1],
-                 timeout=10)
+        wait_for("the config change to be re-planned",
+                 lambda: (c.step(), events(home)[-1]["cause"].startswith("config"))[1], timeout=10)
         plan = json.loads(home.plan_file.read_text())
         assert [s["gpus"] for s in plan["slots"] if s["kind"] == "gpu"] == [["GPU-0"]]
     finally:

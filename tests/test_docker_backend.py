@@ -16,8 +16,8 @@ import pytest
 from appliance.inventory import format_cpu_list
 from appliance.plan import Plan
 from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL
-from tests.appliance_fixtures import make_home, stop_home
-from tests.test_experiments import artifact_text, last_result, submit, wait_for
+from tests.appliance_fixtures import artifact_text, last_result, make_home, stop_home, submit
+from tests.realparts import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -7,14 +7,11 @@ import signal
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
-import pytest
 
 from appliance.runner import execute
 from appliance.runner.execute import Supervision, run_workload
-from tests.realparts import need
 
 PY = sys.executable
 
@@ -207,37 +204,6 @@ def test_kill_leftover_needs_the_same_process(tmp_path):
 
 
 # ------------------------------------------------------------------ real OOM in a slot cgroup
-
-@pytest.fixture
-def slot_cgroup(monkeypatch):
-    from appliance.slot import cgroup
-    need(os.geteuid() == 0, "root (to create cgroups)")
-    try:
-        hierarchy = cgroup.Hierarchy.detect()
-    except Exception:
-        hierarchy = None
-    need(hierarchy is not None, "a cgroupfs with the cpuset and memory controllers")
-    parent = f"appliance-test-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv(cgroup.PARENT_ENV, parent)
-    cpus = sorted(os.sched_getaffinity(0))[:1]
-    cg = cgroup.setup_slot("slot-oom", cpus, [0], 64 * 1024 * 1024)
-    yield "slot-oom"
-    for pid in cg.pids():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for _ in range(200):
-        if not cg.pids():
-            break
-        time.sleep(0.02)
-    cg.remove()
-    for root in hierarchy.roots():
-        try:
-            os.rmdir(os.path.join(root, parent))
-        except OSError:
-            pass
-
 
 def test_real_oom_in_the_slot_fails_the_job_not_the_runner(tmp_path, slot_cgroup):
     result, out = run(tmp_path, """

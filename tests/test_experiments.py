@@ -3,67 +3,16 @@ its output is in the store; a runner killed mid-job -> the job runs again and co
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import tarfile
-import time
 
 import pytest
 
-from appliance.store.client import s3_client
-from appliance.store.credentials import load_credentials
+from tests.appliance_fixtures import artifact_text, last_result, submit
+from tests.realparts import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(what, predicate, timeout=180.0, every=0.2):
-    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def submit(appliance, workspace, script, *args, ram="256mb"):
-    result = appliance.cli("submit", "--no-freeze", "--ram", ram, "--hdd", "1gb", "--dir", str(workspace),
-                           script, *args)
-    key = result.stdout.strip().splitlines()[-1]
-    assert key, result.stdout
-    return key
-
-
-def store_client(appliance):
-    creds = load_credentials(appliance.home)
-    port = appliance.home.config_file.read_text().split("port = ")[1].split()[0]
-    return s3_client(f"http://127.0.0.1:{port}", creds.access_key, creds.secret_key)
-
-
-def artifact_text(appliance, key, name="output") -> str | None:
-    """All text inside the experiment's `name` artifact tar, or None while it is not there."""
-    client = store_client(appliance)
-    try:
-        body = client.get_object(Bucket="appliance", Key=f"experiments/{key}/{name}.tar")["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return None
-    texts = []
-    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                texts.append(tar.extractfile(member).read().decode(errors="replace"))
-    return "\n".join(texts)
-
-
-def last_result(appliance, key):
-    for slot in appliance.status()["slots"]:
-        result = slot.get("last_result") or {}
-        if result.get("experiment") == key:
-            return result
-    return None
 
 
 @pytest.fixture

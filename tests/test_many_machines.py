@@ -7,22 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 
 from appliance.queues.rabbitmq import publish
 from tests.rabbitmq_fixtures import marker_lines, marker_request, upload_marker_workspace
-
-
-def wait_for(what, predicate, timeout=180.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.realparts import wait_for
 
 
 def descendants(pid: int) -> list[int]:

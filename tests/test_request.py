@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -198,7 +200,7 @@ def test_ignores_unknown_fields(raw):
 
 def test_request_is_frozen(raw):
     req = parse_request(body(raw))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         req.key = "other"
 
 

@@ -22,7 +22,6 @@ from appliance.runner.artifacts import RetryPolicy
 from appliance.runner.loop import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port
-from tests.test_execute import slot_cgroup  # noqa: F401 (fixture: a real slot cgroup)
 
 REPO = Path(__file__).resolve().parent.parent
 Q = "local_test"

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.realparts import need
-from tests.test_experiments import artifact_text, last_result, wait_for
+from tests.appliance_fixtures import artifact_text, last_result
+from tests.realparts import need, wait_for
 
 pytestmark = pytest.mark.integration
 

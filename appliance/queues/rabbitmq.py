@@ -107,7 +107,7 @@ def management_url(spec: RabbitSpec) -> tuple[str, str, str]:
     if spec.management:
         m = urllib.parse.urlsplit(spec.management)
         user = urllib.parse.unquote(m.username) if m.username else urllib.parse.unquote(amqp.username or "guest")
-        password = urllib.parse.unquote(m.password) if m.password is not None else urllib.parse.unquote(amqp.password or "guest")
+        password = urllib.parse.unquote(m.password if m.password is not None else (amqp.password or "guest"))
         netloc = m.hostname + (f":{m.port}" if m.port else "")
         base = urllib.parse.urlunsplit((m.scheme, netloc, m.path.rstrip("/"), "", ""))
     else:

@@ -7,7 +7,8 @@ profile's `region` is required; `endpoint_url` in it points at a local SQS-compa
 name starts with `sqs_` (ListQueues with that prefix), refreshed every few seconds, plus any
 named in the config profile as `queues = sqs_a sqs_b`.
 
-A claimed message is invisible to others for `visibility` seconds (180 s; runners extend it every minute); while its job runs,
+A claimed message is invisible to others for `visibility` seconds (180 s; runners extend it
+every minute); while its job runs,
 `keepalive` extends it (ChangeMessageVisibility) so it never reappears mid-run; a runner that
 dies stops extending it and the message comes back within that time. Release sets the
 visibility to 0 (back at once). Dead letters go to `<queue>_dead` (created when needed) with

@@ -130,7 +130,7 @@ def parse_duration(text: Any, field: str = "duration") -> Optional[float]:
                 value += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
                 pos = m.end()
             if pos != len(s) or pos == 0:
-                raise BadRequest(f"{field}: expected a duration like '30m', got {text!r}")
+                raise BadRequest(f"{field}: expected a duration like '30m', got {text!r}") from None
     else:
         raise BadRequest(f"{field}: expected a duration like '30m', got {text!r}")
     if not math.isfinite(value) or value < 0:

@@ -170,9 +170,11 @@ def _fix_for(path: str, err: OSError) -> str:
     if code == errno.EROFS:
         return FIX_READ_ONLY
     if code == errno.ENOSPC and name in ("cgroup.procs", "tasks"):
-        return "cpuset.cpus and cpuset.mems must be set on this cgroup and every level above it first (setup_slot does this)"
+        return ("cpuset.cpus and cpuset.mems must be set on this cgroup and every level above it first "
+                "(setup_slot does this)")
     if code == errno.ENOENT:
-        return "the cgroup does not exist or the controller is not mounted: set the slot up first (setup_slot / the exec wrapper)"
+        return ("the cgroup does not exist or the controller is not mounted: set the slot up first "
+                "(setup_slot / the exec wrapper)")
     if code == errno.EBUSY and name == "cgroup.subtree_control":
         return (
             "that cgroup holds processes itself (cgroup v2 allows processes only in leaves): "

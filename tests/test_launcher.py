@@ -13,9 +13,7 @@ import pytest
 
 from appliance.runner import execute
 from appliance.runner.execute import Launcher, Supervision, run_workload
-from tests import test_execute
 
-slot_cgroup = test_execute.slot_cgroup  # fixture: a real slot cgroup
 
 PROBE = """
 import ctypes, json, os, signal, sys

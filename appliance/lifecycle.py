@@ -19,7 +19,7 @@ from appliance.plan import Plan, make_plan
 from appliance.render import render_default_config, write_supervisord
 from appliance.store import mc
 from appliance.store.client import check_store, ensure_bucket
-from appliance.store.credentials import ensure_credentials, write_identities
+from appliance.store.credentials import ensure_credentials, load_credentials, write_identities
 from appliance.store.server import endpoint_url, ports_in_use, store_program
 from appliance import supervisor
 
@@ -92,8 +92,6 @@ def preflight(home: Home, config: Config, plan: Plan | None = None) -> list[str]
 
 def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list[str]:
     """Wait until the store answers and every slot is RUNNING; return what is still wrong."""
-    from appliance.store.credentials import load_credentials
-
     creds = load_credentials(home)
     expected = [s.name for s in plan.slots] + ["controller"] + (["store"] if store_program(home, config) else [])
     deadline = time.monotonic() + timeout
@@ -165,25 +163,22 @@ def _prepare_slots_environment(home: Home, config: Config) -> None:
 
     pw = pwd.getpwnam(config.isolation.user)
     for d in (home.status_dir, home.work_dir, home.cache_dir, home.studioml_home, home.queue_root):
+        if os.stat(d).st_uid == pw.pw_uid:
+            continue  # handed over at an earlier `up`: no walk through a cache of many GB
         for root, dirs, files in os.walk(d):
             for name in [root] + [os.path.join(root, f) for f in dirs + files]:
-                os.chown(name, pw.pw_uid, pw.pw_gid)
+                os.chown(name, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
 
 
 def write_client_settings(home: Home, config: Config) -> None:
     """The `appliance` alias in ~/.mc/config.json and an env file for boto3 and `aws s3`."""
-    from appliance.store.credentials import load_credentials
-
-    creds = load_credentials(home)
-    url = endpoint_url(config)
-    mc.write_alias("appliance", url, creds.access_key, creds.secret_key)
-    write_atomic(home.secrets_dir / "s3.env", "".join(f"export {k}={v}\n" for k, v in
-                                                     client_environment(home, config).items()), mode=0o600)
+    env = client_environment(home, config)
+    mc.write_alias("appliance", env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    write_atomic(home.secrets_dir / "s3.env", "".join(f"export {k}={v}\n" for k, v in env.items()), mode=0o600)
 
 
 def client_environment(home: Home, config: Config) -> dict[str, str]:
-    from appliance.store.credentials import load_credentials
-
+    """What boto3, `aws s3` and StudioML's client need to reach the store."""
     creds = load_credentials(home)
     return {
         "AWS_ACCESS_KEY_ID": creds.access_key,

@@ -175,12 +175,9 @@ def fake_env(appliance, gpus_json: Path) -> None:
     appliance.env["APPLIANCE_FAKE_NVML"] = str(gpus_json)
 
 
-def slot_pids(appliance) -> dict:
-    return {s["name"]: s["pid"] for s in appliance.status()["slots"]}
-
-
-def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tmp_path):
-    from tests.appliance_fixtures import make_home, stop_home
+def appliance_with_one_fake_gpu(tmp_path):
+    """A test appliance (not started) whose NVML lists one fake GPU, from the returned JSON file."""
+    from tests.appliance_fixtures import make_home
     from tests.fake_nvml.shim import fake_gpu, write_gpus
 
     gpus_json = tmp_path / "gpus.json"
@@ -188,6 +185,18 @@ def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tm
     appliance = make_home(tmp_path, '[gpus]\npoll_interval = "0.3s"\n[slots.gpu]\ncpus = 1\n'
                                     'memory = "512MiB"\nshm = "64MiB"\n')
     fake_env(appliance, gpus_json)
+    return appliance, gpus_json
+
+
+def slot_pids(appliance) -> dict:
+    return {s["name"]: s["pid"] for s in appliance.status()["slots"]}
+
+
+def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tmp_path):
+    from tests.appliance_fixtures import stop_home
+    from tests.fake_nvml.shim import fake_gpu, write_gpus
+
+    appliance, gpus_json = appliance_with_one_fake_gpu(tmp_path)
     try:
         appliance.cli("up", "--timeout", "90")
         facts = appliance.status()
@@ -230,14 +239,9 @@ def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tm
 
 
 def test_gpu_disable_and_enable_by_hand(tmp_path):
-    from tests.appliance_fixtures import make_home, stop_home
-    from tests.fake_nvml.shim import fake_gpu, write_gpus
+    from tests.appliance_fixtures import stop_home
 
-    gpus_json = tmp_path / "gpus.json"
-    write_gpus(gpus_json, [fake_gpu(1)])
-    appliance = make_home(tmp_path, '[gpus]\npoll_interval = "0.3s"\n[slots.gpu]\ncpus = 1\n'
-                                    'memory = "512MiB"\nshm = "64MiB"\n')
-    fake_env(appliance, gpus_json)
+    appliance, _ = appliance_with_one_fake_gpu(tmp_path)
     try:
         appliance.cli("up", "--timeout", "90")
         out = appliance.cli("gpu", "disable", "GPU-fake-0001").stdout

@@ -162,7 +162,9 @@ def _prepare_slots_environment(home: Home, config: Config) -> None:
     import pwd
 
     pw = pwd.getpwnam(config.isolation.user)
-    for d in (home.status_dir, home.work_dir, home.cache_dir, home.studioml_home, home.queue_root):
+    serving = home.run_dir / "serving"  # where each runner says which queue sources it serves
+    serving.mkdir(exist_ok=True)
+    for d in (home.status_dir, home.work_dir, home.cache_dir, home.studioml_home, home.queue_root, serving):
         if os.stat(d).st_uid == pw.pw_uid:
             continue  # handed over at an earlier `up`: no walk through a cache of many GB
         for root, dirs, files in os.walk(d):

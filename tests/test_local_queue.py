@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout,
+from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout, enqueue,
                                     soft_lock)
 
 Q = "local_test"
@@ -330,3 +330,17 @@ for i in range(100):
     assert writer.wait(60) == 0
     assert len(set(got)) == 100
     s.close()
+
+
+def test_a_queue_folder_made_by_root_belongs_to_the_queue_roots_owner(tmp_path):
+    # runners that dropped to `isolation.user` own the queue root; a `sudo appliance submit`
+    # must not leave them a queue folder they cannot claim from
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to own files as another user)")
+    root = tmp_path / "queue"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    enqueue(root, "local_shared", b"{}")
+    st = (root / "local_shared").stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)

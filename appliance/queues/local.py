@@ -402,7 +402,9 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
     if not is_local_queue(queue):
         raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
     folder = Path(root) / queue
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _same_owner_as_root(folder, Path(root))
     msgid = str(uuid.uuid4())
     tmp = folder / f".{msgid}.tmp"
     with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
@@ -412,6 +414,16 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
             os.fsync(fh.fileno())
         os.rename(tmp, folder / msgid)
     return msgid
+
+
+def _same_owner_as_root(folder: Path, root: Path) -> None:
+    """A queue folder made by root (a `submit` run with sudo) belongs to whoever owns the queue
+    root, so runners that dropped to `isolation.user` can still claim from it."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(root)
+    if (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(folder, owner.st_uid, owner.st_gid)
 
 
 class soft_lock:

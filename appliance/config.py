@@ -142,7 +142,9 @@ class GpusConfig:
 class IsolationConfig:
     backend: str = opt("process", _one_of("process", "docker"),
                        '"process": cgroups + a private /dev/shm; "docker": one container per slot')
-    user: str = opt("", _text, "run runners as this user (empty: the appliance's own user)")
+    user: str = opt("auto", _text,
+                    'who workloads run as: "auto" (an unprivileged account per slot, appliance-<slot>, made by '
+                    'the appliance), a user name (every slot shares it), or "root" (not for untrusted requests)')
     docker_image: str = opt("appliance-runner:latest", _text, "runner image for the docker backend")
 
 

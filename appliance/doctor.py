@@ -31,6 +31,7 @@ def check(home: Home) -> list[Finding]:
         return [Finding(False, "config", str(e))]
 
     out += _check_permissions(home)
+    out.append(_check_workload_user(config))
     out += _check_cgroups(config)
     out += _check_store(home, config)
     scan = scan_gpus()
@@ -62,6 +63,20 @@ def _check_permissions(home: Home) -> list[Finding]:
     elif secrets:
         out.append(Finding(True, "secrets", "store credentials are private (0600)"))
     return out
+
+
+def _check_workload_user(config: Config) -> Finding:
+    """Every request is untrusted code: say plainly when workloads are not kept apart."""
+    from appliance.slot.users import wanted_name
+
+    setting = config.isolation.user.strip()
+    if wanted_name(setting, "slot-0") is None:
+        return Finding(False, "workload user", 'isolation.user = "root": every request runs as root and can read '
+                                               "the store's keys and other jobs; set it to \"auto\"")
+    if setting not in ("", "auto"):
+        return Finding(True, "workload user", f"every slot runs workloads as {setting!r}: slots share a uid and can "
+                                              'read each other\'s jobs ("auto" gives each slot its own account)')
+    return Finding(True, "workload user", "an unprivileged account per slot (appliance-<slot>)")
 
 
 def _check_cgroups(config: Config) -> list[Finding]:

@@ -152,24 +152,23 @@ def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> 
 
 
 def _prepare_slots_environment(home: Home, config: Config) -> None:
-    """Runners may run as another user: let them write where they must."""
+    """Before slots start: stale containers go, and every slot's workload account exists (made
+    here, on the host, so the docker backend's images need no useradd)."""
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import remove_stale
 
         remove_stale(str(home.root))
-    if not config.isolation.user or os.geteuid() != 0:
+    if os.geteuid() != 0:
         return
-    import pwd
+    from appliance.plan import Plan
+    from appliance.slot.users import UserError, workload_user
 
-    pw = pwd.getpwnam(config.isolation.user)
-    serving = home.run_dir / "serving"  # where each runner says which queue sources it serves
-    serving.mkdir(exist_ok=True)
-    for d in (home.status_dir, home.work_dir, home.cache_dir, home.studioml_home, home.queue_root, serving):
-        if os.stat(d).st_uid == pw.pw_uid:
-            continue  # handed over at an earlier `up`: no walk through a cache of many GB
-        for root, dirs, files in os.walk(d):
-            for name in [root] + [os.path.join(root, f) for f in dirs + files]:
-                os.chown(name, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    plan = Plan.from_json(home.plan_file.read_text())
+    for slot in plan.slots:
+        try:
+            workload_user(config.isolation.user, slot.name)
+        except UserError as e:
+            raise StartError(str(e)) from None
 
 
 def write_client_settings(home: Home, config: Config) -> None:

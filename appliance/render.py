@@ -77,13 +77,26 @@ def stop_wait_seconds(config: Config) -> int:
     return int(config.runner.drain_timeout) + 60
 
 
+def runner_settings_digest(config: Config) -> str:
+    """A digest of what runners read from the config ([runner], [isolation], [queues]): it sits in
+    each slot's environment so that `up` after `config set runner.X` restarts the runners
+    (drained: supervisord stops a changed program with its stop signal), not only new ones."""
+    import hashlib
+    import json
+
+    from appliance.config import as_dict
+    wanted = {k: as_dict(getattr(config, k)) for k in ("runner", "isolation", "queues")}
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def runner_command(home: Home, slot: Slot, python: str) -> list[str]:
     return [python, "-m", "appliance.runner", "--home", str(home.root), "--slot", slot.name]
 
 
 def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.executable) -> Program:
     """The supervisord program that runs `slot`'s runner inside its isolation."""
-    env = {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"}
+    env = {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1",
+           "APPLIANCE_RUNNER_SETTINGS": runner_settings_digest(config)}
     if config.isolation.backend == "docker":
         command = [python, "-m", "appliance.slot.docker_slot", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--memory-bytes", str(slot.memory_bytes),
@@ -91,8 +104,7 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
                    "--home", str(home.root), "--stop-timeout", str(int(config.runner.drain_timeout) + 30)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
-        if config.isolation.user:
-            command += ["--user", config.isolation.user]
+        command += ["--workload-user", config.isolation.user]
         command += ["--env", "APPLIANCE_HOME=" + str(home.root), "--env", "PYTHONUNBUFFERED=1", "--"]
         command += runner_command(home, slot, "python3")
     else:
@@ -101,8 +113,6 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
                    "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
-        if config.isolation.user:
-            command += ["--user", config.isolation.user]
         command += ["--", *runner_command(home, slot, python)]
     return Program(slot.name, command, env, describe_slot(slot))
 

@@ -12,3 +12,25 @@ import pytest
 pytest.register_assert_rewrite(*(f"tests.{p.stem}" for p in Path(__file__).parent.glob("*_fixtures.py")))
 
 pytest_plugins = sorted(f"tests.{p.stem}" for p in Path(__file__).parent.glob("*_fixtures.py"))
+
+
+def _traversable_mktemp():
+    """Workloads run as unprivileged slot accounts: an appliance home in a pytest temporary
+    folder must be reachable by them, and pytest makes those folders 0700."""
+    from _pytest.tmpdir import TempPathFactory
+
+    make = TempPathFactory.mktemp
+
+    def mktemp(self, basename, numbered=True):
+        path = make(self, basename, numbered)
+        base = self.getbasetemp()
+        for p in [path, *path.parents]:
+            p.chmod(p.stat().st_mode | 0o011)
+            if p == base.parent:
+                break
+        return path
+
+    TempPathFactory.mktemp = mktemp
+
+
+_traversable_mktemp()

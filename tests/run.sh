@@ -27,7 +27,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 step "python environment (.venv)"
-PYTHON=${PYTHON:-python3}
+# Debian's own interpreter when there is one: workloads run as unprivileged slot accounts, which
+# cannot execute an interpreter under a private folder such as /root/.pyenv
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x /usr/bin/python3 ] && PYTHON=/usr/bin/python3
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 

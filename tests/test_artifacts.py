@@ -107,18 +107,50 @@ def test_pack_writes_what_the_studioml_client_writes(tmp_path):
 
 # ------------------------------------------------------------------ against the store
 
-def test_fetch_workspace_once_then_from_the_cache(store, tmp_path):
+def test_fetch_workspace_once_then_from_the_cache(store, tmp_path, monkeypatch):
     key = f"blobstore/{uuid.uuid4().hex}.tar"
     put(store, key, make_tar({"train.py": b"print('hi')\n", "data/a.txt": b"a"}, prefix="./"))
     art = artifact(store, "workspace", key)
     cache = ArtifactCache(tmp_path / "cache", 1 << 30)
     retry, _ = policy()
+    downloads = []
+    real_download = arts.download
+    monkeypatch.setattr(arts, "download", lambda *a: downloads.append(a[0].key) or real_download(*a))
     assert arts.fetch(art, tmp_path / "j1" / "workspace", cache, retry, 1 << 20)
     assert (tmp_path / "j1" / "workspace" / "train.py").read_text() == "print('hi')\n"
-    assert key in cache
-    store.client().delete_object(Bucket=store.bucket, Key=key)  # the cache must not ask again
     assert arts.fetch(art, tmp_path / "j2" / "workspace", cache, retry, 1 << 20)
     assert (tmp_path / "j2" / "workspace" / "data" / "a.txt").read_text() == "a"
+    assert downloads == [key]  # the second came from the cache
+
+
+def test_the_cache_never_serves_an_object_the_request_cannot_read(store, tmp_path):
+    """A request with no (or wrong) credentials names a key another experiment uploaded: the
+    cached copy is not handed over; the store's refusal is the answer."""
+    key = f"blobstore/{uuid.uuid4().hex}.tar"
+    put(store, key, make_tar({"secret.txt": b"another tenant's data"}))
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    retry, _ = policy(attempts=1)
+    assert arts.fetch(artifact(store, "workspace", key), tmp_path / "owner", cache, retry, 1 << 20)
+    thief = artifact(store, "workspace", key, secret="wrong-secret")
+    with pytest.raises(arts.AccessDenied):
+        arts.fetch(thief, tmp_path / "thief", cache, retry, 1 << 20)
+    unsigned = Artifact(name="workspace", key=key, bucket=store.bucket, endpoint_url=store.endpoint_url,
+                        mutable=False, unpack=True, access_key=None, secret_key=None, region=None,
+                        session_token=None)
+    with pytest.raises(arts.AccessDenied):
+        arts.fetch(unsigned, tmp_path / "thief2", cache, retry, 1 << 20)
+    assert not (tmp_path / "thief" / "secret.txt").exists() and not (tmp_path / "thief2" / "secret.txt").exists()
+
+
+def test_a_key_that_now_holds_other_bytes_is_a_cache_miss(store, tmp_path):
+    key = f"blobstore/{uuid.uuid4().hex}.tar"
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    retry, _ = policy()
+    put(store, key, make_tar({"v.txt": b"one"}))
+    arts.fetch(artifact(store, "workspace", key), tmp_path / "a", cache, retry, 1 << 20)
+    put(store, key, make_tar({"v.txt": b"two"}))
+    arts.fetch(artifact(store, "workspace", key), tmp_path / "b", cache, retry, 1 << 20)
+    assert (tmp_path / "b" / "v.txt").read_text() == "two"
 
 
 def test_compressed_tars_are_read_too(store, tmp_path):

@@ -96,6 +96,15 @@ def home(tmp_path) -> Home:
     return h
 
 
+def scratch(home) -> Path:
+    """A folder workloads may write to (they run as an unprivileged slot account, and the home is
+    root's): for test scripts that leave marks outside their job."""
+    d = home.root.parent / "scratch"
+    d.mkdir(exist_ok=True)
+    d.chmod(0o1777)
+    return d
+
+
 def fast_settings(**kw) -> RunnerSettings:
     base = dict(python=sys.executable, idle_wait_s=0.2, tick_s=0.05, term_grace_s=2,
                 retry=RetryPolicy(attempts=2, first_delay_s=0.01, max_delay_s=0.01))
@@ -181,7 +190,7 @@ def test_runner_process_builds_a_venv_and_runs_the_experiment(store, home):
 
 
 def test_round_robin_over_queues(store, home):
-    order = home.root / "order.txt"
+    order = scratch(home) / "order.txt"
     script = {"train.py": f"""
         import sys
         open({str(order)!r}, "a").write(sys.argv[1] + "\\n")
@@ -197,7 +206,7 @@ def test_round_robin_over_queues(store, home):
 
 def test_second_experiment_with_the_same_pythonenv_starts_much_faster(store, home):
     """Figures for the issue: claim -> workload start, venv built vs reused."""
-    started = home.root / "started"
+    started = scratch(home) / "started"
     script = {"train.py": f"""
         import time
         open({str(started)!r}, "w").write(repr(time.time()))
@@ -241,14 +250,15 @@ def test_wrong_credentials_dead_letter_with_a_clear_reason(store, home):
 
 
 def test_store_down_puts_the_message_back(store, home):
-    key, body = request(store, HELLO, endpoint=f"http://127.0.0.1:{free_port()}")
+    store_url = f"http://127.0.0.1:{free_port()}"
+    key, body = request(store, HELLO, endpoint=store_url)
     msgid = submit(home, body)
     runner, _ = make_runner(home)
     assert runner.run_once()
     assert pending(home) == [msgid] and claimed(home) == [] and dead_reasons(home) == []
     st = runner.status.data["last_result"]
     assert st["outcome"] == "released" and "store unavailable" in st["reason"]
-    assert runner.pause_until > time.time()  # and it does not hammer the store
+    assert runner.endpoint_pause[store_url] > time.time()  # and it does not hammer that store
 
 
 def test_failing_workload_is_dead_lettered_with_its_output_uploaded(store, home):
@@ -427,7 +437,7 @@ def test_idle_runner_stops_at_once_on_sigterm(home):
 
 
 def test_sigkill_of_the_runner_mid_job_runs_the_job_again(store, home):
-    marker = home.root / "first-attempt"
+    marker = scratch(home) / "first-attempt"
     key, body = request(store, {"train.py": f"""
         import os, time
         if os.path.exists({str(marker)!r}):
@@ -502,7 +512,7 @@ def test_logs_and_results_of_a_finished_experiment(store, home, tmp_path):
 
 
 def test_logs_follow_a_running_experiment(store, home):
-    go = home.root / "go"
+    go = scratch(home) / "go"
     key, body = request(store, {"train.py": f"""
         import os, time
         print("first line", flush=True)

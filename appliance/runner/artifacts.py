@@ -25,18 +25,22 @@ bucket and key.
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from boto3.exceptions import Boto3Error
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
 MUTABLE_DEFAULTS = ("output", "modeldir", "retval", "tb", "_metrics", "_metadata")
 OUTPUT_FILE = "output"  # JOB/output/output
@@ -119,9 +123,29 @@ def _classify(e: Exception, art, doing: str) -> ArtifactError:
         return ArtifactError(f"{doing} {where(art)}: {code or status}: {err.get('Message', e)}")
     if isinstance(e, NoCredentialsError):
         return AccessDenied(f"{doing} {where(art)}: no credentials")
+    if isinstance(e, ParamValidationError):
+        return ArtifactError(f"{doing} {where(art)}: the request is invalid: {e}")
+    if _unknown_host(e):
+        return ArtifactError(f"{doing} {where(art)}: the request names a host that does not exist: {e}")
     if isinstance(e, (BotoCoreError, ConnectionError, TimeoutError)):
         return StoreUnavailable(f"{doing} {where(art)}: cannot reach the store: {e}")
     return ArtifactError(f"{doing} {where(art)}: {e}")
+
+
+def _unknown_host(e: Exception) -> bool:
+    """A name that does not resolve (EAI_NONAME) is the request's mistake, not an outage; a
+    refused or timed-out connection, or a resolver that is down (EAI_AGAIN), may pass."""
+    import socket
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) and e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+            return True
+        text = str(e)
+        if "Name or service not known" in text or "No address associated with hostname" in text:
+            return True
+        e = e.__cause__ or e.__context__ or getattr(e, "kwargs", {}).get("error")
+    return False
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -240,6 +264,18 @@ def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
             shutil.copyfile(obj, target)
 
 
+def cache_key(art, retry: RetryPolicy) -> str:
+    """What the artifact cache knows an immutable object by: its endpoint, bucket, key and ETag,
+    asked of the store with the request's own credentials. So a request only ever gets a cached
+    copy of an object it has just proved it may read, and a key reused for other bytes is a miss."""
+    c = client_for(art)
+    head = with_retries(lambda: c.head_object(Bucket=art.bucket, Key=art.key), art, "looking up", retry)
+    etag = str(head.get("ETag", "")).strip('"')
+    if not etag:
+        etag = f"{head.get('ContentLength')}-{head.get('LastModified')}"
+    return "\0".join((art.endpoint_url, art.bucket, art.key, etag))
+
+
 def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
           exists: Optional[bool] = None) -> bool:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
@@ -249,7 +285,7 @@ def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
     if art.mutable and exists is False:
         return False
     if not art.mutable and cache is not None:
-        f = cache.fill(art.key, lambda tmp: download(art, tmp, retry))
+        f = cache.fill(cache_key(art, retry), lambda tmp: download(art, tmp, retry))
         with f:
             place(art, f, dest, max_bytes)
         return True
@@ -265,22 +301,117 @@ def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
     return True
 
 
-def pack(src: Path, tar_path: Path) -> None:
-    """A plain tar of the directory `src`, members named relative to it (as the client)."""
-    with tarfile.open(tar_path, "w") as tar:
-        if src.is_dir():
-            for name in sorted(os.listdir(src)):
-                tar.add(str(src / name), arcname=name)
+def pack_into(src: Path, out, only_uid: Optional[int] = None) -> int:
+    """Write a plain tar of the directory `src` (members named relative to it, as the client
+    writes them) to the binary stream `out`; returns how many files were left out.
+
+    The directory may belong to a workload that is still running, and the runner reading it is
+    root: the walk goes through directory descriptors (os.fwalk) and opens every file with
+    O_NOFOLLOW, so a file or folder swapped for a symlink never makes it read outside `src`.
+    With `only_uid`, regular files owned by anyone else (a hard link to a file the workload
+    could not read itself) are left out."""
+    skipped = 0
+    with tarfile.open(fileobj=out, mode="w|") as tar:
+        try:
+            top = os.lstat(src)
+        except FileNotFoundError:
+            return 0
+        if not stat.S_ISDIR(top.st_mode):
+            return 0
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(src, follow_symlinks=False):
+            rel = os.path.relpath(dirpath, src)
+            for name in sorted(dirnames + filenames):
+                arcname = name if rel == "." else f"{rel}/{name}"
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        ti = tarfile.TarInfo(arcname)
+                        ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, st.st_mode & 0o7777, int(st.st_mtime)
+                        tar.addfile(ti)
+                    elif stat.S_ISLNK(st.st_mode):
+                        ti = tarfile.TarInfo(arcname)
+                        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dirfd)
+                        ti.mode, ti.mtime = 0o777, int(st.st_mtime)
+                        tar.addfile(ti)
+                    elif stat.S_ISREG(st.st_mode):
+                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+                        with os.fdopen(fd, "rb") as f:
+                            fst = os.fstat(f.fileno())
+                            if not stat.S_ISREG(fst.st_mode) or (only_uid is not None and fst.st_uid != only_uid):
+                                skipped += 1
+                                continue
+                            ti = tar.gettarinfo(arcname=arcname, fileobj=f)
+                            ti.uid = ti.gid = 0
+                            ti.uname = ti.gname = ""
+                            tar.addfile(ti, f)
+                    else:
+                        skipped += 1  # fifo, socket, device: nothing to keep
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    skipped += 1  # gone, or swapped for a link while we looked
+    return skipped
 
 
-def upload(art, src: Path, retry: RetryPolicy) -> None:
+class _PackedStream(io.RawIOBase):
+    """The read end of a pipe a thread packs `src` into; a failure of the packer surfaces as an
+    exception at the end of the stream (never as a short, truncated tar in the store)."""
+
+    def __init__(self, src: Path, only_uid: Optional[int]):
+        super().__init__()
+        r, w = os.pipe()
+        self._r = r
+        self._error: list = []
+        self.skipped = 0
+
+        def produce() -> None:
+            try:
+                with os.fdopen(w, "wb", buffering=1 << 20) as out:
+                    self.skipped = pack_into(src, out, only_uid)
+            except BrokenPipeError:
+                pass  # the reader gave up (the upload failed): it has its own error
+            except BaseException as e:  # noqa: B036 - handed to the reader
+                self._error.append(e)
+
+        self._thread = threading.Thread(target=produce, name="pack", daemon=True)
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = os.read(self._r, len(buf))
+        if not data:
+            self._thread.join()
+            if self._error:
+                raise self._error[0]
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._r)
+            self._thread.join()
+        super().close()
+
+
+def pack(src: Path, tar_path: Path, only_uid: Optional[int] = None) -> int:
+    """A tar of `src` in the file `tar_path` (see pack_into)."""
+    with open(tar_path, "wb") as out:
+        return pack_into(src, out, only_uid)
+
+
+def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -> None:
+    """Tar `src` straight into the store: no local copy of the tar (a full disk cannot stop it,
+    and a big output costs no disk twice), multipart for big ones (boto3's transfer manager)."""
     c = client_for(art)
-    with tempfile.TemporaryDirectory(prefix=".upload-", dir=src.parent) as tmpdir:
-        tar_path = Path(tmpdir) / f"{art.name}.tar"
-        pack(src, tar_path)
-        with_retries(lambda: c.upload_file(str(tar_path), art.bucket, art.key,
-                                           Config=_transfer_config()),
-                     art, "uploading", retry)
+
+    def once() -> None:
+        stream = _PackedStream(src, only_uid)
+        with io.BufferedReader(stream, 1 << 20) as body:
+            c.upload_fileobj(body, art.bucket, art.key, Config=_transfer_config())
+
+    with_retries(once, art, "uploading", retry)
 
 
 def fingerprint(src: Path) -> tuple:
@@ -301,10 +432,11 @@ def fingerprint(src: Path) -> tuple:
 class Uploader:
     """Uploads the mutable artifacts of one job, each only when it changed."""
 
-    def __init__(self, artifacts: dict, job_dir: Path, retry: RetryPolicy):
+    def __init__(self, artifacts: dict, job_dir: Path, retry: RetryPolicy, workload_uid: Optional[int] = None):
         self.artifacts = {n: a for n, a in artifacts.items() if a.mutable}
         self.job_dir = job_dir
         self.retry = retry
+        self.workload_uid = workload_uid  # files of a folder it owns are packed only if they are its own
         self.sent: dict = {}
         self.last_upload: Optional[float] = None
 
@@ -312,6 +444,14 @@ class Uploader:
         """What is on disk now is what the store has (right after fetching)."""
         for name in self.artifacts:
             self.sent[name] = fingerprint(self.job_dir / name)
+
+    def _only_uid(self, src: Path) -> Optional[int]:
+        if self.workload_uid is None:
+            return None
+        try:
+            return self.workload_uid if os.lstat(src).st_uid == self.workload_uid else None
+        except OSError:
+            return None
 
     def upload_changed(self) -> list[str]:
         """Upload every mutable artifact whose directory changed; the names uploaded.
@@ -323,7 +463,7 @@ class Uploader:
             if self.sent.get(name) == fp:
                 continue
             try:
-                upload(art, src, self.retry)
+                upload(art, src, self.retry, self._only_uid(src))
             except ArtifactError as e:
                 first_error = first_error or e
                 continue
@@ -334,3 +474,46 @@ class Uploader:
         if first_error is not None:
             raise first_error
         return done
+
+
+# ---------------------------------------------------------------- the job's result record
+
+RESULT_NAME = "appliance-result.json"
+
+
+def result_record(artifacts: dict):
+    """Where the appliance records that a job's workload ended and its outputs are in the store:
+    beside the `output` artifact (`experiments/<key>/appliance-result.json`), with the
+    request's own endpoint and credentials. None when the request has no mutable artifact."""
+    import dataclasses
+    out = artifacts.get("output") or next((a for a in artifacts.values() if a.mutable), None)
+    if out is None:
+        return None
+    folder = out.key.rsplit("/", 1)[0] + "/" if "/" in out.key else out.key + "."
+    return dataclasses.replace(out, name="_appliance_result", key=folder + RESULT_NAME,
+                               mutable=True, unpack=False)
+
+
+def read_record(art, retry: RetryPolicy) -> Optional[dict]:
+    """The result record, or None if there is none (or it is not one of ours)."""
+    import json
+    c = client_for(art)
+    try:
+        body = with_retries(lambda: c.get_object(Bucket=art.bucket, Key=art.key)["Body"].read(1 << 20),
+                            art, "reading the result record", retry)
+    except ArtifactMissing:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("state") in ("ended", "done") else None
+
+
+def write_record(art, data: dict, retry: RetryPolicy) -> None:
+    import json
+    c = client_for(art)
+    body = json.dumps(data, sort_keys=True).encode()
+    with_retries(lambda: c.put_object(Bucket=art.bucket, Key=art.key, Body=body,
+                                      ContentType="application/json"),
+                 art, "writing the result record", retry)

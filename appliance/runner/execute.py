@@ -91,7 +91,21 @@ def workload_env(environ: Mapping[str, str], config_env: Mapping[str, object],
 _PR_SET_PDEATHSIG = 1
 
 
-def _preexec(slot: Optional[str], parent: int) -> Callable[[], None]:
+def _drop_privileges(user: Optional[tuple], parent: int) -> None:
+    """Become the workload's uid (in a child about to exec). A credential change clears
+    PDEATHSIG, so it is set again, and the runner's death in between is checked once more."""
+    if not user:
+        return
+    uid, gid = user
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(137)
+
+
+def _preexec(slot: Optional[str], parent: int, user: Optional[tuple] = None) -> Callable[[], None]:
     join = None
     if slot:
         try:
@@ -119,6 +133,8 @@ def _preexec(slot: Optional[str], parent: int) -> Callable[[], None]:
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 os.write(2, f"appliance: warning: cannot join the job cgroup of slot {slot}: "
                             f"{e}\n".encode())
+        os.umask(0o077)
+        _drop_privileges(user, parent)
 
     return child
 
@@ -145,6 +161,18 @@ def oom_kills(slot: Optional[str]) -> Optional[int]:
         return int(cgroup.SlotCgroup(slot).oom_kills())
     except Exception:
         return None
+
+
+def kill_job_leftovers(slot: Optional[str]) -> int:
+    """SIGKILL whatever the workload left in the slot's job cgroup (a daemon in a session of
+    its own escapes the process-group kill, never the cgroup). The number killed."""
+    if not slot:
+        return 0
+    try:
+        from appliance.slot import cgroup
+        return cgroup.SlotCgroup(slot).kill_leaf("job")
+    except Exception:
+        return 0
 
 
 def container_oom_kills() -> Optional[int]:
@@ -244,26 +272,29 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
 
 
 def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optional[str],
-          launcher: Optional["Launcher"] = None) -> subprocess.Popen:
+          launcher: Optional["Launcher"] = None, user: Optional[tuple] = None) -> subprocess.Popen:
     """The workload process: through `launcher`'s process started ahead of time if it has
-    one, else forked now (the same setup either way: `_preexec`)."""
+    one, else forked now (the same setup either way: `_preexec`). `user` is (uid, gid) to run
+    as, None to stay the runner's user."""
     if launcher is not None:
-        proc = launcher.launch(argv, cwd, env, out)
+        proc = launcher.launch(argv, cwd, env, out, user)
         if proc is not None:
             return proc
     return subprocess.Popen(
         argv, cwd=str(cwd), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
         stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_preexec(slot, os.getpid()), close_fds=True)
+        preexec_fn=_preexec(slot, os.getpid(), user), close_fds=True)
 
 
 # The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
 # preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
 # the runner is already gone, oom_score_adj 1000 (the runner joins it to the job cgroup from
 # outside, see Launcher.warm), then answers "R" on stdout. Then it waits for one JSON line on
-# stdin ({argv, cwd, env, output}) and becomes the workload the way subprocess.Popen would
+# stdin ({argv, cwd, env, output, user}) and becomes the workload the way subprocess.Popen would
 # have started it: stdin /dev/null, stdout and stderr appended to the output file, cwd,
-# signals Python ignores back to their defaults, argv[0] looked up on the env's PATH. On
+# signals Python ignores back to their defaults, umask 077, the workload's uid:gid (no
+# supplementary groups; PDEATHSIG set again, since a uid change clears it), argv[0] looked up
+# on the env's PATH. On
 # stdout it answers "." right before the exec, and [errno, strerror, filename] if that
 # failed; the exec closes that descriptor (close-on-exec).
 _LAUNCHER = """\
@@ -299,6 +330,15 @@ try:
     for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
         if hasattr(signal, sig):
             signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    os.umask(0o077)
+    if s.get("user"):
+        uid, gid = s["user"]
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != int(sys.argv[1]):
+            os._exit(137)
     name = s["argv"][0]
     os.write(status, b".")
     os.execvpe(name, s["argv"], s["env"])
@@ -353,8 +393,8 @@ class Launcher:
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()
 
-    def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out
-               ) -> Optional[subprocess.Popen]:
+    def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out,
+               user: Optional[tuple] = None) -> Optional[subprocess.Popen]:
         """The waiting process turned into the workload; None if there was none (fork then).
         Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
         import json
@@ -370,7 +410,7 @@ class Launcher:
                 out.write(self.warning)
             out.flush()
             spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env),
-                    "output": os.path.abspath(out.name)}
+                    "output": os.path.abspath(out.name), "user": list(user) if user else None}
             proc.stdin.write(json.dumps(spec).encode() + b"\n")
             proc.stdin.close()
             answer = proc.stdout.read()
@@ -444,7 +484,7 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
                  sv: Supervision, slot: Optional[str] = None,
                  on_start: Callable[[subprocess.Popen], None] = lambda p: None,
                  container_slot: Optional[str] = None,
-                 launcher: Optional[Launcher] = None) -> Result:
+                 launcher: Optional[Launcher] = None, user: Optional[tuple] = None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
     own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
     job cgroup the workload joins; `container_slot` the slot whose container we run in
@@ -458,13 +498,14 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     before = count_ooms()
     with open(output, "ab") as out:
         try:
-            proc = spawn(argv, cwd, env, out, slot, launcher)
+            proc = spawn(argv, cwd, env, out, slot, launcher, user)
         except (OSError, subprocess.SubprocessError) as e:
             msg = f"cannot start {argv[0]}: {e}"
             out.write(f"appliance: {msg}\n".encode())
             return Result(FAILED, None, msg)
         on_start(proc)
         rc, stopped_for = supervise(proc, sv)
+        kill_job_leftovers(slot)
         result = classify(rc, stopped_for, before, count_ooms(), slot_name)
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())

@@ -24,6 +24,8 @@ the orphaned claim back (`recover_orphans`) and the job runs again from its last
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavaila
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
 from appliance.runner.status import StatusFile, record_experiment
+from appliance.slot import users
 
 log = logging.getLogger("appliance.runner")
 
@@ -65,6 +68,10 @@ class RunnerSettings:
     tick_s: float = 1.0
     store_backoff_s: float = 5.0  # first pause after the store was down; doubles
     store_backoff_max_s: float = 300.0
+    store_wait_s: float = 1800.0  # a finished job's uploads are retried this long, holding its message
+    resume_every_s: float = 30.0  # how often finished jobs whose uploads failed are tried again
+    workload_user: str = "auto"  # isolation.user (see appliance/slot/users.py)
+    max_attempts: int = 3  # claims of one message before it is quarantined (dead letter)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
@@ -72,7 +79,9 @@ class RunnerSettings:
         r = config.runner
         return cls(artifact_cache_bytes=r.artifact_cache, venv_cache_max=r.venv_cache,
                    python=r.python, drain_timeout_s=r.drain_timeout,
-                   max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime)
+                   max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
+                   workload_user=config.isolation.user,
+                   max_attempts=getattr(r, "max_attempts", 3))
 
 
 @dataclass
@@ -145,6 +154,8 @@ class Runner:
         # in a slot's container, that container's own cgroup counts the OOM kills
         self.container_slot = (self.environ.get("APPLIANCE_SLOT") if not self.cgroup_slot
                                and execute.in_container() else None)
+        # who workloads run as: an unprivileged account of this slot, never the runner's root
+        self.user = self._workload_user()
         # the next workload's process, started while idle (saves a fork when a job comes)
         self.launcher = execute.Launcher(self.cgroup_slot)
         self.status = StatusFile(home, slot)
@@ -154,9 +165,21 @@ class Runner:
                                      build_env=execute.base_env(self.environ))
         self.stop_requested_at: Optional[float] = None
         self.cursor = 0
-        self.pause_until = 0.0
+        self.endpoint_pause: dict[str, float] = {}  # store endpoint -> no fetch before
         self.store_backoff = self.settings.store_backoff_s
-        self.held_back = False  # the last pass put back messages this slot cannot run
+        self.held_back = False  # the last pass put back messages this slot cannot run now
+        self.next_resume = 0.0
+
+    def _workload_user(self):
+        if os.geteuid() != 0:
+            return None  # cannot switch users: workloads run as the runner (dev, tests as a user)
+        from appliance.slot import users
+        return users.workload_user(self.environ.get("APPLIANCE_WORKLOAD_USER", self.settings.workload_user),
+                                   self.slot)
+
+    @property
+    def user_ids(self) -> Optional[tuple]:
+        return (self.user.uid, self.user.gid) if self.user else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,6 +204,8 @@ class Runner:
         prev = self.status.previous or {}
         if execute.kill_leftover(prev.get("workload")):
             log.warning("killed the workload a previous runner of slot %s left behind", self.slot)
+        execute.kill_job_leftovers(self.cgroup_slot)
+        self.resume_finished()  # before orphans come back: their result is in the store first
         for src in self.sources:
             recover = getattr(src, "recover_orphans", None)
             if recover:
@@ -188,11 +213,10 @@ class Runner:
         self.status.update(state="idle", pid=os.getpid())
         try:
             while not self.stopping:
-                if time.time() < self.pause_until:
-                    self._idle(self.pause_until - time.time())
-                    continue
                 if self.run_once():
                     continue
+                if time.time() >= self.next_resume:
+                    self.resume_finished()
                 if exit_when_idle and not self.held_back:
                     break
                 self._idle(self.settings.idle_wait_s if not self.held_back
@@ -262,7 +286,11 @@ class Runner:
                         break
                     if msg is None:
                         break
-                    verdict = self.triage(src, msg)
+                    try:
+                        verdict = self.triage(src, msg)
+                    except Exception as e:  # whatever it is, this message caused it: settle it
+                        log.exception("triage of %s/%s", msg.queue, msg.message_id)
+                        verdict = self._settle_broken(src, msg, f"{type(e).__name__}: {e}")
                     if isinstance(verdict, Request):
                         self.cursor = idx + 1
                         return src, msg, verdict
@@ -270,13 +298,25 @@ class Runner:
                         held.append(msg)
             finally:
                 for m in held:
-                    src.release(m)
+                    put_back(src, m)
                 if held:
                     self.held_back = True
         return None
 
+    def _settle_broken(self, src, msg, what: str) -> str:
+        try:
+            src.dead_letter(msg, f"the runner cannot handle this request ({what})")
+        except Exception:
+            log.exception("dead-lettering %s", msg.message_id)
+        return "settled"
+
     def triage(self, src, msg):
-        """A Request to run now, "held" (give back: another slot can run it), or "settled"."""
+        """A Request to run now, "held" (give back: not here or not now), or "settled"."""
+        too_often = over_attempts(msg, self.settings.max_attempts)
+        if too_often:
+            log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
+            src.dead_letter(msg, too_often)
+            return "settled"
         try:
             req = parse_request(msg.body)
         except BadRequest as e:
@@ -288,10 +328,16 @@ class Runner:
             src.dead_letter(msg, f"expired: experimentLifetime of {lifetime:.0f}s since "
                                  f"time_added passed before it could start")
             return "settled"
+        now = time.time()
+        if any(self.endpoint_pause.get(a.endpoint_url, 0) > now for a in req.artifacts.values()):
+            return "held"  # its store did not answer a moment ago: other queues first
         disk = shutil.disk_usage(self._work_root())
-        here = self._unmet(req, this_slot(self.home, self.slot, self.environ), disk.free)
-        if here is None:
-            return req
+        me = this_slot(self.home, self.slot, self.environ)
+        if self._unmet(req, me, disk.total) is None:
+            if self._unmet(req, me, disk.free) is None:
+                return req
+            return "held"  # not now: the disk may free up (a neighbour's job ends)
+        here = self._unmet(req, me, disk.total)
         others = [s for s in slot_shapes(self.home) if s.name != self.slot]
         if any(self._unmet(req, s, disk.total) is None for s in others):
             return "held"
@@ -304,43 +350,222 @@ class Runner:
         return unmet(req.resources, cpus=s.cpus, memory_bytes=s.memory_bytes, gpus=s.gpus,
                      gpu_mem_bytes=s.gpu_mem_bytes, disk_bytes=disk)
 
+    def store_down(self, endpoint: str) -> None:
+        """Its store did not answer: no fetch from it for a while (backoff); other stores and
+        queues go on."""
+        self.endpoint_pause[endpoint] = time.time() + self.store_backoff
+        self.store_backoff = min(self.store_backoff * 2, self.settings.store_backoff_max_s)
+
+    def store_up(self, endpoint: str) -> None:
+        self.endpoint_pause.pop(endpoint, None)
+        self.store_backoff = self.settings.store_backoff_s
+
     # ------------------------------------------------------------------ one job
 
     def _work_root(self) -> Path:
         root = Path(self.home.work_dir) / _safe(self.slot)
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            os.chmod(root.parent, 0o711)  # workloads pass through to their own job only
+            os.chmod(root, 0o711)
         return root
 
     def process(self, src, msg, req: Request) -> None:
         root = self._work_root()
-        for old in root.iterdir():  # what a killed predecessor left
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        for old in root.iterdir():  # what a killed predecessor left (finished jobs excepted)
+            if old.is_dir() and not old.is_symlink() and (old / ENDED).exists():
+                continue
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
         job_dir = root / _safe(req.key)
-        job_dir.mkdir()
-        job = Job(self, src, msg, req, job_dir)
+        finished = finished_job_dir(self.home, req.key)
+        job = None
         try:
-            job.run()
+            if finished is not None:  # the workload ended here before: finish its uploads
+                job = Job(self, src, msg, req, finished, resumed=True)
+                job.resume()
+            else:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                job_dir.mkdir(mode=0o711)
+                job = Job(self, src, msg, req, job_dir)
+                job.run()
+        except Exception as e:  # a bug, a full disk, a hostile corner: settle it, never die of it
+            log.exception("%s: the runner failed on this request", req.key)
+            if job is not None:
+                job.failed_inside(e)
+            else:
+                release_or_quarantine(src, msg, e, self.settings.max_attempts)
+                self.status.job_finished("released", None, f"runner error: {type(e).__name__}: {e}")
         finally:
-            job.close()
-            shutil.rmtree(job_dir, ignore_errors=True)
+            if job is not None:
+                job.close()
+                if not job.keep_dir:
+                    shutil.rmtree(job.dir, ignore_errors=True)
+
+    def resume_finished(self) -> None:
+        """Finish the uploads of jobs whose workload ended on this slot but whose outputs did
+        not all reach the store (runner killed while uploading, store down): the result record
+        then tells whoever claims the message next that it is done."""
+        self.next_resume = time.time() + self.settings.resume_every_s
+        root = self._work_root()
+        for d in sorted(root.iterdir()):
+            if not (d / ENDED).is_file() or self.stopping:
+                continue
+            try:
+                finish_uploads(d, self.settings.retry, self.user_ids)
+            except StoreUnavailable as e:
+                log.info("finished job %s: uploads wait for the store: %s", d.name, e)
+            except Exception as e:  # noqa: BLE001 - one broken leftover must not stop the runner
+                log.warning("finished job %s: cannot complete its uploads: %s", d.name, e)
+
+
+# ---------------------------------------------------------------- finished jobs
+
+ENDED = ".ended.json"  # JOB/.ended.json: the workload ended, how; written before any upload
+REQUEST = ".request.json"  # JOB/.request.json: the message body, to finish the uploads later
+LOCK = ".lock"  # held by the runner working on JOB
+
+
+def finished_job_dir(home, key: str) -> Optional[Path]:
+    """A job dir on this box (any slot) whose workload ended but whose uploads are not known to
+    be done, and that no live runner holds; None if there is none."""
+    for d in Path(home.work_dir).glob(f"*/{_safe(key)}"):
+        if (d / ENDED).is_file() and _unlocked(d):
+            return d
+    return None
+
+
+def _unlocked(job_dir: Path) -> bool:
+    try:
+        with open(job_dir / LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _write_durably(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple]) -> dict:
+    """Upload every mutable artifact of a finished job dir, then mark it done in the store and
+    remove the dir. Returns the ended record. StoreUnavailable leaves everything in place."""
+    with open(job_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ended = json.loads((job_dir / ENDED).read_text())
+        req = parse_request((job_dir / REQUEST).read_bytes())
+        Uploader(req.artifacts, job_dir, retry, user[0] if user else None).upload_changed()
+        record = arts.result_record(req.artifacts)
+        if record is not None:
+            arts.write_record(record, {**ended, "state": "done"}, retry)
+        shutil.rmtree(job_dir, ignore_errors=True)
+    return ended
+
+
+def put_back(src, msg) -> None:
+    """Give a message back without counting a try: it was not started (not here, not now)."""
+    try:
+        src.release(msg, attempted=False)
+    except TypeError:  # a source that does not count tries
+        src.release(msg)
+
+
+def over_attempts(msg, max_attempts: int) -> Optional[str]:
+    attempt = int(getattr(msg, "attempt", 1) or 1)
+    if attempt <= max_attempts:
+        return None
+    return (f"claimed {attempt} times without finishing (the limit is runner.max_attempts = {max_attempts}): "
+            f"it crashed or outlived its runner each time")
+
+
+def release_or_quarantine(src, msg, error: BaseException, max_attempts: int) -> None:
+    """A failure of the appliance itself (or of its disk) on this message: try again elsewhere or
+    later, up to runner.max_attempts; then it is dead-lettered with the error."""
+    attempt = int(getattr(msg, "attempt", 1) or 1)
+    what = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        what = f"the disk is full ({error})"
+    try:
+        if attempt >= max_attempts:
+            src.dead_letter(msg, f"the runner failed on this request {attempt} times; the last: {what}")
+        else:
+            src.release(msg)
+    except Exception:
+        log.exception("settling %s after a runner error", msg.message_id)
+
+
+class _Settle:
+    """The message of one job, settled at most once."""
+
+    def __init__(self, src, msg):
+        self.src, self.msg, self.done = src, msg, False
+
+    def __call__(self, how: str, *args) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            getattr(self.src, how)(self.msg, *args)
+        except Exception as e:  # e.g. the broker restarted: the result record settles it later
+            log.warning("%s of %s failed: %s", how, self.msg.message_id, e)
 
 
 class Job:
     """One claimed request on its way through the runner (see module doc)."""
 
-    def __init__(self, runner: Runner, src, msg, req: Request, job_dir: Path):
+    def __init__(self, runner: Runner, src, msg, req: Request, job_dir: Path, resumed: bool = False):
         self.r, self.src, self.msg, self.req, self.dir = runner, src, msg, req, job_dir
         self.s = runner.settings
         self.status = runner.status
+        self.settle_msg = _Settle(src, msg)
         self.output = job_dir / "output" / arts.OUTPUT_FILE
-        self.uploader = Uploader(req.artifacts, job_dir, self.s.retry)
+        self.uploader = Uploader(req.artifacts, job_dir, self.s.retry,
+                                 runner.user.uid if runner.user else None)
+        self.record = arts.result_record(req.artifacts)
         self.env: Optional[pyenv.PythonEnv] = None
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
+        self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.lock = open(job_dir / LOCK, "a")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        if not resumed:
+            self._make_dirs()
 
     def close(self) -> None:
         if self.env is not None:
             self.env.release()
+        self.lock.close()
+
+    def _make_dirs(self) -> None:
+        """The job dir is the runner's (root, 0711); what the workload may write is its own."""
+        (self.dir / REQUEST).write_bytes(self.msg.body)
+        os.chmod(self.dir / REQUEST, 0o600)
+        out = self.output.parent
+        out.mkdir(mode=0o700)
+        for name in (".tmp", ".home"):
+            self._own(self.dir / name)
+
+    def _own(self, path: Path) -> None:
+        """`path` (made if missing, and everything in it) belongs to the workload's user, 0700."""
+        path.mkdir(mode=0o700, exist_ok=True)
+        user = self.r.user
+        if user is None:
+            return
+        for root, dirs, files in os.walk(path):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(path, 0o700)
 
     # -- helpers
 
@@ -369,9 +594,11 @@ class Job:
             save=self.save, tick_s=self.s.tick_s, term_grace_s=self.s.term_grace_s)
 
     def note(self, text: str) -> None:
-        """A line from the appliance in the experiment's output."""
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output, "a") as f:
+        """A line from the appliance in the experiment's output (a root-owned folder: no link
+        the workload planted can redirect it)."""
+        self.output.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(f"appliance: {text}\n")
 
     def save(self) -> None:
@@ -386,6 +613,16 @@ class Job:
         self.status.job_finished(outcome, exit_code, reason)
         log.info("%s: %s %s", self.req.key, outcome, reason)
 
+    def unpack_limit(self) -> int:
+        """The most an artifact may unpack to: runner.max_unpack, the request's hdd, and this
+        slot's share of the work disk, whichever is smallest."""
+        disk = shutil.disk_usage(self.dir)
+        share = disk.total // max(1, len(slot_shapes(self.r.home)) or 1)
+        limits = [self.s.max_unpack_bytes, share]
+        if self.req.resources.hdd_bytes:
+            limits.append(self.req.resources.hdd_bytes)
+        return min(limits)
+
     # -- the steps
 
     def run(self) -> None:
@@ -396,7 +633,8 @@ class Job:
             "claimed": self.started, "output": str(self.output),
             "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
-        log.info("running %s from %s/%s", req.key, msg.source, msg.queue)
+        log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
+                 getattr(msg, "attempt", 1))
 
         if not self.fetch():
             return
@@ -412,38 +650,64 @@ class Job:
         self.uploader.mark_current()  # nothing yet: a failure uploads only the output
         order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
         mutable = [a for a in order if a.mutable]
-        known = None  # which mutable artifacts exist: one listing, not one request each
-        for art in order:
-            self.tick()
-            if self.r.stopping:
-                return self.give_back("runner stopping before the job started")
-            try:
-                if art.mutable and known is None:
-                    known = arts.listed(mutable, self.s.retry)
+        limit = self.unpack_limit()
+        try:
+            known = arts.listed(mutable + ([self.record] if self.record else []), self.s.retry)
+            for art in order:
+                self.tick()
+                if self.r.stopping:
+                    return self.give_back("runner stopping before the job started")
                 arts.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                           self.s.retry, self.s.max_unpack_bytes,
-                           exists=known.get(art.name) if art.mutable else None)
-            except StoreUnavailable as e:
-                self.r.pause_until = time.time() + self.r.store_backoff
-                self.r.store_backoff = min(self.r.store_backoff * 2, self.s.store_backoff_max_s)
-                return self.give_back(f"store unavailable: {e}")
-            except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar
-                reason = str(e) if isinstance(e, ArtifactError) else \
-                    f"fetching artifact '{art.name}': {type(e).__name__}: {e}"
-                self.note(reason)
-                self.upload_quietly()
-                self.src.dead_letter(self.msg, reason)
-                self.finish("failed", None, reason)
-                return False
-        self.r.store_backoff = self.s.store_backoff_s
-        self.uploader.mark_current()
-        if not (self.dir / "workspace").is_dir():
-            (self.dir / "workspace").mkdir()
+                           self.s.retry, limit, exists=known.get(art.name) if art.mutable else None)
+                if art.name != "output":
+                    self._own(self.dir / art.name)
+                if art.name == "workspace" and self.record is not None and known.get(self.record.name, True):
+                    done = arts.read_record(self.record, self.s.retry)  # ran before? (the credentials work)
+                    if done is not None and self.already_ran(done):
+                        return False
+        except StoreUnavailable as e:
+            self.r.store_down(next(iter(self.req.artifacts.values())).endpoint_url)
+            return self.give_back(f"store unavailable: {e}", attempted=False)
+        except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
+            reason = str(e) if isinstance(e, ArtifactError) else \
+                f"fetching artifacts: {type(e).__name__}: {e}"
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise  # the disk's fault, not the request's: released and counted by process()
+            self.note(reason)
+            self.upload_quietly()
+            self.settle_msg("dead_letter", reason)
+            self.finish("failed", None, reason)
+            return False
+        self.r.store_up(next(iter(self.req.artifacts.values())).endpoint_url)
+        self.uploader.mark_current()  # what is on disk now is what the store has
         return True
 
-    def give_back(self, reason: str) -> bool:
+    def already_ran(self, record: dict) -> bool:
+        """The result record in the store says this request ran before. Done: settle it as it
+        ended, without running it again. Ended but not done (uploads in flight elsewhere): hold
+        it back for a while; past that, its box is taken for dead and it runs again."""
+        outcome, reason = record.get("outcome"), record.get("reason", "")
+        if record.get("state") == "done":
+            log.info("%s already ran (%s): settling without running it again", self.req.key, outcome)
+            if outcome == execute.SUCCESS:
+                self.settle_msg("ack")
+            else:
+                self.settle_msg("dead_letter", f"{outcome}: {reason}")
+            self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
+            return True
+        if time.time() - float(record.get("finished") or 0) < self.s.store_wait_s:
+            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads",
+                           attempted=False)
+            return True
+        return False
+
+    def give_back(self, reason: str, attempted: bool = True) -> bool:
         log.warning("releasing %s: %s", self.req.key, reason)
-        self.src.release(self.msg)
+        if attempted:
+            self.settle_msg("release")
+        else:
+            self.settle_msg.done = True
+            put_back(self.src, self.msg)
         self.finish("released", None, reason)
         return False
 
@@ -454,14 +718,14 @@ class Job:
                 self.env = pyenv.system_env(s.python)
             else:
                 reqs = pyenv.requirement_set(self.req.pythonenv, self.req.pip)
-                python = pyenv.interpreter_for(self.req.pythonver)
+                user = self.r.user
+                python = pyenv.interpreter_for(self.req.pythonver, lambda p: user is None or
+                                               users.executable_by(p, user.uid, user.gid))
                 self.env = self.r.venvs.prepare(reqs, python, self.supervision(False))
                 log.info("%s: venv %s %s", self.req.key, self.env.key,
                          "reused" if self.env.reused else "built")
         except pyenv.EnvBuildFailed as e:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.output, "a") as f:
-                f.write(str(e))
+            self.note(str(e))
             return execute.Result(execute.ENV_FAILED, None,
                                   "building the Python environment failed (pip's error is "
                                   "in the output)")
@@ -472,24 +736,33 @@ class Job:
                                   "lifetime exceeded while building the environment")
         except Exception as e:
             return execute.Result(execute.ENV_FAILED, None, f"environment: {e}")
+        user = self.r.user
+        if user is not None and not users.executable_by(self.env.python, user.uid, user.gid):
+            return execute.Result(execute.ENV_FAILED, None,
+                                  f"the interpreter {self.env.python} cannot be run by the workload user "
+                                  f"{user.name} (a folder on its path is private, e.g. /root): set "
+                                  f"runner.python, or build venvs from a system interpreter such as "
+                                  f"/usr/bin/python3")
         return None
 
     def argv(self) -> list[str]:
         fn = self.req.filename.strip()
-        if fn.startswith("-m ") or fn == "-m":
-            head = ["-m", fn[2:].strip()] if fn != "-m" else ["-m"]
+        if fn.startswith("-m"):
+            head = ["-m", fn[2:].strip()]
         else:
             head = [fn]
-        return [self.env.python, *[h for h in head if h], *self.req.args]
+        return [self.env.python, *head, *self.req.args]
 
     def workload_env(self) -> dict[str, str]:
         base = execute.base_env(self.r.environ)
         extra = {
             "STUDIOML_EXPERIMENT": self.req.key,
             "STUDIOML_ARTIFACT_MAPPING": str(self.dir / "artifacts.json"),
-            "TMPDIR": str(self.dir / "tmp"),
+            "TMPDIR": str(self.dir / ".tmp"),
+            "HOME": str(self.dir / ".home"),
         }
-        (self.dir / "tmp").mkdir(exist_ok=True)
+        if self.r.user is not None:
+            extra["USER"] = extra["LOGNAME"] = self.r.user.name
         mapping = {n: str(self.dir / n) for n in self.req.artifacts}
         (self.dir / "artifacts.json").write_text(json.dumps(mapping))
         if self.env.bin_dir is not None:
@@ -512,7 +785,7 @@ class Job:
         return execute.run_workload(
             self.argv(), self.dir / "workspace", self.workload_env(), self.output,
             self.supervision(True), slot=self.r.cgroup_slot, on_start=started,
-            container_slot=self.r.container_slot, launcher=self.r.launcher)
+            container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids)
 
     def upload_quietly(self) -> None:
         try:
@@ -520,25 +793,87 @@ class Job:
         except ArtifactError as e:
             log.warning("uploading %s: %s", self.req.key, e)
 
+    def failed_inside(self, error: BaseException) -> None:
+        """process() caught an exception of the runner's own: settle the message (once)."""
+        if self.keep_dir or self.settle_msg.done:
+            return
+        self.settle_msg.done = True
+        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts)
+        what = "the disk is full" if isinstance(error, OSError) and error.errno == errno.ENOSPC \
+            else f"runner error: {type(error).__name__}: {error}"
+        self.status.job_finished("released", None, what)
+
     def settle(self, result: execute.Result) -> None:
         self.status.update(state="uploading", workload=None)
-        try:
-            self.uploader.upload_changed()
-            self.status.update(last_upload=self.uploader.last_upload)
-        except StoreUnavailable as e:
-            self.r.pause_until = time.time() + self.r.store_backoff
-            self.src.release(self.msg)
-            self.finish("released", result.exit_code,
-                        f"{result.outcome}, but uploading failed ({e}); it will run again")
+        if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again
+            self.upload_quietly()
+            self.settle_msg("release")
+            self.finish(result.outcome, result.exit_code, result.reason)
             return
-        except ArtifactError as e:
-            self.src.dead_letter(self.msg, f"{result.outcome}; uploading failed: {e}")
-            self.finish("failed", result.exit_code, f"uploading failed: {e}")
+        ended = {"state": "ended", "outcome": result.outcome, "exit_code": result.exit_code,
+                 "reason": result.reason, "finished": time.time(), "slot": self.r.slot,
+                 "host": os.uname().nodename, "experiment": self.req.key}
+        _write_durably(self.dir / ENDED, ended)  # from here on, the workload never runs again
+        self.keep_dir = True
+        self._write_record(ended)
+        self.complete(ended)
+
+    def _write_record(self, data: dict) -> None:
+        if self.record is not None:
+            try:
+                arts.write_record(self.record, data, self.s.retry)
+            except ArtifactError as e:
+                log.warning("%s: result record: %s", self.req.key, e)
+
+    def complete(self, ended: dict) -> None:
+        """The workload ended as `ended` says: upload its outputs, record that in the store, and
+        settle the message as the workload ended (never run again)."""
+        if not self.upload_until_done():
             return
-        if result.ok:
-            self.src.ack(self.msg)
-        elif result.outcome == execute.INTERRUPTED:
-            self.src.release(self.msg)
+        self._write_record({**ended, "state": "done"})
+        self.keep_dir = False
+        self.status.update(last_upload=self.uploader.last_upload)
+        outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")
+        if outcome == execute.SUCCESS:
+            self.settle_msg("ack")
         else:
-            self.src.dead_letter(self.msg, f"{result.outcome}: {result.reason}")
-        self.finish(result.outcome, result.exit_code, result.reason)
+            self.settle_msg("dead_letter", f"{outcome}: {reason}")
+        self.finish(outcome, ended.get("exit_code"), reason)
+
+    def upload_until_done(self) -> bool:
+        """Upload the finished job's outputs, holding its message while the store is down (up
+        to runner.store_wait). False if the message was settled otherwise: released with the
+        outputs kept here (resume_finished uploads them later), or dead-lettered."""
+        delay = self.s.store_backoff_s
+        give_up = time.time() + self.s.store_wait_s
+        while True:
+            try:
+                self.uploader.upload_changed()
+                return True
+            except StoreUnavailable as e:
+                if self.r.stopping or time.time() >= give_up:
+                    self.settle_msg.done = True
+                    put_back(self.src, self.msg)
+                    self.finish("released", None, f"finished, but the store did not take its outputs ({e}); "
+                                                  f"they are kept on this box and uploaded when it answers")
+                    return False
+                log.warning("%s: finished; uploads wait for the store: %s", self.req.key, e)
+                end = time.time() + delay
+                while time.time() < end and not self.r.stopping:
+                    self.tick()
+                    time.sleep(min(1.0, self.s.tick_s))
+                delay = min(delay * 2, self.s.store_backoff_max_s)
+            except ArtifactError as e:  # refused credentials, bad bucket: retrying cannot help
+                self.keep_dir = False
+                self.settle_msg("dead_letter", f"finished, but uploading failed: {e}")
+                self.finish("failed", None, f"uploading failed: {e}")
+                return False
+
+    def resume(self) -> None:
+        """This request's workload already ended on this box: upload what is left, then settle."""
+        ended = json.loads((self.dir / ENDED).read_text())
+        log.info("%s: its workload ended before (%s); finishing the uploads, not running it again",
+                 self.req.key, ended.get("outcome"))
+        self.status.job_started(self.req.key, self.msg.queue, self.msg.source)
+        self.keep_dir = True
+        self.complete(ended)

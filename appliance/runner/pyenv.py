@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Optional
+from typing import IO, Callable, Iterable, Optional
 
 from appliance.runner.execute import Supervision, signal_group, supervise
 
@@ -63,16 +63,22 @@ def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> list[s
     return sorted(out)
 
 
-def interpreter_for(pythonver: Optional[str]) -> str:
-    """An interpreter for the requested `pythonver` ("3.11"): `python3.11` on PATH, else the
-    one the runner runs on (base interpreter, not the appliance's venv)."""
+def interpreter_for(pythonver: Optional[str], usable: Callable[[str], bool] = lambda path: True) -> str:
+    """An interpreter for the requested `pythonver` ("3.11"): `python3.11` on PATH (or Debian's
+    /usr/bin/python3.11), else the one the runner runs on (base interpreter, not the
+    appliance's venv). `usable(path)` says whether the workload's user may run it (a pyenv
+    interpreter under /root is no use to an unprivileged account); the first usable one wins."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    candidates = []
     if pythonver:
         ver = str(pythonver).strip()
         if re.fullmatch(r"\d+(\.\d+)?", ver):
-            found = shutil.which(f"python{ver}")
-            if found:
-                return found
-    return getattr(sys, "_base_executable", None) or sys.executable
+            candidates += [shutil.which(f"python{ver}"), f"/usr/bin/python{ver}"]
+    candidates += [base, shutil.which("python3"), "/usr/bin/python3"]
+    for c in candidates:
+        if c and os.access(c, os.X_OK) and usable(c):
+            return c
+    return base
 
 
 _versions: dict = {}

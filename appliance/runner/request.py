@@ -224,7 +224,21 @@ def _check_key(key: Any, field: str) -> str:
         raise BadRequest(f"{field}: key {key!r} has a '..' component")
     if "\x00" in key:
         raise BadRequest(f"{field}: key contains a NUL byte")
+    try:
+        if len(key.encode("utf-8")) > 1024:
+            raise BadRequest(f"{field}: key is longer than S3's 1024 bytes")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field}: key is not valid unicode (a lone surrogate?)") from None
     return key
+
+
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what boto3 itself accepts
+
+
+def _check_bucket(bucket: Any, field: str) -> str:
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
+        raise BadRequest(f"{field}: {bucket!r} is not a bucket name (letters, digits, '.', '-', '_')")
+    return bucket
 
 
 def _credentials(d: Any, field: str) -> tuple:
@@ -262,6 +276,20 @@ def _endpoint_for_host(host: str, config: dict) -> str:
     if storage and urlsplit(storage).netloc == host:
         return storage
     return f"https://{host}" if _is_aws(host.split(":")[0]) else f"http://{host}"
+
+
+def _check_endpoint(url: str, field: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise BadRequest(f"{field}: {url!r} is not an endpoint URL ({e})") from None
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
+        raise BadRequest(f"{field}: {url!r} is not an http(s)://host[:port] endpoint")
+    if port == 0:
+        raise BadRequest(f"{field}: {url!r} has port 0")
+    return url
 
 
 def _artifact(name: str, d: Any, config: dict) -> Artifact:
@@ -312,6 +340,8 @@ def _artifact(name: str, d: Any, config: dict) -> Artifact:
     for flag in ("mutable", "unpack"):
         if d.get(flag) is not None and not isinstance(d.get(flag), bool):
             raise BadRequest(f"{field}.{flag}: expected true/false, got {d.get(flag)!r}")
+    bucket = _check_bucket(bucket, f"{field}.bucket")
+    endpoint = _check_endpoint(endpoint, f"{field}.endpoint")
     return Artifact(name=name, key=key, bucket=bucket, endpoint_url=endpoint,
                     mutable=bool(d.get("mutable", False)), unpack=bool(d.get("unpack", True)),
                     access_key=access, secret_key=secret, region=region, session_token=token)
@@ -335,8 +365,45 @@ def _optional_float(value: Any, field: str) -> Optional[float]:
     return float(value)
 
 
+MAX_KEY_CHARS = 200  # the key names a directory and a status file: well under NAME_MAX
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_filename(filename: str) -> str:
+    """`script.py`, `sub/dir/script.py` or `-m package.module`: a path inside the workspace
+    (never absolute, never through '..'), or a module name."""
+    fn = filename.strip()
+    if fn.startswith("-m"):
+        module = fn[2:].strip()
+        if not _MODULE.fullmatch(module):
+            raise BadRequest(f"experiment.filename: {filename!r}: after '-m' a module name like "
+                             f"'pkg.train' is expected")
+        return fn
+    if "\x00" in fn or fn.startswith("/") or fn.startswith("-"):
+        raise BadRequest(f"experiment.filename: {filename!r} must be a path inside the workspace "
+                         f"(relative, like 'train.py')")
+    if ".." in fn.split("/"):
+        raise BadRequest(f"experiment.filename: {filename!r} has a '..' component; name a file "
+                         f"inside the workspace")
+    return fn
+
+
 def parse_request(body: "bytes | str") -> Request:
-    """Parse and validate one queue message; raise BadRequest if it can never run."""
+    """Parse and validate one queue message; raise BadRequest if it can never run.
+
+    Never raises anything else for any body (deep nesting, huge numbers, odd unicode)."""
+    try:
+        return _parse_request(body)
+    except BadRequest:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise BadRequest(f"message: too deeply nested or too large to read ({type(e).__name__})") from None
+    except Exception as e:  # a shape no rule above foresaw: still the message's fault
+        raise BadRequest(f"message: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _parse_request(body: "bytes | str") -> Request:
     try:
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -353,17 +420,30 @@ def parse_request(body: "bytes | str") -> Request:
     key = exp.get("key")
     if not isinstance(key, str) or not key.strip():
         raise BadRequest("experiment.key: missing or empty")
-    if "/" in key or key in (".", "..") or "\x00" in key:
-        raise BadRequest(f"experiment.key: {key!r} must not contain '/' or be '.'/'..'")
+    if "/" in key or key in (".", "..") or "\x00" in key or key.startswith("."):
+        raise BadRequest(f"experiment.key: {key!r} must not contain '/' or start with '.'")
+    if len(key) > MAX_KEY_CHARS or not key.isprintable():
+        raise BadRequest(f"experiment.key: must be at most {MAX_KEY_CHARS} printable characters "
+                         f"(got {len(key)})")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("experiment.key: not valid unicode (a lone surrogate?)") from None
     filename = exp.get("filename")
     if not isinstance(filename, str) or not filename.strip():
         raise BadRequest("experiment.filename: missing or empty")
+    filename = _check_filename(filename)
 
     arts = exp.get("artifacts")
     if not isinstance(arts, dict):
         raise BadRequest("experiment.artifacts: missing or not an object")
     if "workspace" not in arts:
         raise BadRequest("experiment.artifacts.workspace: missing")
+    for name in arts:
+        if not isinstance(name, str) or not _ARTIFACT_NAME.fullmatch(name):
+            raise BadRequest(f"experiment.artifacts: name {name!r} is not allowed: names are letters, "
+                             f"digits, '_', '-' and '.', up to 100, not starting with '.' or '-' (they "
+                             f"name folders of the job)")
     artifacts = {name: _artifact(name, d, config) for name, d in arts.items()}
 
     env = config.get("env") or {}

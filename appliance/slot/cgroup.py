@@ -408,6 +408,30 @@ class SlotCgroup:
                 except OSError as err:
                     raise _error(f"hand to uid {uid}:", path, err) from None
 
+    def kill_leaf(self, leaf: str, rounds: int = 20) -> int:
+        """SIGKILL every process in one leaf (a fork racing the kill is caught in the next
+        round); returns how many were killed."""
+        import signal
+        import time
+
+        killed = 0
+        for _ in range(rounds):
+            pids = set()
+            for root in self.hierarchy.roots():
+                text = _read_or(os.path.join(self.path(root, leaf), "cgroup.procs"), "")
+                pids.update(int(p) for p in text.split() if p.isdigit())
+            pids.discard(os.getpid())
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
+        return killed
+
     def pids(self) -> list[int]:
         """Processes in the slot (both leaves and, by mistake, the slot itself), sorted."""
         found: set[int] = set()

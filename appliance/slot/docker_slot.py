@@ -4,7 +4,7 @@ supervisord runs, per slot,
 
     python -m appliance.slot.docker_slot --slot slot-0 --cpus 0-1 --memory-bytes N \\
         --shm-bytes N [--gpus UUID,..] --image IMAGE --home HOME [--env K=V ...] \\
-        [--stop-timeout S] [--user U] -- python -m appliance.runner --home HOME --slot slot-0
+        [--stop-timeout S] [--workload-user U] -- python -m appliance.runner --home HOME --slot slot-0
 
 which replaces any stale container of that slot, starts container `appliance-<slot>` with the
 slot's cpuset, memory (swap included), /dev/shm size and GPUs, streams its output to ours,
@@ -163,8 +163,19 @@ def _environment(args) -> dict[str, str]:
             raise SlotError(f"--env {pair!r}: expected KEY=VALUE")
         env[key] = value
     env.update(CUDA_VISIBLE_DEVICES=",".join(args.gpus), CUDA_DEVICE_ORDER="PCI_BUS_ID",
-               APPLIANCE_SLOT=args.slot)
+               APPLIANCE_SLOT=args.slot, APPLIANCE_WORKLOAD_USER=_workload_ids(args))
     return env
+
+
+def _workload_ids(args) -> str:
+    """The workload account, made and looked up on the host: "uid:gid" (the image has no such
+    account), or "root"."""
+    from appliance.slot.users import UserError, workload_user
+    try:
+        user = workload_user(args.workload_user, args.slot)
+    except UserError as e:
+        raise SlotError(str(e)) from None
+    return f"{user.uid}:{user.gid}" if user else "root"
 
 
 def _command(command: list[str]) -> list[str]:
@@ -179,6 +190,20 @@ def _start_failure(error: Exception, args) -> str:
     if args.gpus and ("nvidia" in text or "device driver" in text):
         return f"cannot give the container GPUs {','.join(args.gpus)} ({text}): {NVIDIA_FIX}"
     return f"cannot start the container ({text})"
+
+
+def slot_mounts(home: str, slot: str) -> dict:
+    """What a slot's runner needs of the home, and nothing else: never `secrets/` (the store's
+    admin keys), the store's data, supervisord's socket or logs, or another slot's work dir."""
+    from appliance.paths import Home
+    h = Home(Path(home))
+    rw = [h.queue_root, h.status_dir, h.cache_dir, h.work_dir / slot, h.run_dir / "serving"]
+    ro = [h.config_file, h.plan_file, h.credentials_dir, h.run_dir / "sources.json"]
+    for d in rw:
+        d.mkdir(parents=True, exist_ok=True)
+    mounts = {str(p): {"bind": str(p), "mode": "rw"} for p in rw}
+    mounts.update({str(p): {"bind": str(p), "mode": "ro"} for p in ro if p.exists()})
+    return mounts
 
 
 def create_container(client, args):
@@ -198,8 +223,8 @@ def create_container(client, args):
             cpuset_cpus=args.cpus, mem_limit=args.memory_bytes,
             memswap_limit=args.memory_bytes, shm_size=args.shm_bytes,
             init=True, network_mode="host", environment=_environment(args),
-            volumes={home: {"bind": home, "mode": "rw"}}, device_requests=device_requests,
-            user=args.user or "", stop_signal="SIGTERM")
+            volumes=slot_mounts(home, args.slot), device_requests=device_requests,
+            stop_signal="SIGTERM")
     except docker.errors.ImageNotFound:
         raise SlotError(f"the runner image {args.image} does not exist: "
                         + IMAGE_FIX.format(image=args.image)) from None
@@ -306,7 +331,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--image", required=True, help="runner image (python -m appliance.image)")
     p.add_argument("--home", required=True, help="appliance home, bind-mounted at the same path")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--user", help="user (name or uid[:gid]) to run as inside the container")
+    p.add_argument("--workload-user", default="auto",
+                   help="isolation.user: who workloads run as (the runner is root in its container)")
     p.add_argument("--stop-timeout", type=int, default=DEFAULT_STOP_TIMEOUT,
                    help="seconds between SIGTERM and SIGKILL when stopping (the drain bound)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the runner command")

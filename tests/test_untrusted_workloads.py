@@ -1,0 +1,178 @@
+"""Every request is untrusted code: what a hostile workload can and cannot reach, and finished
+work that is never run twice. Real store, real runner, real processes (as root: workloads then
+run as the slot's own unprivileged account)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+
+import pytest
+
+from appliance.runner.status import read_status
+from tests.realparts import need
+from tests.test_runner_loop import (Q, claimed, dead_reasons, home, make_runner, output_of, pending,  # noqa: F401
+                                    read_artifact, request, scratch, start_runner, submit, wait_for)
+
+
+@pytest.fixture(autouse=True)
+def _as_root():
+    need(os.geteuid() == 0, "root (workloads are switched to an unprivileged account)")
+
+
+PROBE = """
+import json, os, sys
+home, runner = sys.argv[1], os.getppid()
+def attempt(what, fn):
+    try:
+        fn()
+        return "allowed"
+    except OSError as e:
+        return type(e).__name__
+report = {
+    "uid": os.getuid(), "euid": os.geteuid(), "groups": os.getgroups(),
+    "read secrets": attempt("", lambda: open(os.path.join(home, "secrets", "store.json")).read()),
+    "read shadow": attempt("", lambda: open("/etc/shadow").read()),
+    "signal runner": attempt("", lambda: os.kill(runner, 0)),
+    "runner environ": attempt("", lambda: open(f"/proc/{runner}/environ").read()),
+    "host shm": attempt("", lambda: os.listdir("/proc/1/root/dev/shm")),
+    "runner root": attempt("", lambda: os.listdir(f"/proc/{runner}/root/")),
+    "write status": attempt("", lambda: open(os.path.join(home, "status", "forged.json"), "w").write("{}")),
+    "write cache": attempt("", lambda: open(os.path.join(home, "cache", "planted"), "w").write("x")),
+    "read queue": attempt("", lambda: os.listdir(os.path.join(home, "studioml", "queue", "local_test"))),
+    "write own workspace": attempt("", lambda: open("mine.txt", "w").write("ok")),
+}
+print("REPORT " + json.dumps(report))
+"""
+
+
+def _report(out: str) -> dict:
+    line = next(ln for ln in out.splitlines() if ln.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+def test_a_workload_is_an_unprivileged_account_of_its_slot_and_reaches_nothing_of_the_appliance(store, home):
+    (home.secrets_dir / "store.json").write_text('{"secret_key": "the admin key"}')
+    os.chmod(home.secrets_dir / "store.json", 0o600)
+    os.chmod(home.queue_root, 0o700)
+    key, body = request(store, {"train.py": PROBE}, args=[str(home.root)])
+    submit(home, body)
+    runner, _ = make_runner(home, slot="slot-0")
+    assert runner.run_once()
+    out = output_of(store, key)
+    report = _report(out)
+    account = pwd.getpwnam("appliance-slot-0")
+    assert report["uid"] == report["euid"] == account.pw_uid != 0
+    assert report["groups"] == []
+    for what in ("read secrets", "read shadow", "signal runner", "runner environ", "host shm", "runner root",
+                 "write status", "write cache", "read queue"):
+        assert report[what] != "allowed", (what, report)
+    assert report["write own workspace"] == "allowed"
+    assert "the admin key" not in out
+
+
+def test_two_slots_run_as_two_accounts(store, home):
+    uids = []
+    for slot in ("slot-0", "slot-1"):
+        key, body = request(store, {"train.py": PROBE}, args=[str(home.root)])
+        submit(home, body)
+        runner, _ = make_runner(home, slot=slot)
+        assert runner.run_once()
+        uids.append(_report(output_of(store, key))["uid"])
+    assert uids[0] != uids[1] and 0 not in uids
+
+
+def test_root_only_when_asked_for(store, home):
+    key, body = request(store, {"train.py": PROBE}, args=[str(home.root)])
+    submit(home, body)
+    runner, _ = make_runner(home, workload_user="root")
+    assert runner.run_once()
+    assert _report(output_of(store, key))["uid"] == 0
+
+
+def test_a_link_planted_in_an_output_folder_is_not_followed_by_the_root_runner(store, home):
+    """The workload makes its modeldir point at the appliance's secrets (a symlink, a hard link,
+    a folder swapped for a link): the upload must not carry the runner's files."""
+    (home.secrets_dir / "store.json").write_text('{"secret_key": "the admin key"}')
+    os.chmod(home.secrets_dir / "store.json", 0o600)
+    key, body = request(store, {"train.py": f"""
+        import os
+        os.symlink({str(home.secrets_dir / 'store.json')!r}, "../modeldir/link.json")
+        os.symlink({str(home.secrets_dir)!r}, "../modeldir/secrets")
+        try:
+            os.link({str(home.secrets_dir / 'store.json')!r}, "../modeldir/hard.json")
+        except OSError as e:
+            print("hard link refused", e)
+        open("../modeldir/mine.txt", "w").write("mine")
+        """})
+    submit(home, body)
+    runner, _ = make_runner(home)
+    assert runner.run_once()
+    files = read_artifact(store, key, "modeldir")
+    assert files.get("mine.txt") == b"mine"
+    assert all(b"the admin key" not in data for data in files.values())
+
+
+def test_finished_work_is_not_run_again_when_the_same_request_comes_back(store, home):
+    """A redelivered message (broker restart, a lost ack) whose job is complete in the store is
+    settled from the result record, not run."""
+    runs = scratch(home) / "runs"
+    key, body = request(store, {"train.py": f"""
+        open({str(runs)!r}, "a").write("ran\\n")
+        print("done")
+        """})
+    submit(home, body)
+    runner, _ = make_runner(home)
+    assert runner.run_once()
+    submit(home, body)  # the same request again
+    assert runner.run_once()
+    assert runs.read_text() == "ran\n"
+    assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []
+    assert runner.status.data["last_result"]["reason"].startswith("already ran")
+
+
+def test_sigkill_while_uploading_resumes_the_upload_and_never_reruns(store, home):
+    runs = scratch(home) / "runs"
+    key, body = request(store, {"train.py": f"""
+        import os
+        open({str(runs)!r}, "a").write("ran\\n")
+        with open("../modeldir/weights.bin", "wb") as f:
+            for _ in range(48):
+                f.write(os.urandom(1 << 20))
+        print("trained")
+        """})
+    submit(home, body)
+    first = start_runner(home, "slot-u")
+    try:
+        wait_for(lambda: (read_status(home, "slot-u") or {}).get("state") == "uploading", "the upload",
+                 timeout=300)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+        first.wait()
+    second = start_runner(home, "slot-u")
+    try:
+        wait_for(lambda: pending(home) == [] and claimed(home) == [], "the message to settle", timeout=300)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        second.kill()
+        second.wait()
+    assert runs.read_text() == "ran\n"
+    assert dead_reasons(home) == []
+    assert "trained" in output_of(store, key)
+    assert len(read_artifact(store, key, "modeldir")["weights.bin"]) == 48 << 20
+
+
+def test_a_poison_message_is_quarantined_after_max_attempts(store, home):
+    """A message whose every claim ends with its runner dead is dead-lettered on the claim after
+    runner.max_attempts, with the reason, instead of crash-looping the slot."""
+    from appliance.queues.base import Claimed
+    from appliance.runner.loop import over_attempts
+
+    msg = Claimed(source="local", queue=Q, message_id="m", body=b"{}", attempt=4)
+    assert "runner.max_attempts = 3" in over_attempts(msg, 3)
+    assert over_attempts(Claimed(source="local", queue=Q, message_id="m", body=b"{}", attempt=3), 3) is None

@@ -102,3 +102,17 @@ def test_a_home_with_a_percent_sign_is_refused_with_the_fix(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "contains '%'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_changed_runner_setting_changes_every_slot_program_so_up_restarts_the_runners(tmp_path):
+    """`config set runner.max_unpack ...` then `up`: supervisord restarts (drains) only programs
+    whose config changed, so the runner settings must be part of each slot's program."""
+    home = Home.at(tmp_path / "h")
+    before_config = parse_config('[host]\nreserved_cpus = 0\n')
+    after_config = parse_config('[host]\nreserved_cpus = 0\n[runner]\nmax_unpack = "1GiB"\n')
+    plan = make_plan(before_config, box())
+    before = supervisord_reads(tmp_path, render_supervisord(home, before_config, plan), home)
+    after = supervisord_reads(tmp_path, render_supervisord(home, after_config, plan), home)
+    for slot in plan.slots:
+        assert before[slot.name][0].environment != after[slot.name][0].environment
+    assert before["store"][0].environment == after["store"][0].environment  # the store keeps running

@@ -229,3 +229,48 @@ def test_unmet(slot, reason):
 def test_unmet_ignores_gpu_mem_without_gpus():
     r = Resources(cpus=1, gpus=0, ram_bytes=0, hdd_bytes=0, gpu_mem_bytes=8 * GiB)
     assert unmet(r, cpus=1, memory_bytes=GiB, gpus=0, gpu_mem_bytes=0, disk_bytes=0) is None
+
+
+# ---------------------------------------------------------------- fields that name files
+
+@pytest.mark.parametrize("name", ["/etc", "../up", "..", ".hidden", "a/b", "-rf", "x" * 101, "bad\udc80name"])
+def test_artifact_names_that_are_not_plain_folder_names_are_refused(raw, name):
+    raw["experiment"]["artifacts"][name] = raw["experiment"]["artifacts"]["output"]
+    with pytest.raises(BadRequest, match="experiment.artifacts: name"):
+        parse_request(json.dumps(raw))
+
+
+@pytest.mark.parametrize("filename", ["/etc/passwd", "../../bin/sh", "sub/../../x.py", "-c", "-m os; x"])
+def test_a_filename_outside_the_workspace_is_refused(raw, filename):
+    raw["experiment"]["filename"] = filename
+    with pytest.raises(BadRequest, match="experiment.filename"):
+        parse_request(json.dumps(raw))
+
+
+@pytest.mark.parametrize("filename", ["train.py", "src/train.py", "-m pkg.train"])
+def test_filenames_inside_the_workspace_and_modules_are_fine(raw, filename):
+    raw["experiment"]["filename"] = filename
+    assert parse_request(json.dumps(raw)).filename == filename
+
+
+@pytest.mark.parametrize("key", ["k" * 300, "bad\udc80key", "line\nbreak", ".hidden"])
+def test_experiment_keys_that_cannot_name_a_folder_are_refused(raw, key):
+    raw["experiment"]["key"] = key
+    with pytest.raises(BadRequest, match="experiment.key"):
+        parse_request(json.dumps(raw))
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"experiment": ' * 50_000, '{"a": 1e999999}'])
+def test_any_body_is_a_bad_request_never_a_crash(text):
+    with pytest.raises(BadRequest):
+        parse_request(text)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bucket", "bad bucket!", "bucket"),
+    ("qualified", "s3://host:notaport/b/k", "endpoint"),
+])
+def test_bad_bucket_names_and_endpoints_are_the_request_s_error(raw, field, value, match):
+    raw["experiment"]["artifacts"]["output"][field] = value
+    with pytest.raises(BadRequest, match=match):
+        parse_request(json.dumps(raw))

@@ -13,8 +13,9 @@ import pytest
 
 from appliance.runner.status import read_status
 from tests.realparts import need
-from tests.test_runner_loop import (Q, claimed, dead_reasons, home, make_runner, output_of, pending,  # noqa: F401
-                                    read_artifact, request, scratch, start_runner, submit, wait_for)
+from tests.test_runner_loop import (Q, claimed, dead_reasons, make_runner, output_of, pending, read_artifact,
+                                    request, scratch, start_runner, submit, wait_for)
+from tests.test_runner_loop import home as home  # noqa: F401  (the fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -177,3 +177,36 @@ def test_a_poison_message_is_quarantined_after_max_attempts(store, home):
     msg = Claimed(source="local", queue=Q, message_id="m", body=b"{}", attempt=4)
     assert "runner.max_attempts = 3" in over_attempts(msg, 3)
     assert over_attempts(Claimed(source="local", queue=Q, message_id="m", body=b"{}", attempt=3), 3) is None
+
+
+def _zero_bomb(size: int) -> bytes:
+    """A .tar.gz whose one member is `size` bytes of zeros (a few MB compressed)."""
+    import io
+    import tarfile
+    import zlib
+
+    header = tarfile.TarInfo("zeros.bin")
+    header.size = size
+    raw = io.BytesIO()
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)
+    raw.write(gz.compress(header.tobuf(format=tarfile.GNU_FORMAT)))
+    block = bytes(1 << 20)
+    for _ in range(size >> 20):
+        raw.write(gz.compress(block))
+    raw.write(gz.compress(bytes(1024)))  # end of archive
+    raw.write(gz.flush())
+    return raw.getvalue()
+
+
+def test_a_workspace_that_unpacks_past_the_request_s_disk_is_refused(store, home):
+    """A small gzip of more zeros than the request's `hdd` (1gb here) is cut off, with the reason,
+    however large runner.max_unpack is."""
+    key, body = request(store, {"train.py": "print('never')"})
+    blob = json.loads(body)["experiment"]["artifacts"]["workspace"]["key"]
+    store.client().put_object(Bucket=store.bucket, Key=blob, Body=_zero_bomb((1 << 30) + (64 << 20)))
+    submit(home, body)
+    runner, _ = make_runner(home, max_unpack_bytes=20 << 30)
+    assert runner.run_once()
+    [reason] = dead_reasons(home)
+    assert "more than" in reason and "zeros.bin" in reason
+    assert not list((home.work_dir / "slot-0").glob("*/workspace/zeros.bin"))

@@ -31,6 +31,7 @@ def check(home: Home) -> list[Finding]:
         return [Finding(False, "config", str(e))]
 
     out += _check_permissions(home)
+    out.append(_check_disk(home))
     out.append(_check_workload_user(config))
     out += _check_cgroups(config)
     out += _check_store(home, config)
@@ -63,6 +64,21 @@ def _check_permissions(home: Home) -> list[Finding]:
     elif secrets:
         out.append(Finding(True, "secrets", "store credentials are private (0600)"))
     return out
+
+
+def _check_disk(home: Home) -> Finding:
+    import shutil
+
+    from appliance.runner.loop import DISK_FULL_BYTES
+    from appliance.units import format_size
+
+    where = home.root if home.root.exists() else home.root.parent
+    usage = shutil.disk_usage(where)
+    if usage.free < DISK_FULL_BYTES:
+        return Finding(False, "disk", f"the disk holding {home.root} is full ({format_size(usage.free)} free): jobs "
+                                      "are put back until there is room; free space (`du -sh HOME/*`), or lower "
+                                      "runner.artifact_cache")
+    return Finding(True, "disk", f"{format_size(usage.free)} free of {format_size(usage.total)}")
 
 
 def _check_workload_user(config: Config) -> Finding:

@@ -473,6 +473,17 @@ def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple]) -> 
     return ended
 
 
+DISK_FULL_BYTES = 64 << 20
+
+
+def disk_full(path: Path) -> bool:
+    """Less than 64 MiB free where the job lives: writes are failing or about to."""
+    try:
+        return shutil.disk_usage(path).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
 def put_back(src, msg) -> None:
     """Give a message back without counting a try: it was not started (not here, not now)."""
     try:
@@ -809,6 +820,11 @@ class Job:
             self.upload_quietly()
             self.settle_msg("release")
             self.finish(result.outcome, result.exit_code, result.reason)
+            return
+        if result.outcome == execute.FAILED and disk_full(self.dir):
+            # the workload most likely failed for want of disk: the box's fault, not the user's
+            self.upload_quietly()
+            self.failed_inside(OSError(errno.ENOSPC, f"no space left while it ran ({result.reason})"))
             return
         ended = {"state": "ended", "outcome": result.outcome, "exit_code": result.exit_code,
                  "reason": result.reason, "finished": time.time(), "slot": self.r.slot,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -75,8 +76,10 @@ def test_slot_flags_are_the_limits_inside(docker_client, runner_image, tmp_path)
     assert int(seen["memory"]) == 256 * MiB
     assert seen["memsw"] in (None, str(256 * MiB))
     assert seen["shm"] == 64 * MiB
+    account = pwd.getpwnam(f"appliance-{slot}")  # made on the host, handed in as numbers
     assert seen["env"] == {"FOO": "bar=baz", "CUDA_VISIBLE_DEVICES": "",
-                           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_SLOT": slot}
+                           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_SLOT": slot,
+                           "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}"}
     assert no_containers(docker_client, tmp_path)
 
 
@@ -87,13 +90,19 @@ def test_output_streams_and_exit_code_pass_through(docker_client, runner_image, 
     assert no_containers(docker_client, tmp_path)
 
 
-def test_home_is_mounted_at_the_same_path_and_host_python_maps_to_image_python(
+def test_what_a_slot_needs_of_the_home_is_mounted_at_the_same_path_and_host_python_maps_to_image_python(
         docker_client, runner_image, tmp_path):
     # The renderer may write the host's interpreter path; inside, the image's python runs.
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "store.json").write_text("the admin key")
+    hello = tmp_path / "status" / "hello"
     done = run_slot(runner_image, tmp_path, slot_name(), sys.executable, "-c",
-                    f"import sys; open({str(tmp_path / 'hello')!r}, 'w').write(sys.executable)")
+                    f"import os, sys; open({str(hello)!r}, 'w').write(sys.executable + ' ' + "
+                    f"str(os.path.exists({str(tmp_path / 'secrets')!r})))")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "hello").read_text().startswith("/opt/appliance/venv/bin/python")
+    interpreter, secrets_seen = hello.read_text().split()
+    assert interpreter.startswith("/opt/appliance/venv/bin/python")
+    assert secrets_seen == "False"  # never the store's admin keys
 
 
 def start_slot(image, home, slot, code, extra=()):

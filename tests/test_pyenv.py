@@ -18,7 +18,7 @@ import pytest
 
 from appliance.runner import pyenv
 from appliance.runner.execute import Supervision
-from appliance.runner.pyenv import BuildUser, VenvCache
+from appliance.runner.pyenv import VenvCache
 
 PYTHON = pyenv.interpreter_for("3.11")
 NOBODY = 65534
@@ -132,7 +132,8 @@ def test_a_stopped_build_leaves_nothing_behind(tmp_path):
 
 
 def _key(reqs, python=PYTHON):
-    return pyenv.env_key(pyenv.normalized(reqs), pyenv.python_version(python))
+    """The cache key of already normalized requirement lines."""
+    return pyenv.env_key(sorted(reqs), pyenv.python_version(python))
 
 
 def test_leftovers_of_a_build_that_died_are_removed(tmp_path):
@@ -198,7 +199,7 @@ def test_a_runner_waiting_for_another_build_keeps_alive_and_gives_up_in_time(tmp
     with open(root / f"{_key(['six==1.17.0'])}.lock", "a") as building:  # another runner builds it
         fcntl.flock(building, fcntl.LOCK_EX)
         out = subprocess.run([sys.executable, "-c", WAIT, str(root), PYTHON, how],
-                             capture_output=True, text=True, timeout=120).stdout.strip().split(maxsplit=2)
+                             capture_output=True, text=True, timeout=60).stdout.strip().split(maxsplit=2)
     assert out[0] == "Interrupted" and int(out[1]) >= 3, out  # keepalives went on while waiting
     assert out[2] == f"waiting for the environment build: {why}"
 
@@ -221,7 +222,7 @@ def test_built_as_the_workload_user_then_read_only_to_workloads(open_dir):
     assert os.geteuid() == 0, "run the tests as root (tests/run.sh)"
     python = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run
     cache = VenvCache(open_dir / "venvs")
-    env = cache.prepare(["six==1.17.0"], python, build_as=BuildUser(NOBODY, NOBODY))
+    env = cache.prepare(["six==1.17.0"], python, build_as=pyenv.BuildUser(NOBODY, NOBODY))
     env.release()
     real = Path(os.path.realpath(open_dir / "venvs" / env.key))
     for dirpath, dirnames, filenames in os.walk(real):
@@ -247,8 +248,8 @@ def test_the_build_runs_as_the_user_after_the_callers_preexec_ran_as_root(open_d
     wrapper.write_text(f"#!/bin/sh\nid -u >> {who}\nexec {shutil.which('python3', path='/usr/bin:/bin')} \"$@\"\n")
     os.chmod(wrapper, 0o755)
     preexec_uid = open_dir / "preexec"
-    env = VenvCache(open_dir / "venvs").prepare(
-        [], str(wrapper), build_as=BuildUser(NOBODY, NOBODY, preexec=lambda: preexec_uid.write_text(str(os.geteuid()))))
+    user = pyenv.BuildUser(NOBODY, NOBODY, preexec=lambda: preexec_uid.write_text(str(os.geteuid())))
+    env = VenvCache(open_dir / "venvs").prepare([], str(wrapper), build_as=user)
     env.release()
     assert who.read_text().split()[-1] == str(NOBODY)
     assert preexec_uid.read_text() == "0"  # (so it can join the job cgroup)

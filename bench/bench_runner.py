@@ -10,6 +10,10 @@ then measures:
   2. enqueue-to-start latency of one experiment at a time on idle slots (median, p99).
   3. the first experiment with a given pythonenv (builds a virtualenv) against a second one
      with the same pythonenv (reuses it): the ratio of their enqueue-to-start times.
+  4. as many experiments as slots, all with that pythonenv and each sleeping --sleep seconds,
+     queued at once on idle slots: the ideal time (one sleep) over the time until the last
+     one ended (1.0: they all used the venv at once; 1/N: one after the other).
+     `--shared-env-only` runs just this case.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from tests.store_fixtures import free_store_port  # noqa: E402
 
 QUEUE = "local_bench"
 TRIVIAL = "import sys, time\nopen(sys.argv[1], 'a').write(f'{sys.argv[2]} {time.time()}\\n')\n"
+# TRIVIAL, then sleep argv[3] seconds and note the end in argv[4]
+SLEEPER = TRIVIAL + "time.sleep(float(sys.argv[3]))\nopen(sys.argv[4], 'a').write(f'{sys.argv[2]} {time.time()}\\n')\n"
 
 
 def percentile(values, p):
@@ -58,6 +64,7 @@ class Bench:
         self.home_dir = base / "home"
         self.home = Home.at(self.home_dir)
         self.starts = base / "starts.log"
+        self.ends = base / "ends.log"
         self.env = {**os.environ, "APPLIANCE_CGROUP_PARENT": f"appliance-bench-{uuid.uuid4().hex[:6]}",
                     "MC_CONFIG_DIR": str(base / "mc")}
 
@@ -76,6 +83,7 @@ class Bench:
         ws = self.base / "ws"
         ws.mkdir()
         (ws / "trivial.py").write_text(TRIVIAL)
+        (ws / "sleeper.py").write_text(SLEEPER)
         tar, sha = pack_directory(ws, out_dir=self.base)
         self.ws_key = workspace_key(sha)
         s3_client(self.endpoint, creds.access_key, creds.secret_key).upload_file(str(tar), "appliance", self.ws_key)
@@ -84,9 +92,12 @@ class Bench:
         cli(self.home_dir, "down", env=self.env)
         remove_cgroup_parent(self.env["APPLIANCE_CGROUP_PARENT"])
 
-    def request(self, key: str, pythonenv=()) -> bytes:
+    def request(self, key: str, pythonenv=(), sleep_s=None) -> bytes:
+        script, args = "trivial.py", [str(self.starts), key]
+        if sleep_s is not None:
+            script, args = "sleeper.py", args + [str(sleep_s), str(self.ends)]
         body = build_request(
-            key=key, script="trivial.py", script_args=[str(self.starts), key], workspace_key=self.ws_key,
+            key=key, script=script, script_args=args, workspace_key=self.ws_key,
             workspace_dir=str(self.base / "ws"), endpoint=self.endpoint, bucket="appliance",
             access_key=self.creds.access_key, secret_key=self.creds.secret_key, region="us-east-1",
             resources={"cpus": 1, "gpus": 0, "ram": "256mb", "hdd": "1gb", "gpuMem": "0gb"},
@@ -94,11 +105,12 @@ class Bench:
             pythonver="3.11", studioml_home=self.home.studioml_home, now=time.time())
         return json.dumps(body).encode()
 
-    def started(self) -> dict[str, float]:
-        if not self.starts.exists():
+    def started(self, log=None) -> dict[str, float]:
+        log = log or self.starts
+        if not log.exists():
             return {}
         out = {}
-        for line in self.starts.read_text().splitlines():
+        for line in log.read_text().splitlines():
             key, ts = line.split()
             out[key] = float(ts)
         return out
@@ -126,6 +138,20 @@ class Bench:
         elapsed = time.time() - t0
         return elapsed, [started[k] - enqueued[k] for k in keys]
 
+    def shared_env(self, n: int, sleep_s: float, pythonenv) -> float:
+        """Queue n experiments with one pythonenv, each sleeping sleep_s, at once: seconds from
+        the first enqueue until the last one ended."""
+        keys = [f"bench-{uuid.uuid4().hex[:10]}" for _ in range(n)]
+        bodies = [self.request(k, pythonenv, sleep_s) for k in keys]
+        t0 = time.time()
+        for body in bodies:
+            enqueue(self.home.queue_root, QUEUE, body)
+        while True:
+            ended = self.started(self.ends)
+            if all(k in ended for k in keys):
+                return max(ended[k] for k in keys) - t0
+            time.sleep(0.05)
+
     def one_at_a_time(self, samples: int, pythonenv=()) -> list[float]:
         latencies = []
         for _ in range(samples):
@@ -147,12 +173,24 @@ def gnu_parallel(n: int, jobs: int, base: Path) -> float:
     return time.time() - t0
 
 
+def shared_env(bench: Bench, args) -> None:
+    n = bench.slots
+    elapsed = bench.shared_env(n, args.sleep, [args.pythonenv])
+    print(f"{n} experiments with one pythonenv ({args.pythonenv!r}, built before), {args.sleep:g} s each, on {n} "
+          f"slots: all ended after {elapsed:.2f} s; ideal {args.sleep:g} s: ratio {args.sleep / elapsed:.2f}  "
+          f"(aim >= 0.95; 1/{n} = {1 / n:.2f} is one after the other)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--latency-samples", type=int, default=30)
     ap.add_argument("--pythonenv", default="six==1.16.0",
-                    help="requirement for the virtualenv reuse measurement")
+                    help="requirement for the virtualenv reuse measurements")
+    ap.add_argument("--sleep", type=float, default=10.0,
+                    help="seconds each experiment of the shared-environment case runs")
+    ap.add_argument("--shared-env-only", action="store_true",
+                    help="run only case 4 (N experiments with one environment on N slots)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (slots need cgroups)")
@@ -160,6 +198,10 @@ def main():
     bench = Bench(base)
     bench.up()
     try:
+        if args.shared_env_only:
+            bench.run_batch(1, [args.pythonenv])  # warm: the venv exists
+            shared_env(bench, args)
+            return
         bench.run_batch(bench.slots * 2)  # warm: every runner has built the empty-pythonenv venv
 
         elapsed, latencies = bench.run_batch(args.jobs)
@@ -180,6 +222,7 @@ def main():
         _, [second] = bench.run_batch(1, [args.pythonenv])
         print(f"pythonenv {args.pythonenv!r}: first experiment starts after {first:.2f} s (builds the virtualenv), "
               f"second after {second * 1000:.0f} ms (reuses it): {first / second:.0f}x faster  (aim >= 20x)")
+        shared_env(bench, args)
     finally:
         bench.down()
         shutil.rmtree(base, ignore_errors=True)

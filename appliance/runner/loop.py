@@ -729,12 +729,23 @@ class Job:
                 self.env = pyenv.system_env(s.python)
             else:
                 reqs = pyenv.requirement_set(self.req.pythonenv, self.req.pip)
+                for line in reqs.skipped:
+                    self.note(f"not installed (it exists only on the client's machine): {line}")
                 user = self.r.user
                 python = pyenv.interpreter_for(self.req.pythonver, lambda p: user is None or
                                                users.executable_by(p, user.uid, user.gid))
-                self.env = self.r.venvs.prepare(reqs, python, self.supervision(False))
+                build_as = None
+                if user is not None:  # untrusted setup.py: as the workload, inside its cgroup
+                    build_as = pyenv.BuildUser(user.uid, user.gid,
+                                               preexec=execute._preexec(self.r.cgroup_slot, os.getpid()))
+                self.env = self.r.venvs.prepare(reqs.lines, python, self.supervision(False), build_as=build_as)
                 log.info("%s: venv %s %s", self.req.key, self.env.key,
                          "reused" if self.env.reused else "built")
+                if not self.env.reused:
+                    execute.kill_job_leftovers(self.r.cgroup_slot)  # what a setup.py left running
+        except pyenv.BadRequirement as e:
+            self.note(str(e))
+            return execute.Result(execute.ENV_FAILED, None, str(e))
         except pyenv.EnvBuildFailed as e:
             self.note(str(e))
             return execute.Result(execute.ENV_FAILED, None,

@@ -1,22 +1,42 @@
 """The experiment's Python environment: a cache of virtualenvs keyed by requirement set.
 
 The requirement set is the request's `pythonenv` (the client's whole `pip freeze`) without
-`studioml` itself and without lines that only mean something on the client's machine
-(editable installs, `pkg @ file://...`), plus `config.pip`. Its key is a hash of the sorted,
-de-duplicated set and the interpreter's version, so the same set always maps to the same
-venv at `VENVS/<key>/`.
+`studioml` itself, plus `config.pip`. Only requirement specifiers are accepted (PEP 508, as
+`packaging` parses them: name, extras, versions, markers): a pip option (`-r /etc/shadow`,
+`--index-url`), a direct reference (`name @ URL`) or a local path is refused (BadRequirement),
+since pip would read files or run code from wherever the request points. Two kinds of lines
+`pip freeze` writes for installs that only exist on the client's machine (`-e ...` and
+`name @ file://...`) are skipped and returned, so the job output can say so. pip gets the
+normalized specifiers (`str(Requirement(line))`, never the raw line) as arguments, not as a
+requirements file, whose own syntax (`${VAR}`, `#`, options after a requirement) would be
+one more language to police. The key is a hash of the sorted, de-duplicated set and the
+interpreter's version, so the same set always maps to the same venv at `VENVS/<key>`.
 
-- Built once: the builder holds an exclusive fcntl lock on `VENVS/<key>.lock`; a second
-  runner wanting the same set waits on the lock, then finds the `.complete` marker and reuses
-  the venv. A build that died half way (no marker) is wiped and redone.
-- In use: a runner holds a shared lock on `<key>.lock` while its job runs, so eviction (which
-  needs the exclusive lock, non-blocking) never removes a venv under a running job.
+- Built once: the builder holds an exclusive fcntl lock on `VENVS/<key>.lock` and builds
+  into `VENVS/.<key>.<random>/`; when it is complete (`.complete` written last) the
+  symlink `VENVS/<key>` is renamed into place, so nobody ever sees half a venv. The venv
+  keeps its real directory for life: a venv cannot be moved (its scripts' `#!` lines
+  name it), a symlink can. A build that died half way leaves a `.<key>.*` directory that
+  eviction removes.
+- In use: a runner holds a shared lock on `<key>.lock` while its job runs, so any number of
+  jobs use one venv at once, and eviction (which needs the exclusive lock, non-blocking)
+  never removes a venv under a running job. Nobody blocks in flock: a runner waiting for
+  someone else's build polls with LOCK_NB, keeps its job's keepalives going and gives up
+  at a drain or the job's lifetime (Interrupted).
+- Built as the workload's user (`build_as`), not root: the build directory is handed to
+  that user and venv/pip run as it, with HOME and TMPDIR inside the build directory and
+  pip's cache off (PIP_NO_CACHE_DIR): a cache shared between builds of different requests
+  would let one request plant wheels that another request's venv then installs. Before
+  the venv is published the runner makes the whole tree its own (root) with no group or
+  other write bits, so no workload can change a venv (e.g. plant a sitecustomize.py) that
+  other jobs use. The admin's pip configuration still applies (PIP_* in the runner's
+  environment, PIP_CONFIG_FILE if set there, /etc/pip.conf; not root's ~/.config/pip,
+  since HOME is the build's own).
 - Evicted least recently used (`.last_used` mtime) when there are more than `max_count`
   venvs or they take more than `max_bytes`.
 - No `--system-site-packages`: the experiment gets exactly what its client had, not the
   appliance's own packages (boto3, supervisor, ...) in whatever versions the appliance uses;
-  the price is that big frameworks are installed once per distinct requirement set (pip's
-  wheel cache makes the second install of a wheel cheap).
+  the price is that big frameworks are installed once per distinct requirement set.
 - A failed pip run is returned as text for the `output` artifact (the experiment fails with
   ENV_FAILED), never raised into the runner.
 
@@ -31,36 +51,104 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Optional
+from typing import IO, Callable, Iterable, Iterator, Optional
 
-from appliance.runner.execute import Supervision, signal_group, supervise
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
-_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+from appliance.runner.execute import (INTERRUPTED, TIMED_OUT, Supervision, base_env, signal_group,
+                                      supervise)
+
+# what pip takes for a local archive even when it parses as a name ("evil.tar.gz")
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz",
+             ".tlz", ".tar.lz", ".tar.lzma")
+_EDITABLE = re.compile(r"(-e|--editable)(\s|=)")
 
 
-def _dist_name(req: str) -> str:
-    m = _NAME.match(req)
-    return re.sub(r"[-_.]+", "-", m.group(1)).lower() if m else ""
+class BadRequirement(ValueError):
+    """A requirement line that is not a plain requirement specifier."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems) + ": only requirement specifiers like 'numpy==1.26.4' "
+                         "are accepted (no pip options, URLs or local paths)")
 
 
-def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> list[str]:
-    """The sorted requirement lines a venv is built from."""
-    out = set()
-    for line in list(pythonenv or []) + list(pip or []):
-        line = str(line).strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(("-e ", "--editable")) or "@ file:" in line:
-            continue  # a path on the client's machine
-        if _dist_name(line) == "studioml":
-            continue
-        out.add(line)
+def _problem(line: str) -> tuple[Optional[Requirement], str]:
+    """(the parsed requirement, "") or (None, what is wrong with it)."""
+    if line.startswith("-"):
+        return None, "is a pip option"
+    try:
+        req = Requirement(line)
+    except InvalidRequirement:
+        return None, "is not a requirement specifier"
+    if req.url:
+        return None, "is a direct reference to a URL or file"
+    if req.name.lower().endswith(_ARCHIVES):
+        return None, "names an archive, which pip would read as a local path"
+    return req, ""
+
+
+def normalized(lines: Iterable[str]) -> list[str]:
+    """Sorted, de-duplicated `str(Requirement(line))`; BadRequirement names every bad line."""
+    out, bad = set(), []
+    for line in lines:
+        req, why = _problem(str(line).strip())
+        if req is None:
+            bad.append(f"requirement {str(line).strip()!r} {why}")
+        else:
+            out.add(str(req))
+    if bad:
+        raise BadRequirement(bad)
     return sorted(out)
+
+
+@dataclass
+class RequirementSet:
+    lines: list[str]  # normalized requirement specifiers to install, sorted
+    skipped: list[str] = field(default_factory=list)  # client-local installs, not installed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lines)
+
+
+def _client_local(line: str) -> bool:
+    """A line `pip freeze` writes for an install from the client's own disk."""
+    if _EDITABLE.match(line):
+        return True
+    try:
+        url = Requirement(line).url
+    except InvalidRequirement:
+        return False
+    return bool(url) and url.startswith("file:")
+
+
+def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> RequirementSet:
+    """What a venv is built from; raises BadRequirement naming every line that is refused."""
+    lines, skipped, bad = set(), [], []
+    for where, given in (("pythonenv", pythonenv), ("config.pip", pip)):
+        for raw in given or ():
+            line = str(raw).strip()
+            if not line or line.startswith("#"):
+                continue
+            if _client_local(line):
+                skipped.append(line)
+                continue
+            req, why = _problem(line)
+            if req is None:
+                bad.append(f"{where} line {line!r} {why}")
+            elif canonicalize_name(req.name) != "studioml":
+                lines.add(str(req))
+    if bad:
+        raise BadRequirement(bad)
+    return RequirementSet(sorted(lines), skipped)
 
 
 def interpreter_for(pythonver: Optional[str], usable: Callable[[str], bool] = lambda path: True) -> str:
@@ -130,7 +218,29 @@ class EnvBuildFailed(Exception):
 
 
 class Interrupted(Exception):
-    """The build was stopped (drain or lifetime)."""
+    """The build, or the wait for someone else's, was stopped (drain or lifetime)."""
+
+
+@dataclass(frozen=True)
+class BuildUser:
+    """Who venv and pip run as. `preexec` runs in the child as root before it drops to
+    uid/gid (e.g. to join the job cgroup); subprocess's own `user=` would drop first."""
+
+    uid: int
+    gid: int
+    preexec: Optional[Callable[[], None]] = None
+
+
+def _as_user(user: BuildUser) -> Callable[[], None]:
+    def child() -> None:
+        if user.preexec is not None:
+            user.preexec()
+        os.setgroups([])
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+        os.umask(0o022)
+
+    return child
 
 
 def _dir_bytes(path: Path) -> int:
@@ -144,6 +254,39 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+def seal(top: Path, build_uid: Optional[int] = None) -> None:
+    """Make the tree under `top` ours (root's) with no group/other write, setuid or setgid
+    bits. Top-down, and a directory is sealed before it is listed: a process the build left
+    behind can then no longer swap an entry (for a symlink, say) between our lstat and
+    chmod. A hard link to a file the build user does not own (a system file it cannot
+    write) fails the build rather than having its owner and mode changed."""
+    owner, group = os.geteuid(), os.getegid()
+
+    def fix(path: str) -> None:
+        st = os.lstat(path)
+        os.lchown(path, owner, group)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if (build_uid is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+                and st.st_uid != build_uid):
+            raise EnvBuildFailed(f"appliance: the environment build left {path}, a hard link to "
+                                 f"a file it does not own; the environment is not used")
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o755)
+
+    fix(str(top))
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            fix(os.path.join(dirpath, name))
+
+
+def _try_lock(f: IO, how: int) -> bool:
+    try:
+        fcntl.flock(f, how | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 class VenvCache:
     def __init__(self, root: Path, max_bytes: int = 20 << 30, max_count: int = 20,
                  build_env: Optional[dict] = None):
@@ -153,75 +296,133 @@ class VenvCache:
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
 
     def path(self, key: str) -> Path:
+        """Where the venv for `key` is used from (a symlink to its build directory)."""
         return self.root / key
 
     def _lock_file(self, key: str) -> IO:
         self.root.mkdir(parents=True, exist_ok=True)
         return open(self.root / f"{key}.lock", "a")
 
-    def prepare(self, requirements: list[str], python: str,
-                sv: Optional[Supervision] = None) -> PythonEnv:
-        """A venv for `requirements`, built if needed; raises EnvBuildFailed/Interrupted."""
-        version = python_version(python)
-        key = env_key(requirements, version)
+    def _complete(self, key: str) -> bool:
+        return (self.path(key) / ".complete").exists()
+
+    def prepare(self, requirements: Iterable[str], python: str, sv: Optional[Supervision] = None,
+                build_as: Optional[BuildUser] = None) -> PythonEnv:
+        """A venv for `requirements`, built (as `build_as`, if given) when nobody has; held
+        shared until PythonEnv.release(). Raises BadRequirement, EnvBuildFailed, Interrupted."""
+        sv = sv or Supervision()
+        reqs = normalized(requirements)
+        key = env_key(reqs, python_version(python))
         venv = self.path(key)
         lock = self._lock_file(key)
+        built = False
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            reused = (venv / ".complete").exists()
-            if not reused:
-                self._build(venv, requirements, python, sv or Supervision())
-            # downgrade: others may use it too, eviction may not take it
-            fcntl.flock(lock, fcntl.LOCK_SH)
-            if not (venv / ".complete").exists():  # evicted in the gap
-                lock.close()
-                return self.prepare(requirements, python, sv)
+            next_tick = time.time() + sv.tick_s
+            while True:
+                if _try_lock(lock, fcntl.LOCK_SH):
+                    if self._complete(key):
+                        break
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                if _try_lock(lock, fcntl.LOCK_EX):
+                    if not self._complete(key):
+                        self._build(key, reqs, python, sv, build_as)
+                        built = True
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    continue  # and take the shared hold like everyone else
+                # someone else is building it (or evicting it): wait, but not past a drain
+                # or the job's lifetime, and keep the job's keepalives going
+                now = time.time()
+                drain_at = sv.stop_at()
+                if sv.deadline is not None and now >= sv.deadline:
+                    raise Interrupted(f"waiting for the environment build: {TIMED_OUT}")
+                if drain_at is not None and now >= drain_at:
+                    raise Interrupted(f"waiting for the environment build: {INTERRUPTED}")
+                if now >= next_tick:
+                    sv.tick()
+                    next_tick = now + sv.tick_s
+                time.sleep(min(0.1, sv.tick_s))
             (venv / ".last_used").touch()
         except BaseException:
             lock.close()
             raise
         self.evict(keep=key)
         return PythonEnv(python=str(venv / "bin" / "python"), bin_dir=venv / "bin", key=key,
-                         reused=reused, _lock=lock)
+                         reused=not built, _lock=lock)
 
-    def _build(self, venv: Path, requirements: list[str], python: str,
-               sv: Supervision) -> None:
-        if venv.exists():
-            shutil.rmtree(venv)  # a build that died half way
-        venv.mkdir(parents=True)
-        log = venv / ".build.log"
-        (venv / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
-        steps = [[python, "-m", "venv", str(venv)]]
-        if requirements:
-            steps.append([str(venv / "bin" / "python"), "-m", "pip", "install",
-                          "--disable-pip-version-check", "--no-input",
-                          "-r", str(venv / "requirements.txt")])
-        env = self.build_env
-        if env is None:
-            from appliance.runner.execute import base_env
-            env = base_env(os.environ)
-        for argv in steps:
-            with open(log, "ab") as out:
-                out.write(("$ " + " ".join(argv) + "\n").encode())
-                out.flush()
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True)
-                try:
-                    rc, stopped = supervise(proc, sv)
-                except BaseException:
-                    signal_group(proc.pid, 9)
-                    raise
-            if stopped:
-                shutil.rmtree(venv, ignore_errors=True)
-                raise Interrupted(f"environment build {stopped}")
-            if rc != 0:
-                text = log.read_text(errors="replace")
-                shutil.rmtree(venv, ignore_errors=True)
-                raise EnvBuildFailed(
-                    f"appliance: building the Python environment failed (exit {rc}):\n{text}")
-        (venv / ".size").write_text(str(_dir_bytes(venv)))
-        (venv / ".complete").write_text(f"{time.time()}\n")
+    def _build(self, key: str, requirements: list[str], python: str, sv: Supervision,
+               build_as: Optional[BuildUser]) -> None:
+        """Build into a fresh `.<key>.*` directory and publish it (hold the exclusive lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            os.chmod(build, 0o755)
+            (build / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
+            env = dict(self.build_env if self.build_env is not None else base_env(os.environ))
+            cwd = build
+            if build_as is not None:
+                cwd = build / ".home"
+                cwd.mkdir()
+                env.update(HOME=str(cwd), TMPDIR=str(cwd), PIP_NO_CACHE_DIR="1")
+            # the log is opened before the build user owns the directory: we write and read
+            # our own file, whatever the build does to the name
+            with open(build / ".build.log", "wb+") as log:
+                if build_as is not None:
+                    os.chown(cwd, build_as.uid, build_as.gid)
+                    os.chown(build, build_as.uid, build_as.gid)
+                steps = [[python, "-m", "venv", str(build)]]
+                if requirements:
+                    steps.append([str(build / "bin" / "python"), "-m", "pip", "install",
+                                  "--disable-pip-version-check", "--no-input", "--", *requirements])
+                for argv in steps:
+                    self._run(argv, log, env, cwd, sv, build_as)
+            if build_as is not None:
+                shutil.rmtree(cwd)
+            seal(build, build_as.uid if build_as is not None else None)
+            (build / ".size").write_text(str(_dir_bytes(build)))
+            (build / ".complete").write_text(f"{time.time()}\n")
+            self._remove(key)  # a venv of the old layout that died half way
+            link = self.root / f".{key}.link"
+            link.unlink(missing_ok=True)
+            os.symlink(build.name, link)
+            os.replace(link, self.path(key))
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    def _run(self, argv: list[str], log: IO, env: dict, cwd: Path, sv: Supervision,
+             build_as: Optional[BuildUser]) -> None:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, cwd=str(cwd),
+                                    start_new_session=True,
+                                    preexec_fn=_as_user(build_as) if build_as else None)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise EnvBuildFailed(f"appliance: building the Python environment failed: cannot "
+                                 f"start {argv[0]}: {e}\n") from e
+        try:
+            rc, stopped = supervise(proc, sv)
+        except BaseException:
+            signal_group(proc.pid, 9)
+            raise
+        if stopped:
+            raise Interrupted(f"environment build {stopped}")
+        if rc != 0:
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+            raise EnvBuildFailed(
+                f"appliance: building the Python environment failed (exit {rc}):\n{text}")
+
+    def _remove(self, key: str) -> None:
+        """Unpublish and delete `key`'s venv (hold its exclusive lock)."""
+        link = self.path(key)
+        if link.is_symlink():
+            target = self.root / os.path.basename(os.readlink(link))
+            link.unlink()
+            shutil.rmtree(target, ignore_errors=True)
+        elif link.exists():
+            shutil.rmtree(link, ignore_errors=True)
 
     def entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, key) of complete venvs, least recently used first."""
@@ -229,7 +430,7 @@ class VenvCache:
         if not self.root.is_dir():
             return out
         for d in self.root.iterdir():
-            if not (d / ".complete").exists():
+            if d.name.startswith(".") or not (d / ".complete").exists():
                 continue
             try:
                 used = (d / ".last_used").stat().st_mtime
@@ -243,8 +444,17 @@ class VenvCache:
         out.sort()
         return out
 
+    def _free(self, key: str) -> Optional[IO]:
+        """`key`'s lock, held exclusively, if nobody uses or builds the venv; else None."""
+        lock = self._lock_file(key)
+        if _try_lock(lock, fcntl.LOCK_EX):
+            return lock
+        lock.close()
+        return None
+
     def evict(self, keep: Optional[str] = None) -> list[str]:
-        """Remove least recently used venvs nobody uses until the cache fits its bounds."""
+        """Remove least recently used venvs nobody uses until the cache fits its bounds, and
+        what builds that died left behind."""
         entries = self.entries()
         count = len(entries)
         total = sum(s for _, s, _ in entries)
@@ -252,23 +462,30 @@ class VenvCache:
         for _, size, key in entries:
             if count <= self.max_count and total <= self.max_bytes:
                 break
-            if key == keep:
-                continue
-            lock = self._lock_file(key)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
+            lock = None if key == keep else self._free(key)
+            if lock is None:
                 continue  # in use or being built
-            try:
-                (self.path(key) / ".complete").unlink(missing_ok=True)
-                shutil.rmtree(self.path(key), ignore_errors=True)
-                removed.append(key)
-                count -= 1
-                total -= size
-            finally:
-                lock.close()
+            with lock:
+                self._remove(key)
+            removed.append(key)
+            count -= 1
+            total -= size
+        for left in self.root.glob(".*.*"):
+            key = left.name[1:].split(".", 1)[0]
+            lock = self._free(key)
+            if lock is not None:
+                with lock:
+                    self._remove_leftover(key, left)
         return removed
+
+    def _remove_leftover(self, key: str, path: Path) -> None:
+        link = self.path(key)
+        if link.is_symlink() and os.path.basename(os.readlink(link)) == path.name:
+            return  # the published venv
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def system_env(python: str) -> PythonEnv:

@@ -137,9 +137,9 @@ def stop_in_order(home: Home, timeout: float) -> None:
     the whole wait on top of that. Raises SupervisorError if a slot is still up at the end."""
     deadline = time.monotonic() + timeout
     server = rpc(home)
-    names = list(processes(home))
-    if CONTROLLER in names:
+    if CONTROLLER in processes(home):
         _stop(server, CONTROLLER, True)
+    names = list(processes(home))  # after the controller stopped: it may have just added a slot
     slots = [n for n in names if n not in (CONTROLLER, STORE)]
     for name in slots:
         _stop(rpc(home), name, False)  # SIGTERM to each now: they drain side by side

@@ -2,6 +2,8 @@
 
 `up` is safe to repeat: on a running appliance it re-plans and applies only the difference.
 If anything fails on the way up, everything it started is stopped again (nothing half-started).
+When supervisord is not running, `up` and `down` first stop what a supervisord that died left
+behind (appliance/leftovers.py), so no second runner ever runs beside a live one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from appliance.store import mc
 from appliance.store.client import check_store, ensure_bucket
 from appliance.store.credentials import ensure_credentials, load_credentials, write_identities
 from appliance.store.server import endpoint_url, ports_in_use, store_program
-from appliance import supervisor
+from appliance import leftovers, supervisor
 
 
 class StartError(RuntimeError):
@@ -125,6 +127,8 @@ def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list
 def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> Prepared:
     prepared = prepare(home)
     config, plan = prepared.config, prepared.plan
+    if not supervisor.is_running(home) and supervisor.supervisord_pid(home) is None:
+        stop_leftovers(home, config, say)  # before the port check: a left store holds its ports
     problems = preflight(home, config, plan)
     if problems:
         raise StartError("cannot start the appliance:\n  - " + "\n  - ".join(problems))
@@ -189,13 +193,15 @@ def client_environment(home: Home, config: Config) -> dict[str, str]:
     }
 
 
-def down(home: Home, timeout: float | None = None) -> None:
-    """Stop everything: slots drain, then the store, then supervisord; clean slot cgroups."""
+def down(home: Home, timeout: float | None = None, say=print) -> None:
+    """Stop everything: the controller, then slots drain, then the store, then supervisord; clean
+    slot cgroups. What a dead supervisord left running is stopped the same way."""
     config = load_config(home.config_file) if home.config_file.exists() else Config()
     from appliance.render import stop_wait_seconds
 
     if supervisor.is_running(home) or supervisor.supervisord_pid(home):
         supervisor.shutdown(home, timeout or stop_wait_seconds(config) + 60)
+    stop_leftovers(home, config, say)
     if config.isolation.backend == "docker":
         try:
             from appliance.slot.docker_slot import remove_stale
@@ -206,6 +212,19 @@ def down(home: Home, timeout: float | None = None) -> None:
     plan = previous_plan(home)
     for slot in plan.slots if plan else ():
         remove_slot_cgroup(slot.name)
+
+
+def stop_leftovers(home: Home, config: Config, say=print) -> None:
+    """Stop what a supervisord that died left running (call only while none runs)."""
+    from appliance.render import stop_wait_seconds
+
+    plan = previous_plan(home)
+    found = leftovers.find(home, [s.name for s in plan.slots] if plan else [])
+    try:
+        leftovers.stop(home, found, stop_wait_seconds(config), say)
+    except PermissionError as e:
+        raise StartError(f"cannot stop {found.describe()}, left running by a supervisord that died: {e}; "
+                         "fix: run `appliance down` as the user that started the appliance (root?)") from None
 
 
 def remove_slot_cgroup(name: str) -> str | None:

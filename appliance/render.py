@@ -18,6 +18,7 @@ from appliance.files import write_atomic
 from appliance.inventory import Inventory, format_cpu_list
 from appliance.paths import Home
 from appliance.plan import Plan, Slot, describe_slot
+from appliance.singleton import lock_path
 from appliance.store.credentials import load_credentials
 from appliance.store.server import minio_environment, store_program
 from appliance.units import format_size
@@ -89,6 +90,17 @@ def runner_settings_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+CONTROLLER_LOCK_WAIT_S = 20  # its stopwaitsecs (10) and some
+STORE_LOCK_WAIT_S = 30  # its stopwaitsecs (20) and some
+
+
+def singleton_command(home: Home, name: str, wait_s: float, command: list[str], python: str,
+                      log: Path | None = None) -> list[str]:
+    """`command` run as the only instance of `name` on this home (appliance/singleton.py)."""
+    return [python, "-m", "appliance.singleton", "--lock", lock_path(home.run_dir, name), "--name", name,
+            "--wait", str(int(wait_s)), *(["--log", str(log)] if log else []), "--", *command]
+
+
 def runner_command(home: Home, slot: Slot, python: str) -> list[str]:
     return [python, "-m", "appliance.runner", "--home", str(home.root), "--slot", slot.name]
 
@@ -107,18 +119,22 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
         command += ["--workload-user", config.isolation.user]
         command += ["--env", "APPLIANCE_HOME=" + str(home.root), "--env", "PYTHONUNBUFFERED=1", "--"]
         command += runner_command(home, slot, "python3")
+        command = singleton_command(home, slot.name, stop_wait_seconds(config), command, python)
     else:
         command = [python, "-m", "appliance.slot.exec", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--mems", format_cpu_list(slot.mems),
                    "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
+        # a runner left by a dead supervisord may be draining: wait as long as a drain may take
+        command += ["--lock", lock_path(home.run_dir, slot.name), "--lock-wait", str(stop_wait_seconds(config))]
         command += ["--", *runner_command(home, slot, python)]
     return Program(slot.name, command, env, describe_slot(slot))
 
 
 def controller_program(home: Home, python: str = sys.executable) -> Program:
-    return Program("controller", [python, "-m", "appliance.controller", "--home", str(home.root)],
+    command = [python, "-m", "appliance.controller", "--home", str(home.root)]
+    return Program("controller", singleton_command(home, "controller", CONTROLLER_LOCK_WAIT_S, command, python),
                    {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"})
 
 
@@ -128,6 +144,11 @@ def render_supervisord(home: Home, config: Config, plan: Plan, python: str = sys
     if store is not None and config.object_store.kind == "minio":
         store = type(store)(store.command, {**store.environment, **minio_environment(load_credentials(home))},
                             store.ports)
+    if store is not None:
+        # the store writes its log itself: it must outlive a supervisord that dies (see singleton.py)
+        command = singleton_command(home, "store", STORE_LOCK_WAIT_S, store.command, python,
+                                    log=home.logs_dir / "store.log")
+        store = type(store)(command, store.environment, store.ports)
     return _environment_jinja().get_template("supervisord.conf.j2").render(
         home=home,
         store=store,

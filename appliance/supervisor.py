@@ -3,6 +3,10 @@
 supervisord's `update` restarts a whole group, so every slot is its own program and a diff is
 applied program by program: removed and changed ones stop (the runner drains), then changed and
 added ones are added. Unchanged programs keep their PIDs.
+
+`shutdown` stops in order: the controller (so it re-adds no slot), every slot at once (runners
+drain, uploading to the store), the store, then supervisord. Not `stopAllProcesses`: it starts
+with the lowest priority, the store, and the draining runners' uploads then fail.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass
+from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -42,12 +47,21 @@ def is_running(home: Home) -> bool:
 
 
 def supervisord_pid(home: Home) -> int | None:
+    """The pid of this home's supervisord while it lives (a stale pidfile's recycled pid is not it)."""
     try:
         pid = int(home.supervisord_pid.read_text().strip())
         os.kill(pid, 0)
-        return pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
+    return pid if b"supervisord" in cmdline and _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def start_supervisord(home: Home, foreground: bool = False, timeout: float = 20) -> None:
@@ -103,22 +117,62 @@ def apply_config(home: Home, wait: bool = True) -> tuple[list[str], list[str], l
     return added, changed, removed
 
 
-def shutdown(home: Home, timeout: float) -> None:
-    """Stop every program (slots drain first) then supervisord itself; wait until it is gone."""
-    pid = supervisord_pid(home)
+CONTROLLER = "controller"
+STORE = "store"
+STOPPED = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+
+
+def _stop(server, name: str, wait: bool) -> None:
     try:
-        server = rpc(home)
-        server.supervisor.stopAllProcesses(True)
-        server.supervisor.shutdown()
+        server.supervisor.stopProcessGroup(name, wait)
+    except xmlrpc.client.Fault as e:
+        if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
+            raise
+
+
+def stop_in_order(home: Home, timeout: float) -> None:
+    """Controller, then every slot in parallel (their runners drain), then the store.
+
+    supervisord itself kills a slot whose runner outlives its stopwaitsecs; `timeout` bounds
+    the whole wait on top of that. Raises SupervisorError if a slot is still up at the end."""
+    deadline = time.monotonic() + timeout
+    server = rpc(home)
+    if CONTROLLER in processes(home):
+        _stop(server, CONTROLLER, True)
+    names = list(processes(home))  # after the controller stopped: it may have just added a slot
+    slots = [n for n in names if n not in (CONTROLLER, STORE)]
+    for name in slots:
+        _stop(rpc(home), name, False)  # SIGTERM to each now: they drain side by side
+    while slots:
+        states = processes(home)
+        slots = [n for n in slots if n in states and states[n].state not in STOPPED]
+        if not slots:
+            break
+        if time.monotonic() > deadline:
+            raise SupervisorError(f"{', '.join(slots)} did not stop within {timeout:.0f}s")
+        time.sleep(0.2)
+    if STORE in names:
+        _stop(rpc(home), STORE, True)
+
+
+def shutdown(home: Home, timeout: float) -> None:
+    """Stop every program in order (`stop_in_order`), then supervisord; wait until it is gone."""
+    pid = supervisord_pid(home)
+    deadline = time.monotonic() + timeout
+    try:
+        stop_in_order(home, timeout)
+    except SupervisorError:
+        deadline = time.monotonic() + 30  # supervisord kills what is left as it shuts down
+    except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
+        pass  # supervisord is going or gone: it stops what is left itself, and `down` sweeps after
+    try:
+        rpc(home).supervisor.shutdown()
     except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
         pass
     if pid is None:
         return
-    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
         time.sleep(0.1)
     raise SupervisorError(f"supervisord (pid {pid}) did not exit within {timeout:.0f}s")

@@ -1,12 +1,14 @@
 """The slot exec wrapper: isolate this process, then exec the runner in its place.
 
     python -m appliance.slot.exec --slot NAME --cpus 0-1,3 --mems 0 --memory-bytes N
-        --shm-bytes N [--gpus UUID,UUID] [--user USER] -- CMD [ARGS...]
+        --shm-bytes N [--gpus UUID,UUID] [--user USER] [--lock PATH [--lock-wait S]] -- CMD [ARGS...]
 
-Steps, in this order: cgroup (create/update the slot, join its runner leaf), CPU affinity,
-private /dev/shm (needs root, so before dropping it), environment, user, exec. Because it
-exec()s, supervisord's signals reach the real runner. Any failure prints one line naming the
-step and the fix, and exits 2.
+Steps, in this order: the slot's lock (one runner per slot: a runner that a dead supervisord
+left behind is waited for, up to --lock-wait seconds; see appliance/singleton.py), cgroup
+(create/update the slot, join its runner leaf), CPU affinity, private /dev/shm (needs root, so
+before dropping it), environment, user, exec. Because it exec()s, supervisord's signals reach
+the real runner, and the runner holds the lock. Any failure prints one line naming the step and
+the fix, and exits 2 (EXIT_BUSY, 75, when the lock stayed taken).
 
 Started once per slot start, so imports stay light: no argparse, ctypes only inside shm.
 """
@@ -16,15 +18,17 @@ from __future__ import annotations
 import os
 import sys
 
+from appliance import singleton
 from appliance.slot.cgroup import CgroupError, SlotCgroup
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
 from appliance.slot.shm import ShmError, private_shm
 
 USAGE = (
     "usage: python -m appliance.slot.exec --slot NAME --cpus LIST --mems LIST "
-    "--memory-bytes N --shm-bytes N [--gpus UUID,UUID] [--user USER] -- CMD [ARGS...]"
+    "--memory-bytes N --shm-bytes N [--gpus UUID,UUID] [--user USER] [--lock PATH [--lock-wait S]] "
+    "-- CMD [ARGS...]"
 )
-OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--gpus", "--user")
+OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--gpus", "--user", "--lock", "--lock-wait")
 REQUIRED = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes")
 
 
@@ -39,7 +43,8 @@ class StepFailed(Exception):
 class Request:
     """The parsed command line."""
 
-    def __init__(self, slot, cpus, mems, memory_bytes, shm_bytes, gpus, user, command):
+    def __init__(self, slot, cpus, mems, memory_bytes, shm_bytes, gpus, user, command, lock=None,
+                 lock_wait=singleton.DEFAULT_WAIT_S):
         self.slot: str = slot
         self.cpus: list[int] = cpus
         self.mems: list[int] = mems
@@ -48,6 +53,8 @@ class Request:
         self.gpus: list[str] = gpus
         self.user: str | None = user
         self.command: list[str] = command
+        self.lock: str | None = lock
+        self.lock_wait: float = lock_wait
 
 
 def parse_args(argv: list[str]) -> Request:
@@ -87,6 +94,8 @@ def parse_args(argv: list[str]) -> Request:
         gpus=gpus,
         user=values.get("--user") or None,
         command=command,
+        lock=values.get("--lock") or None,
+        lock_wait=_seconds(values.get("--lock-wait", str(singleton.DEFAULT_WAIT_S)), "--lock-wait"),
     )
 
 
@@ -104,6 +113,16 @@ def _positive_int(text: str, option: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise StepFailed("arguments", f"{option} must be a positive whole number of bytes, not {text!r}")
     return int(text)
+
+
+def _seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise StepFailed("arguments", f"{option} must be a number of seconds, not {text!r}")
+    return value
 
 
 def slot_environment(request: Request, base: dict[str, str]) -> dict[str, str]:
@@ -145,8 +164,28 @@ def _drop_to(pw, env: dict[str, str]) -> None:
     env["USER"] = env["LOGNAME"] = pw.pw_name
 
 
+class Busy(Exception):
+    """Another runner of this slot is alive (see appliance/singleton.py)."""
+
+
+def _take_lock(request: Request) -> None:
+    """Hold the slot's lock across exec, so no second runner ever runs beside a live one."""
+    def say(text: str) -> None:
+        print(f"appliance.slot.exec: {text}", file=sys.stderr, flush=True)
+
+    try:
+        singleton.hold(request.lock, request.slot, request.lock_wait, say)
+    except singleton.Busy as err:
+        raise Busy(str(err)) from None
+    except OSError as err:
+        raise StepFailed("lock", f"cannot take {request.lock}: {err.strerror or err}; "
+                                 "fix: check that its directory is writable by root") from None
+
+
 def run(request: Request) -> None:
     """Apply the slot to this process and exec the command; returns only by raising."""
+    if request.lock:
+        _take_lock(request)
     pw = _lookup_user(request.user) if request.user else None
     try:
         cgroup = SlotCgroup(request.slot)
@@ -186,6 +225,9 @@ def run(request: Request) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
+    except Busy as err:
+        print(f"appliance.slot.exec: {err}", file=sys.stderr)
+        return singleton.EXIT_BUSY
     except StepFailed as err:
         print(f"appliance.slot.exec: {err.step} failed: {err}", file=sys.stderr)
     except Exception as err:  # last resort: still one line, no traceback

@@ -45,4 +45,8 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 step "pytest"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Workloads run as unprivileged slot accounts, so the homes the tests make must be reachable by
+# them: a base folder of this checkout's own (pytest turns its shared /tmp/pytest-of-root back
+# to 0700 whenever any session starts; tests/conftest.py opens what it makes to traversal).
+BASETEMP=/tmp/appliance-tests-$(pwd | sha1sum | cut -c1-8)
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --basetemp "$BASETEMP" "$@"

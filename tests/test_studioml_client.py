@@ -138,7 +138,7 @@ def test_the_real_studioml_client_submits_to_the_local_queue_and_a_slot_runs_it(
 
     done = wait_for("a slot to run the client's experiment", lambda: last_result(appliance, key),
                     timeout=600)  # builds a venv from the client's freeze first
-    assert done["outcome"] == "success", done
+    assert done["outcome"] == "success", (done, artifact_text(appliance, key))
     output = wait_for("the output artifact", lambda: artifact_text(appliance, key))
     assert "hello from the studioml client, args ['--lr', '0.1']" in output, output
     slot = next(s for s in appliance.status()["slots"]

@@ -161,3 +161,29 @@ def test_loose_files_from_an_older_store_are_closed_at_start(tmp_path):
     make_private(str(data))
     assert [stat.S_IMODE(p.stat().st_mode) for p in (data, data / "vol", data / "vol" / "1.dat")] == \
         [0o700, 0o700, 0o600]
+
+
+def test_up_runs_the_store_in_its_own_network_and_hands_out_the_client_identity(appliance_home):
+    """Under supervisord, as `appliance up` runs it: the store's processes live in a network
+    namespace of their own, their umask is 077, and what `up` gives users is the client identity."""
+    from appliance import supervisor
+    from appliance.store.client import s3_client
+    from appliance.store.credentials import STUDIOML_META_BUCKET, load_client_credentials, load_credentials
+
+    appliance_home.cli("up", "--timeout", "90")
+    home = appliance_home.home
+    sandbox = supervisor.processes(home)["store"].pid
+    weed = int(Path(f"/proc/{sandbox}/task/{sandbox}/children").read_text().split()[0])
+    assert "weed" in Path(f"/proc/{weed}/cmdline").read_text()
+    assert os.readlink(f"/proc/{weed}/ns/net") != os.readlink("/proc/self/ns/net")
+    umask = [line for line in Path(f"/proc/{weed}/status").read_text().splitlines() if line.startswith("Umask:")]
+    assert umask == ["Umask:\t0077"]
+    assert "umask=077" in home.supervisord_conf.read_text()
+
+    admin, client = load_credentials(home), load_client_credentials(home)
+    env = (home.secrets_dir / "s3.env").read_text()
+    assert client.access_key in env and admin.access_key not in env and admin.secret_key not in env
+    endpoint = appliance_home.status()["store"]["endpoint"]
+    scoped = s3_client(endpoint, client.access_key, client.secret_key, attempts=1)
+    assert {"appliance", STUDIOML_META_BUCKET} <= {b["Name"] for b in scoped.list_buckets()["Buckets"]}
+    scoped.put_object(Bucket=STUDIOML_META_BUCKET, Key="experiments/k", Body=b"{}")

@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
@@ -166,7 +167,12 @@ def _serve_connection(client: socket.socket, path: str) -> None:
 def forward(listener: socket.socket, path: str) -> None:
     """Accept on `listener` forever; each connection is piped to the unix socket `path`."""
     while True:
-        client, _ = listener.accept()
+        try:
+            client, _ = listener.accept()
+        except OSError as e:  # e.g. out of file descriptors: keep serving once some are free
+            print(f"appliance store: accepting a connection: {e}", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+            continue
         threading.Thread(target=_serve_connection, args=(client, path), daemon=True).start()
 
 

@@ -21,7 +21,8 @@ from appliance.plan import Plan, make_plan
 from appliance.render import render_default_config, write_supervisord
 from appliance.store import mc
 from appliance.store.client import check_store, ensure_bucket
-from appliance.store.credentials import ensure_credentials, load_credentials, write_identities
+from appliance.store.credentials import (client_buckets, ensure_credentials, load_client_credentials, load_credentials,
+                                         write_identities)
 from appliance.store.server import endpoint_url, ports_in_use, store_program
 from appliance import leftovers, supervisor
 
@@ -64,9 +65,10 @@ def prepare(home: Home, python: str = sys.executable) -> Prepared:
     config = load_config(home.config_file)
     inventory = take_inventory()
     plan = make_plan(config, inventory, previous_plan(home))
-    creds = ensure_credentials(home)
-    if config.object_store.kind == "seaweedfs":
-        write_identities(home, creds)
+    bundled = config.object_store.kind == "seaweedfs"
+    ensure_credentials(home, with_client=bundled)  # the client identity only where we make identities
+    if bundled:
+        write_identities(home, config.object_store.bucket)
     write_supervisord(home, config, plan, python)
     return Prepared(config, inventory, plan)
 
@@ -95,6 +97,7 @@ def preflight(home: Home, config: Config, plan: Plan | None = None) -> list[str]
 def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list[str]:
     """Wait until the store answers and every slot is RUNNING; return what is still wrong."""
     creds = load_credentials(home)
+    buckets_made = False
     expected = [s.name for s in plan.slots] + ["controller"] + (["store"] if store_program(home, config) else [])
     deadline = time.monotonic() + timeout
     while True:
@@ -109,19 +112,28 @@ def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list
         if not any(p.startswith("store") for p in problems):
             store_problem = check_store(endpoint_url(config), creds.access_key, creds.secret_key,
                                         config.object_store.bucket, config.object_store.region)
-            if store_problem and "does not exist" in store_problem:
-                try:
-                    ensure_bucket(endpoint_url(config), creds.access_key, creds.secret_key,
-                                  config.object_store.bucket, config.object_store.region)
-                    store_problem = None
-                except Exception as e:  # noqa: BLE001 - reported below with the endpoint
-                    store_problem = f"cannot create bucket {config.object_store.bucket}: {e}"
+            if not buckets_made and (store_problem is None or "does not exist" in store_problem):
+                store_problem = _make_buckets(config, creds)
+                buckets_made = store_problem is None
             if store_problem:
                 problems.append(f"object store: {store_problem}")
         hopeless = any(states.get(n) and states[n].state in ("FATAL", "EXITED") for n in expected)
         if not problems or hopeless or time.monotonic() > deadline:
             return problems
         time.sleep(0.2)
+
+
+def _make_buckets(config: Config, creds) -> str | None:
+    """Create the appliance's bucket, and on the bundled store every bucket its client identity
+    may use (that identity cannot create buckets). What went wrong, or None."""
+    store = config.object_store
+    buckets = client_buckets(store.bucket) if store.kind == "seaweedfs" else [store.bucket]
+    for bucket in buckets:
+        try:
+            ensure_bucket(endpoint_url(config), creds.access_key, creds.secret_key, bucket, store.region)
+        except Exception as e:  # noqa: BLE001 - reported by the caller with the endpoint
+            return f"cannot create bucket {bucket}: {e}"
+    return None
 
 
 def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> Prepared:
@@ -176,7 +188,8 @@ def _prepare_slots_environment(home: Home, config: Config) -> None:
 
 
 def write_client_settings(home: Home, config: Config) -> None:
-    """The `appliance` alias in ~/.mc/config.json and an env file for boto3 and `aws s3`."""
+    """The `appliance` alias in ~/.mc/config.json and an env file for boto3 and `aws s3`,
+    both with the client identity (never the admin's, unless the store has no other)."""
     env = client_environment(home, config)
     mc.write_alias("appliance", env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
     write_atomic(home.secrets_dir / "s3.env", "".join(f"export {k}={v}\n" for k, v in env.items()), mode=0o600)
@@ -184,7 +197,7 @@ def write_client_settings(home: Home, config: Config) -> None:
 
 def client_environment(home: Home, config: Config) -> dict[str, str]:
     """What boto3, `aws s3` and StudioML's client need to reach the store."""
-    creds = load_credentials(home)
+    creds = load_client_credentials(home)
     return {
         "AWS_ACCESS_KEY_ID": creds.access_key,
         "AWS_SECRET_ACCESS_KEY": creds.secret_key,

@@ -13,13 +13,15 @@ import pytest
 from appliance.config import Config, ObjectStoreConfig
 from appliance.paths import Home
 from appliance.store.client import check_store, s3_client
-from appliance.store.credentials import ensure_credentials, write_identities
+from appliance.store.credentials import ensure_credentials, load_client_credentials, write_identities
 from appliance.store.server import ports_in_use, seaweed_ports, store_program, weed_binary
 from tests.realparts import need
 
 
 def free_store_port() -> int:
-    """A base port whose four neighbours and their +10000 gRPC twins are all free."""
+    """A base port whose four neighbours and their +10000 gRPC twins are all free. Only the
+    first is on the host (the rest live in the store's own network namespace), but the tests
+    that check nothing of the store answers there want them quiet."""
     for _ in range(200):
         port = random.randrange(20000, 40000)
         wanted = list(seaweed_ports(port).values())
@@ -31,7 +33,7 @@ def free_store_port() -> int:
 @dataclass
 class RunningStore:
     endpoint_url: str
-    access_key: str
+    access_key: str  # the admin identity
     secret_key: str
     bucket: str
     home: Home
@@ -39,6 +41,11 @@ class RunningStore:
 
     def client(self):
         return s3_client(self.endpoint_url, self.access_key, self.secret_key)
+
+    def scoped_client(self):
+        """With the client identity (what s3.env and submitted requests carry)."""
+        creds = load_client_credentials(self.home)
+        return s3_client(self.endpoint_url, creds.access_key, creds.secret_key, attempts=1)
 
 
 def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
@@ -52,8 +59,8 @@ def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
     home.ensure()
     port = free_store_port()
     config = Config(object_store=ObjectStoreConfig(port=port, bucket=bucket))
-    creds = ensure_credentials(home)
-    write_identities(home, creds)
+    creds = ensure_credentials(home, with_client=True)
+    write_identities(home, bucket)
     program = store_program(home, config)
     log = open(home.logs_dir / "store.log", "wb")
     proc = subprocess.Popen(program.command, env={**program.environment, "PATH": "/usr/bin:/bin"},

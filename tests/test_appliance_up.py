@@ -88,12 +88,12 @@ def test_up_runs_every_slot_as_planned_and_down_leaves_nothing(appliance_home):
 def test_up_refuses_a_taken_port_and_starts_nothing(appliance_home):
     config = appliance_home.home.config_file.read_text()
     port = int(config.split("port = ")[1].split()[0])
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", port + 1))
+    with socket.socket() as blocker:  # the S3 port: the store's only port on the host
+        blocker.bind(("127.0.0.1", port))
         blocker.listen()
         result = appliance_home.cli("up", check=False)
     assert result.returncode == 2
-    assert f"{port + 1}" in result.stderr and "object_store.port" in result.stderr
+    assert f"{port}" in result.stderr and "object_store.port" in result.stderr
     assert not appliance_home.status()["running"]
 
 

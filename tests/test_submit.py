@@ -19,6 +19,7 @@ from appliance.paths import Home
 from appliance.queues.local import LocalQueueSource
 from appliance.runner.request import parse_request
 from appliance.runner.safetar import safe_extract
+from appliance.store.credentials import load_client_credentials
 from appliance.workspace import pack_directory, workspace_key
 
 
@@ -196,7 +197,8 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     assert ws.endpoint_url == store.endpoint_url and ws.bucket == store.bucket
     assert ws.key.startswith("blobstore/") and not ws.mutable
     assert req.artifacts["output"].key == f"experiments/{key}/output.tar"
-    assert (ws.access_key, ws.secret_key) == (store.access_key, store.secret_key)
+    client = load_client_credentials(store_home)  # the scoped identity, never the admin one
+    assert (ws.access_key, ws.secret_key) == (client.access_key, client.secret_key)
 
     got = tmp_path / "ws.tar"
     store.client().download_file(ws.bucket, ws.key, str(got))

@@ -1,9 +1,12 @@
 """appliance results EXPERIMENT [--dest DIR]: download and unpack an experiment's outputs.
 
-Its mutable artifacts (output, modeldir, retval, tb, _metrics, _metadata) come from where the
-runner recorded them (HOME/status/experiments/<key>.json), else from the appliance's store at
-`experiments/<key>/<tag>.tar`, read with the appliance's own store credentials. Each lands in
-DEST/<tag>/ through the same safe extractor the runners use.
+Its mutable artifacts (output, modeldir, retval, tb, _metrics, _metadata) come from the
+appliance's configured store, or from `--endpoint URL` when given, and from nowhere else: the
+endpoint a request named (and the runner recorded in HOME/status/experiments/<key>.json) is
+anyone's choice, so it never decides where the appliance's keys are sent. The recorded bucket
+and key are used when the record names that same endpoint, else `experiments/<key>/<tag>.tar`
+in the configured bucket. Reads use the client identity. Each artifact lands in DEST/<tag>/
+through the same safe extractor the runners use.
 """
 
 from __future__ import annotations
@@ -20,30 +23,34 @@ def register(sub):
                                    "from the appliance's object store.")
     p.add_argument("experiment", help="experiment key (as printed by `appliance submit`)")
     p.add_argument("--dest", help="folder to unpack into (default: ./EXPERIMENT)")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="read from this S3 endpoint, with the appliance's client keys (default: the "
+                        "appliance's own store; what a request named is never used by itself)")
     p.set_defaults(func=run)
 
 
-def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS) -> list:
-    """Artifact objects (see runner.request.Artifact) for `key`'s mutable artifacts, with the
-    appliance's store credentials."""
+def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS, endpoint: str | None = None) -> list:
+    """Artifact objects (see runner.request.Artifact) for `key`'s mutable artifacts at `endpoint`
+    (default: the configured store), with the appliance's client store credentials."""
     from appliance.config import load_config
     from appliance.runner.request import Artifact
     from appliance.runner.status import find_experiment
-    from appliance.store.credentials import load_credentials
+    from appliance.store.credentials import load_client_credentials
     from appliance.store.server import endpoint_url
 
     config = load_config(home.config_file)
-    creds = load_credentials(home)
+    creds = load_client_credentials(home)
+    store = (endpoint or endpoint_url(config)).rstrip("/")
     record = find_experiment(home, key) or {}
     recorded = record.get("artifacts", {})
     out = []
     for name in names:
         r = recorded.get(name) or {}
+        here = str(r.get("endpoint_url") or "").rstrip("/") == store
         out.append(Artifact(
-            name=name, key=r.get("key") or f"experiments/{key}/{name}.tar",
-            bucket=r.get("bucket") or config.object_store.bucket,
-            endpoint_url=r.get("endpoint_url") or endpoint_url(config),
-            mutable=True, unpack=True, access_key=creds.access_key,
+            name=name, key=(here and r.get("key")) or f"experiments/{key}/{name}.tar",
+            bucket=(here and r.get("bucket")) or config.object_store.bucket,
+            endpoint_url=store, mutable=True, unpack=True, access_key=creds.access_key,
             secret_key=creds.secret_key, region=config.object_store.region,
             session_token=None))
     return out
@@ -52,10 +59,14 @@ def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS) -> list:
 def run(args) -> int:
     from appliance.runner import artifacts as arts
 
+    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
+        print(f"appliance results: --endpoint {args.endpoint!r}: give an http:// or https:// URL",
+              file=sys.stderr)
+        return 2
     dest = Path(args.dest or args.experiment)
     retry = arts.RetryPolicy(attempts=3)
     found = 0
-    for art in experiment_artifacts(args.home, args.experiment):
+    for art in experiment_artifacts(args.home, args.experiment, endpoint=args.endpoint):
         target = dest / art.name
         try:
             if arts.fetch(art, target, None, retry, 1 << 40):

@@ -23,7 +23,7 @@ from appliance.config import load_config
 from appliance.queues.local import enqueue, is_local_queue
 from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store.client import check_store, s3_client
-from appliance.store.credentials import load_credentials
+from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url
 from appliance.workspace import pack_directory, workspace_key
 
@@ -182,7 +182,7 @@ def run(args) -> int:
     config = load_config(home.config_file)
     endpoint = endpoint_url(config)
     bucket, region = config.object_store.bucket, config.object_store.region
-    creds = load_credentials(home)
+    creds = load_client_credentials(home)  # it travels in the message: never the admin identity
     problem = check_store(endpoint, creds.access_key, creds.secret_key, bucket, region)
     if problem:
         return _fail(problem)

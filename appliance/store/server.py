@@ -57,7 +57,10 @@ def weed_binary() -> str:
 
 
 def seaweed_ports(port: int) -> dict[str, int]:
-    """S3 on `port`; master, volume and filer on the next three; gRPC on each + 10000."""
+    """S3 on `port`; master, volume and filer on the next three; gRPC on each + 10000.
+
+    Only `port` is on the host (the sandbox's forwarder); the rest live in the store's own
+    network namespace, so they can never clash with anything on the host."""
     http = {"s3": port, "master": port + 1, "volume": port + 2, "filer": port + 3}
     if max(http.values()) + 10000 > 65535:
         raise StoreError(f"object_store.port = {port} is too high: the store also uses port + 10003; "
@@ -73,22 +76,33 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
     if store.kind == "minio":
         return _minio_program(home, config)
     ports = seaweed_ports(store.port)
-    run = home.run_dir
-    command = [
+    private = store_run_dir(home)
+    s3_socket = private / "s3.sock"
+    weed = [
         weed_binary(), "mini",
         f"-dir={home.store_data}",
-        f"-ip={store.host}", f"-ip.bind={store.host}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # its own loopback: see appliance.store.sandbox
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
         f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
         f"-s3.config={home.store_identities}",
-        f"-s3.localSocket={run / 'seaweed-s3.sock'}",
-        f"-filer.localSocket={run / 'seaweed-filer.sock'}",
+        f"-s3.localSocket={s3_socket}",
+        f"-filer.localSocket={private / 'filer.sock'}",
         f"-bucket={store.bucket}",
     ]
-    env = {"GOMEMLIMIT": f"{store.memory_limit // (1024 * 1024)}MiB"}
-    listen = sorted(list(ports.values()) + [p + 10000 for p in ports.values()])
-    return StoreProgram(command=command, environment=env, ports=listen)
+    host = store.host or "127.0.0.1"
+    command = [sys.executable, "-m", "appliance.store.sandbox",
+               "--listen", f"[{host}]:{store.port}" if ":" in host else f"{host}:{store.port}",
+               "--socket", str(s3_socket), "--private", str(home.store_data), "--private", str(private),
+               "--", *weed]
+    # TMPDIR: weed writes its logs and default sockets there; keep them in the private folder
+    env = {"GOMEMLIMIT": f"{store.memory_limit // (1024 * 1024)}MiB", "TMPDIR": str(private)}
+    return StoreProgram(command=command, environment=env, ports=[store.port])
+
+
+def store_run_dir(home: Home) -> Path:
+    """The bundled store's sockets and temporary files: its owner's alone (0700)."""
+    return home.run_dir / "store"
 
 
 def _minio_program(home: Home, config: Config) -> StoreProgram:

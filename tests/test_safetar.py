@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.runner.safetar import UnsafeArchive, safe_extract
+from tests.realparts import need
 
 MB = 2**20
 
@@ -189,3 +190,62 @@ def test_file_replacing_directory(box):
                 member("d", data=b"x"))
     with pytest.raises(UnsafeArchive, match="replaces a directory"):
         safe_extract(tar, box / "dest", max_bytes=MB)
+
+
+def _realpath_limit_attack(tar_path: Path, dest: Path) -> Path:
+    """The published proof of concept of CVE-2025-4517 (CPython's test_realpath_limit_attack):
+    symlinks whose expansion overflows PATH_MAX, so `os.path.realpath` stops expanding while
+    the kernel follows them to the folder above `dest`; then a hard link and a file through them."""
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf(dest.parent, "PC_PATH_MAX") - len(str(dest)) - 1) // (len(steps) + 1))
+    members, path = [], ""
+    for step in steps:
+        members.append(member(os.path.join(path, component), tarfile.DIRTYPE, mode=0o777))
+        members.append(member(os.path.join(path, step), tarfile.SYMTYPE, linkname=component))
+        path = os.path.join(path, component)
+    linkpath = os.path.join(*steps, "l" * 254)
+    members.append(member(linkpath, tarfile.SYMTYPE, linkname=os.path.join(*[".."] * len(steps))))
+    members.append(member("escape", tarfile.SYMTYPE, linkname=os.path.join(linkpath, "..")))
+    members.append(member("flaglink", tarfile.LNKTYPE, linkname=os.path.join("escape", "secret")))
+    members.append(member("flaglink", data=b"overwrite"))
+    members.append(member("escape/newfile", data=b"new"))
+    return build(tar_path, *members, fmt="w:")
+
+
+def test_the_long_path_symlink_trick_writes_nothing_outside(box):
+    """CVE-2025-4517: it wrote outside the job dir as root through the runner on 3.11.7, 3.12.1,
+    3.13.0 and Debian's 3.11.2 with the realpath-based checks. Links are never followed now."""
+    dest = box / "dest"
+    dest.mkdir()
+    tar = _realpath_limit_attack(box / "poc.tar", dest)
+    with pytest.raises(UnsafeArchive):
+        safe_extract(tar, dest, max_bytes=MB)
+    assert (box / "secret").read_text() == "keep me"
+    assert not (box / "newfile").exists()
+    assert sorted(p.name for p in box.iterdir()) == ["dest", "poc.tar", "secret"]
+
+
+def test_a_member_through_a_symlink_the_archive_made_is_refused(box):
+    tar = build(box / "t.tar", member("sub", tarfile.DIRTYPE, mode=0o755),
+                member("link", tarfile.SYMTYPE, linkname="sub"), member("link/f", data=b"x"))
+    with pytest.raises(UnsafeArchive, match="is a link"):
+        safe_extract(tar, box / "dest", max_bytes=MB)
+
+
+def test_a_lying_size_header_is_cut_at_the_limit(box):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        info = tarfile.TarInfo("big")
+        info.size = 2 * MB
+        tf.addfile(info, io.BytesIO(bytes(2 * MB)))
+    with pytest.raises(UnsafeArchive, match="more than"):
+        safe_extract(io.BytesIO(raw.getvalue()), box / "dest", max_bytes=MB)
+
+
+def test_owner_gives_every_entry_to_the_workload(box):
+    need(os.geteuid() == 0, "root (to give files away)")
+    tar = build(box / "t.tar", member("d", tarfile.DIRTYPE, mode=0o755), member("d/f", data=b"x"),
+                member("l", tarfile.SYMTYPE, linkname="d/f"))
+    safe_extract(tar, box / "dest", max_bytes=MB, owner=(65534, 65534))
+    for name in ("d", "d/f", "l"):
+        assert os.lstat(box / "dest" / name).st_uid == 65534

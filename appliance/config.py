@@ -153,7 +153,8 @@ class ObjectStoreConfig:
     kind: str = opt("seaweedfs", _one_of("seaweedfs", "minio", "external"),
                     '"seaweedfs": bundled; "minio": run your own MinIO binary; "external": any S3 endpoint')
     host: str = opt("127.0.0.1", _text, "address the bundled store binds to")
-    port: int = opt(8333, _port, "S3 port of the bundled store on the host (its other ports stay inside its own network namespace)")
+    port: int = opt(8333, _port, "S3 port of the bundled store on the host (its other ports stay in its own "
+                                 "network namespace)")
     bucket: str = opt("appliance", _text, "bucket for experiment artifacts")
     region: str = opt("us-east-1", _text, "S3 region name")
     endpoint: str = opt("", _text, 'S3 endpoint URL when kind = "external"')

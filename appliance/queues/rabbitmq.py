@@ -385,21 +385,15 @@ class RabbitSource:
         """Done with the message we hold (or its lease): publish a copy to `republish_to` (if
         given) and ack ours in one transaction."""
         h: _Held = msg.handle
-        try:
-            self._alive()  # notes the held messages whose channel is gone
-        except (RabbitError, *AMQP_ERRORS) as e:
-            self._held.pop(msg.message_id, None)
-            log.error("%s: settling %s/%s failed (%s); the broker will hand it out again",
-                      self.name, msg.queue, msg.message_id, e)
-            return
         self._held.pop(msg.message_id, None)
-        if not h.lease_queue and h.channel is not self.ch:
-            h.lost = h.lost or "its channel was closed"
+        if not h.lease_queue and not h.lost and not (h.channel is self.ch and self.ch.is_open):
+            h.lost = "its channel or connection was closed"
         if h.lost:
             log.warning("%s: %s/%s was already put back by the broker (%s)", self.name,
                         msg.queue, msg.message_id, h.lost)
             return
         try:
+            self._alive()  # a leased message needs a connection, not the one it came on
             if republish_to:
                 if republish_to != msg.queue:
                     self.ch.queue_declare(republish_to, durable=True)
@@ -410,7 +404,7 @@ class RabbitSource:
             self.ch.tx_commit()
             if h.lease_queue:
                 self.ch.queue_delete(h.lease_queue)
-        except AMQP_ERRORS as e:
+        except (RabbitError, *AMQP_ERRORS) as e:
             self._rollback()
             log.error("%s: settling %s/%s failed (%s); the broker will hand it out again",
                       self.name, msg.queue, msg.message_id, e)

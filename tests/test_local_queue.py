@@ -420,3 +420,23 @@ def test_a_message_that_kills_its_runner_is_counted_and_stopped(src, root, tmp_p
     # a human puts it back by hand: it starts counting afresh
     os.rename(root / DEAD / Q / msgid, root / Q / msgid)
     assert src.claim(Q).attempt == 1
+
+
+def test_the_source_set_passes_attempts_through(tmp_path):
+    from appliance.paths import Home
+    from appliance.queues.sources import SourceSet
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    enqueue(home.queue_root, Q, b"{}")
+    sources = SourceSet(home, slot="slot-3", write_serving=False)
+    try:
+        msg = sources.claim(f"local/{Q}")
+        assert msg.attempt == 1
+        sources.release(msg, counted=False)
+        msg = sources.claim(f"local/{Q}")
+        assert msg.attempt == 1
+        sources.release(msg)
+        assert sources.claim(f"local/{Q}").attempt == 2
+    finally:
+        sources.close()

@@ -175,6 +175,9 @@ class RunnerConfig:
     max_unpack: int = opt(parse_size("20GiB"), _size, "largest total size an artifact may unpack to")
     drain_timeout: float = opt(600.0, _duration, "how long a stopping runner lets its job finish")
     default_lifetime: float = opt(86400.0, _duration, "lifetime of a job whose request sets none")
+    max_attempts: int = opt(3, _int_at_least(1),
+                            "how many times a request may be claimed without finishing (its runner crashed, was "
+                            "killed or stopped mid-job) before it is dead-lettered")
 
 
 @dataclass(frozen=True)

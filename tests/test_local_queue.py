@@ -344,3 +344,99 @@ def test_a_queue_folder_made_by_root_belongs_to_the_queue_roots_owner(tmp_path):
     enqueue(root, "local_shared", b"{}")
     st = (root / "local_shared").stat()
     assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+# ---------------------------------------------------------------- attempts (issue 13)
+
+def test_every_claim_counts_and_release_keeps_the_count(src, root):
+    from appliance.queues.local import ATTEMPTS
+
+    msgid = src.enqueue(Q, b'{"x": 1}')
+    first = src.claim(Q)
+    assert first.attempt == 1
+    assert (root / ATTEMPTS / Q / msgid).read_text() == "1\n"  # on disk before the runner works
+    src.release(first)
+    second = src.claim(Q)
+    assert (second.message_id, second.attempt, second.body) == (msgid, 2, b'{"x": 1}')
+    src.release(second, counted=False)  # only looked at (held back for another slot)
+    third = src.claim(Q)
+    assert third.attempt == 2
+    src.ack(third)
+    assert not (root / ATTEMPTS / Q / msgid).exists()
+    assert src.depths() == {Q: 0} and src.claimed_counts() == {Q: 0}
+    # the client's layout is untouched: the queue folder holds only message files
+    other = src.enqueue(Q, b"{}")
+    m = src.claim(Q)
+    src.release(m)
+    assert sorted(p.name for p in (root / Q).iterdir()) == [other]
+
+
+def test_an_uncounted_first_look_leaves_no_count(src, root):
+    from appliance.queues.local import ATTEMPTS
+
+    msgid = src.enqueue(Q, b"{}")
+    src.release(src.claim(Q), counted=False)
+    assert not (root / ATTEMPTS / Q / msgid).exists()
+    assert src.claim(Q).attempt == 1
+
+
+def _claim_and_hang(root: str, ready: str) -> None:
+    s = LocalQueueSource(Path(root), runner_id="doomed")
+    msg = s.claim(Q)
+    Path(ready).write_text(str(msg.attempt))
+    time.sleep(600)
+
+
+def test_a_message_that_kills_its_runner_is_counted_and_stopped(src, root, tmp_path):
+    """The crash loop of issue 13: each runner is SIGKILLed while holding the message; its claim
+    is recovered and claimed again, the count goes up, and past the limit it is dead-lettered."""
+    import signal
+
+    from appliance.queues.base import over_attempts
+
+    msgid = src.enqueue(Q, b'{"poison": true}')
+    seen = []
+    for i in range(3):
+        ready = tmp_path / f"ready{i}"
+        p = multiprocessing.get_context("fork").Process(target=_claim_and_hang, args=(str(root), str(ready)))
+        p.start()
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(int(ready.read_text()))
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert src.depths() == {Q: 0} and src.claimed_counts() == {Q: 1}
+        assert src.recover_orphans() == 1
+    assert seen == [1, 2, 3]
+    msg = src.claim(Q)
+    assert (msg.message_id, msg.attempt, msg.body) == (msgid, 4, b'{"poison": true}')
+    assert over_attempts(msg, 4) is None
+    reason = over_attempts(msg, 3)
+    assert reason == ("claimed 3 times without finishing (the limit is runner.max_attempts = 3): "
+                      "it crashed or outlived its runner each time")
+    src.dead_letter(msg, reason)
+    assert src.dead_letters() == [(Q, msgid, reason)]
+    # a human puts it back by hand: it starts counting afresh
+    os.rename(root / DEAD / Q / msgid, root / Q / msgid)
+    assert src.claim(Q).attempt == 1
+
+
+def test_the_source_set_passes_attempts_through(tmp_path):
+    from appliance.paths import Home
+    from appliance.queues.sources import SourceSet
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    enqueue(home.queue_root, Q, b"{}")
+    sources = SourceSet(home, slot="slot-3", write_serving=False)
+    try:
+        msg = sources.claim(f"local/{Q}")
+        assert msg.attempt == 1
+        sources.release(msg, counted=False)
+        msg = sources.claim(f"local/{Q}")
+        assert msg.attempt == 1
+        sources.release(msg)
+        assert sources.claim(f"local/{Q}").attempt == 2
+    finally:
+        sources.close()

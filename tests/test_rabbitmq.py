@@ -101,7 +101,7 @@ def test_a_long_job_moves_to_a_lease_that_returns_the_message_if_the_holder_dies
     src2 = RabbitSource("rabbitmq:t2", spec)
     src2.queues()
     m2 = src2.claim(q)
-    assert m2.body == b"long job"
+    assert m2.body == b"long job" and m2.attempt == 2  # the claim that died holding the lease counts
     time.sleep(0.4)
     src2.keepalive(m2)
     src2.ack(m2)
@@ -208,3 +208,104 @@ def test_a_half_written_entry_is_used_once_complete(rabbit, home):
         assert not sources.live and sources.queues() == []
     finally:
         sources.close()
+
+
+# ---------------------------------------------------------------- attempts (issue 13)
+
+HOLDER = """
+import sys, time
+from appliance.queues.rabbitmq import RabbitSource, RabbitSpec
+src = RabbitSource("rabbitmq:doomed", RabbitSpec(url=sys.argv[1]))
+msg = src.claim(sys.argv[2])
+print(msg.attempt, msg.body.decode(), flush=True)
+time.sleep(600)
+"""
+
+
+def _claim_in_a_process_then_kill_it(url: str, queue: str) -> tuple[int, str]:
+    """A runner holding the message is SIGKILLed mid-job (no settle, no clean disconnect)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, url, queue], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        attempt, body = proc.stdout.readline().split()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return int(attempt), body
+
+
+def _one_message_in(rabbit, q) -> bool:
+    ready, unacked = rabbit.queue_depths().get(q, (0, 0))
+    return ready + unacked == 1
+
+
+def test_attempts_travel_with_the_message_through_releases_and_crashes(rabbit):
+    from appliance.queues.base import over_attempts
+    from appliance.queues.rabbitmq import ATTEMPTS_HEADER
+
+    q = _queue()
+    publish(rabbit.url, q, b"job")
+    spec = RabbitSpec(url=rabbit.url, management=rabbit.management)
+    src = RabbitSource("rabbitmq:t", spec)
+    try:
+        first = src.claim(q)
+        assert (first.attempt, first.body) == (1, b"job")
+        src.release(first)
+        second = src.claim(q)
+        assert (second.message_id, second.attempt) == (first.message_id, 2)
+        src.release(second, counted=False)  # only looked at: held back for another slot
+        again = src.claim(q)
+        assert again.attempt == 2
+        # the holder's connection goes without settling: the broker hands it back, and the
+        # next claim counts that lost claim before anyone works on it
+        src.conn.close()
+        assert _wait(lambda: rabbit.queue_depths()[q] == (1, 0))
+        src = RabbitSource("rabbitmq:t", spec)
+        third = src.claim(q)
+        assert (third.attempt, third.body, third.message_id) == (3, b"job", first.message_id)
+        src.release(third)
+        # a runner SIGKILLed while it runs the message
+        assert _claim_in_a_process_then_kill_it(rabbit.url, q) == (4, "job")
+        assert _wait(lambda: rabbit.queue_depths()[q] == (1, 0))
+        fifth = src.claim(q)
+        assert fifth.attempt == 5 and _one_message_in(rabbit, q)  # counted, not copied
+        assert over_attempts(fifth, 5) is None
+        reason = over_attempts(fifth, 4)
+        assert reason.startswith("claimed 4 times without finishing (the limit is runner.max_attempts = 4)")
+        src.dead_letter(fifth, reason)
+        assert _wait(lambda: rabbit.queue_depths()[q] == (0, 0) and rabbit.queue_depths()[f"{q}.dead"] == (1, 0))
+        conn = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+        _method, props, body = conn.channel().basic_get(f"{q}.dead", auto_ack=True)
+        conn.close()
+        assert body == b"job" and props.headers["x-appliance-reason"] == reason
+        assert props.headers[ATTEMPTS_HEADER] == 5
+    finally:
+        src.close()
+
+
+def test_crashed_holders_lose_nothing_and_copy_nothing(rabbit):
+    """Two messages held by a runner whose connection dies, a third waiting: afterwards each of
+    the three is claimed exactly once, the two that were held as their second attempt."""
+    q = _queue()
+    for body in (b"a", b"b", b"c"):
+        publish(rabbit.url, q, body)
+    spec = RabbitSpec(url=rabbit.url, management=rabbit.management)
+    holder = RabbitSource("rabbitmq:holder", spec)
+    held = [holder.claim(q), holder.claim(q)]
+    assert [m.attempt for m in held] == [1, 1]
+    holder.conn.close()
+    assert _wait(lambda: rabbit.queue_depths()[q] == (3, 0))
+    src = RabbitSource("rabbitmq:t", spec)
+    try:
+        got = []
+        while (m := src.claim(q)) is not None:
+            got.append((m.body, m.attempt))
+        assert sorted(got) == [(b"a", 2), (b"b", 2), (b"c", 1)]
+        assert rabbit.queue_depths()[q] == (0, 3)
+    finally:
+        src.close()
+    assert _wait(lambda: rabbit.queue_depths()[q] == (3, 0))  # close() puts them back

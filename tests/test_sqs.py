@@ -108,3 +108,51 @@ def test_a_new_sqs_folder_is_served_live(sqs_endpoint, tmp_path):
         assert "nowhere" in sources.broken and "127.0.0.1" in sources.broken["nowhere"].reason
     finally:
         sources.close()
+
+
+def test_attempts_count_receives_and_survive_a_dead_runner(sqs_endpoint, tmp_path):
+    """Issue 13: a runner that dies holding a message is counted (SQS counts the receive), and a
+    look that never started the work can be given back uncounted."""
+    import dataclasses
+
+    from appliance.queues.base import over_attempts
+
+    client = sqs_client(sqs_endpoint)
+    url = client.create_queue(QueueName="sqs_attempts")["QueueUrl"]
+    client.send_message(QueueUrl=url, MessageBody='{"n": 7}',
+                        MessageAttributes={"origin": {"DataType": "String", "StringValue": "client"}})
+    write_entry(tmp_path / "e", sqs_endpoint)
+    spec = dataclasses.replace(parse_sqs_dir(tmp_path / "e"), visibility_s=1)
+    src = SqsSource("sqs:e", spec)
+    try:
+        first = src.claim("sqs_attempts")
+        assert (first.attempt, first.body) == (1, b'{"n": 7}')
+        src.release(first)
+        second = src.claim("sqs_attempts")
+        assert second.attempt == 2
+        src.release(second, counted=False)  # held back for another slot: not an attempt
+        third = src.claim("sqs_attempts")
+        assert (third.attempt, third.body) == (2, b'{"n": 7}')
+        assert third.message_id != second.message_id  # the uncounted copy is a new SQS message
+        assert src._attributes[third.message_id]["origin"]["StringValue"] == "client"  # kept
+        src.release(third)
+        # the runner holding it dies: nobody settles or extends it
+        dead_runner = SqsSource("sqs:e", spec)
+        held = dead_runner.claim("sqs_attempts")
+        assert held.attempt == 3
+        del dead_runner
+        again = None
+        deadline = time.monotonic() + 30
+        while again is None and time.monotonic() < deadline:
+            again = src.claim("sqs_attempts")
+            time.sleep(0.2)
+        assert (again.attempt, again.body) == (4, b'{"n": 7}')
+        assert over_attempts(again, 3).startswith("claimed 3 times without finishing")
+        src.dead_letter(again, over_attempts(again, 3))
+        assert "Messages" not in client.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+        dead = client.get_queue_url(QueueName="sqs_attempts_dead")["QueueUrl"]
+        got = client.receive_message(QueueUrl=dead, MessageAttributeNames=["All"])["Messages"]
+        assert len(got) == 1 and got[0]["Body"] == '{"n": 7}'
+        assert "claimed 3 times" in got[0]["MessageAttributes"]["reason"]["StringValue"]
+    finally:
+        src.close()

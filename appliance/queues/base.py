@@ -5,6 +5,13 @@ A runner claims a message, works on it, then settles it exactly once: `ack` (don
 runnable: malformed, impossible resources, failed for good), with the reason kept.
 While a job runs the runner calls `keepalive` now and then so the source does not hand the
 message to someone else (SQS visibility, RabbitMQ consumer timeout).
+
+Every claim counts as an attempt, and the count travels with the message, recorded at claim
+time before any work starts: a message that crashes or kills its runner, or outlives it, is
+counted too, so no message can loop for ever. `Claimed.attempt` is which attempt this claim is
+(1 for the first). `release` keeps the count (the next claim is attempt + 1); `release(msg,
+counted=False)` gives this claim back uncounted, for a message the runner only looked at and
+never started (held back for another slot). `ack` and `dead_letter` forget it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ class Claimed:
     message_id: str
     body: bytes
     handle: Any = field(default=None, repr=False)
+    attempt: int = 1  # which claim of this message this is, 1 for the first (see the module doc)
+
+
+def over_attempts(msg: Claimed, max_attempts: int) -> Optional[str]:
+    """The dead-letter reason if `msg` was claimed more than `max_attempts` times, else None."""
+    if msg.attempt <= max_attempts:
+        return None
+    return (f"claimed {msg.attempt - 1} times without finishing (the limit is runner.max_attempts = "
+            f"{max_attempts}): it crashed or outlived its runner each time")
 
 
 class QueueSource(Protocol):
@@ -39,8 +55,9 @@ class QueueSource(Protocol):
     def ack(self, msg: Claimed) -> None:
         """The message is done; remove it for good."""
 
-    def release(self, msg: Claimed) -> None:
-        """Put the message back so it runs again (here or elsewhere)."""
+    def release(self, msg: Claimed, counted: bool = True) -> None:
+        """Put the message back so it runs again (here or elsewhere). `counted=False`: this
+        claim never started the work, so it does not count as an attempt."""
 
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         """Never run this message again; keep it with `reason` where a human can see it."""

@@ -9,8 +9,13 @@ Everything else is ours and lives in dot-folders the client never looks at:
 
     root/.claimed/<queue>/<msgid>@<runner>@<pid>.<starttime>.<pidns>   being run
     root/.dead/<queue>/<msgid>  (+ <msgid>.reason)                      never to run again
+    root/.attempts/<queue>/<msgid>                                      claims so far ("2\n")
 
 Claiming is one atomic `rename` into `.claimed`, so two runners never get the same message.
+Each claim then writes (and fsyncs) the message's claim count in `.attempts` before the runner
+gets it, so the count survives a runner that crashes mid-job and its claim being recovered;
+release keeps it (the message file itself stays as the client wrote it), ack and dead-letter
+remove it.
 A claim records who holds it; `recover_orphans` returns claims whose process is gone (pid plus
 its start time, so a reused pid does not count as alive). Claims from another pid namespace
 (a runner in a container) cannot be checked that way: they count as orphaned when their file
@@ -37,6 +42,7 @@ from appliance.queues.base import Claimed
 LOCK_NAME = "lock.lock"
 CLAIMED = ".claimed"
 DEAD = ".dead"
+ATTEMPTS = ".attempts"
 STALE_LOCK_S = 60.0
 LEASE_S = 15 * 60.0
 RECOVER_EVERY_S = 30.0
@@ -294,13 +300,42 @@ class LocalQueueSource:
                 continue  # another runner was faster
             try:
                 body = dest.read_bytes()
+                attempt = self._attempts(queue, name) + 1
+                self._set_attempts(queue, name, attempt)  # counted before anyone works on it
             except OSError:
-                os.rename(dest, folder / name)  # not readable by us: leave it for others
+                os.rename(dest, folder / name)  # not readable or countable by us: leave it for others
                 raise
-            msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest)
+            msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest,
+                          attempt=attempt)
             self._held[dest] = msg
             return msg
         return None
+
+    def _attempts(self, queue: str, msgid: str) -> int:
+        try:
+            return max(0, int((self.root / ATTEMPTS / queue / msgid).read_text().strip()))
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            return 0  # not written by us (we replace it whole): count afresh
+
+    def _set_attempts(self, queue: str, msgid: str, n: int) -> None:
+        path = self.root / ATTEMPTS / queue / msgid
+        if n <= 0:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{msgid}.tmp{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.write(f"{n}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def keepalive(self, msg: Claimed) -> None:
         """Touch the claim: its mtime is the lease seen from other pid namespaces."""
@@ -315,10 +350,14 @@ class LocalQueueSource:
             os.unlink(msg.handle)
         except FileNotFoundError:
             pass
+        self._set_attempts(msg.queue, msg.message_id, 0)
 
-    def release(self, msg: Claimed) -> None:
-        """Back into the queue under its own name; rename keeps the mtime, hence its place."""
+    def release(self, msg: Claimed, counted: bool = True) -> None:
+        """Back into the queue under its own name; rename keeps the mtime, hence its place.
+        `counted=False` takes this claim off the message's count."""
         self._held.pop(msg.handle, None)
+        if not counted:
+            self._set_attempts(msg.queue, msg.message_id, msg.attempt - 1)
         folder = self.root / msg.queue
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -338,6 +377,7 @@ class LocalQueueSource:
             os.rename(msg.handle, folder / msg.message_id)
         except FileNotFoundError:
             pass
+        self._set_attempts(msg.queue, msg.message_id, 0)
 
     def close(self) -> None:
         for msg in list(self._held.values()):

@@ -25,6 +25,17 @@ flowing during a job.
 
 Dead letters go to a durable queue `<queue>.dead` with the reason in header
 `x-appliance-reason` (not bound to StudioML.topic, so nobody consumes them by accident).
+
+Attempts: header `x-appliance-attempts` counts the claims of a message that are over (absent:
+none). A claim is attempt header + 1. A message we hold and never settle (the runner crashed,
+was killed, lost its connection) comes back from the broker marked `redelivered`; the next
+claim counts that lost claim before anyone works on it: it publishes the copy with header + 1
+to the back of the queue, acks the redelivered one, and claims on. So every claim is counted,
+durably in the broker, before its work starts. Release, lease and dead-letter copies carry the
+count; we never requeue with a nack (that too would mark it redelivered). The channel is
+transactional (tx.select): a copy and the ack of the message it replaces are committed together,
+so a runner dying between the two leaves neither a lost nor a duplicated message, and the
+commit returns only once the broker has stored the copy (like a publisher confirm).
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ log = logging.getLogger("appliance.queues.rabbitmq")
 
 EXCHANGE = "StudioML.topic"
 QUEUE_PREFIX = "rmq_"
+ATTEMPTS_HEADER = "x-appliance-attempts"
+REDELIVERED_PER_CLAIM = 16  # at most this many returned messages are counted by one claim
 REFRESH_S = 2.0  # how often the list of queues is asked for again
 
 AMQP_ERRORS = (pika.exceptions.AMQPError, OSError)
@@ -94,6 +107,15 @@ class _Held:
     lease_queue: str = ""
     leased_at: float = 0.0
     lost: str = ""  # why the broker took the message back (channel closed), if it did
+
+
+def counted_claims(props) -> int:
+    """Claims of this message already over, from its `x-appliance-attempts` header."""
+    value = (props.headers or {}).get(ATTEMPTS_HEADER, 0)
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0  # not ours: count afresh
 
 
 def _vhost(url: str) -> str:
@@ -193,8 +215,16 @@ class RabbitSource:
 
     def _channel(self):
         ch = self.conn.channel()
-        ch.confirm_delivery()
+        ch.tx_select()
         return ch
+
+    def _rollback(self) -> None:
+        """After a failed step: drop what it left uncommitted, so no later commit applies it."""
+        try:
+            if self.ch.is_open:
+                self.ch.tx_rollback()
+        except AMQP_ERRORS:
+            pass
 
     def _alive(self) -> None:
         """Reconnect / reopen what the broker closed."""
@@ -242,35 +272,62 @@ class RabbitSource:
                 if strict and not self.spec.queues:
                     raise
         self._alive()
-        for q in self.spec.queues:
-            try:
-                self.ch.queue_declare(q, passive=True)
-                found.add(q)
-            except pika.exceptions.ChannelClosedByBroker:
-                problem = problem or f"queue {q} does not exist"
-                self.ch = self._channel()
+        probe = None  # a missing queue closes the channel it is asked on: not the one holding jobs
+        try:
+            for q in self.spec.queues:
+                if probe is None or not probe.is_open:
+                    probe = self.conn.channel()
+                try:
+                    probe.queue_declare(q, passive=True)
+                    found.add(q)
+                except pika.exceptions.ChannelClosedByBroker:
+                    problem = problem or f"queue {q} does not exist"
+        finally:
+            if probe is not None and probe.is_open:
+                probe.close()
         self.problem = problem
         self._queues = sorted(found)
         return list(self._queues)
 
     def claim(self, queue: str) -> Optional[Claimed]:
         self._alive()
-        try:
-            method, props, body = self.ch.basic_get(queue, auto_ack=False)
-        except pika.exceptions.ChannelClosedByBroker as e:
-            self.ch = self._channel()
-            if e.reply_code == 404:
-                self._queues_at = 0.0
+        for _ in range(REDELIVERED_PER_CLAIM):
+            try:
+                method, props, body = self.ch.basic_get(queue, auto_ack=False)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                self._drop_held("the channel was closed by the broker")
+                self.ch = self._channel()
+                if e.reply_code == 404:
+                    self._queues_at = 0.0
+                    return None
+                raise
+            if method is None:
                 return None
+            msg_id = props.message_id or f"{queue}.{uuid.uuid4().hex[:12]}"
+            if method.redelivered:
+                self._count_lost_claim(queue, method, props, body, msg_id)
+                continue
+            held = _Held(method.delivery_tag, self.ch, props, method.exchange, method.routing_key,
+                         time.monotonic())
+            msg = Claimed(source=self.name, queue=queue, message_id=msg_id, body=body, handle=held,
+                          attempt=counted_claims(props) + 1)
+            self._held[msg_id] = msg
+            return msg
+        return None
+
+    def _count_lost_claim(self, queue: str, method, props, body: bytes, msg_id: str) -> None:
+        """`method` was handed out before and never settled: count that claim (see the module
+        doc) by replacing the message with a copy whose header says so, at the back of the queue."""
+        over = counted_claims(props) + 1
+        log.warning("%s: %s/%s came back unsettled from the runner that held it (it died or lost "
+                    "its connection); %d claim(s) of it are over", self.name, queue, msg_id, over)
+        try:
+            self.ch.basic_publish("", queue, body, self._persistent(props, {ATTEMPTS_HEADER: over}, msg_id))
+            self.ch.basic_ack(method.delivery_tag)
+            self.ch.tx_commit()
+        except AMQP_ERRORS:
+            self._rollback()
             raise
-        if method is None:
-            return None
-        msg_id = props.message_id or f"{queue}.{uuid.uuid4().hex[:12]}"
-        held = _Held(method.delivery_tag, self.ch, props, method.exchange, method.routing_key,
-                     time.monotonic())
-        msg = Claimed(source=self.name, queue=queue, message_id=msg_id, body=body, handle=held)
-        self._held[msg_id] = msg
-        return msg
 
     def keepalive(self, msg: Claimed) -> None:
         self.pump()
@@ -299,12 +356,16 @@ class RabbitSource:
             self.ch.queue_declare(name, durable=True, arguments={
                 "x-message-ttl": ttl, "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": msg.queue, "x-expires": 2 * ttl + 60_000})
-            self.ch.basic_publish("", name, msg.body, self._persistent(h.properties), mandatory=True)
+            # if we die holding the lease, the copy comes back with this claim counted
+            self.ch.basic_publish("", name, msg.body, self._persistent(
+                h.properties, {ATTEMPTS_HEADER: msg.attempt}, msg.message_id))
+            if not h.lease_queue:
+                h.channel.basic_ack(h.tag)
+            self.ch.tx_commit()
             if h.lease_queue:
                 self.ch.queue_delete(h.lease_queue)
-            else:
-                h.channel.basic_ack(h.tag)
         except AMQP_ERRORS as e:
+            self._rollback()
             log.warning("%s: lease of %s/%s failed (%s); will retry", self.name, msg.queue,
                         msg.message_id, e)
             return
@@ -313,47 +374,53 @@ class RabbitSource:
         h.lease_queue, h.leased_at = name, time.monotonic()
 
     @staticmethod
-    def _persistent(props, headers: Optional[dict] = None):
+    def _persistent(props, headers: Optional[dict] = None, message_id: Optional[str] = None):
         p = pika.BasicProperties(
             content_type=props.content_type or "application/json", delivery_mode=2,
-            message_id=props.message_id, headers={**(props.headers or {}), **(headers or {})},
+            message_id=message_id or props.message_id, headers={**(props.headers or {}), **(headers or {})},
             correlation_id=props.correlation_id, timestamp=props.timestamp)
         return p
 
-    def _settle(self, msg: Claimed, done_original, republish_to: str = "", headers=None) -> None:
+    def _settle(self, msg: Claimed, republish_to: str = "", headers=None) -> None:
+        """Done with the message we hold (or its lease): publish a copy to `republish_to` (if
+        given) and ack ours in one transaction."""
         h: _Held = msg.handle
         self._held.pop(msg.message_id, None)
+        if not h.lease_queue and not h.lost and not (h.channel is self.ch and self.ch.is_open):
+            h.lost = "its channel or connection was closed"
         if h.lost:
             log.warning("%s: %s/%s was already put back by the broker (%s)", self.name,
                         msg.queue, msg.message_id, h.lost)
             return
         try:
+            self._alive()  # a leased message needs a connection, not the one it came on
             if republish_to:
-                self._alive()
                 if republish_to != msg.queue:
                     self.ch.queue_declare(republish_to, durable=True)
-                self.ch.basic_publish("", republish_to, msg.body, self._persistent(h.properties, headers))
+                self.ch.basic_publish("", republish_to, msg.body,
+                                      self._persistent(h.properties, headers, msg.message_id))
+            if not h.lease_queue:
+                h.channel.basic_ack(h.tag)
+            self.ch.tx_commit()
             if h.lease_queue:
                 self.ch.queue_delete(h.lease_queue)
-            else:
-                done_original(h)
-        except AMQP_ERRORS as e:
+        except (RabbitError, *AMQP_ERRORS) as e:
+            self._rollback()
             log.error("%s: settling %s/%s failed (%s); the broker will hand it out again",
                       self.name, msg.queue, msg.message_id, e)
 
     def ack(self, msg: Claimed) -> None:
-        self._settle(msg, lambda h: h.channel.basic_ack(h.tag))
+        self._settle(msg)
 
-    def release(self, msg: Claimed) -> None:
-        h: _Held = msg.handle
-        if h.lease_queue:
-            self._settle(msg, None, republish_to=msg.queue)
-        else:
-            self._settle(msg, lambda h: h.channel.basic_nack(h.tag, requeue=True))
+    def release(self, msg: Claimed, counted: bool = True) -> None:
+        """Back to the end of its queue (a nack would mark it redelivered, i.e. lost by a dead
+        runner), carrying this claim in its count unless `counted=False`."""
+        over = msg.attempt if counted else msg.attempt - 1
+        self._settle(msg, republish_to=msg.queue, headers={ATTEMPTS_HEADER: over})
 
     def dead_letter(self, msg: Claimed, reason: str) -> None:
-        self._settle(msg, lambda h: h.channel.basic_ack(h.tag), republish_to=f"{msg.queue}.dead",
-                     headers={"x-appliance-reason": reason[:4000]})
+        self._settle(msg, republish_to=f"{msg.queue}.dead",
+                     headers={"x-appliance-reason": reason[:4000], ATTEMPTS_HEADER: msg.attempt})
 
     @property
     def holding(self) -> int:

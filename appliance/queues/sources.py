@@ -388,9 +388,9 @@ class SourceSet:
         src.ack(msg)
         self._settled(src)
 
-    def release(self, msg: Claimed) -> None:
+    def release(self, msg: Claimed, counted: bool = True) -> None:
         src = self._owner(msg)
-        src.release(msg)
+        src.release(msg, counted=counted)
         self._settled(src)
 
     def dead_letter(self, msg: Claimed, reason: str) -> None:

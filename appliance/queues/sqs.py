@@ -13,6 +13,13 @@ every minute); while its job runs,
 dies stops extending it and the message comes back within that time. Release sets the
 visibility to 0 (back at once). Dead letters go to `<queue>_dead` (created when needed) with
 the reason as a message attribute.
+
+Attempts: SQS itself counts every receive of a message (`ApproximateReceiveCount`), a runner
+that died with it included, so a claim is attempt = that count + the message attribute
+`appliance-attempts` (claims counted before this copy of the message was sent; absent: 0).
+An uncounted release (`counted=False`) cannot lower SQS's count, so it sends a copy carrying
+the count so far and deletes the one received (in that order: at worst a duplicate, never a
+loss; standard SQS queues may deliver twice anyway).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ log = logging.getLogger("appliance.queues.sqs")
 QUEUE_PREFIX = "sqs_"
 REFRESH_S = 5.0
 VISIBILITY_S = 180
+ATTEMPTS_ATTRIBUTE = "appliance-attempts"
 
 
 class SqsError(RuntimeError):
@@ -82,6 +90,19 @@ def parse_sqs_dir(folder: Path) -> SqsSpec:
     return SqsSpec(access, secret, region, c.get("aws_session_token", "").strip(), endpoint, queues)
 
 
+def _attempt(m: dict) -> int:
+    """Which claim of message `m` (a receive_message entry) this is."""
+    try:
+        received = int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+    except ValueError:
+        received = 1
+    try:
+        before = int(m.get("MessageAttributes", {}).get(ATTEMPTS_ATTRIBUTE, {}).get("StringValue", 0))
+    except ValueError:
+        before = 0
+    return max(0, before) + max(1, received)
+
+
 def _client(spec: SqsSpec):
     import boto3
     from botocore.config import Config as BotoConfig
@@ -120,6 +141,7 @@ class SqsSource:
         self._at = 0.0
         self._held: dict[str, Claimed] = {}
         self._extended: dict[str, float] = {}
+        self._attributes: dict[str, dict] = {}  # message id -> its message attributes (for copies)
         self.queues()  # fail now (bad credentials, no endpoint) rather than on first claim
 
     def queues(self) -> list[str]:
@@ -147,13 +169,14 @@ class SqsSource:
             return None
         resp = self.client.receive_message(QueueUrl=url, MaxNumberOfMessages=1, WaitTimeSeconds=0,
                                            VisibilityTimeout=self.spec.visibility_s,
-                                           AttributeNames=["All"])
+                                           AttributeNames=["All"], MessageAttributeNames=["All"])
         msgs = resp.get("Messages", [])
         if not msgs:
             return None
         m = msgs[0]
         msg = Claimed(source=self.name, queue=queue, message_id=m["MessageId"],
-                      body=m["Body"].encode(), handle=(url, m["ReceiptHandle"]))
+                      body=m["Body"].encode(), handle=(url, m["ReceiptHandle"]), attempt=_attempt(m))
+        self._attributes[m["MessageId"]] = m.get("MessageAttributes", {})
         self._held[m["MessageId"]] = msg
         self._extended[m["MessageId"]] = time.monotonic()
         return msg
@@ -167,15 +190,34 @@ class SqsSource:
     def ack(self, msg: Claimed) -> None:
         url, receipt = msg.handle
         self._held.pop(msg.message_id, None)
+        self._attributes.pop(msg.message_id, None)
         self.client.delete_message(QueueUrl=url, ReceiptHandle=receipt)
 
-    def release(self, msg: Claimed) -> None:
+    def release(self, msg: Claimed, counted: bool = True) -> None:
         url, receipt = msg.handle
+        if not counted:
+            try:
+                self._send_uncounted_copy(msg)
+            except Exception as e:  # noqa: BLE001 - then it counts: still back when its visibility ends
+                log.warning("%s: releasing %s uncounted: %s; it counts as a claim", self.name,
+                            msg.message_id, e)
+            else:
+                self.ack(msg)
+                return
         self._held.pop(msg.message_id, None)
+        self._attributes.pop(msg.message_id, None)
         try:
             self.client.change_message_visibility(QueueUrl=url, ReceiptHandle=receipt, VisibilityTimeout=0)
         except Exception as e:  # noqa: BLE001 - it comes back when its visibility ends anyway
             log.warning("%s: releasing %s: %s", self.name, msg.message_id, e)
+
+    def _send_uncounted_copy(self, msg: Claimed) -> None:
+        url, _receipt = msg.handle
+        attributes = {k: {f: v[f] for f in ("DataType", "StringValue", "BinaryValue") if f in v}
+                      for k, v in self._attributes.get(msg.message_id, {}).items()}
+        attributes[ATTEMPTS_ATTRIBUTE] = {"DataType": "Number", "StringValue": str(msg.attempt - 1)}
+        self.client.send_message(QueueUrl=url, MessageBody=msg.body.decode(errors="replace"),
+                                 MessageAttributes=attributes)
 
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         url, receipt = msg.handle

@@ -172,7 +172,7 @@ def test_a_poison_message_is_quarantined_after_max_attempts(store, home):
     """A message whose every claim ends with its runner dead is dead-lettered on the claim after
     runner.max_attempts, with the reason, instead of crash-looping the slot."""
     from appliance.queues.base import Claimed
-    from appliance.runner.loop import over_attempts
+    from appliance.queues.base import over_attempts
 
     msg = Claimed(source="local", queue=Q, message_id="m", body=b"{}", attempt=4)
     assert "runner.max_attempts = 3" in over_attempts(msg, 3)

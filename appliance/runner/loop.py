@@ -42,6 +42,7 @@ from appliance.runner import execute, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
+from appliance.queues.base import over_attempts
 from appliance.runner.status import StatusFile, record_experiment
 from appliance.slot import users
 
@@ -81,7 +82,7 @@ class RunnerSettings:
                    python=r.python, drain_timeout_s=r.drain_timeout,
                    max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
                    workload_user=config.isolation.user,
-                   max_attempts=getattr(r, "max_attempts", 3))
+                   max_attempts=r.max_attempts)
 
 
 @dataclass
@@ -485,19 +486,9 @@ def disk_full(path: Path) -> bool:
 
 
 def put_back(src, msg) -> None:
-    """Give a message back without counting a try: it was not started (not here, not now)."""
-    try:
-        src.release(msg, attempted=False)
-    except TypeError:  # a source that does not count tries
-        src.release(msg)
-
-
-def over_attempts(msg, max_attempts: int) -> Optional[str]:
-    attempt = int(getattr(msg, "attempt", 1) or 1)
-    if attempt <= max_attempts:
-        return None
-    return (f"claimed {attempt} times without finishing (the limit is runner.max_attempts = {max_attempts}): "
-            f"it crashed or outlived its runner each time")
+    """Give a message back without counting a try: it was not started (not here, not now, the
+    store is down, the runner drains)."""
+    src.release(msg, counted=False)
 
 
 def release_or_quarantine(src, msg, error: BaseException, max_attempts: int) -> None:
@@ -678,7 +669,7 @@ class Job:
                         return False
         except StoreUnavailable as e:
             self.r.store_down(next(iter(self.req.artifacts.values())).endpoint_url)
-            return self.give_back(f"store unavailable: {e}", attempted=False)
+            return self.give_back(f"store unavailable: {e}")
         except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
             reason = str(e) if isinstance(e, ArtifactError) else \
                 f"fetching artifacts: {type(e).__name__}: {e}"
@@ -707,18 +698,15 @@ class Job:
             self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
             return True
         if time.time() - float(record.get("finished") or 0) < self.s.store_wait_s:
-            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads",
-                           attempted=False)
+            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads")
             return True
         return False
 
-    def give_back(self, reason: str, attempted: bool = True) -> bool:
+    def give_back(self, reason: str) -> bool:
+        """Put the message back before its workload started (not counted as a try)."""
         log.warning("releasing %s: %s", self.req.key, reason)
-        if attempted:
-            self.settle_msg("release")
-        else:
-            self.settle_msg.done = True
-            put_back(self.src, self.msg)
+        self.settle_msg.done = True
+        put_back(self.src, self.msg)
         self.finish("released", None, reason)
         return False
 
@@ -827,9 +815,10 @@ class Job:
 
     def settle(self, result: execute.Result) -> None:
         self.status.update(state="uploading", workload=None)
-        if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again
+        if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
             self.upload_quietly()
-            self.settle_msg("release")
+            self.settle_msg.done = True
+            put_back(self.src, self.msg)
             self.finish(result.outcome, result.exit_code, result.reason)
             return
         if result.outcome == execute.FAILED and disk_full(self.dir):

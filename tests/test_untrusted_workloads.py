@@ -210,3 +210,29 @@ def test_a_workspace_that_unpacks_past_the_request_s_disk_is_refused(store, home
     [reason] = dead_reasons(home)
     assert "more than" in reason and "zeros.bin" in reason
     assert not list((home.work_dir / "slot-0").glob("*/workspace/zeros.bin"))
+
+
+def test_a_full_disk_costs_a_bounded_number_of_tries_and_never_the_runner(store, home):
+    """The job's disk fills up: an infrastructure failure of that job, put back and tried again
+    up to runner.max_attempts, then dead-lettered saying the disk is full; the runner lives on."""
+    import subprocess
+
+    work = home.work_dir
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(work)], check=True)
+    try:
+        key, body = request(store, {"train.py": """
+            with open("../modeldir/fill.bin", "wb") as f:
+                while True:
+                    f.write(bytes(1 << 20))
+            """})
+        raw = json.loads(body)
+        raw["experiment"]["resources_needed"]["hdd"] = "16mb"  # fits the disk when it starts
+        submit(home, json.dumps(raw).encode())
+        runner, _ = make_runner(home, max_attempts=3)
+        for _ in range(3):
+            assert runner.run_once()  # never raises: the runner does not die of it
+        [reason] = dead_reasons(home)
+        assert "the disk is full" in reason and "3 times" in reason
+        assert pending(home) == [] and claimed(home) == []
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=False)

@@ -94,7 +94,7 @@ def _processes_of(appliance) -> dict[str, list[int]]:
             found.setdefault(argv[argv.index("--slot") + 1], []).append(int(entry))
         elif "appliance.controller" in argv and root in argv:
             found.setdefault("controller", []).append(int(entry))
-        elif any(a.startswith(f"-dir={root}") for a in argv):
+        elif os.path.basename(argv[0]) == "weed" and any(a.startswith(f"-dir={root}") for a in argv):
             found.setdefault("store", []).append(int(entry))
     return found
 

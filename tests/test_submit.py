@@ -325,3 +325,44 @@ def test_queue_dead_drops_expired_dead_letters(home, capsys, ttl, kept):
     out = capsys.readouterr().out
     assert (bad.message_id in out) == kept
     assert ("no dead-lettered messages" in out) == (not kept)
+
+
+def as_nobody(fn, *args) -> tuple:
+    """Run fn(*args) in a forked child that is user nobody (no groups); (exit code, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        rc = 99
+        try:
+            os.close(r)
+            sys.stderr = open(w, "w", buffering=1)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            rc = fn(*args)
+        finally:
+            sys.stderr.flush()
+            os._exit(rc)
+    os.close(w)
+    with open(r) as fh:
+        err = fh.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_queue_tells_a_non_member_how_to_get_in():
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to act as another user)")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="queue-perm-"))
+    try:
+        base.chmod(0o755)
+        home = Home.at(base / "home")
+        home.ensure()
+        share_queue_tree(home.studioml_home, group="daemon")  # stands in for `appliance`
+        rc, err = as_nobody(queue_cli, home, "ls")
+        assert rc == 2, err
+        assert "usermod -aG" in err and str(home.queue_root) in err
+    finally:
+        shutil.rmtree(base)

@@ -7,9 +7,10 @@ sources join the table when they exist.
 from __future__ import annotations
 
 import json
+import sys
 
 from appliance.config import load_config
-from appliance.queues.local import DEAD, LocalQueueSource
+from appliance.queues.local import DEAD, LocalQueueSource, no_access
 
 
 def register(sub):
@@ -51,6 +52,14 @@ def _experiment_key(path) -> str | None:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except PermissionError:
+        print(f"appliance queue: {no_access(args.home.queue_root)}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.queue_action == "dead":
         local = _local(args.home)
         rows = [{"queue": q, "message": m, "experiment": _experiment_key(local.root / DEAD / q / m),

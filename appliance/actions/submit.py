@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from appliance.config import load_config
-from appliance.queues.local import enqueue, is_local_queue
+from appliance.queues.local import enqueue, is_local_queue, no_access
 from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
 from appliance.store.credentials import load_credentials
@@ -282,7 +282,10 @@ def run(args) -> int:
         pythonver=pythonver, studioml_home=home.studioml_home, now=time.time())
     data = json.dumps(body).encode()
     parse_request(data)  # what a runner will accept; a failure here is our bug
-    enqueue(home.queue_root, args.queue, data)
+    try:
+        enqueue(home.queue_root, args.queue, data)
+    except PermissionError:
+        return _fail(no_access(home.queue_root))
     print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     print(key)
     return 0

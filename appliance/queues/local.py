@@ -65,6 +65,12 @@ SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o2770, 0o700
 CLIENT_DIRS = ("queue", "experiments", "blobcache", "artifact_mappings")  # what the client makes
 
 
+def no_access(path: Path, group: str = SHARED_GROUP) -> str:
+    """What to tell a user the queue tree keeps out."""
+    return (f"{path}: permission denied: the queue is for the '{group}' group; join it "
+            f"(`sudo usermod -aG {group} $USER`, then log in again) or use sudo")
+
+
 def _mkdir(path: Path) -> None:
     """`mkdir -p` whose new folders take their parent's group access (setgid too), never others'."""
     if path.is_dir():

@@ -132,6 +132,7 @@ def finish_freeze(proc: subprocess.Popen, python: str) -> tuple:
 
 
 def freeze(python: str) -> tuple:
+    """(pythonenv lines, "3.11", [skipped lines]) of `python`, waiting for them."""
     return finish_freeze(start_freeze(python), python)
 
 

@@ -14,6 +14,7 @@ HOME_DIR=""
 UNINSTALL=0
 PURGE=0
 NO_START=0
+GROUP=appliance  # its members submit and read results without sudo
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -68,6 +69,7 @@ if [ "$UNINSTALL" -eq 1 ]; then
     else
         say "kept the data in $HOME_DIR (config, store, queue, results); --uninstall --purge deletes it"
     fi
+    getent group "$GROUP" >/dev/null && say "kept the group '$GROUP' (\`groupdel $GROUP\` removes it)"
     exit 0
 fi
 
@@ -99,13 +101,23 @@ EOF
 chmod 755 "$LAUNCHER.tmp" && mv "$LAUNCHER.tmp" "$LAUNCHER"
 case ":$PATH:" in *":$BIN_DIR:"*) ;; *) say "add $BIN_DIR to your PATH to type \`appliance\`";; esac
 
-# 4. Home, commented config (never overwritten), credentials, rendered configs
+# 4. The group whose members may use the queue (created before the home, which is handed to it)
+if ! getent group "$GROUP" >/dev/null; then
+    say "creating the system group '$GROUP' (its members submit without sudo)"
+    $SUDO groupadd --system "$GROUP"
+fi
+ME=${SUDO_USER:-$(id -un)}
+if [ "$ME" != root ] && ! id -nG "$ME" | tr ' ' '\n' | grep -qx "$GROUP"; then
+    say "to submit without sudo, join the group: sudo usermod -aG $GROUP $ME (then log in again)"
+fi
+
+# 5. Home, commented config (never overwritten), credentials, rendered configs
 say "preparing $HOME_DIR"
 $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" render
 
 [ "$NO_START" -eq 0 ] || { say "installed; start with: $LAUNCHER up"; exit 0; }
 
-# 5. Start: under systemd where it is PID 1, else in the background with `appliance up`
+# 6. Start: under systemd where it is PID 1, else in the background with `appliance up`
 if systemd_is_init; then
     say "installing and starting the systemd unit"
     $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" render --unit "$UNIT" >/dev/null

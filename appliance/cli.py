@@ -17,7 +17,9 @@ class UserError(Exception):
     """An error the user can fix; printed as one message, no traceback, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All actions, or just `only` when it names one (a quick `appliance submit` imports no
+    more than it needs)."""
     parser = argparse.ArgumentParser(
         prog="appliance",
         description="Cut this box into pinned slots and run StudioML experiments in them.",
@@ -26,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="appliance home directory (default: $APPLIANCE_HOME or the system default)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
-    for name in ACTIONS:
+    for name in [only] if only in ACTIONS else ACTIONS:
         importlib.import_module(f"appliance.actions.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_action_named(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -47,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"appliance: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _action_named(argv: list[str]) -> str | None:
+    """The action in `argv` (the first word that is no option nor --home's value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--home":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _is_user_error(e: Exception) -> bool:

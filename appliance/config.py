@@ -165,6 +165,8 @@ class ObjectStoreConfig:
 @dataclass(frozen=True)
 class QueuesConfig:
     credentials_dir: str = opt("", _text, "directory of queue credentials (empty: HOME/credentials)")
+    dead_ttl: float = opt(30 * 86400.0, _duration,
+                          'how long dead-lettered local messages are kept (e.g. "30d"; 0 keeps them forever)')
 
 
 @dataclass(frozen=True)

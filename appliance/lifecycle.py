@@ -59,8 +59,13 @@ def write_default_config(home: Home) -> bool:
 
 
 def prepare(home: Home, python: str = sys.executable) -> Prepared:
-    """Config, inventory and plan; credentials generated; supervisord.conf and plan.json rendered."""
+    """Config, inventory and plan; credentials generated; supervisord.conf and plan.json rendered;
+    the queue tree shared with the `appliance` group."""
     home.ensure()
+    from appliance.queues.local import share_queue_tree
+    note = share_queue_tree(home.studioml_home)
+    if note:
+        print(f"appliance: {note}", file=sys.stderr)
     write_default_config(home)
     config = load_config(home.config_file)
     inventory = take_inventory()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_HOME = Path("/var/lib/appliance")
+# Members of this group may submit and read results without sudo (install.sh creates it).
+SHARED_GROUP = "appliance"
 
 
 def default_home() -> Path:
@@ -22,6 +24,16 @@ def default_home() -> Path:
         return ROOT_HOME
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "appliance"
+
+
+def shared_gid(group: str = SHARED_GROUP) -> int | None:
+    """The id of the group that shares the queue and the results; None when it does not exist."""
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
 
 
 class HomeError(ValueError):

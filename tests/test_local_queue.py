@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import multiprocessing
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout, enqueue,
-                                    soft_lock)
+                                    share_queue_tree, soft_lock)
 
 Q = "local_test"
 
@@ -344,6 +346,156 @@ def test_a_queue_folder_made_by_root_belongs_to_the_queue_roots_owner(tmp_path):
     enqueue(root, "local_shared", b"{}")
     st = (root / "local_shared").stat()
     assert (st.st_uid, st.st_gid) == (65534, 65534)
+    # and so does the message root wrote into it: the runner can read what it claims
+    [msg] = [p for p in (root / "local_shared").iterdir() if p.name != LOCK_NAME]
+    assert (msg.stat().st_uid, msg.stat().st_gid) == (65534, 65534)
+
+
+# ---------------------------------------------------------------- who may read the queue
+
+NOBODY = 65534
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def shared_group() -> grp.struct_group:
+    """A real group to stand in for `appliance` (creating one would change the machine)."""
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to hand files to a group and act as another user)")
+    return grp.getgrnam("daemon")
+
+
+@pytest.fixture
+def open_dir():
+    """A folder another user may walk into (pytest's tmp_path is root's alone)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="queue-perm-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def as_nobody(cmd: str, groups=()) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", cmd], user=NOBODY, group=NOBODY, extra_groups=list(groups),
+                          capture_output=True, text=True)
+
+
+def test_group_members_use_the_queue_and_others_cannot(open_dir, shared_group):
+    top = open_dir / "studioml"
+    root = top / "queue"
+    enqueue(root, "local_old", b'{"keys": "secret"}')  # a home from before: umask modes
+    old = next((root / "local_old").glob("*-*"))
+    old.chmod(0o644)
+
+    said = share_queue_tree(top, group=shared_group.gr_name)
+    assert said and shared_group.gr_name in said
+    for d in (top, root, root / "local_old", top / "experiments"):
+        assert (mode(d), d.stat().st_gid) == (0o2770, shared_group.gr_gid), d
+    assert (mode(old), old.stat().st_gid) == (0o660, shared_group.gr_gid)
+
+    # what root (`sudo appliance submit`, a runner) writes now is the group's, 0660
+    msgid = enqueue(root, "local_new", b'{"keys": "secret"}')
+    new = root / "local_new" / msgid
+    assert (mode(new), new.stat().st_gid) == (0o660, shared_group.gr_gid)
+    assert mode(root / "local_new") == 0o2770
+
+    # a member reads and writes messages without sudo; what it makes takes the group
+    member = as_nobody(f"cat {new} && echo '{{}}' > {root}/local_new/by-member && "
+                       f"mkdir {root}/local_member", groups=[shared_group.gr_gid])
+    assert member.returncode == 0, member.stderr
+    assert (root / "local_new" / "by-member").stat().st_gid == shared_group.gr_gid
+    assert (root / "local_member").stat().st_gid == shared_group.gr_gid
+
+    # anyone else can neither read nor write
+    for cmd in (f"cat {new}", f"ls {root}", f"echo x > {root}/local_new/intruder"):
+        other = as_nobody(cmd)
+        assert other.returncode != 0 and "Permission denied" in other.stderr, cmd
+
+    # dead letters and their reasons stay the group's
+    src = LocalQueueSource(root, runner_id="t", watch=False)
+    msg = src.claim("local_new")
+    src.dead_letter(msg, "poison")
+    dead = root / DEAD / "local_new"
+    assert mode(dead) == 0o2770
+    for f in (dead / msg.message_id, dead / f"{msg.message_id}.reason"):
+        assert (mode(f), f.stat().st_gid) == (0o660, shared_group.gr_gid), f
+    src.close()
+
+
+def test_sharing_again_fixes_new_client_folders_without_a_walk(open_dir, shared_group):
+    top = open_dir / "studioml"
+    share_queue_tree(top, group=shared_group.gr_name)
+    assert share_queue_tree(top, group=shared_group.gr_name) is None  # all right already
+    # the StudioML client makes its queue folder with its umask
+    (top / "queue" / "local_client").mkdir()
+    (top / "queue" / "local_client").chmod(0o2755)
+    # deep inside a folder that is right, nothing is looked at again
+    deep = top / "experiments" / "k1"
+    deep.mkdir()
+    deep.chmod(0o2755)
+    assert share_queue_tree(top, group=shared_group.gr_name)
+    assert mode(top / "queue" / "local_client") == 0o2770
+    assert mode(deep) == 0o2755
+
+
+def test_without_the_group_the_queue_is_the_owners_alone(tmp_path):
+    top = tmp_path / "studioml"
+    (top / "queue" / "local_q").mkdir(parents=True, mode=0o755)  # a home from before
+    (top / "queue").chmod(0o755), top.chmod(0o755)
+    said = share_queue_tree(top, group="no-such-group-here")
+    assert said and "groupadd" in said
+    assert share_queue_tree(top, group="no-such-group-here") is None
+    assert mode(top) == mode(top / "queue") == mode(top / "queue" / "local_q") == 0o700
+    msgid = enqueue(top / "queue", "local_q", b"{}")
+    assert mode(top / "queue" / "local_q" / msgid) == 0o600
+    enqueue(top / "queue", "local_new", b"{}")
+    assert mode(top / "queue" / "local_new") == 0o700
+
+
+# ---------------------------------------------------------------- dead letters expire
+
+def dead_letter(src: LocalQueueSource, root: Path, body: bytes, age_s: float = 0) -> str:
+    src.enqueue(Q, body)
+    msg = src.claim(Q)
+    src.dead_letter(msg, "poison")
+    if age_s:
+        t = time.time() - age_s
+        for f in (root / DEAD / Q / msg.message_id, root / DEAD / Q / f"{msg.message_id}.reason"):
+            os.utime(f, (t, t))
+    return msg.message_id
+
+
+def test_dead_letters_older_than_the_ttl_are_deleted(root):
+    src = LocalQueueSource(root, runner_id="t", dead_ttl_s=3600)
+    old = dead_letter(src, root, b"old", age_s=7200)
+    young = dead_letter(src, root, b"young", age_s=600)
+    # the enqueue time does not count: a message dead-lettered now is young
+    src.enqueue(Q, b"queued long ago")
+    t = time.time() - 7200
+    [queued] = [p for p in (root / Q).iterdir() if p.name != LOCK_NAME]
+    os.utime(queued, (t, t))
+    fresh = src.claim(Q)
+    src.dead_letter(fresh, "poison")
+    src.close()
+
+    runner = LocalQueueSource(root, runner_id="next", dead_ttl_s=3600)
+    assert runner.claim(Q) is None  # the first claim sweeps
+    assert [m for _q, m, _r in runner.dead_letters()] == [young, fresh.message_id]
+    assert not (root / DEAD / Q / old).exists() and not (root / DEAD / Q / f"{old}.reason").exists()
+    runner.close()
+
+
+def test_a_ttl_of_zero_keeps_dead_letters(root):
+    src = LocalQueueSource(root, runner_id="t", dead_ttl_s=0)
+    old = dead_letter(src, root, b"old", age_s=400 * 86400)
+    assert src.sweep_dead() == 0
+    assert [m for _q, m, _r in src.dead_letters()] == [old]
+    src.close()
 
 
 # ---------------------------------------------------------------- attempts (issue 13)

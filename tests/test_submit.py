@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import grp
 import shutil
+import stat
+import subprocess
 import sys
+import uuid
 import tarfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +20,7 @@ import pytest
 from appliance.actions.submit import DEFAULT_QUEUE, freeze
 from appliance.cli import main
 from appliance.paths import Home
-from appliance.queues.local import LocalQueueSource
+from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
 from appliance.runner.request import parse_request
 from appliance.runner.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
@@ -155,6 +159,17 @@ def test_freeze_of_a_real_interpreter():
     assert any(line.lower().startswith("boto3==") for line in env)
 
 
+def test_freeze_sends_what_pip_freeze_lists():
+    """The package list is read without pip (fast), and is the same as `pip freeze --all`'s."""
+    env, _ver, skipped = freeze(sys.executable)
+    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    pip_kept = [x for x in out if x and not x.startswith(("#", "-e ")) and " @ file:" not in x]
+    assert sorted(env, key=str.lower) == sorted(pip_kept, key=str.lower)
+    # this checkout is installed editable: it exists only here and is not sent
+    assert any(line.startswith("-e ") for line in skipped)
+
+
 # ---------------------------------------------------------------- submit against the store
 
 @pytest.fixture
@@ -223,6 +238,38 @@ def test_same_tree_same_workspace(store_home, project, capsys, monkeypatch):
     assert {r.key for r in reqs} == set(keys)
 
 
+def test_unchanged_folder_is_uploaded_once(store_home, project, store, capsys):
+    (project / "unique.txt").write_text(uuid.uuid4().hex)  # a workspace no other test sends
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0
+    src = LocalQueueSource(store_home.queue_root, watch=False)
+    ws = parse_request(src.claim(DEFAULT_QUEUE).body).artifacts["workspace"]
+    # mark the stored copy: a second upload would replace it
+    store.client().put_object(Bucket=ws.bucket, Key=ws.key, Body=b"the copy already stored")
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0
+    again = parse_request(src.claim(DEFAULT_QUEUE).body).artifacts["workspace"]
+    assert again.key == ws.key
+    body = store.client().get_object(Bucket=ws.bucket, Key=ws.key)["Body"].read()
+    assert body == b"the copy already stored"
+    capsys.readouterr()
+
+
+def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to hand the queue to a group)")
+    group = grp.getgrnam("daemon")  # stands in for `appliance`
+    share_queue_tree(store_home.studioml_home, group=group.gr_name)
+    old_umask = os.umask(0o022)  # a usual umask would give 0644
+    try:
+        assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0
+    finally:
+        os.umask(old_umask)
+    [msg] = [p for p in (store_home.queue_root / DEFAULT_QUEUE).iterdir() if p.name != "lock.lock"]
+    st = msg.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group.gr_gid)
+    capsys.readouterr()
+
+
 def test_submit_with_freeze(store_home, project, capsys):
     assert submit(store_home, "--dir", str(project), "--python", sys.executable,
                   "--queue", "local_frozen", "train.py") == 0
@@ -263,3 +310,61 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "dead") == 0
     assert capsys.readouterr().out.strip() == f"local_b/{bad.message_id}: message: not JSON"
     src.close()
+
+
+@pytest.mark.parametrize("ttl, kept", [("1d", False), ("0", True)])
+def test_queue_dead_drops_expired_dead_letters(home, capsys, ttl, kept):
+    home.config_file.write_text(f'[queues]\ndead_ttl = "{ttl}"\n')
+    src = LocalQueueSource(home.queue_root, runner_id="t", dead_ttl_s=0)
+    src.enqueue("local_a", b"{}")
+    bad = src.claim("local_a")
+    src.dead_letter(bad, "poison")
+    src.close()
+    t = os.stat(home.queue_root).st_mtime - 2 * 86400
+    for f in (home.queue_root / DEAD / "local_a").iterdir():
+        os.utime(f, (t, t))
+    assert queue_cli(home, "dead") == 0
+    out = capsys.readouterr().out
+    assert (bad.message_id in out) == kept
+    assert ("no dead-lettered messages" in out) == (not kept)
+
+
+def as_nobody(fn, *args) -> tuple:
+    """Run fn(*args) in a forked child that is user nobody (no groups); (exit code, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        rc = 99
+        try:
+            os.close(r)
+            sys.stderr = open(w, "w", buffering=1)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            rc = fn(*args)
+        finally:
+            sys.stderr.flush()
+            os._exit(rc)
+    os.close(w)
+    with open(r) as fh:
+        err = fh.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+def test_queue_tells_a_non_member_how_to_get_in():
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to act as another user)")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="queue-perm-"))
+    try:
+        base.chmod(0o755)
+        home = Home.at(base / "home")
+        home.ensure()
+        share_queue_tree(home.studioml_home, group="daemon")  # stands in for `appliance`
+        rc, err = as_nobody(queue_cli, home, "ls")
+        assert rc == 2, err
+        assert "usermod -aG" in err and str(home.queue_root) in err
+    finally:
+        shutil.rmtree(base)

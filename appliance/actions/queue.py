@@ -7,8 +7,10 @@ sources join the table when they exist.
 from __future__ import annotations
 
 import json
+import sys
 
-from appliance.queues.local import DEAD, LocalQueueSource
+from appliance.config import load_config
+from appliance.queues.local import DEAD, LocalQueueSource, no_access
 
 
 def register(sub):
@@ -21,9 +23,20 @@ def register(sub):
     p.set_defaults(func=run, queue_action="ls", json=False)
 
 
+def _local(home) -> LocalQueueSource:
+    """The local queue, its expired dead letters gone (when we may delete them)."""
+    local = LocalQueueSource(home.queue_root, watch=False,
+                             dead_ttl_s=load_config(home.config_file).queues.dead_ttl)
+    try:
+        local.sweep_dead()
+    except PermissionError:
+        pass  # not a member of the appliance group: the runners sweep
+    return local
+
+
 def queue_table(home) -> list:
     """One row per queue: source, queue, waiting, running, dead."""
-    local = LocalQueueSource(home.queue_root, watch=False)
+    local = _local(home)
     waiting, running, dead = local.depths(), local.claimed_counts(), local.dead_counts()
     names = sorted(set(waiting) | set(running) | set(dead))
     return [{"source": local.name, "queue": q, "waiting": waiting.get(q, 0),
@@ -39,8 +52,16 @@ def _experiment_key(path) -> str | None:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except PermissionError:
+        print(f"appliance queue: {no_access(args.home.queue_root)}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.queue_action == "dead":
-        local = LocalQueueSource(args.home.queue_root, watch=False)
+        local = _local(args.home)
         rows = [{"queue": q, "message": m, "experiment": _experiment_key(local.root / DEAD / q / m),
                  "reason": r} for q, m, r in local.dead_letters()]
         if args.json:

@@ -22,6 +22,12 @@ its start time, so a reused pid does not count as alive). Claims from another pi
 has not been touched by `keepalive` for `lease_s`.
 
 Waiting uses inotify directly (a few ctypes calls, no thread): `wait()` is a `select` on one fd.
+
+Messages hold store keys, so the tree is not for everyone: `share_queue_tree` gives it to the
+`appliance` group (folders 2770, setgid so what is made inside takes the group; files 0660), or,
+without that group, to its owner alone (0700, 0600). Folders and files made here take their
+parent folder's group access and never give others any. Dead letters older than `dead_ttl_s`
+are deleted by a sweep that runs at most every `SWEEP_DEAD_EVERY_S`.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ import ctypes.util
 import os
 import re
 import select
+import stat
 import struct
 import time
 import uuid
 from pathlib import Path
 from typing import Optional
 
+from appliance.paths import SHARED_GROUP, shared_gid
 from appliance.queues.base import Claimed
 
 LOCK_NAME = "lock.lock"
@@ -46,6 +54,8 @@ ATTEMPTS = ".attempts"
 STALE_LOCK_S = 60.0
 LEASE_S = 15 * 60.0
 RECOVER_EVERY_S = 30.0
+DEAD_TTL_S = 30 * 86400.0
+SWEEP_DEAD_EVERY_S = 600.0
 
 _QUEUE_NAME = re.compile(r"^local[A-Za-z0-9_.\-]*$")
 
@@ -53,6 +63,100 @@ _QUEUE_NAME = re.compile(r"^local[A-Za-z0-9_.\-]*$")
 def is_local_queue(name: str) -> bool:
     """StudioML routes a queue name starting with `local` to the directory queue."""
     return bool(_QUEUE_NAME.match(name))
+
+
+# ---------------------------------------------------------------- who may read the queue
+
+SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o2770, 0o700
+CLIENT_DIRS = ("queue", "experiments", "blobcache", "artifact_mappings")  # what the client makes
+
+
+def no_access(path: Path, group: str = SHARED_GROUP) -> str:
+    """What to tell a user the queue tree keeps out."""
+    return (f"{path}: permission denied: the queue is for the '{group}' group; join it "
+            f"(`sudo usermod -aG {group} $USER`, then log in again) or use sudo")
+
+
+def _mkdir(path: Path) -> None:
+    """`mkdir -p` whose new folders take their parent's group access (setgid too), never others'."""
+    if path.is_dir():
+        return
+    _mkdir(path.parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700 | (os.stat(path.parent).st_mode & 0o2070))
+
+
+def _file_mode(folder_mode: int) -> int:
+    """A file in a folder its group may use is the group's too (0660), else the owner's (0600)."""
+    return 0o600 | (folder_mode & 0o060)
+
+
+def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
+    """Give `top` (HOME/studioml: the queue, and what the StudioML client writes beside it) to
+    `group`: folders 2770, files their owner's bits for the group too (0660), nothing for others,
+    so members submit without sudo and nobody else reads the store keys in messages. Without
+    the group everything is the owner's alone (0700, 0600).
+
+    Walks the tree only when `top` is not right yet (a first `up`, an older home); otherwise it
+    looks at the folders directly in `top` and in its queue root, which a client may have made
+    with its umask. Returns what it changed, for the caller to say; None when all was right."""
+    top = Path(top)
+    gid = shared_gid(group)
+    if gid is not None and os.geteuid() != 0 and gid not in os.getgroups():
+        gid = None  # we may not hand files to it
+    top.mkdir(parents=True, exist_ok=True)
+    if _wrong(top, gid):
+        changed = _fix_tree(top, gid)
+    else:
+        changed = 0
+        for folder in (top, top / "queue"):
+            try:
+                entries = [e.path for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                continue
+            changed += sum(_fix_tree(Path(p), gid) for p in entries if _wrong(Path(p), gid))
+    for name in CLIENT_DIRS:
+        _mkdir(top / name)
+    if not changed:
+        return None
+    if gid is None:
+        return (f"{top}: no group '{group}', so the queue is root's alone (0700/0600; "
+                f"`groupadd --system {group}` or ./install.sh lets its members submit without sudo)")
+    return f"{top}: queue folders 2770 and files 0660, group '{group}' ({changed} entries changed)"
+
+
+def _wrong(path: Path, gid: Optional[int]) -> bool:
+    st = os.lstat(path)
+    want = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
+    return (st.st_mode & 0o7777) != want or (gid is not None and st.st_gid != gid)
+
+
+def _fix_tree(top: Path, gid: Optional[int]) -> int:
+    """Set group and modes below `top` (see share_queue_tree); how many entries changed."""
+    changed = 0
+    for folder, dirs, files in os.walk(top):
+        for path in [folder] + [os.path.join(folder, n) for n in dirs + files]:
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    mode = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
+                else:
+                    owner = st.st_mode & 0o700
+                    mode = owner | (owner >> 3 if gid is not None else 0)
+                if gid is not None and st.st_gid != gid:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                elif (st.st_mode & 0o7777) == mode:
+                    continue
+                os.chmod(path, mode)  # after chown, which may clear setgid
+                changed += 1
+            except (FileNotFoundError, PermissionError):
+                continue  # gone meanwhile, or someone else's (not run as root)
+    return changed
 
 
 # ---------------------------------------------------------------- process identity
@@ -184,21 +288,25 @@ class LocalQueueSource:
     name = "local"
 
     def __init__(self, root: Path, runner_id: str = "runner", lease_s: float = LEASE_S,
-                 stale_lock_s: float = STALE_LOCK_S, watch: bool = True):
-        """`watch=False` for readers that never `wait()` (the CLI): no inotify, no mkdir."""
+                 stale_lock_s: float = STALE_LOCK_S, watch: bool = True,
+                 dead_ttl_s: float = DEAD_TTL_S):
+        """`watch=False` for readers that never `wait()` (the CLI): no inotify, no mkdir.
+        `dead_ttl_s`: dead letters older than this are deleted (0: kept forever)."""
         self.root = Path(root)
         self.runner_id = re.sub(r"[^A-Za-z0-9_.\-]", "_", runner_id) or "runner"
         self.lease_s = lease_s
         self.stale_lock_s = stale_lock_s
+        self.dead_ttl_s = dead_ttl_s
         self._tag = _owner_tag(self.runner_id)
         self._held: dict = {}  # claimed path -> Claimed
         self._notify: Optional[_Inotify] = None
         self._last_recover = 0.0
+        self._last_sweep = 0.0
         self._blocked: set = set()  # queues whose last claim met the writers' lock
         if watch:
             # Watch from the start, so a message landing between a runner's empty claim and
             # its first wait() still wakes it.
-            self.root.mkdir(parents=True, exist_ok=True)
+            _mkdir(self.root)
             try:
                 self._notify = _Inotify(self.root)
             except OSError:
@@ -275,8 +383,11 @@ class LocalQueueSource:
     def claim(self, queue: str) -> Optional[Claimed]:
         if not is_local_queue(queue):
             raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
-        if time.monotonic() - self._last_recover > RECOVER_EVERY_S:
+        now = time.monotonic()
+        if now - self._last_recover > RECOVER_EVERY_S:
             self.recover_orphans()
+        if now - self._last_sweep > SWEEP_DEAD_EVERY_S:
+            self.sweep_dead()
         folder = self.root / queue
         if self.locked(queue):
             self._blocked.add(queue)
@@ -288,7 +399,7 @@ class LocalQueueSource:
             return None
         self._blocked.discard(queue)
         dest_dir = self.root / CLAIMED / queue
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        _mkdir(dest_dir)
         now_ns = time.time_ns()
         for mtime_ns, name, size in candidates:
             if size == 0 and now_ns - mtime_ns < 2e9:
@@ -359,7 +470,7 @@ class LocalQueueSource:
         if not counted:
             self._set_attempts(msg.queue, msg.message_id, msg.attempt - 1)
         folder = self.root / msg.queue
-        folder.mkdir(parents=True, exist_ok=True)
+        _mkdir(folder)
         try:
             os.rename(msg.handle, folder / msg.message_id)
         except FileNotFoundError:
@@ -368,16 +479,27 @@ class LocalQueueSource:
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         self._held.pop(msg.handle, None)
         folder = self.root / DEAD / msg.queue
-        folder.mkdir(parents=True, exist_ok=True)
+        _mkdir(folder)
+        mode = _file_mode(os.stat(folder).st_mode)
         reason_file = folder / f"{msg.message_id}.reason"
         tmp = folder / f".{msg.message_id}.reason.tmp{os.getpid()}"
-        tmp.write_text(reason.rstrip("\n") + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "w") as fh:
+            os.fchmod(fd, mode)  # not the umask's
+            fh.write(reason.rstrip("\n") + "\n")
         os.replace(tmp, reason_file)
+        dest = folder / msg.message_id
         try:
-            os.rename(msg.handle, folder / msg.message_id)
+            os.rename(msg.handle, dest)
         except FileNotFoundError:
-            pass
+            self._set_attempts(msg.queue, msg.message_id, 0)
+            return
         self._set_attempts(msg.queue, msg.message_id, 0)
+        try:
+            os.utime(dest)  # its age counts from now for dead_ttl_s
+            os.chmod(dest, os.stat(dest).st_mode & mode)  # a client's 0644 file: no longer others'
+        except OSError:
+            pass  # not ours to change (another user wrote it); the folder keeps others out
 
     def close(self) -> None:
         for msg in list(self._held.values()):
@@ -386,7 +508,31 @@ class LocalQueueSource:
             self._notify.close()
             self._notify = None
 
-    # -- orphans and waiting
+    # -- orphans, expired dead letters and waiting
+
+    def sweep_dead(self) -> int:
+        """Delete dead letters (and reasons) older than `dead_ttl_s`; how many files went."""
+        self._last_sweep = time.monotonic()
+        dead = self.root / DEAD
+        if not self.dead_ttl_s or not dead.is_dir():
+            return 0
+        cutoff_ns = time.time_ns() - int(self.dead_ttl_s * 1e9)
+        removed = 0
+        for queue in os.listdir(dead):
+            try:
+                with os.scandir(dead / queue) as it:
+                    old = [e.path for e in it if not e.name.startswith(".")
+                           and e.is_file(follow_symlinks=False)
+                           and e.stat(follow_symlinks=False).st_mtime_ns < cutoff_ns]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for path in old:
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # another runner swept it first
+        return removed
 
     def recover_orphans(self) -> int:
         """Return claims whose runner is gone to their queue; how many moved."""
@@ -403,7 +549,7 @@ class LocalQueueSource:
                 msgid, tag = parts[0], "@".join(parts[1:])
                 if _owner_alive(tag, mtime_ns / 1e9, self.lease_s):
                     continue
-                (self.root / queue).mkdir(parents=True, exist_ok=True)
+                _mkdir(self.root / queue)
                 try:
                     os.rename(claimed / queue / name, self.root / queue / msgid)
                     moved += 1
@@ -443,27 +589,30 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
         raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
     folder = Path(root) / queue
     if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _same_owner_as_root(folder, Path(root))
+        _mkdir(folder)
+        _same_owner(folder, os.stat(root))
+    where = os.stat(folder)
+    mode = _file_mode(where.st_mode)
     msgid = str(uuid.uuid4())
     tmp = folder / f".{msgid}.tmp"
     with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "wb") as fh:
+            os.fchmod(fd, mode)  # 0660 (or 0600), whatever the umask
+            _same_owner(tmp, where)
             fh.write(body)
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fsync(fd)
         os.rename(tmp, folder / msgid)
     return msgid
 
 
-def _same_owner_as_root(folder: Path, root: Path) -> None:
-    """A queue folder made by root (a `submit` run with sudo) belongs to whoever owns the queue
-    root, so runners that dropped to `isolation.user` can still claim from it."""
-    if os.geteuid() != 0:
+def _same_owner(path: Path, owner: os.stat_result) -> None:
+    """What root (a `submit` run with sudo) makes belongs to the owner of the folder it is in, so
+    runners that dropped to `isolation.user` can still claim and read it."""
+    if os.geteuid() != 0 or (owner.st_uid, owner.st_gid) == (0, 0):
         return
-    owner = os.stat(root)
-    if (owner.st_uid, owner.st_gid) != (0, 0):
-        os.chown(folder, owner.st_uid, owner.st_gid)
+    os.chown(path, owner.st_uid, owner.st_gid)  # a folder keeps its setgid bit
 
 
 class soft_lock:

@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.queues.sources import SourceSet
     from appliance.config import Config, load_config as _load
     logging.getLogger("pika").setLevel(logging.WARNING)
-    sources = [SourceSet(home, _load(home.config_file) if home.config_file.exists() else Config(),
-                         slot=args.slot,
-                         local=LocalQueueSource(home.queue_root, runner_id=args.slot))]
+    config = _load(home.config_file) if home.config_file.exists() else Config()
+    sources = [SourceSet(home, config, slot=args.slot,
+                         local=LocalQueueSource(home.queue_root, runner_id=args.slot,
+                                                dead_ttl_s=config.queues.dead_ttl))]
     runner = Runner(home, args.slot, sources, settings)
     runner.install_signals()
     return runner.run_forever(exit_when_idle=args.exit_when_idle)

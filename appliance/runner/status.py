@@ -11,7 +11,9 @@
 
 `HOME/status/experiments/<key>.json` records where an experiment's mutable artifacts live in
 the store (endpoint, bucket, key per artifact; never credentials), so `appliance logs` and
-`appliance results` find them without guessing the bucket.
+`appliance results` find them without guessing the bucket. Records are for the `appliance`
+group's members and root only: their folder is 2750 with that group (0700 without it), the
+files 0640 (0600).
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from appliance.paths import shared_gid
+
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, mode: Optional[int] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
@@ -102,8 +108,25 @@ def experiment_record_path(home, key: str) -> Path:
     return Path(home.status_dir) / "experiments" / f"{_safe_name(key)}.json"
 
 
+def _records_dir(home) -> Path:
+    """HOME/status/experiments, made 2750 for the `appliance` group (0700 without it)."""
+    folder = Path(home.status_dir) / "experiments"
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        gid = shared_gid()
+        try:
+            if gid is None:
+                raise PermissionError("no appliance group")
+            os.chown(folder, -1, gid)
+            os.chmod(folder, 0o2750)  # setgid: records made inside take the group
+        except PermissionError:
+            os.chmod(folder, 0o700)
+    return folder
+
+
 def record_experiment(home, key: str, record: dict) -> None:
-    write_json_atomic(experiment_record_path(home, key), record)
+    group_reads = os.stat(_records_dir(home)).st_mode & 0o040
+    write_json_atomic(experiment_record_path(home, key), record, mode=0o600 | group_reads)
 
 
 def find_experiment(home, key: str) -> Optional[dict]:

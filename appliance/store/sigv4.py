@@ -1,0 +1,83 @@
+"""HEAD and PUT of one S3 object with the standard library (AWS Signature Version 4).
+
+`appliance submit` sends one small workspace per call; importing boto3 and building a client
+costs ~0.2 s of CPU, most of a submit. These two requests need neither. Anything unusual (an
+endpoint with a path, an answer other than the expected ones, a network error) raises
+`Unexpected`, and the caller does the same with boto3, which retries and explains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+class Unexpected(Exception):
+    """Not what the quick path handles; use boto3."""
+
+
+def _sign(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def _request(endpoint: str, access_key: str, secret_key: str, region: str, method: str,
+             bucket: str, key: str, payload_sha256: str, body=None, length: int = 0,
+             timeout: float = 10.0) -> int:
+    """Send one signed request (path-style addressing); returns the HTTP status."""
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or url.path.strip("/") or url.query or not url.netloc:
+        raise Unexpected(f"endpoint {endpoint}")
+    path = quote(f"/{bucket}/{key}", safe="/-_.~")
+    now = time.gmtime()
+    amz_date, day = time.strftime("%Y%m%dT%H%M%SZ", now), time.strftime("%Y%m%d", now)
+    headers = {"host": url.netloc, "x-amz-content-sha256": payload_sha256, "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join([method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
+                           signed, payload_sha256])
+    scope = f"{day}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    signing_key = _sign(_sign(_sign(_sign(f"AWS4{secret_key}".encode(), day), region), "s3"),
+                        "aws4_request")
+    signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                f"SignedHeaders={signed}, Signature={signature}")
+    if method == "PUT":
+        headers["content-length"] = str(length)
+    conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = conn_class(url.netloc, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException) as e:
+        raise Unexpected(str(e)) from None
+    finally:
+        conn.close()
+
+
+def exists(endpoint: str, access_key: str, secret_key: str, region: str, bucket: str,
+           key: str) -> bool:
+    status = _request(endpoint, access_key, secret_key, region, "HEAD", bucket, key, EMPTY_SHA256)
+    if status == 200:
+        return True
+    if status == 404:
+        return False
+    raise Unexpected(f"HEAD answered {status}")
+
+
+def put_file(endpoint: str, access_key: str, secret_key: str, region: str, bucket: str, key: str,
+             path: Path, sha256: str) -> None:
+    """PUT the file at `path`, whose sha256 (hex) the caller knows already."""
+    with open(path, "rb") as fh:
+        status = _request(endpoint, access_key, secret_key, region, "PUT", bucket, key, sha256,
+                          body=fh, length=Path(path).stat().st_size)
+    if status != 200:
+        raise Unexpected(f"PUT answered {status}")

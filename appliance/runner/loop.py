@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -135,6 +136,12 @@ def this_slot(home, slot: str, environ=os.environ) -> SlotShape:
     cuda = environ.get("CUDA_VISIBLE_DEVICES", "")
     gpus = len([g for g in cuda.split(",") if g.strip() and g.strip() != "-1"])
     return SlotShape(name=slot, cpus=cpus, memory_bytes=memory, gpus=gpus)
+
+
+def job_dir_name(key: str) -> str:
+    """The job folder of experiment `key`: readable, and distinct for distinct keys ("a b" and
+    "a_b" must never share a folder: it may hold one's finished outputs)."""
+    return f"{_safe(key)[:120]}.{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _safe(name: str) -> str:
@@ -377,7 +384,7 @@ class Runner:
             if old.is_dir() and not old.is_symlink() and (old / ENDED).exists():
                 continue
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
-        job_dir = root / _safe(req.key)
+        job_dir = root / job_dir_name(req.key)
         finished = finished_job_dir(self.home, req.key)
         job = None
         try:
@@ -429,8 +436,12 @@ LOCK = ".lock"  # held by the runner working on JOB
 def finished_job_dir(home, key: str) -> Optional[Path]:
     """A job dir on this box (any slot) whose workload ended but whose uploads are not known to
     be done, and that no live runner holds; None if there is none."""
-    for d in Path(home.work_dir).glob(f"*/{_safe(key)}"):
-        if (d / ENDED).is_file() and _unlocked(d):
+    for d in Path(home.work_dir).glob(f"*/{job_dir_name(key)}"):
+        try:
+            ended = json.loads((d / ENDED).read_text())
+        except (OSError, ValueError):
+            continue
+        if ended.get("experiment") == key and _unlocked(d):
             return d
     return None
 

@@ -149,4 +149,9 @@ class Home:
                   self.credentials_dir, self.status_dir, self.cache_dir, self.work_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.secrets_dir, 0o700)
+        self.artifact_cache.mkdir(parents=True, exist_ok=True)
+        # workloads run as other users: keys, broker passwords, logs and other tenants' cached
+        # workspaces are the appliance's alone; venvs and job folders stay reachable (0711 or
+        # sealed read-only), each job's own content is its workload's
+        for d in (self.secrets_dir, self.credentials_dir, self.logs_dir, self.artifact_cache):
+            os.chmod(d, 0o700)

@@ -43,6 +43,9 @@ report = {
     "write status": attempt("", lambda: open(os.path.join(home, "status", "forged.json"), "w").write("{}")),
     "write cache": attempt("", lambda: open(os.path.join(home, "cache", "planted"), "w").write("x")),
     "read queue": attempt("", lambda: os.listdir(os.path.join(home, "studioml", "queue", "local_test"))),
+    "read cached workspaces": attempt("", lambda: os.listdir(os.path.join(home, "cache", "artifacts"))),
+    "read broker passwords": attempt("", lambda: os.listdir(os.path.join(home, "credentials"))),
+    "read logs": attempt("", lambda: os.listdir(os.path.join(home, "logs"))),
     "write own workspace": attempt("", lambda: open("mine.txt", "w").write("ok")),
 }
 print("REPORT " + json.dumps(report))
@@ -57,7 +60,8 @@ def _report(out: str) -> dict:
 def test_a_workload_is_an_unprivileged_account_of_its_slot_and_reaches_nothing_of_the_appliance(store, home):
     (home.secrets_dir / "store.json").write_text('{"secret_key": "the admin key"}')
     os.chmod(home.secrets_dir / "store.json", 0o600)
-    os.chmod(home.queue_root, 0o700)
+    from appliance.queues.local import share_queue_tree
+    share_queue_tree(home.studioml_home)  # as `appliance up` leaves it
     key, body = request(store, {"train.py": PROBE}, args=[str(home.root)])
     submit(home, body)
     runner, _ = make_runner(home, slot="slot-0")
@@ -68,7 +72,8 @@ def test_a_workload_is_an_unprivileged_account_of_its_slot_and_reaches_nothing_o
     assert report["uid"] == report["euid"] == account.pw_uid != 0
     assert report["groups"] == []
     for what in ("read secrets", "read shadow", "signal runner", "runner environ", "host shm", "runner root",
-                 "write status", "write cache", "read queue"):
+                 "write status", "write cache", "read queue", "read cached workspaces", "read broker passwords",
+                 "read logs"):
         assert report[what] != "allowed", (what, report)
     assert report["write own workspace"] == "allowed"
     assert "the admin key" not in out

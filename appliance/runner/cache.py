@@ -30,6 +30,8 @@ class ArtifactCache:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.tmp = self.root / "tmp"
+        if os.geteuid() == 0 and self.root.is_dir():
+            os.chmod(self.root, 0o700)  # other tenants' workspaces: never a workload's to read
 
     def _path(self, key: str) -> Path:
         return self.root / (hashlib.sha256(key.encode()).hexdigest() + ".blob")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from appliance.paths import Home
 from appliance.store.client import s3_client
@@ -93,6 +94,10 @@ def artifact_text(appliance, key, name="output") -> str | None:
         body = client.get_object(Bucket="appliance", Key=f"experiments/{key}/{name}.tar")["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
+    except ClientError as e:  # a store that has just (re)started may answer 500 for a moment
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            return None
+        raise
     texts = []
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         for member in tar.getmembers():

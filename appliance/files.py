@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    """Write `text` to `path` so readers see the old or the new file, never half of one."""
+def write_atomic(path: Path, text: str, mode: int | None = None, durable: bool = False) -> None:
+    """Write `text` to `path` so readers see the old or the new file, never half of one.
+    `durable`: the rename itself survives a power cut too (the folder is synced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
@@ -17,3 +18,9 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

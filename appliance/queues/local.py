@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from appliance.files import write_atomic
 from appliance.paths import SHARED_GROUP, shared_gid
 from appliance.queues.base import Claimed
 
@@ -435,18 +436,7 @@ class LocalQueueSource:
         if n <= 0:
             path.unlink(missing_ok=True)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{msgid}.tmp{os.getpid()}")
-        with open(tmp, "w") as fh:
-            fh.write(f"{n}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(path, f"{n}\n", durable=True)
 
     def keepalive(self, msg: Claimed) -> None:
         """Touch the claim: its mtime is the lease seen from other pid namespaces."""

@@ -43,6 +43,7 @@ from appliance.runner import execute, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
+from appliance.files import write_atomic
 from appliance.queues.base import over_attempts
 from appliance.runner.status import StatusFile, record_experiment
 from appliance.slot import users
@@ -455,21 +456,6 @@ def _unlocked(job_dir: Path) -> bool:
         return False
 
 
-def _write_durably(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple]) -> dict:
     """Upload every mutable artifact of a finished job dir, then mark it done in the store and
     remove the dir. Returns the ended record. StoreUnavailable leaves everything in place."""
@@ -840,7 +826,7 @@ class Job:
         ended = {"state": "ended", "outcome": result.outcome, "exit_code": result.exit_code,
                  "reason": result.reason, "finished": time.time(), "slot": self.r.slot,
                  "host": os.uname().nodename, "experiment": self.req.key}
-        _write_durably(self.dir / ENDED, ended)  # from here on, the workload never runs again
+        write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
         self.keep_dir = True
         self._write_record(ended)
         self.complete(ended)

@@ -90,3 +90,17 @@ def store(tmp_path_factory):
         running.process.wait(10)
     except subprocess.TimeoutExpired:
         running.process.kill()
+
+
+@pytest.fixture
+def store_home(tmp_path, store) -> Home:
+    """An appliance home that uses the session's real store (its store.json holds both identities)."""
+    import shutil
+    from urllib.parse import urlsplit
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    shutil.copy(store.home.store_credentials, home.store_credentials)
+    port = urlsplit(store.endpoint_url).port
+    home.config_file.write_text(f'[object_store]\nport = {port}\nbucket = "{store.bucket}"\n')
+    return home

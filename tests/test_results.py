@@ -5,17 +5,14 @@ A real store, and a second local HTTP listener standing in for an attacker's end
 from __future__ import annotations
 
 import io
-import shutil
 import tarfile
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
 
 from appliance.cli import main
-from appliance.paths import Home
 from appliance.runner.status import record_experiment
 
 
@@ -46,15 +43,6 @@ def listener():
     server.shutdown()
     server.server_close()
 
-
-@pytest.fixture
-def store_home(tmp_path, store) -> Home:
-    home = Home.at(tmp_path / "home")
-    home.ensure()
-    shutil.copy(store.home.store_credentials, home.store_credentials)
-    port = urlsplit(store.endpoint_url).port
-    home.config_file.write_text(f'[object_store]\nport = {port}\nbucket = "{store.bucket}"\n')
-    return home
 
 
 def output_tar(text: str) -> bytes:

@@ -5,9 +5,7 @@ appliance's buckets. A real SeaweedFS store."""
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 from botocore.exceptions import ClientError
@@ -59,16 +57,6 @@ def test_the_client_may_use_the_studioml_records_bucket_once_up_made_it(store):
     client.put_object(Bucket=STUDIOML_META_BUCKET, Key="experiments/k", Body=b"{}")
     assert client.get_object(Bucket=STUDIOML_META_BUCKET, Key="experiments/k")["Body"].read() == b"{}"
 
-
-@pytest.fixture
-def store_home(tmp_path, store) -> Home:
-    """An appliance home that uses the session's real store (its store.json holds both identities)."""
-    home = Home.at(tmp_path / "home")
-    home.ensure()
-    shutil.copy(store.home.store_credentials, home.store_credentials)
-    port = urlsplit(store.endpoint_url).port
-    home.config_file.write_text(f'[object_store]\nport = {port}\nbucket = "{store.bucket}"\n')
-    return home
 
 
 def test_s3_env_and_the_mc_alias_hold_the_client_identity(store_home, tmp_path, monkeypatch):

@@ -65,6 +65,12 @@ class Bench:
         self.home = Home.at(self.home_dir)
         self.starts = base / "starts.log"
         self.ends = base / "ends.log"
+        # Workloads run as the slots' own unprivileged accounts: they must reach and append to
+        # these logs (the folder stays unlistable to them).
+        base.chmod(0o711)
+        for log in (self.starts, self.ends):
+            log.touch()
+            log.chmod(0o666)
         self.env = {**os.environ, "APPLIANCE_CGROUP_PARENT": f"appliance-bench-{uuid.uuid4().hex[:6]}",
                     "MC_CONFIG_DIR": str(base / "mc")}
 
@@ -134,6 +140,7 @@ class Bench:
             started = self.started()
             if all(k in started for k in keys) and self.queue_empty():
                 break
+            self.give_up_after(t0, f"{n - len(started.keys() & set(keys))} of {n} experiments never started")
             time.sleep(0.01)
         elapsed = time.time() - t0
         return elapsed, [started[k] - enqueued[k] for k in keys]
@@ -150,7 +157,14 @@ class Bench:
             ended = self.started(self.ends)
             if all(k in ended for k in keys):
                 return max(ended[k] for k in keys) - t0
+            self.give_up_after(t0, f"{n - len(ended.keys() & set(keys))} of {n} experiments never ended")
             time.sleep(0.05)
+
+    def give_up_after(self, t0: float, what: str, limit_s: float = 600) -> None:
+        """A benchmark whose jobs fail would otherwise wait for ever: stop and show why."""
+        if time.time() - t0 > limit_s:
+            status = cli(self.home_dir, "status", env=self.env).stdout
+            raise SystemExit(f"{what} after {limit_s:.0f} s; `appliance status` says:\n{status}")
 
     def one_at_a_time(self, samples: int, pythonenv=()) -> list[float]:
         latencies = []

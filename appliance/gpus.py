@@ -113,7 +113,7 @@ def _mig(handle) -> tuple[bool, tuple[MigDevice, ...]]:
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
     except pynvml.NVMLError as e:
-        if e.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+        if e.value in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):  # old driver
             return False, ()
         raise
     if current != pynvml.NVML_DEVICE_MIG_ENABLE:

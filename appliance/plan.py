@@ -200,23 +200,25 @@ def _whole_gpu_shapes(config: Config, listed: list[Gpu], good: list[Gpu]) -> lis
         if sum(wanted) != n:
             raise PlanError(f"slots.gpu.gpus_per_slot = {_shape_text(wanted)} adds up to {sum(wanted)} GPUs, but "
                             f"this host has {n} (not counting GPUs in MIG mode); list slot sizes that add up "
-                            f"to {n}, like {_shape_text(_example_shapes(n))}, or give one number that divides {n}")
+                            f"to {n}, like {_shape_text(_example_shapes(wanted, n))}, or give one number that "
+                            f"divides {n}")
         return sorted(wanted, reverse=True)
     if n % wanted:
         divisors = [d for d in (1, 2, 4, 8, 3, 6) if n % d == 0 and d <= n]
         raise PlanError(f"slots.gpu.gpus_per_slot = {wanted} cannot split this host's {n} GPUs (not counting "
                         f"GPUs in MIG mode) into slots of {wanted}: use {' or '.join(map(str, sorted(divisors)))}, "
-                        f"or a list of slot sizes adding up to {n}, like {_shape_text(_example_shapes(n))}")
+                        f"or a list of slot sizes adding up to {n}, like {_shape_text(_example_shapes(wanted, n))}")
     return [wanted] * (n // wanted)
 
 
-def _example_shapes(n: int) -> tuple:
+def _example_shapes(wanted, n: int) -> tuple:
+    """Sizes close to what the config asks that do add up to n GPUs."""
     out, left = [], n
-    while left:
-        size = 1 << (left.bit_length() - 1)
-        out.append(size)
-        left -= size
-    return tuple(out)
+    for size in sorted(wanted if isinstance(wanted, tuple) else (wanted,) * n, reverse=True):
+        if size <= left:
+            out.append(size)
+            left -= size
+    return tuple(out) + (left,) * bool(left)
 
 
 def _group_cost(group, dist) -> tuple:

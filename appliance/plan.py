@@ -24,6 +24,8 @@ Rules, in order:
    slot goes (drains) and no other slot changes. Its remaining GPUs are free: they form a new
    slot of a size the config still misses with other free GPUs (nearest first), else they stay
    idle with a note until the lost GPU is back (then the slot is formed again, under a new name).
+   A GPU that leaves NVML's list altogether is treated the same (counted as lost, so
+   gpus_per_slot still divides the GPUs) until the GPUs NVML lists fit the shape by themselves.
    A MIG device keeps its slot while its UUID exists; a shared GPU keeps its N slots.
 
 Nothing here touches the system; `inventory` says what the host has.
@@ -81,6 +83,7 @@ class Plan:
     reserved_memory: int = 0
     notes: tuple[str, ...] = field(default=())  # GPUs left out and why, and similar
     gpu_cpus: int = 0  # CPUs per whole GPU "auto" chose (0: named in the config, or no GPU)
+    gpus_gone: tuple[str, ...] = ()  # GPUs no longer listed by NVML that gpus_per_slot still counts
 
     def slot(self, name: str) -> Slot | None:
         return next((s for s in self.slots if s.name == name), None)
@@ -97,7 +100,7 @@ class Plan:
                       for s in data["slots"])
         return cls(slots=slots, reserved_cpus=tuple(data.get("reserved_cpus", ())),
                    reserved_memory=data.get("reserved_memory", 0), notes=tuple(data.get("notes", ())),
-                   gpu_cpus=int(data.get("gpu_cpus", 0)))
+                   gpu_cpus=int(data.get("gpu_cpus", 0)), gpus_gone=tuple(data.get("gpus_gone", ())))
 
 
 @dataclass(frozen=True)
@@ -180,9 +183,12 @@ def _shape_text(shapes) -> str:
     return f"[{', '.join(map(str, shapes))}]" if isinstance(shapes, tuple) else str(shapes)
 
 
-def _whole_gpu_shapes(config: Config, listed: list[Gpu], good: list[Gpu]) -> list[int]:
+def _whole_gpu_shapes(config: Config, listed: list[Gpu], good: list[Gpu], previous: Plan | None,
+                      notes: list[str]) -> tuple[list[int], tuple[str, ...]]:
     """Slot sizes for the whole GPUs (not in MIG mode), checked against the GPUs NVML lists,
-    healthy or not, so a GPU turning bad does not make the config wrong."""
+    healthy or not, so a GPU turning bad does not make the config wrong; and the GPUs that have
+    left NVML's list since the shapes last fitted, still counted (as lost) so they do not either.
+    """
     wanted, share = config.slots.gpu.gpus_per_slot, config.slots.gpu.share
     several = isinstance(wanted, tuple) or wanted > 1
     if share > 1 and several:
@@ -193,22 +199,34 @@ def _whole_gpu_shapes(config: Config, listed: list[Gpu], good: list[Gpu]) -> lis
         raise PlanError(f"slots.gpu.share = {share}, but {', '.join(map(_describe, mig))} "
                         f"{'is' if len(mig) == 1 else 'are'} in MIG mode (its MIG devices are already slices, "
                         "one slot each): set slots.gpu.share = 1, or turn MIG off (nvidia-smi -i INDEX -mig 0)")
-    n = len([g for g in listed if not g.mig_enabled])
+    whole = {g.uuid for g in listed if not g.mig_enabled}
+    n = len(whole)
+    fits = (lambda k: sum(wanted) == k) if isinstance(wanted, tuple) else (lambda k: k % wanted == 0)
     if n == 0:
-        return []
+        return [], ()
+    gone: tuple[str, ...] = ()
+    if not fits(n) and previous is not None:
+        remembered = {u for s in previous.slots if s.kind == "gpu" and not s.mig for u in s.gpus}
+        remembered |= set(previous.gpus_gone)
+        gone = tuple(sorted(remembered - whole - {g.uuid for g in listed}))
+        if gone and fits(n + len(gone)):
+            n += len(gone)
+            notes += [f"{u} left NVML's list: counted as lost, so slots.gpu.gpus_per_slot still fits" for u in gone]
+        else:
+            gone = ()
     if isinstance(wanted, tuple):
         if sum(wanted) != n:
             raise PlanError(f"slots.gpu.gpus_per_slot = {_shape_text(wanted)} adds up to {sum(wanted)} GPUs, but "
                             f"this host has {n} (not counting GPUs in MIG mode); list slot sizes that add up "
                             f"to {n}, like {_shape_text(_example_shapes(wanted, n))}, or give one number that "
                             f"divides {n}")
-        return sorted(wanted, reverse=True)
+        return sorted(wanted, reverse=True), gone
     if n % wanted:
         divisors = [d for d in (1, 2, 4, 8, 3, 6) if n % d == 0 and d <= n]
         raise PlanError(f"slots.gpu.gpus_per_slot = {wanted} cannot split this host's {n} GPUs (not counting "
                         f"GPUs in MIG mode) into slots of {wanted}: use {' or '.join(map(str, sorted(divisors)))}, "
                         f"or a list of slot sizes adding up to {n}, like {_shape_text(_example_shapes(wanted, n))}")
-    return [wanted] * (n // wanted)
+    return [wanted] * (n // wanted), gone
 
 
 def _example_shapes(wanted, n: int) -> tuple:
@@ -333,7 +351,7 @@ def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None
             notes.append(f"GPU {gpu.index} ({gpu.uuid}) left out: disabled in config (gpus.disabled)")
         else:
             good.append(gpu)
-    shapes = _whole_gpu_shapes(config, listed, good)
+    shapes, gone = _whole_gpu_shapes(config, listed, good, previous, notes)
     units = sorted(_gpu_units(config, inventory, good, shapes, previous, notes), key=_Unit.key)
 
     # CPUs per GPU slot. "auto" sizes by every GPU NVML lists, healthy or not, so a GPU turning
@@ -447,7 +465,7 @@ def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None
 
     slots = tuple(sorted(kept + created, key=lambda s: _slot_number(s.name)))
     return Plan(slots=slots, reserved_cpus=reserved, reserved_memory=reserved_memory, notes=tuple(notes),
-                gpu_cpus=gpu_cpus)
+                gpu_cpus=gpu_cpus, gpus_gone=gone)
 
 
 def describe_slot(slot: Slot) -> str:

@@ -249,6 +249,22 @@ def test_a_gpu_lost_from_a_pair_drains_only_that_pair_and_comes_back():
     assert [back.slot(n).gpu_indexes for n in diff.added if back.slot(n).kind == "gpu"] == [lost.gpu_indexes]
 
 
+def test_a_gpu_gone_from_nvmls_list_counts_as_lost_until_the_gpus_fit_by_themselves():
+    cfg = config("[slots.gpu]\ngpus_per_slot = 2\n")
+    without_2 = [[0, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(PlanError, match="cannot split this host's 7 GPUs"):
+        make_plan(cfg, box(without_2))  # no earlier plan: 7 GPUs cannot make pairs
+    before = make_plan(cfg, box(ISLANDS))
+    after = make_plan(cfg, box(without_2), before)
+    lost = next(s for s in gpu_slots(before) if 2 in s.gpu_indexes)
+    assert diff_plans(before, after).removed == (lost.name,) and diff_plans(before, after).changed == ()
+    assert after.gpus_gone == ("GPU-0002",) and any("GPU-0002 left NVML's list" in n for n in after.notes)
+    assert make_plan(cfg, box(without_2), after) == after  # stays so on the next re-plan
+    assert Plan.from_json(after.to_json()) == after
+    back = make_plan(cfg, box(ISLANDS), after)
+    assert back.gpus_gone == () and lost.gpu_indexes in {s.gpu_indexes for s in gpu_slots(back)}
+
+
 def test_two_pairs_losing_a_gpu_each_pair_their_survivors():
     cfg = config("[slots.gpu]\ngpus_per_slot = 2\n")
     before = make_plan(cfg, box(ISLANDS))

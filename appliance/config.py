@@ -85,6 +85,17 @@ def _text_list(value: Any) -> tuple:
     return tuple(str(v).strip() for v in value)
 
 
+def _gpu_shapes(value: Any):
+    """a number of GPUs per slot (1, 2, 4, 8) or a list of slot sizes like [4, 2, 2]"""
+    if isinstance(value, str) and "," in value:
+        value = [v for v in value.strip("[] ").split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("an empty list makes no slot")
+        return tuple(_int_at_least(1)(v) for v in value)
+    return _int_at_least(1)(value)
+
+
 def _size(value: Any) -> int:
     return parse_size(value)
 
@@ -124,6 +135,12 @@ class GpuSlotConfig:
     memory: Auto = opt("auto", _auto_or(_size),
                        'memory limit per GPU slot; "auto" shares the memory left out by CPUs')
     shm: Auto = opt("auto", _auto_or(_size), '/dev/shm size per GPU slot; "auto" is a quarter of its memory')
+    gpus_per_slot: Any = opt(1, _gpu_shapes,
+                             'GPUs per GPU slot, picked by topology (NVLink, PCIe switch, NUMA node): a number '
+                             'that divides the GPUs, or a list of slot sizes adding up to them, like [4, 2, 2]')
+    share: int = opt(1, _int_at_least(1),
+                     'slots per GPU: each gets 1/share of its memory (APPLIANCE_GPU_MEMORY_BYTES) and of the '
+                     'CPUs a GPU slot gets; 1 with gpus_per_slot above 1, and with GPUs in MIG mode')
 
 
 @dataclass(frozen=True)

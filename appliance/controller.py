@@ -55,7 +55,9 @@ STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
 
 
 def _gpu_key(scan: GpuScan) -> tuple:
-    return tuple((g.index, g.uuid, g.healthy, g.problem) for g in scan.gpus)
+    """What of a scan the plan depends on: a GPU coming or going, its health, its MIG layout."""
+    return tuple((g.index, g.uuid, g.healthy, g.problem, g.mig_enabled,
+                  tuple((m.uuid, m.memory_bytes) for m in g.mig_devices)) for g in scan.gpus)
 
 
 def describe_gpu_change(old: Optional[GpuScan], new: GpuScan) -> str:
@@ -71,6 +73,15 @@ def describe_gpu_change(old: Optional[GpuScan], new: GpuScan) -> str:
         elif not g.healthy and after[uuid].healthy:
             parts.append(f"GPU {after[uuid].index} ({uuid}) healthy again")
     for uuid, g in after.items():
+        was = before.get(uuid)
+        if was is not None and (was.mig_enabled, was.mig_devices) != (g.mig_enabled, g.mig_devices):
+            if was.mig_enabled != g.mig_enabled:
+                parts.append(f"GPU {g.index} ({uuid}) MIG mode {'on' if g.mig_enabled else 'off'}")
+            old_mig = {m.uuid for m in was.mig_devices}
+            new_mig = {m.uuid for m in g.mig_devices}
+            change = [f"+{u}" for u in sorted(new_mig - old_mig)] + [f"-{u}" for u in sorted(old_mig - new_mig)]
+            if change:
+                parts.append(f"GPU {g.index} ({uuid}) MIG devices changed: {' '.join(change)}")
         if uuid not in before:
             parts.append(f"GPU {g.index} ({uuid}) appeared" + ("" if g.healthy else f", unhealthy: {g.problem}"))
     if new.problem and not new.gpus:
@@ -379,13 +390,13 @@ class Controller:
                     unknown = True
                 else:
                     busy_cpus |= set(old.cpus)
-                    busy_gpus |= set(old.gpus)
+                    busy_gpus |= set(old.gpu_indexes)
             plan = previous_plan(self.home)
             waiting = []
             for name in slots(added):
                 new = plan.slot(name) if plan else None
-                if unknown or (new is not None and (set(new.cpus) & busy_cpus or set(new.gpus) & busy_gpus)):
-                    waiting.append(name)  # the slot holding its CPUs/GPU is still draining
+                if unknown or (new is not None and (set(new.cpus) & busy_cpus or set(new.gpu_indexes) & busy_gpus)):
+                    waiting.append(name)  # the slot holding its CPUs/GPU (or part of it) is still draining
                     continue
                 server.supervisor.addProcessGroup(name)
                 log.info("started %s", name)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.gpus import Gpu, GpuScan, scan_gpus
+from appliance.gpus import Gpu, GpuLink, GpuScan, scan_gpus
 from appliance.slot.cgroup import cgroup_version
 from appliance.slot.limits import format_cpu_list, parse_cpu_list  # noqa: F401 (re-exported)
 
@@ -23,6 +23,7 @@ class Inventory:
     cgroup_version: str = "unknown"
     gpus: tuple[Gpu, ...] = ()
     gpu_problem: str = ""  # why there are no GPUs
+    gpu_links: tuple[GpuLink, ...] = ()  # how close GPUs are to each other (NVLink, PCIe, NUMA)
 
     def numa_nodes(self, cpus) -> tuple[int, ...]:
         return tuple(sorted({self.numa_of_cpu.get(c, 0) for c in cpus})) or (0,)
@@ -83,4 +84,5 @@ def take_inventory(gpu_scan: GpuScan | None = None) -> Inventory:
         memory = min(memory, limit)
     scan = gpu_scan if gpu_scan is not None else scan_gpus(max(cpus, default=0) + 1)
     return Inventory(cpus=tuple(cpus), memory_bytes=memory, numa_of_cpu=numa_map(cpus),
-                     cgroup_version=cgroup_version(), gpus=scan.gpus, gpu_problem=scan.problem)
+                     cgroup_version=cgroup_version(), gpus=scan.gpus, gpu_problem=scan.problem,
+                     gpu_links=scan.links)

@@ -2,30 +2,52 @@
 
 Rules, in order:
 1. Keep CPUs and memory back for the OS and the appliance (`host.reserved_*`).
-2. One GPU slot per healthy, enabled GPU, with CPUs close to that GPU where NVML knows.
+2. GPU slots from the healthy, enabled GPUs, with CPUs close to their GPUs where NVML knows:
+   - whole GPUs make slots of `slots.gpu.gpus_per_slot` GPUs (a number that divides the GPUs
+     NVML lists, or a list of sizes adding up to them), grouped nearest first: NVLink peers,
+     then one PCIe switch, ..., then one NUMA node, then across sockets (gpus.py's distance);
+     largest slots are formed first, each from the free GPUs closest together;
+   - `slots.gpu.share = N` makes N slots of each GPU, each with 1/N of its memory;
+   - a GPU in MIG mode makes one slot per MIG device (CUDA_VISIBLE_DEVICES=MIG-...), whatever
+     gpus_per_slot says (CUDA uses one MIG device per process); MIG GPUs are not counted by it.
+   Every GPU slot records the GPU memory it may use on each of its GPUs (`gpu_memory_bytes`).
+   CPUs: `slots.gpu.cpus` per slot, or "auto": up to 4 per whole GPU (leaving half the CPUs to
+   CPU slots), k times that for k GPUs, 1/N of it for a share, the MIG device's fraction of its
+   GPU's memory for a MIG slot; at least 1.
 3. Every CPU left becomes a CPU slot of `slots.cpu.cpus` CPUs (or `slots.cpu.count` of them).
 4. Memory is shared out per CPU: a slot gets (memory left / CPUs left) per CPU it has, unless
    the config names a size. /dev/shm is a quarter of the slot's memory unless named.
    Never oversubscribed: CPUs are never shared, memory limits never add up past what is left.
-5. Stable: a slot of the previous plan whose CPUs and GPU still exist, and whose shape has not
+5. Stable: a slot of the previous plan whose CPUs and GPUs still exist, and whose shape has not
    changed, is kept as it was (same name, same CPUs), so a re-plan restarts as little as possible.
+   A slot of several GPUs is one unit: when one of its GPUs is lost, unhealthy or disabled, that
+   slot goes (drains) and no other slot changes. Its remaining GPUs are free: they form a new
+   slot of a size the config still misses with other free GPUs (nearest first), else they stay
+   idle with a note until the lost GPU is back (then the slot is formed again, under a new name).
+   A GPU that leaves NVML's list altogether is treated the same (counted as lost, so
+   gpus_per_slot still divides the GPUs) until the GPUs NVML lists fit the shape by themselves.
+   A MIG device keeps its slot while its UUID exists; a shared GPU keeps its N slots.
 
 Nothing here touches the system; `inventory` says what the host has.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from appliance.config import Config
+from appliance.gpus import UNKNOWN, Gpu
 from appliance.inventory import Inventory, format_cpu_list
 from appliance.units import format_size
 
 GiB = 1024**3
 MiB = 1024**2
 PAGE = 4096
+MAX_GROUPINGS = 20000  # beyond this many candidate groups, grow groups greedily instead
 
 
 class PlanError(ValueError):
@@ -40,11 +62,18 @@ class Slot:
     mems: tuple[int, ...]  # NUMA nodes of those CPUs (cpuset.mems)
     memory_bytes: int
     shm_bytes: int
-    gpus: tuple[str, ...] = ()  # GPU UUIDs
-    gpu_indexes: tuple[int, ...] = ()
+    gpus: tuple[str, ...] = ()  # for CUDA_VISIBLE_DEVICES: GPU UUIDs, or one MIG-... UUID
+    gpu_indexes: tuple[int, ...] = ()  # NVML indexes of the physical GPUs
+    gpu_memory_bytes: int = 0  # GPU memory this slot may use on each of its GPUs
+    gpu_share: int = 1  # how many slots share its GPU (slots.gpu.share)
 
     def shape(self) -> tuple:
-        return (self.kind, len(self.cpus), self.memory_bytes, self.shm_bytes)
+        return (self.kind, len(self.cpus), self.memory_bytes, self.shm_bytes, len(self.gpus),
+                self.gpu_memory_bytes, self.gpu_share)
+
+    @property
+    def mig(self) -> bool:
+        return bool(self.gpus) and self.gpus[0].startswith("MIG-")
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,8 @@ class Plan:
     reserved_cpus: tuple[int, ...] = ()
     reserved_memory: int = 0
     notes: tuple[str, ...] = field(default=())  # GPUs left out and why, and similar
+    gpu_cpus: int = 0  # CPUs per whole GPU "auto" chose (0: named in the config, or no GPU)
+    gpus_gone: tuple[str, ...] = ()  # GPUs no longer listed by NVML that gpus_per_slot still counts
 
     def slot(self, name: str) -> Slot | None:
         return next((s for s in self.slots if s.name == name), None)
@@ -62,11 +93,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
+        """Also reads plan.json files of earlier versions (fields missing: their defaults)."""
         data = json.loads(text)
-        slots = tuple(Slot(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+        known = {f.name for f in fields(Slot)}
+        slots = tuple(Slot(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in known})
                       for s in data["slots"])
         return cls(slots=slots, reserved_cpus=tuple(data.get("reserved_cpus", ())),
-                   reserved_memory=data.get("reserved_memory", 0), notes=tuple(data.get("notes", ())))
+                   reserved_memory=data.get("reserved_memory", 0), notes=tuple(data.get("notes", ())),
+                   gpu_cpus=int(data.get("gpu_cpus", 0)), gpus_gone=tuple(data.get("gpus_gone", ())))
 
 
 @dataclass(frozen=True)
@@ -113,15 +147,9 @@ def _gpu_enabled(gpu, disabled: tuple) -> bool:
     return str(gpu.index) not in disabled and gpu.uuid not in disabled
 
 
-def _gpu_cpus_each(config: Config, free: int, gpus: int) -> int:
-    wanted = config.slots.gpu.cpus
-    if wanted == "auto":
-        return max(1, min(4, free // (2 * gpus)))
-    if wanted * gpus > free:
-        raise PlanError(f"slots.gpu.cpus = {wanted} for {gpus} GPUs needs {wanted * gpus} CPUs, but "
-                        f"only {free} are left after host.reserved_cpus; lower slots.gpu.cpus or "
-                        "host.reserved_cpus, or fence GPUs with `appliance gpu disable`")
-    return wanted
+def _auto_gpu_cpus(free: int, gpus: int) -> int:
+    """"auto" CPUs per whole GPU: up to 4, leaving half the CPUs to CPU slots."""
+    return max(1, min(4, free // (2 * gpus)))
 
 
 def _sizes(kind_cfg, key: str, cpus: int, per_cpu: int) -> tuple[int, int]:
@@ -147,6 +175,159 @@ def _slot_number(name: str) -> int:
     return int(m.group(1)) if m else 1 << 30
 
 
+def _describe(gpu: Gpu) -> str:
+    return f"GPU {gpu.index} ({gpu.uuid})"
+
+
+def _shape_text(shapes) -> str:
+    return f"[{', '.join(map(str, shapes))}]" if isinstance(shapes, tuple) else str(shapes)
+
+
+def _whole_gpu_shapes(config: Config, listed: list[Gpu], good: list[Gpu], previous: Plan | None,
+                      notes: list[str]) -> tuple[list[int], tuple[str, ...]]:
+    """Slot sizes for the whole GPUs (not in MIG mode), checked against the GPUs NVML lists,
+    healthy or not, so a GPU turning bad does not make the config wrong; and the GPUs that have
+    left NVML's list since the shapes last fitted, still counted (as lost) so they do not either.
+    """
+    wanted, share = config.slots.gpu.gpus_per_slot, config.slots.gpu.share
+    several = isinstance(wanted, tuple) or wanted > 1
+    if share > 1 and several:
+        raise PlanError(f"slots.gpu.gpus_per_slot = {_shape_text(wanted)} and slots.gpu.share = {share} are both "
+                        "set: a slot either spans several whole GPUs or takes a share of one; set one of them to 1")
+    mig = [g for g in good if g.mig_enabled]
+    if share > 1 and mig:
+        raise PlanError(f"slots.gpu.share = {share}, but {', '.join(map(_describe, mig))} "
+                        f"{'is' if len(mig) == 1 else 'are'} in MIG mode (its MIG devices are already slices, "
+                        "one slot each): set slots.gpu.share = 1, or turn MIG off (nvidia-smi -i INDEX -mig 0)")
+    whole = {g.uuid for g in listed if not g.mig_enabled}
+    n = len(whole)
+    fits = (lambda k: sum(wanted) == k) if isinstance(wanted, tuple) else (lambda k: k % wanted == 0)
+    if n == 0:
+        return [], ()
+    gone: tuple[str, ...] = ()
+    if not fits(n) and previous is not None:
+        remembered = {u for s in previous.slots if s.kind == "gpu" and not s.mig for u in s.gpus}
+        remembered |= set(previous.gpus_gone)
+        gone = tuple(sorted(remembered - whole - {g.uuid for g in listed}))
+        if gone and fits(n + len(gone)):
+            n += len(gone)
+            notes += [f"{u} left NVML's list: counted as lost, so slots.gpu.gpus_per_slot still fits" for u in gone]
+        else:
+            gone = ()
+    if isinstance(wanted, tuple):
+        if sum(wanted) != n:
+            raise PlanError(f"slots.gpu.gpus_per_slot = {_shape_text(wanted)} adds up to {sum(wanted)} GPUs, but "
+                            f"this host has {n} (not counting GPUs in MIG mode); list slot sizes that add up "
+                            f"to {n}, like {_shape_text(_example_shapes(wanted, n))}, or give one number that "
+                            f"divides {n}")
+        return sorted(wanted, reverse=True), gone
+    if n % wanted:
+        divisors = [d for d in (1, 2, 4, 8, 3, 6) if n % d == 0 and d <= n]
+        raise PlanError(f"slots.gpu.gpus_per_slot = {wanted} cannot split this host's {n} GPUs (not counting "
+                        f"GPUs in MIG mode) into slots of {wanted}: use {' or '.join(map(str, sorted(divisors)))}, "
+                        f"or a list of slot sizes adding up to {n}, like {_shape_text(_example_shapes(wanted, n))}")
+    return [wanted] * (n // wanted), gone
+
+
+def _example_shapes(wanted, n: int) -> tuple:
+    """Sizes close to what the config asks that do add up to n GPUs."""
+    out, left = [], n
+    for size in sorted(wanted if isinstance(wanted, tuple) else (wanted,) * n, reverse=True):
+        if size <= left:
+            out.append(size)
+            left -= size
+    return tuple(out) + (left,) * bool(left)
+
+
+def _group_cost(group, dist) -> tuple:
+    pairs = [dist(a, b) for a, b in itertools.combinations(group, 2)]
+    return (max(pairs, default=0), sum(pairs), tuple(g.index for g in group))
+
+
+def _best_group(free: list[Gpu], size: int, dist) -> tuple[Gpu, ...]:
+    """The `size` free GPUs closest together: fewest far links, then lowest indexes."""
+    if math.comb(len(free), size) <= MAX_GROUPINGS:
+        return min(itertools.combinations(free, size), key=lambda g: _group_cost(g, dist))
+    group = [free[0]]  # too many to try: grow from the lowest index, nearest GPU next
+    while len(group) < size:
+        rest = [g for g in free if g not in group]
+        group.append(min(rest, key=lambda g: (max(dist(g, m) for m in group), sum(dist(g, m) for m in group),
+                                               g.index)))
+    return tuple(sorted(group, key=lambda g: g.index))
+
+
+@dataclass
+class _Unit:
+    """One GPU slot to be: its physical GPUs, what CUDA sees, and how many CPUs it wants."""
+    gpus: tuple[Gpu, ...]
+    visible: tuple[str, ...]
+    gpu_memory: int
+    share: int = 1
+    cpus: int = 0
+    mig_fraction: float = 0.0  # a MIG device's part of its GPU's memory
+
+    def key(self) -> tuple:
+        return (min(g.index for g in self.gpus), self.visible)
+
+
+def _gpu_units(config: Config, inventory: Inventory, good: list[Gpu], shapes: list[int],
+               previous: Plan | None, notes: list[str]) -> list[_Unit]:
+    share = config.slots.gpu.share
+    units: list[_Unit] = []
+    whole = [g for g in good if not g.mig_enabled]
+    for gpu in good:
+        if gpu.mig_enabled:
+            if not gpu.mig_devices:
+                notes.append(f"{_describe(gpu)} left out: it is in MIG mode with no MIG device; create MIG "
+                             f"devices (nvidia-smi mig -i {gpu.index} -cgi PROFILES -C) or turn MIG off")
+            for mig in gpu.mig_devices:
+                units.append(_Unit((gpu,), (mig.uuid,), mig.memory_bytes,
+                                   mig_fraction=mig.memory_bytes / gpu.memory_bytes if gpu.memory_bytes else 0.0))
+        elif share > 1:
+            units += [_Unit((gpu,), (gpu.uuid,), _round_down(gpu.memory_bytes // share, MiB), share)
+                      for _ in range(share)]
+    if share > 1:
+        return units
+
+    # whole GPUs: groups of the previous plan whose GPUs are all still good stay together
+    by_uuid = {g.uuid: g for g in whole}
+    left_shapes = list(shapes)
+    used: set[str] = set()
+    groups: list[tuple[Gpu, ...]] = []
+    for old in sorted(previous.slots if previous else (), key=lambda s: _slot_number(s.name)):
+        if (old.kind == "gpu" and old.gpu_share == 1 and old.gpus and all(u in by_uuid for u in old.gpus)
+                and not used & set(old.gpus) and len(old.gpus) in left_shapes):
+            left_shapes.remove(len(old.gpus))
+            used |= set(old.gpus)
+            groups.append(tuple(by_uuid[u] for u in old.gpus))
+    # the sizes still missing, largest first, each from the free GPUs closest together
+    links = {frozenset((link.a, link.b)): link.distance for link in inventory.gpu_links}
+    dist = lambda a, b: links.get(frozenset((a.uuid, b.uuid)), UNKNOWN)  # noqa: E731
+    free = [g for g in whole if g.uuid not in used]
+    for size in left_shapes:
+        if size <= len(free):
+            group = _best_group(free, size, dist)
+            groups.append(group)
+            free = [g for g in free if g not in group]
+    for gpu in free:
+        notes.append(f"{_describe(gpu)} left out: slots take {_shape_text(config.slots.gpu.gpus_per_slot)} GPUs "
+                     "(slots.gpu.gpus_per_slot) and too few other GPUs are healthy and free to make one with it")
+    for group in groups:
+        units.append(_Unit(group, tuple(g.uuid for g in group), min(g.memory_bytes for g in group)))
+    return units
+
+
+def _previous_gpu_cpus(previous: Plan | None) -> int:
+    """The "auto" CPUs per whole GPU the previous plan chose, 0 if it does not say."""
+    if previous is None:
+        return 0
+    if previous.gpu_cpus:
+        return previous.gpu_cpus
+    earlier = {len(s.cpus) // len(s.gpus) for s in previous.slots
+               if s.kind == "gpu" and s.gpus and s.gpu_share == 1 and not s.mig}
+    return earlier.pop() if len(earlier) == 1 else 0
+
+
 def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None) -> Plan:
     usable = sorted(inventory.cpus)
     if not usable:
@@ -161,34 +342,49 @@ def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None
 
     notes = []
     disabled = tuple(str(d) for d in config.gpus.disabled)
-    gpus = []
-    for gpu in sorted(inventory.gpus, key=lambda g: g.index):
+    listed = sorted(inventory.gpus, key=lambda g: g.index)
+    good = []
+    for gpu in listed:
         if not gpu.healthy:
             notes.append(f"GPU {gpu.index} ({gpu.uuid}) left out: {gpu.problem or 'unhealthy'}")
         elif not _gpu_enabled(gpu, disabled):
             notes.append(f"GPU {gpu.index} ({gpu.uuid}) left out: disabled in config (gpus.disabled)")
         else:
-            gpus.append(gpu)
-    # "auto" sizes GPU slots by every GPU NVML lists, healthy or not, so a GPU turning bad
-    # does not reshape (and restart) the other GPU slots.
-    # Once chosen, an "auto" size sticks while it still fits, for the same reason.
-    gpu_each = _gpu_cpus_each(config, len(free), len(inventory.gpus)) if gpus else 0
-    earlier = {len(s.cpus) for s in (previous.slots if previous else ()) if s.kind == "gpu"}
-    if gpus and config.slots.gpu.cpus == "auto" and len(earlier) == 1:
-        k = earlier.pop()
-        if k * len(gpus) <= len(free) // 2 or k == gpu_each:
-            gpu_each = k
-    if gpus and gpu_each * len(gpus) > len(free) and config.slots.gpu.cpus != "auto":
-        raise PlanError(f"slots.gpu.cpus = {gpu_each} for {len(gpus)} GPUs needs {gpu_each * len(gpus)} "
-                        f"CPUs, but only {len(free)} are left after host.reserved_cpus")
-    if gpus and gpu_each * len(gpus) > len(free):  # auto, and fewer CPUs than GPUs
-        for gpu in gpus[len(free):]:
-            notes.append(f"GPU {gpu.index} ({gpu.uuid}) left out: no CPU left for its slot")
-        gpus = gpus[: len(free)]
-    gpu_memory, gpu_shm = _sizes(config.slots.gpu, "gpu", gpu_each, per_cpu) if gpus else (0, 0)
+            good.append(gpu)
+    shapes, gone = _whole_gpu_shapes(config, listed, good, previous, notes)
+    units = sorted(_gpu_units(config, inventory, good, shapes, previous, notes), key=_Unit.key)
+
+    # CPUs per GPU slot. "auto" sizes by every GPU NVML lists, healthy or not, so a GPU turning
+    # bad does not reshape (and restart) the other GPU slots; once chosen, it sticks while it
+    # still fits, for the same reason.
+    named = config.slots.gpu.cpus
+    gpu_cpus = 0
+    if units and named == "auto":
+        gpu_cpus = _auto_gpu_cpus(len(free), len(listed))
+        earlier = _previous_gpu_cpus(previous)
+        if earlier and (earlier * len(good) <= len(free) // 2 or earlier == gpu_cpus):
+            gpu_cpus = earlier
+    for u in units:
+        if named != "auto":
+            u.cpus = named
+        elif u.mig_fraction:
+            u.cpus = max(1, int(gpu_cpus * u.mig_fraction))
+        else:
+            u.cpus = max(1, gpu_cpus * len(u.gpus) // u.share)
+    gpu_total = sum(u.cpus for u in units)
+    if gpu_total > len(free) and named != "auto":
+        raise PlanError(f"slots.gpu.cpus = {named} for {len(units)} GPU slots needs {gpu_total} CPUs, but only "
+                        f"{len(free)} are left after host.reserved_cpus; lower slots.gpu.cpus or "
+                        "host.reserved_cpus, or fence GPUs with `appliance gpu disable`")
+    while gpu_total > len(free):  # auto, and fewer CPUs than GPU slots
+        u = units.pop()
+        gpu_total -= u.cpus
+        notes.append(f"GPU {','.join(str(g.index) for g in u.gpus)} ({', '.join(u.visible)}) left out: "
+                     "no CPU left for its slot")
+    sizes = {u.cpus: _sizes(config.slots.gpu, "gpu", u.cpus, per_cpu) for u in units}
 
     cpu_each = config.slots.cpu.cpus
-    left_for_cpu_slots = len(free) - gpu_each * len(gpus)
+    left_for_cpu_slots = len(free) - gpu_total
     if config.slots.cpu.count == "auto":
         cpu_count = left_for_cpu_slots // cpu_each
     else:
@@ -196,48 +392,56 @@ def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None
         if cpu_count * cpu_each > left_for_cpu_slots:
             raise PlanError(f"slots.cpu.count = {cpu_count} of {cpu_each} CPU(s) needs "
                             f"{cpu_count * cpu_each} CPUs, but {left_for_cpu_slots} are left after "
-                            f"host.reserved_cpus ({n_reserved}) and GPU slots ({gpu_each * len(gpus)}); "
+                            f"host.reserved_cpus ({n_reserved}) and GPU slots ({gpu_total}); "
                             "lower slots.cpu.count or leave it \"auto\"")
     cpu_memory, cpu_shm = _sizes(config.slots.cpu, "cpu", cpu_each, per_cpu) if cpu_count else (0, 0)
 
-    total_memory = gpu_memory * len(gpus) + cpu_memory * cpu_count
+    total_memory = sum(sizes[u.cpus][0] for u in units) + cpu_memory * cpu_count
     if total_memory > pool:
         raise PlanError(f"slots ask for {format_size(total_memory)} of memory in all, but only "
                         f"{format_size(pool)} is left after host.reserved_memory; lower "
                         "slots.cpu.memory / slots.gpu.memory or set them to \"auto\"")
-    if not gpus and not cpu_count:
+    if not units and not cpu_count:
         raise PlanError("this plan has no slot: raise slots.cpu.count or lower host.reserved_cpus")
 
-    def make_slot(name, kind, cpus, gpu=None):
-        memory, shm = (gpu_memory, gpu_shm) if kind == "gpu" else (cpu_memory, cpu_shm)
+    def make_slot(name, kind, cpus, unit: _Unit | None = None):
+        if unit is None:
+            return Slot(name=name, kind=kind, cpus=tuple(sorted(cpus)), mems=inventory.numa_nodes(cpus),
+                        memory_bytes=cpu_memory, shm_bytes=cpu_shm)
+        memory, shm = sizes[unit.cpus]
         return Slot(name=name, kind=kind, cpus=tuple(sorted(cpus)), mems=inventory.numa_nodes(cpus),
-                    memory_bytes=memory, shm_bytes=shm,
-                    gpus=(gpu.uuid,) if gpu else (), gpu_indexes=(gpu.index,) if gpu else ())
+                    memory_bytes=memory, shm_bytes=shm, gpus=unit.visible,
+                    gpu_indexes=tuple(g.index for g in unit.gpus), gpu_memory_bytes=unit.gpu_memory,
+                    gpu_share=unit.share)
 
     prev_slots = sorted(previous.slots if previous else (), key=lambda s: _slot_number(s.name))
     available = set(free)
     kept: list[Slot] = []
 
-    # 1. previous GPU slots whose GPU is still wanted, CPUs still free and shape unchanged
-    wanted_gpus = {g.uuid: g for g in gpus}
+    # 1. previous GPU slots whose GPUs (or MIG device, or share of a GPU) are still wanted,
+    #    CPUs still free and shape unchanged
+    wanted = list(units)
     for old in prev_slots:
-        if old.kind != "gpu" or len(old.gpus) != 1 or old.gpus[0] not in wanted_gpus:
+        if old.kind != "gpu":
             continue
-        candidate = make_slot(old.name, "gpu", old.cpus, wanted_gpus[old.gpus[0]])
+        unit = next((u for u in wanted if u.visible == old.gpus and u.share == old.gpu_share), None)
+        if unit is None:
+            continue
+        candidate = make_slot(old.name, "gpu", old.cpus, unit)
         if set(old.cpus) <= available and candidate.shape() == old.shape():
             kept.append(candidate)
             available -= set(old.cpus)
-            del wanted_gpus[old.gpus[0]]
+            wanted.remove(unit)
 
-    # 2. new GPU slots: CPUs near the GPU first, then ones no previous CPU slot holds
+    # 2. new GPU slots: CPUs near most of the slot's GPUs first, then ones no previous CPU slot holds
     held_by_cpu_slots = {c for s in prev_slots if s.kind == "cpu" for c in s.cpus}
     new_gpu_slots = []
-    for gpu in sorted(wanted_gpus.values(), key=lambda g: g.index):
-        near = set(gpu.cpus or ())
-        ranked = sorted(available, key=lambda c: (c not in near, c in held_by_cpu_slots, c))
-        chosen = ranked[:gpu_each]
+    for unit in wanted:
+        near = [set(g.cpus or ()) for g in unit.gpus]
+        ranked = sorted(available, key=lambda c: (-sum(c in n for n in near), c in held_by_cpu_slots, c))
+        chosen = ranked[:unit.cpus]
         available -= set(chosen)
-        new_gpu_slots.append((gpu, chosen))
+        new_gpu_slots.append((unit, chosen))
 
     # 3. previous CPU slots whose CPUs are still free and shape unchanged, up to the count
     cpu_slots_kept = 0
@@ -254,16 +458,24 @@ def make_plan(config: Config, inventory: Inventory, previous: Plan | None = None
     #    never calls a different slot "changed"): GPU slots first, then CPU slots by CPU
     used_names = {s.name for s in kept} | {s.name for s in prev_slots}
     numbers = (f"slot-{i}" for i in range(1 << 20) if f"slot-{i}" not in used_names)
-    created = [make_slot(next(numbers), "gpu", cpus, gpu) for gpu, cpus in new_gpu_slots]
+    created = [make_slot(next(numbers), "gpu", cpus, unit) for unit, cpus in new_gpu_slots]
     pool_cpus = sorted(available)
     for i in range(cpu_count - cpu_slots_kept):
         created.append(make_slot(next(numbers), "cpu", pool_cpus[i * cpu_each:(i + 1) * cpu_each]))
 
     slots = tuple(sorted(kept + created, key=lambda s: _slot_number(s.name)))
-    return Plan(slots=slots, reserved_cpus=reserved, reserved_memory=reserved_memory, notes=tuple(notes))
+    return Plan(slots=slots, reserved_cpus=reserved, reserved_memory=reserved_memory, notes=tuple(notes),
+                gpu_cpus=gpu_cpus, gpus_gone=gone)
 
 
 def describe_slot(slot: Slot) -> str:
-    gpu = f" gpu {','.join(map(str, slot.gpu_indexes))}" if slot.gpus else ""
+    gpu = ""
+    if slot.gpus:
+        gpu = f" gpu {','.join(map(str, slot.gpu_indexes))}"
+        if slot.mig:
+            gpu += f" MIG {slot.gpus[0]}"
+        if slot.gpu_share > 1:
+            gpu += f" (1/{slot.gpu_share})"
+        gpu += f" gpu memory {format_size(slot.gpu_memory_bytes)}"
     return (f"{slot.name}: cpus {format_cpu_list(slot.cpus)} memory {format_size(slot.memory_bytes)} "
             f"shm {format_size(slot.shm_bytes)}{gpu}")

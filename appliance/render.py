@@ -116,6 +116,8 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
                    "--home", str(home.root), "--stop-timeout", str(int(config.runner.drain_timeout) + 30)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
+        if slot.gpus and slot.gpu_memory_bytes:
+            command += ["--gpu-memory-bytes", str(slot.gpu_memory_bytes)]
         command += ["--workload-user", config.isolation.user]
         command += ["--env", "APPLIANCE_HOME=" + str(home.root), "--env", "PYTHONUNBUFFERED=1", "--"]
         command += runner_command(home, slot, "python3")
@@ -126,6 +128,8 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
                    "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
+        if slot.gpus and slot.gpu_memory_bytes:
+            command += ["--gpu-memory-bytes", str(slot.gpu_memory_bytes)]
         # a runner left by a dead supervisord may be draining: wait as long as a drain may take
         command += ["--lock", lock_path(home.run_dir, slot.name), "--lock-wait", str(stop_wait_seconds(config))]
         command += ["--", *runner_command(home, slot, python)]

@@ -125,6 +125,9 @@ def gather(home: Home) -> dict:
             "shm_bytes": slot.shm_bytes,
             "gpus": list(slot.gpus),
             "gpu_indexes": list(slot.gpu_indexes),
+            "gpu_memory_bytes": slot.gpu_memory_bytes,
+            "gpu_share": slot.gpu_share,
+            "mig": slot.mig,
             "container_id": containers.get(slot.name),
             "runner_state": runner.get("state"),
             "experiment": runner.get("experiment"),
@@ -148,7 +151,9 @@ def gather(home: Home) -> dict:
         "store": _store_facts(home, config) if running or config.object_store.kind == "external" else
                  {"kind": config.object_store.kind, "healthy": False, "problem": "appliance is not running"},
         "gpus": {"devices": [{"index": g.index, "uuid": g.uuid, "name": g.name, "memory_bytes": g.memory_bytes,
-                              "healthy": g.healthy, "problem": g.problem} for g in scan.gpus],
+                              "healthy": g.healthy, "problem": g.problem, "mig_enabled": g.mig_enabled,
+                              "mig_devices": [{"uuid": m.uuid, "memory_bytes": m.memory_bytes}
+                                              for m in g.mig_devices]} for g in scan.gpus],
                  "problem": scan.problem},
         "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
@@ -168,6 +173,22 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def slot_gpu_text(s: dict) -> str:
+    """A slot's GPUs for a table: "0,2 80GiB", "1 1/2 40GiB" (a share), "3 MIG 9.5GiB"."""
+    if not s["gpu_indexes"]:
+        return "-"
+    text = ",".join(map(str, s["gpu_indexes"]))
+    if s.get("mig"):
+        text += " MIG"
+    if s.get("gpu_share", 1) > 1:
+        text += f" 1/{s['gpu_share']}"
+    return text + (f" {format_size(s['gpu_memory_bytes'])}" if s.get("gpu_memory_bytes") else "")
+
+
+def mig_text(devices: list) -> str:
+    return ", ".join(f"{m['uuid']} {format_size(m['memory_bytes'])}" for m in devices) or "no MIG device"
+
+
 def format_status(facts: dict) -> str:
     lines = [f"appliance at {facts['home']}: " +
              (f"running (supervisord pid {facts['supervisord_pid']})" if facts["running"] else "not running"),
@@ -175,12 +196,12 @@ def format_status(facts: dict) -> str:
     if facts["config_problem"]:
         lines.append(f"  config problem: {facts['config_problem']}")
     header = (f"  {'SLOT':<8} {'STATE':<9} {'PID':>7} {'CPUS':<8} {'MEMORY (used/limit)':<20} {'SHM':<8} "
-              f"{'GPU':<5} {'UPTIME':>7}  JOB")
+              f"{'GPU (memory each)':<18} {'UPTIME':>7}  JOB")
     lines += ["", header]
     for s in facts["slots"]:
         used = s["memory_used_bytes"]
         memory = f"{format_size(used) if used is not None else '-'}/{format_size(s['memory_bytes'])}"
-        gpu = ",".join(map(str, s["gpu_indexes"])) or "-"
+        gpu = slot_gpu_text(s)
         job = s["experiment"] or (s["runner_state"] or "-")
         if s["experiment"]:
             job = f"{s['experiment']} ({s['runner_state']}, queue {s['queue']})"
@@ -188,7 +209,7 @@ def format_status(facts: dict) -> str:
             r = s["last_result"]
             job = f"{s['runner_state'] or 'idle'}; last: {r.get('experiment')} {r.get('outcome')}"
         lines.append(f"  {s['name']:<8} {s['state']:<9} {s['pid'] or '-':>7} {s['cpu_list']:<8} "
-                     f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<5} {_age(s['uptime_s']):>7}  {job}")
+                     f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<18} {_age(s['uptime_s']):>7}  {job}")
         if s["container_id"]:
             lines.append(f"  {'':<8} container {s['container_id'][:12]}")
     if not facts["slots"]:
@@ -205,7 +226,8 @@ def format_status(facts: dict) -> str:
         lines.append("gpus:")
         for g in gpus["devices"]:
             lines.append(f"  {g['index']} {g['uuid']} {g['name']} {format_size(g['memory_bytes'])}"
-                         + ("" if g["healthy"] else f" UNHEALTHY: {g['problem']}"))
+                         + ("" if g["healthy"] else f" UNHEALTHY: {g['problem']}")
+                         + (f" MIG: {mig_text(g['mig_devices'])}" if g.get("mig_enabled") else ""))
     else:
         lines.append(f"gpus: none ({gpus['problem'] or 'NVML lists no GPU'})")
     q = facts["queues"]

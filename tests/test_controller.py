@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.controller import Controller
-from appliance.gpus import Gpu, GpuScan
+from appliance.gpus import Gpu, GpuScan, MigDevice
 from appliance.paths import Home
 from appliance.queues.sources import sources_file
 from tests.realparts import wait_for
@@ -125,6 +125,35 @@ def test_a_disabled_gpu_in_the_config_is_fenced(home):
         assert [s["gpus"] for s in plan["slots"] if s["kind"] == "gpu"] == [["GPU-0"]]
     finally:
         c.watch.stop()
+
+
+def mig_gpu(n: int, *devices: str) -> Gpu:
+    return Gpu(n, f"GPU-{n}", "Fake", 80 << 30, None, mig_enabled=True,
+               mig_devices=tuple(MigDevice(u, 10 << 30, i) for i, u in enumerate(devices)))
+
+
+def test_a_mig_layout_change_replans_only_the_mig_devices_that_changed(home):
+    scan = FakeScan(mig_gpu(0, "MIG-a", "MIG-b"))  # this box may have only 2 CPUs
+    c = Controller(home, scan=scan, apply=False)
+    c.poll_gpus()
+    first = {tuple(s["gpus"]): s["name"] for s in json.loads(home.plan_file.read_text())["slots"]}
+    assert ("MIG-a",) in first and ("MIG-b",) in first
+    n = len(events(home))
+    c.poll_gpus()
+    assert len(events(home)) == n  # same layout: nothing
+
+    scan.result = GpuScan((mig_gpu(0, "MIG-a", "MIG-c"),))
+    c.poll_gpus()
+    ev = events(home)[-1]
+    assert ev["cause"] == "GPU 0 (GPU-0) MIG devices changed: +MIG-c -MIG-b"
+    assert ev["removed"] == [first[("MIG-b",)]] and ev["changed"] == []
+    after = {tuple(s["gpus"]): s["name"] for s in json.loads(home.plan_file.read_text())["slots"]}
+    assert after[("MIG-a",)] == first[("MIG-a",)]
+    assert after[("MIG-c",)] in ev["added"]
+
+    scan.result = GpuScan((gpu(0),))  # MIG off
+    c.poll_gpus()
+    assert "GPU 0 (GPU-0) MIG mode off" in events(home)[-1]["cause"]
 
 
 def test_a_burst_of_credential_writes_is_checked_once(home, monkeypatch):
@@ -234,6 +263,53 @@ def test_gpu_loss_drains_its_slot_and_return_brings_it_back_under_supervisord(tm
         time.sleep(1.0)
         assert slot_pids(appliance) == before
         assert "keeping the last GPU list" in (appliance.home.logs_dir / "controller.log").read_text()
+    finally:
+        stop_home(appliance)
+
+
+def runner_environment(pid: int) -> dict:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_a_mig_layout_change_replans_live_and_slots_see_their_mig_device(tmp_path):
+    from tests.appliance_fixtures import make_home, stop_home
+    from tests.fake_nvml.shim import fake_gpu, write_gpus
+
+    def mig(*devices):
+        return [fake_gpu(0, memory=80 << 30, mig={"enabled": True, "devices": [
+            {"index": i, "uuid": u, "memory": m << 30} for i, (u, m) in devices]})]
+
+    gpus_json = tmp_path / "gpus.json"
+    write_gpus(gpus_json, mig((0, ("MIG-aaaa", 10)), (1, ("MIG-bbbb", 20))))
+    appliance = make_home(tmp_path, '[gpus]\npoll_interval = "0.3s"\n[slots.gpu]\ncpus = 1\n'
+                                    'memory = "512MiB"\nshm = "64MiB"\n')
+    fake_env(appliance, gpus_json)
+    try:
+        appliance.cli("up", "--timeout", "90")
+        wait_for("the MIG slots to run", lambda: sorted(
+            s["gpus"][0] for s in appliance.status()["slots"] if s["gpus"] and s["state"] == "RUNNING")
+            == ["MIG-aaaa", "MIG-bbbb"])
+        slots = {s["gpus"][0]: s for s in appliance.status()["slots"] if s["gpus"]}
+        env = runner_environment(slots["MIG-aaaa"]["pid"])
+        assert env["CUDA_VISIBLE_DEVICES"] == "MIG-aaaa"
+        assert env["APPLIANCE_GPU_MEMORY_BYTES"] == str(10 << 30)
+        assert slots["MIG-bbbb"]["gpu_memory_bytes"] == 20 << 30 and slots["MIG-bbbb"]["mig"]
+        assert "MIG-bbbb 20GiB" in appliance.cli("gpu", "list").stdout
+
+        # the 20 GiB instance is destroyed and a 15 GiB one made: only its slot changes
+        write_gpus(gpus_json, mig((0, ("MIG-aaaa", 10)), (2, ("MIG-cccc", 15))))
+        wait_for("the new MIG device's slot to run", lambda: sorted(
+            s["gpus"][0] for s in appliance.status()["slots"] if s["gpus"] and s["state"] == "RUNNING")
+            == ["MIG-aaaa", "MIG-cccc"], timeout=60)
+        now = {s["gpus"][0]: s for s in appliance.status()["slots"] if s["gpus"]}
+        assert now["MIG-aaaa"]["pid"] == slots["MIG-aaaa"]["pid"]  # untouched
+        env = runner_environment(now["MIG-cccc"]["pid"])
+        assert (env["CUDA_VISIBLE_DEVICES"], env["APPLIANCE_GPU_MEMORY_BYTES"]) == ("MIG-cccc", str(15 << 30))
+        last = appliance.status()["last_rebalance"]
+        assert "MIG devices changed: +MIG-cccc -MIG-bbbb" in last["cause"]
+        assert last["removed"] == [slots["MIG-bbbb"]["name"]]
+        assert "MIG 1/" not in appliance.cli("status").stdout and "0 MIG 15GiB" in appliance.cli("status").stdout
     finally:
         stop_home(appliance)
 

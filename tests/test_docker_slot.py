@@ -78,7 +78,8 @@ def test_slot_flags_are_the_limits_inside(docker_client, runner_image, tmp_path)
     assert seen["shm"] == 64 * MiB
     account = pwd.getpwnam(f"appliance-{slot}")  # made on the host, handed in as numbers
     assert seen["env"] == {"FOO": "bar=baz", "CUDA_VISIBLE_DEVICES": "",
-                           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_SLOT": slot,
+                           "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_GPU_MEMORY_BYTES": "0",
+                           "APPLIANCE_SLOT": slot,
                            "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}"}
     assert no_containers(docker_client, tmp_path)
 

@@ -46,6 +46,12 @@ class FakeNvml:
 
         m.setattr(pynvml, "nvmlDeviceGetTotalEccErrors", ecc)
 
+        def not_supported(*_):  # what a GPU without MIG or topology support answers
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+        for name in ("nvmlDeviceGetMigMode", "nvmlDeviceGetTopologyCommonAncestor", "nvmlDeviceGetP2PStatus"):
+            m.setattr(pynvml, name, not_supported)
+
 
 def test_two_gpus_with_affinity_bytes_names_and_one_with_ecc_errors(monkeypatch):
     FakeNvml(monkeypatch, [

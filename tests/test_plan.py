@@ -1,5 +1,7 @@
 """Table tests of the planner: pure, no processes."""
 
+import re
+
 import pytest
 
 from appliance.config import parse_config
@@ -155,3 +157,201 @@ def test_a_gpu_turning_unhealthy_leaves_the_other_gpu_slots_alone():
     diff = diff_plans(before, after)
     assert diff.changed == ()
     assert [before.slot(n).gpu_indexes for n in diff.removed] == [(1,)]
+
+
+# ---------------------------------------------------------------- several GPUs, shares, MIG
+
+from appliance.config import ConfigError  # noqa: E402
+from appliance.gpus import NVLINK, PIX, SYS, GpuLink, MigDevice  # noqa: E402
+
+
+def box(islands, memory_gib=512, cpus="0-63", mig=None, unhealthy=()):
+    """A host with NVLink islands (lists of GPU indexes), each on its own NUMA node (32 CPUs
+    each); across islands GPUs are SYS apart. `mig`: index -> MIG devices (GiB each)."""
+    numa = {c: c // 32 for c in range(64)}
+    gpus, where = [], {}
+    for node, island in enumerate(islands):
+        for i in island:
+            where[i] = node
+    mig = mig or {}
+    for i in sorted(where):
+        node_cpus = f"{where[i] * 32}-{where[i] * 32 + 31}"
+        devices = tuple(MigDevice(f"MIG-{i}-{n}", gib * GiB, n) for n, gib in enumerate(mig.get(i, ()))
+                        if gib is not None)  # None: a hole in the MIG device indexes
+        g = gpu(i, node_cpus, healthy=i not in unhealthy)
+        gpus.append(Gpu(g.index, g.uuid, g.name, g.memory_bytes, g.cpus, g.healthy, g.problem,
+                        mig_enabled=i in mig, mig_devices=devices))
+    links = tuple(GpuLink(f"GPU-{a:04d}", f"GPU-{b:04d}", NVLINK if where[a] == where[b] else SYS)
+                  for a in where for b in where if a < b)
+    inv = host(cpus, memory_gib=memory_gib, gpus=gpus, numa=numa)
+    return Inventory(cpus=inv.cpus, memory_bytes=inv.memory_bytes, numa_of_cpu=inv.numa_of_cpu,
+                     gpus=inv.gpus, gpu_links=links)
+
+
+ISLANDS = [[0, 2, 4, 6], [1, 3, 5, 7]]  # interleaved: grouping by index would straddle them
+
+
+def gpu_slots(plan):
+    return [s for s in plan.slots if s.kind == "gpu"]
+
+
+def island_of(index):
+    return 0 if index in ISLANDS[0] else 1
+
+
+@pytest.mark.parametrize("per_slot", [2, 4])
+def test_slots_of_several_gpus_never_straddle_nvlink_islands(per_slot):
+    plan = make_plan(config(f"[slots.gpu]\ngpus_per_slot = {per_slot}\n"), box(ISLANDS))
+    slots = gpu_slots(plan)
+    assert len(slots) == 8 // per_slot
+    assert sorted(i for s in slots for i in s.gpu_indexes) == list(range(8))  # every GPU, once
+    for s in slots:
+        assert len(s.gpus) == per_slot and len({island_of(i) for i in s.gpu_indexes}) == 1, s
+        assert s.gpus == tuple(f"GPU-{i:04d}" for i in s.gpu_indexes)  # CUDA_VISIBLE_DEVICES
+        assert s.gpu_memory_bytes == 80 * GiB and s.gpu_share == 1
+        assert len(s.cpus) == 3 * per_slot  # "auto": 3 per GPU here (62 CPUs // 16), k times
+        assert s.mems == (island_of(s.gpu_indexes[0]),)  # CPUs on the GPUs' NUMA node
+    assert make_plan(config(f"[slots.gpu]\ngpus_per_slot = {per_slot}\n"), box(ISLANDS), plan) == plan
+
+
+def test_a_list_of_slot_sizes_keeps_each_slot_on_one_island():
+    plan = make_plan(config("[slots.gpu]\ngpus_per_slot = [4, 2, 2]\n"), box(ISLANDS))
+    slots = gpu_slots(plan)
+    assert sorted(len(s.gpus) for s in slots) == [2, 2, 4]
+    assert all(len({island_of(i) for i in s.gpu_indexes}) == 1 for s in slots)
+
+
+def test_without_nvlink_a_pcie_switch_groups_gpus():
+    gpus = [gpu(i, "0-15") for i in range(4)]
+    links = tuple(GpuLink(f"GPU-{a:04d}", f"GPU-{b:04d}", PIX if a % 2 == b % 2 else SYS)
+                  for a in range(4) for b in range(4) if a < b)
+    inv = host("0-15", memory_gib=64, gpus=gpus)
+    inv = Inventory(cpus=inv.cpus, memory_bytes=inv.memory_bytes, numa_of_cpu=inv.numa_of_cpu, gpus=inv.gpus,
+                    gpu_links=links)
+    plan = make_plan(config("[slots.gpu]\ngpus_per_slot = 2\n"), inv)
+    assert sorted(s.gpu_indexes for s in gpu_slots(plan)) == [(0, 2), (1, 3)]
+
+
+def test_a_gpu_lost_from_a_pair_drains_only_that_pair_and_comes_back():
+    cfg = config("[slots.gpu]\ngpus_per_slot = 2\n")
+    before = make_plan(cfg, box(ISLANDS))
+    after = make_plan(cfg, box(ISLANDS, unhealthy={2}), before)
+    lost = next(s for s in gpu_slots(before) if 2 in s.gpu_indexes)
+    partner = next(i for i in lost.gpu_indexes if i != 2)
+    diff = diff_plans(before, after)
+    assert diff.removed == (lost.name,) and diff.changed == ()
+    assert all(after.slot(s.name) == s for s in before.slots if s.name != lost.name)  # untouched
+    assert any(f"GPU {partner} " in n and "gpus_per_slot" in n for n in after.notes)  # idle, and why
+    assert all(partner not in s.gpu_indexes for s in after.slots)
+    back = make_plan(cfg, box(ISLANDS), after)
+    diff = diff_plans(after, back)
+    assert diff.changed == () and all(after.slot(n).kind == "cpu" for n in diff.removed)  # CPUs for it
+    assert [back.slot(n).gpu_indexes for n in diff.added if back.slot(n).kind == "gpu"] == [lost.gpu_indexes]
+
+
+def test_a_gpu_gone_from_nvmls_list_counts_as_lost_until_the_gpus_fit_by_themselves():
+    cfg = config("[slots.gpu]\ngpus_per_slot = 2\n")
+    without_2 = [[0, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(PlanError, match="cannot split this host's 7 GPUs"):
+        make_plan(cfg, box(without_2))  # no earlier plan: 7 GPUs cannot make pairs
+    before = make_plan(cfg, box(ISLANDS))
+    after = make_plan(cfg, box(without_2), before)
+    lost = next(s for s in gpu_slots(before) if 2 in s.gpu_indexes)
+    assert diff_plans(before, after).removed == (lost.name,) and diff_plans(before, after).changed == ()
+    assert after.gpus_gone == ("GPU-0002",) and any("GPU-0002 left NVML's list" in n for n in after.notes)
+    assert make_plan(cfg, box(without_2), after) == after  # stays so on the next re-plan
+    assert Plan.from_json(after.to_json()) == after
+    back = make_plan(cfg, box(ISLANDS), after)
+    assert back.gpus_gone == () and lost.gpu_indexes in {s.gpu_indexes for s in gpu_slots(back)}
+
+
+def test_two_pairs_losing_a_gpu_each_pair_their_survivors():
+    cfg = config("[slots.gpu]\ngpus_per_slot = 2\n")
+    before = make_plan(cfg, box(ISLANDS))
+    pairs = {s.gpu_indexes for s in gpu_slots(before)}
+    after = make_plan(cfg, box(ISLANDS, unhealthy={2, 7}), before)
+    survivors = tuple(sorted(i for p in pairs if 2 in p or 7 in p for i in p if i not in (2, 7)))
+    assert {s.gpu_indexes for s in gpu_slots(after)} == {p for p in pairs if 2 not in p and 7 not in p} | {survivors}
+    assert diff_plans(before, after).changed == ()
+
+
+@pytest.mark.parametrize("share", [2, 3])
+def test_a_shared_gpu_makes_slots_with_a_share_of_its_memory(share):
+    cfg = config(f"[slots.gpu]\nshare = {share}\n")
+    plan = make_plan(cfg, box([[0, 1]]))
+    slots = gpu_slots(plan)
+    assert len(slots) == 2 * share
+    for i in (0, 1):
+        mine = [s for s in slots if s.gpu_indexes == (i,)]
+        assert len(mine) == share and {s.gpus for s in mine} == {(f"GPU-{i:04d}",)}
+        assert {s.gpu_share for s in mine} == {share}
+        assert {s.gpu_memory_bytes for s in mine} == {80 * GiB // share - (80 * GiB // share) % 1024**2}
+        assert {len(s.cpus) for s in mine} == {4 // share}  # 1/share of the 4 a whole GPU gets
+    assert len({c for s in slots for c in s.cpus}) == sum(len(s.cpus) for s in slots)  # CPUs not shared
+    again = make_plan(cfg, box([[0, 1]]), plan)
+    assert again == plan
+    one_lost = make_plan(cfg, box([[0, 1]], unhealthy={1}), plan)
+    diff = diff_plans(plan, one_lost)
+    assert sorted(diff.removed) == sorted(s.name for s in slots if s.gpu_indexes == (1,)) and diff.changed == ()
+
+
+def test_mig_devices_are_slots_and_a_layout_change_replans_only_them():
+    inv = box([[0, 1]], mig={0: (10, 10, 40)})
+    plan = make_plan(config(), inv)
+    slots = gpu_slots(plan)
+    mig = [s for s in slots if s.gpu_indexes == (0,)]
+    assert [s.gpus for s in mig] == [("MIG-0-0",), ("MIG-0-1",), ("MIG-0-2",)]
+    assert [s.gpu_memory_bytes for s in mig] == [10 * GiB, 10 * GiB, 40 * GiB]
+    assert [len(s.cpus) for s in mig] == [1, 1, 2]  # their part of the GPU's 4 CPUs, at least 1
+    whole = next(s for s in slots if s.gpu_indexes == (1,))
+    assert whole.gpus == ("GPU-0001",) and whole.gpu_memory_bytes == 80 * GiB
+
+    # the 40 GiB instance is split in two: only it goes, two new slots come
+    relaid = make_plan(config(), box([[0, 1]], mig={0: (10, 10, None, 20, 20)}), plan)
+    diff = diff_plans(plan, relaid)
+    assert [n for n in diff.removed if plan.slot(n).kind == "gpu"] == [mig[2].name] and diff.changed == ()
+    assert sorted(relaid.slot(n).gpus for n in diff.added if relaid.slot(n).kind == "gpu") == \
+        [("MIG-0-3",), ("MIG-0-4",)]
+
+    # MIG off again: the GPU is one slot
+    off = make_plan(config(), box([[0, 1]]), relaid)
+    assert [s.gpus for s in gpu_slots(off) if s.gpu_indexes == (0,)] == [("GPU-0000",)]
+
+
+def test_mig_mode_without_devices_is_noted():
+    plan = make_plan(config(), box([[0, 1]], mig={0: ()}))
+    assert [s.gpu_indexes for s in gpu_slots(plan)] == [(1,)]
+    assert any("GPU 0" in n and "MIG mode with no MIG device" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("toml, inventory, message", [
+    ("[slots.gpu]\ngpus_per_slot = 3\n", box([[0, 1, 2, 3]]), "slots.gpu.gpus_per_slot = 3 cannot split"),
+    ("[slots.gpu]\ngpus_per_slot = [4, 2, 2]\n", box([[0, 1, 2, 3]]), "slots.gpu.gpus_per_slot = [4, 2, 2] adds up"),
+    ("[slots.gpu]\ngpus_per_slot = 16\n", box(ISLANDS), "slots.gpu.gpus_per_slot = 16"),
+    ("[slots.gpu]\ngpus_per_slot = 2\nshare = 2\n", box(ISLANDS), "set one of them to 1"),
+    ("[slots.gpu]\nshare = 2\n", box([[0, 1]], mig={1: (10,)}), "GPU 1 (GPU-0001) is in MIG mode"),
+])
+def test_gpu_shapes_the_gpus_cannot_form_are_clear_errors(toml, inventory, message):
+    with pytest.raises(PlanError, match=re.escape(message)) as e:
+        make_plan(config(toml), inventory)
+    assert "slots.gpu" in str(e.value)
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[slots.gpu]\nshare = 0\n", "slots.gpu.share = 0"),
+    ("[slots.gpu]\ngpus_per_slot = 0\n", "slots.gpu.gpus_per_slot = 0"),
+    ("[slots.gpu]\ngpus_per_slot = []\n", "slots.gpu.gpus_per_slot = []"),
+])
+def test_gpu_shape_keys_are_checked_with_the_config(toml, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config(toml)
+
+
+def test_old_plan_files_without_gpu_memory_still_read():
+    old = ('{"slots": [{"name": "slot-0", "kind": "gpu", "cpus": [1, 2], "mems": [0], "memory_bytes": 1073741824,'
+           ' "shm_bytes": 268435456, "gpus": ["GPU-0000"], "gpu_indexes": [0]}], "reserved_cpus": [0],'
+           ' "reserved_memory": 1073741824, "notes": []}')
+    plan = Plan.from_json(old)
+    assert plan.slots[0].gpu_memory_bytes == 0 and plan.slots[0].gpu_share == 1 and plan.gpu_cpus == 0
+    new = make_plan(config(), box([[0, 1]]))
+    assert Plan.from_json(new.to_json()) == new

@@ -52,6 +52,8 @@ def test_one_program_per_slot_each_its_own_group(tmp_path):
         assert argv[argv.index("--memory-bytes") + 1] == str(slot.memory_bytes)
         assert argv[argv.index("--shm-bytes") + 1] == str(slot.shm_bytes)
         assert ("--gpus" in argv) == bool(slot.gpus)
+        if slot.gpus:
+            assert argv[argv.index("--gpu-memory-bytes") + 1] == str(slot.gpu_memory_bytes) != "0"
         assert argv[-4:] == ["--home", str(home.root), "--slot", slot.name]
         assert program.stopsignal == 15 and program.stopwaitsecs > config.runner.drain_timeout
         assert program.environment["APPLIANCE_HOME"] == str(home.root)

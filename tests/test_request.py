@@ -205,6 +205,7 @@ def test_request_is_frozen(raw):
 
 
 R = Resources(cpus=2, gpus=1, ram_bytes=4 * GiB, hdd_bytes=10 * GiB, gpu_mem_bytes=8 * GiB)
+R4 = Resources(cpus=2, gpus=4, ram_bytes=4 * GiB, hdd_bytes=10 * GiB, gpu_mem_bytes=8 * GiB)
 
 
 @pytest.mark.parametrize("slot, reason", [
@@ -218,12 +219,15 @@ R = Resources(cpus=2, gpus=1, ram_bytes=4 * GiB, hdd_bytes=10 * GiB, gpu_mem_byt
     (dict(cpus=2, memory_bytes=4 * GiB, gpus=0, gpu_mem_bytes=0, disk_bytes=None),
      "needs 1 gpus, slot has 0"),
     (dict(cpus=2, memory_bytes=4 * GiB, gpus=1, gpu_mem_bytes=6 * GiB, disk_bytes=None),
-     "needs 8 GiB per gpu, slot's gpus have 6 GiB"),
+     "needs 8 GiB per gpu, slot's gpus have 6 GiB for it (a slot gets all of a GPU's memory with "
+     "slots.gpu.share = 1 and MIG off)"),
+    (dict(cpus=2, memory_bytes=4 * GiB, gpus=1, gpu_mem_bytes=8 * GiB, disk_bytes=None, resources=R4),
+     "needs 4 gpus, slot has 1 (slots of several GPUs: slots.gpu.gpus_per_slot)"),
     (dict(cpus=2, memory_bytes=4 * GiB, gpus=1, gpu_mem_bytes=8 * GiB, disk_bytes=GiB),
      "needs 10 GiB disk, slot has 1 GiB free"),
 ])
 def test_unmet(slot, reason):
-    assert unmet(R, **slot) == reason
+    assert unmet(slot.pop("resources", R), **slot) == reason
 
 
 def test_unmet_ignores_gpu_mem_without_gpus():

@@ -67,8 +67,17 @@ def test_environment_hides_gpus_on_cpu_slots():
     assert env["APPLIANCE_SLOT_MEMORY_BYTES"] == str(1 << 30)
     assert env["APPLIANCE_SLOT_SHM_BYTES"] == str(1 << 26)
     assert env["PATH"] == "/bin"
+    assert env["APPLIANCE_GPU_MEMORY_BYTES"] == "0"
     req.gpus = ["GPU-1111", "GPU-2222"]
     assert slot_environment(req, {})["CUDA_VISIBLE_DEVICES"] == "GPU-1111,GPU-2222"
+
+
+def test_a_mig_slot_sees_its_mig_device_and_how_much_gpu_memory_it_may_use():
+    req = parse_args(_args("--gpus", "MIG-4f1b", "--gpu-memory-bytes", str(10 << 30)))
+    env = slot_environment(req, {})
+    assert (env["CUDA_VISIBLE_DEVICES"], env["APPLIANCE_GPU_MEMORY_BYTES"]) == ("MIG-4f1b", str(10 << 30))
+    with pytest.raises(StepFailed, match="--gpu-memory-bytes must be a positive whole number"):
+        parse_args(_args("--gpus", "GPU-1", "--gpu-memory-bytes", "lots"))
 
 
 # --------------------------------------------------------------------------- running the wrapper

@@ -5,7 +5,7 @@ applies it within a moment: a disabled GPU's slot drains and goes, an enabled on
 from __future__ import annotations
 
 from appliance.config import load_config, set_value
-from appliance.gpus import scan_gpus
+from appliance.gpus import DISTANCE_NAMES, scan_gpus
 
 
 def register(sub):
@@ -33,14 +33,32 @@ def _find(which: str):
 
 
 def run_list(args) -> int:
+    """Each GPU: its state, MIG devices, the slots of the applied plan on it, and its nearest GPUs."""
+    from appliance.lifecycle import previous_plan
+    from appliance.units import format_size
+
     config = load_config(args.home.config_file)
     disabled = set(map(str, config.gpus.disabled))
     scan = scan_gpus()
+    plan = previous_plan(args.home)
     if not scan.gpus:
         print(f"no GPUs ({scan.problem or 'NVML lists none'})")
     for g in scan.gpus:
         state = "disabled" if {str(g.index), g.uuid} & disabled else ("ok" if g.healthy else f"UNHEALTHY: {g.problem}")
-        print(f"{g.index} {g.uuid} {g.name}: {state}")
+        print(f"{g.index} {g.uuid} {g.name} {format_size(g.memory_bytes)}: {state}")
+        if g.mig_enabled:
+            print("    MIG: " + (", ".join(f"{m.uuid} {format_size(m.memory_bytes)}" for m in g.mig_devices)
+                                or "no MIG device"))
+        for slot in plan.slots if plan else ():
+            if g.index in slot.gpu_indexes and (g.uuid in slot.gpus or slot.mig):
+                with_ = [i for i in slot.gpu_indexes if i != g.index]
+                what = (f"MIG {slot.gpus[0]}" if slot.mig else f"1/{slot.gpu_share} of it" if slot.gpu_share > 1
+                        else f"with GPU {','.join(map(str, with_))}" if with_ else "all of it")
+                print(f"    {slot.name}: {what}, {format_size(slot.gpu_memory_bytes)} GPU memory")
+        near = sorted((link.distance, other.index) for link in scan.links for other in scan.gpus
+                      if g.uuid in (link.a, link.b) and other.uuid in (link.a, link.b) and other.uuid != g.uuid)
+        if near:
+            print("    near: " + ", ".join(f"{i} {DISTANCE_NAMES[d]}" for d, i in near))
     return 0
 
 

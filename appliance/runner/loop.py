@@ -116,7 +116,10 @@ def slot_shapes(home) -> list[SlotShape]:
         try:
             out.append(SlotShape(name=s["name"], cpus=len(s.get("cpus", [])),
                                  memory_bytes=int(s.get("memory_bytes", 0)),
-                                 gpus=len(s.get("gpus", []))))
+                                 gpus=len(s.get("gpus", [])),
+                                 # per GPU, what this slot may use (a share, a MIG device's); an
+                                 # older plan.json does not say
+                                 gpu_mem_bytes=int(s.get("gpu_memory_bytes") or 0) or UNKNOWN_GPU_MEMORY))
         except (KeyError, TypeError, ValueError):
             continue
     return out
@@ -136,7 +139,9 @@ def this_slot(home, slot: str, environ=os.environ) -> SlotShape:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cuda = environ.get("CUDA_VISIBLE_DEVICES", "")
     gpus = len([g for g in cuda.split(",") if g.strip() and g.strip() != "-1"])
-    return SlotShape(name=slot, cpus=cpus, memory_bytes=memory, gpus=gpus)
+    gpu_mem = environ.get("APPLIANCE_GPU_MEMORY_BYTES", "")
+    return SlotShape(name=slot, cpus=cpus, memory_bytes=memory, gpus=gpus,
+                     gpu_mem_bytes=int(gpu_mem) if gpu_mem.isdigit() and int(gpu_mem) else UNKNOWN_GPU_MEMORY)
 
 
 def job_dir_name(key: str) -> str:

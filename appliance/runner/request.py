@@ -190,7 +190,8 @@ def unmet(resources: Resources, cpus: int, memory_bytes: int, gpus: int, gpu_mem
           disk_bytes: Optional[int]) -> Optional[str]:
     """None if a slot of this shape can run the request, else why not (for a human).
 
-    `gpu_mem_bytes` is the memory of the slot's smallest GPU; StudioML's gpuMem is per GPU and
+    `gpu_mem_bytes` is what the slot may use of its smallest GPU (all of it, 1/share of it, or a
+    MIG device's); StudioML's gpuMem is per GPU and
     only counts when GPUs are asked for. `disk_bytes=None` means "unknown, don't check".
     """
     if resources.cpus > cpus:
@@ -199,10 +200,12 @@ def unmet(resources: Resources, cpus: int, memory_bytes: int, gpus: int, gpu_mem
         return (f"needs {_fmt_bytes(resources.ram_bytes)} ram, "
                 f"slot has {_fmt_bytes(memory_bytes)}")
     if resources.gpus > gpus:
-        return f"needs {resources.gpus} gpus, slot has {gpus}"
+        hint = " (slots of several GPUs: slots.gpu.gpus_per_slot)" if resources.gpus > 1 else ""
+        return f"needs {resources.gpus} gpus, slot has {gpus}{hint}"
     if resources.gpus and resources.gpu_mem_bytes > gpu_mem_bytes:
         return (f"needs {_fmt_bytes(resources.gpu_mem_bytes)} per gpu, "
-                f"slot's gpus have {_fmt_bytes(gpu_mem_bytes)}")
+                f"slot's gpus have {_fmt_bytes(gpu_mem_bytes)} for it (a slot gets all of a GPU's memory "
+                "with slots.gpu.share = 1 and MIG off)")
     if disk_bytes is not None and resources.hdd_bytes > disk_bytes:
         return (f"needs {_fmt_bytes(resources.hdd_bytes)} disk, "
                 f"slot has {_fmt_bytes(disk_bytes)} free")

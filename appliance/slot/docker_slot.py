@@ -3,7 +3,7 @@
 supervisord runs, per slot,
 
     python -m appliance.slot.docker_slot --slot slot-0 --cpus 0-1 --memory-bytes N \\
-        --shm-bytes N [--gpus UUID,..] --image IMAGE --home HOME [--env K=V ...] \\
+        --shm-bytes N [--gpus UUID,.. [--gpu-memory-bytes N]] --image IMAGE --home HOME [--env K=V ...] \\
         [--stop-timeout S] [--workload-user U] -- python -m appliance.runner --home HOME --slot slot-0
 
 which replaces any stale container of that slot, starts container `appliance-<slot>` with the
@@ -163,6 +163,7 @@ def _environment(args) -> dict[str, str]:
             raise SlotError(f"--env {pair!r}: expected KEY=VALUE")
         env[key] = value
     env.update(CUDA_VISIBLE_DEVICES=",".join(args.gpus), CUDA_DEVICE_ORDER="PCI_BUS_ID",
+               APPLIANCE_GPU_MEMORY_BYTES=str(args.gpu_memory_bytes),
                APPLIANCE_SLOT=args.slot, APPLIANCE_WORKLOAD_USER=_workload_ids(args))
     return env
 
@@ -327,7 +328,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--memory-bytes", type=int, required=True, help="memory limit, swap included")
     p.add_argument("--shm-bytes", type=int, required=True, help="size of /dev/shm")
     p.add_argument("--gpus", type=lambda s: [g for g in s.split(",") if g], default=[],
-                   help="GPU UUIDs, comma-separated")
+                   help="GPU UUIDs (GPU-... or MIG-...), comma-separated")
+    p.add_argument("--gpu-memory-bytes", type=int, default=0,
+                   help="GPU memory the slot may use on each of its GPUs (APPLIANCE_GPU_MEMORY_BYTES)")
     p.add_argument("--image", required=True, help="runner image (python -m appliance.image)")
     p.add_argument("--home", required=True, help="appliance home, bind-mounted at the same path")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")

@@ -1,7 +1,8 @@
 """The slot exec wrapper: isolate this process, then exec the runner in its place.
 
     python -m appliance.slot.exec --slot NAME --cpus 0-1,3 --mems 0 --memory-bytes N
-        --shm-bytes N [--gpus UUID,UUID] [--user USER] [--lock PATH [--lock-wait S]] -- CMD [ARGS...]
+        --shm-bytes N [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER] [--lock PATH [--lock-wait S]]
+        -- CMD [ARGS...]
 
 Steps, in this order: the slot's lock (one runner per slot: a runner that a dead supervisord
 left behind is waited for, up to --lock-wait seconds; see appliance/singleton.py), cgroup
@@ -25,10 +26,12 @@ from appliance.slot.shm import ShmError, private_shm
 
 USAGE = (
     "usage: python -m appliance.slot.exec --slot NAME --cpus LIST --mems LIST "
-    "--memory-bytes N --shm-bytes N [--gpus UUID,UUID] [--user USER] [--lock PATH [--lock-wait S]] "
+    "--memory-bytes N --shm-bytes N [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER] "
+    "[--lock PATH [--lock-wait S]] "
     "-- CMD [ARGS...]"
 )
-OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--gpus", "--user", "--lock", "--lock-wait")
+OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--gpus", "--gpu-memory-bytes", "--user",
+           "--lock", "--lock-wait")
 REQUIRED = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes")
 
 
@@ -44,13 +47,14 @@ class Request:
     """The parsed command line."""
 
     def __init__(self, slot, cpus, mems, memory_bytes, shm_bytes, gpus, user, command, lock=None,
-                 lock_wait=singleton.DEFAULT_WAIT_S):
+                 lock_wait=singleton.DEFAULT_WAIT_S, gpu_memory_bytes=0):
         self.slot: str = slot
         self.cpus: list[int] = cpus
         self.mems: list[int] = mems
         self.memory_bytes: int = memory_bytes
         self.shm_bytes: int = shm_bytes
         self.gpus: list[str] = gpus
+        self.gpu_memory_bytes: int = gpu_memory_bytes  # what the slot may use on each GPU (0: no GPU)
         self.user: str | None = user
         self.command: list[str] = command
         self.lock: str | None = lock
@@ -96,6 +100,8 @@ def parse_args(argv: list[str]) -> Request:
         command=command,
         lock=values.get("--lock") or None,
         lock_wait=_seconds(values.get("--lock-wait", str(singleton.DEFAULT_WAIT_S)), "--lock-wait"),
+        gpu_memory_bytes=_positive_int(values["--gpu-memory-bytes"], "--gpu-memory-bytes")
+        if "--gpu-memory-bytes" in values else 0,
     )
 
 
@@ -131,6 +137,7 @@ def slot_environment(request: Request, base: dict[str, str]) -> dict[str, str]:
     # Empty on a CPU-only slot: CUDA then sees no device at all instead of every device.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(request.gpus)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["APPLIANCE_GPU_MEMORY_BYTES"] = str(request.gpu_memory_bytes)  # per GPU: a share or a MIG device's
     env["APPLIANCE_SLOT"] = request.slot
     env["APPLIANCE_SLOT_CPUS"] = format_cpu_list(request.cpus)
     env["APPLIANCE_SLOT_MEMORY_BYTES"] = str(request.memory_bytes)

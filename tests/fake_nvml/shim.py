@@ -85,6 +85,54 @@ def install(path) -> None:
             mask[c // 64] |= 1 << (c % 64)
         return mask
 
+    # -- topology and MIG (slots of several GPUs, MIG devices as slots) ---------------------
+    # GPU fields: "nvlink" (GPUs with the same value are NVLink peers), "pcie_switch" (same value:
+    # behind one PCIe switch), "numa" (the NUMA node of the GPU's root port); "mig" (see
+    # sitecustomize.py). Without any of the three, topology is not supported (like some VMs).
+
+    def nvmlDeviceGetP2PStatus(device1, device2, p2pIndex):
+        if p2pIndex == pynvml.NVML_P2P_CAPS_INDEX_NVLINK:
+            same = device1.get("nvlink") is not None and device1.get("nvlink") == device2.get("nvlink")
+            return pynvml.NVML_P2P_STATUS_OK if same else pynvml.NVML_P2P_STATUS_NOT_SUPPORTED
+        return pynvml.NVML_P2P_STATUS_OK
+
+    def nvmlDeviceGetTopologyCommonAncestor(device1, device2):
+        keys = ("nvlink", "pcie_switch", "numa")
+        if not any(k in d for d in (device1, device2) for k in keys):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if device1.get("pcie_switch") is not None and device1.get("pcie_switch") == device2.get("pcie_switch"):
+            return pynvml.NVML_TOPOLOGY_SINGLE
+        if device1.get("numa", 0) == device2.get("numa", 0):
+            return pynvml.NVML_TOPOLOGY_NODE
+        return pynvml.NVML_TOPOLOGY_SYSTEM
+
+    def _mig(device):
+        mig = device.get("mig")
+        if mig is None or device.get("is_mig_device"):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return mig
+
+    def nvmlDeviceGetMigMode(device):
+        mig = _mig(device)
+        current = pynvml.NVML_DEVICE_MIG_ENABLE if mig.get("enabled") else pynvml.NVML_DEVICE_MIG_DISABLE
+        pending = mig.get("pending", current)
+        return [current, pending]
+
+    def nvmlDeviceGetMaxMigDeviceCount(device):
+        mig = device.get("mig")  # "zero if MIG is not supported or enabled"
+        return int(mig.get("max", 7)) if mig and mig.get("enabled") and not device.get("is_mig_device") else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(device, index):
+        mig = _mig(device)
+        if not mig.get("enabled"):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= index < int(mig.get("max", 7)):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for n, d in enumerate(mig.get("devices", [])):
+            if d.get("index", n) == index:
+                return {"memory": 1 << 30, **d, "is_mig_device": True}
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
     for name, fn in list(locals().items()):
         if name.startswith("nvml"):
             setattr(pynvml, name, fn)

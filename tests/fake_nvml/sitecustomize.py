@@ -6,6 +6,17 @@ APPLIANCE_FAKE_NVML at a JSON file, which is re-read on every nvmlInit:
                "lost": false}],
      "fail": ""}          # non-empty: nvmlDeviceGetCount raises NVMLError (NVML failing mid-poll)
 
+Topology and MIG, optional fields of a GPU (all absent: topology calls raise NOT_SUPPORTED,
+nvmlDeviceGetMigMode raises NOT_SUPPORTED as on a GPU without MIG):
+
+    "nvlink": "A"        # GPUs with the same value are NVLink peers (nvmlDeviceGetP2PStatus
+                         # with NVML_P2P_CAPS_INDEX_NVLINK answers NVML_P2P_STATUS_OK)
+    "pcie_switch": "s0"  # same value: nvmlDeviceGetTopologyCommonAncestor = NVML_TOPOLOGY_SINGLE,
+    "numa": 0            # else same "numa" (default 0): NVML_TOPOLOGY_NODE, else _SYSTEM
+    "mig": {"enabled": true, "pending": 1, "max": 7,        # MIG-capable; "pending" defaults to
+            "devices": [{"index": 0, "uuid": "MIG-...",     # the current mode; "index" to the
+                         "memory": 10737418240}]}           # place in the list; memory in bytes
+
 A missing or unreadable file means "no driver" (NVMLError_LibraryNotFound), like a host
 without NVIDIA. Nothing happens unless APPLIANCE_FAKE_NVML is set.
 """

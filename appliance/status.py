@@ -132,6 +132,9 @@ def gather(home: Home) -> dict:
             "job_started": runner.get("started"),
             "last_upload": runner.get("last_upload"),
             "last_result": runner.get("last_result"),
+            "gpu_use": runner.get("gpu"),
+            "gpu_held": runner.get("gpu_held"),
+            "gpu_note": runner.get("gpu_note"),
             "serves": _serving(home, slot.name, info.pid if info else None),
         })
     scan = scan_gpus()
@@ -168,6 +171,32 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def _gpu_lines(s: dict) -> list[str]:
+    """What the slot's runner says about its GPUs: held back (and by whom), the running job's
+    use, the last job's, or why they are not watched."""
+    out = []
+    held = s.get("gpu_held")
+    if held:
+        since = f" (since {time.strftime('%H:%M:%S', time.localtime(held['since']))})" if held.get("since") else ""
+        out.append(f"HELD: {held.get('reason')}{since}; its jobs wait until that is gone")
+    use = s.get("gpu_use") if s.get("experiment") else None
+    if not use and s.get("last_result") and not s.get("experiment"):
+        use = s["last_result"].get("gpu")
+        prefix = "last job gpu"
+    else:
+        prefix = "gpu"
+    if use:
+        util = use.get("util_mean_pct")
+        out.append(f"{prefix}: {format_size(use.get('memory_bytes') or 0)} now, peak "
+                   f"{format_size(use.get('peak_memory_bytes') or 0)} of share "
+                   f"{format_size(use.get('share_bytes') or 0)}, mean utilisation "
+                   f"{'-' if util is None else f'{util:g}%'}" + (" (NVML could not say some memory)"
+                                                                  if use.get("memory_unknown") else ""))
+    if s.get("gpu_note") and not held:
+        out.append(f"gpu: {s['gpu_note']}")
+    return out
+
+
 def format_status(facts: dict) -> str:
     lines = [f"appliance at {facts['home']}: " +
              (f"running (supervisord pid {facts['supervisord_pid']})" if facts["running"] else "not running"),
@@ -191,6 +220,7 @@ def format_status(facts: dict) -> str:
                      f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<5} {_age(s['uptime_s']):>7}  {job}")
         if s["container_id"]:
             lines.append(f"  {'':<8} container {s['container_id'][:12]}")
+        lines += [f"  {'':<8} {line}" for line in _gpu_lines(s)]
     if not facts["slots"]:
         lines.append("  (no plan yet: run `appliance up`)")
     lines.append(f"  reserved for the OS: CPUs {format_cpu_list(facts['reserved_cpus']) or 'none'}, "

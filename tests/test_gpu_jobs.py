@@ -93,6 +93,7 @@ def waiting_job(go: Path) -> dict:
 
 
 def test_a_job_over_its_gpu_memory_share_is_stopped_and_its_neighbour_runs_on(store, home, gpu_box):
+    """Two slots share the GPU (4 GiB each of 8)."""
     configure_store(home, store, f'[runner]\npython = "{sys.executable}"\n')
     gpu_plan(home, ["slot-a", "slot-b"])
     go = scratch(home) / "go"
@@ -130,6 +131,9 @@ def test_a_job_over_its_gpu_memory_share_is_stopped_and_its_neighbour_runs_on(st
     record = result_record(store, key_b)  # what `appliance results` users get beside the output
     assert record["gpu"]["peak_memory_bytes"] == GiB and record["gpu"]["util_mean_pct"] == 40
     assert result_record(store, key_a)["gpu"]["peak_memory_bytes"] == 5 * GiB
+    p = cli(home, "results", key_b, "--dest", str(home.root.parent / "res"))
+    assert p.returncode == 0, p.stderr
+    assert "peak 1GiB of a 4GiB share, mean utilisation 40%" in p.stdout, p.stdout
 
 
 def test_a_foreign_gpu_process_holds_the_slot_back_and_gpu_leftovers_are_killed(store, home, gpu_box):

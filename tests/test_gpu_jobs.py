@@ -178,3 +178,19 @@ def test_a_foreign_gpu_process_holds_the_slot_back_and_gpu_leftovers_are_killed(
     assert status(home, "slot-c")["last_result"]["outcome"] == "success"
     assert not gpu._alive(daemon)
     assert f"killed GPU processes the job left running: pid {daemon} (512MiB on {UUID})" in output_of(store, key)
+
+
+def test_a_gpu_slot_without_nvml_runs_its_jobs_and_says_why_they_are_unwatched(store, home):
+    from tests.test_runner_loop import HELLO, fast_settings
+    from appliance.queues.local import LocalQueueSource
+    from appliance.runner.loop import Runner
+    key, body = request(store, HELLO)
+    submit(home, body)
+    env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_FAKE_NVML"}
+    runner = Runner(home, "slot-g", [LocalQueueSource(home.queue_root, runner_id="slot-g")], fast_settings(),
+                    environ={**env, "CUDA_VISIBLE_DEVICES": "GPU-not-on-this-host"})
+    runner.run_forever(exit_when_idle=True)
+    st = status(home, "slot-g")
+    assert st["last_result"]["outcome"] == "success" and "gpu" not in st["last_result"]
+    assert "no GPU checks for this slot" in st["gpu_note"]
+    assert "hello from the workload" in output_of(store, key)

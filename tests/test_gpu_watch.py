@@ -136,3 +136,10 @@ def test_gpu_share_config_key(tmp_path):
     cfg.write_text('[isolation]\ngpu_share = "mig"\n')
     with pytest.raises(ConfigError, match="gpu_share"):
         load_config(cfg)
+
+
+def test_in_a_container_the_knobs_apply_but_not_the_process_checks(nvml):
+    nvml([shim.fake_gpu(0, processes=[{"pid": 1, "used_memory": 6 * GiB}])])
+    slot = gpu.SlotGpus(GpuWatch(["GPU-fake-0000"]), None, {gpu.SHARE_ENV: str(4 * GiB)})
+    assert slot.foreign() == [] and slot.job_processes() == [] and "container" in slot.problem
+    assert slot.env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.50"

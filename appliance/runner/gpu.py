@@ -185,11 +185,16 @@ def mps_problem(environ=os.environ) -> str:
 class SlotGpus:
     """The runner's view of its GPUs: one GpuWatch for the runner's life."""
 
-    def __init__(self, watch: GpuWatch, members: Membership, environ, mode: str = "none"):
+    def __init__(self, watch: GpuWatch, members: Optional[Membership], environ, mode: str = "none"):
+        """`members` None: the pids NVML names are not ours to see (a container's own pid
+        namespace): the knobs still apply, the process checks do not."""
         self.watch, self.members, self.mode = watch, members, mode
         self.share = shares(watch, environ)
         self.env = workload_env(watch, self.share, mode, environ) if watch.active else {}
         self.problem = watch.problem  # shown in status; with MPS missing, it also blocks
+        if watch.active and members is None:
+            self.problem = ("GPU processes are not watched in a container (NVML names host pids): no share "
+                            "enforcement, no foreign-process check; the process backend has them")
         self.blocked = ""
         if watch.active and mode == "mps":
             self.blocked = mps_problem(environ)
@@ -201,12 +206,12 @@ class SlotGpus:
 
     def foreign(self) -> list[GpuProcess]:
         """Compute processes on the slot's GPUs that belong to nothing of this appliance."""
-        if not self.active:
+        if not self.active or self.members is None:
             return []
         return [p for p in self.watch.processes() if self.members.owner(p.pid) == FOREIGN]
 
     def job_processes(self) -> list[GpuProcess]:
-        if not self.active:
+        if not self.active or self.members is None:
             return []
         return [p for p in self.watch.processes() if self.members.owner(p.pid) == JOB]
 
@@ -258,7 +263,7 @@ class JobGpu:
         self.peak = max(self.peak, self.now)
         pids = {p.pid for p in mine}
         for s in self.gpus.watch.samples():
-            if s.pid in pids or members.owner(s.pid) == JOB:
+            if s.pid in pids or (members is not None and members.owner(s.pid) == JOB):
                 self._add(s)
         for gpu, n in used.items():
             share = self.gpus.share.get(gpu)
@@ -281,8 +286,10 @@ class JobGpu:
                 "memory_unknown": self.unknown, "util_mean_pct": util, "util_samples": len(self.util)}
 
 
-def slot_gpus(environ, cgroup_slot: Optional[str], workload_uid: Optional[int], mode: str) -> SlotGpus:
+def slot_gpus(environ, cgroup_slot: Optional[str], workload_uid: Optional[int], mode: str,
+              in_container: bool = False) -> SlotGpus:
     """The runner's SlotGpus from its environment (CUDA_VISIBLE_DEVICES of the slot)."""
     from appliance.gpu_watch import visible_devices
     visible = visible_devices(environ.get("CUDA_VISIBLE_DEVICES", ""))
-    return SlotGpus(GpuWatch(visible), Membership(cgroup_slot, workload_uid=workload_uid), environ, mode)
+    members = None if in_container else Membership(cgroup_slot, workload_uid=workload_uid)
+    return SlotGpus(GpuWatch(visible), members, environ, mode)

@@ -141,6 +141,10 @@ def this_slot(home, slot: str, environ=os.environ) -> SlotShape:
     return SlotShape(name=slot, cpus=cpus, memory_bytes=memory, gpus=gpus)
 
 
+def _holders(held: dict):
+    return [p["pid"] for p in held["processes"]] or held["reason"]
+
+
 def job_dir_name(key: str) -> str:
     """The job folder of experiment `key`: readable, and distinct for distinct keys ("a b" and
     "a_b" must never share a folder: it may hold one's finished outputs)."""
@@ -183,7 +187,7 @@ class Runner:
         # NVML for this slot's GPUs, opened once (no GPUs: nothing is asked)
         own = self.user if self.user and self.user.name == users.account_name(slot) else None
         self.gpus = gpu.slot_gpus(self.environ, self.cgroup_slot, own.uid if own else None,
-                                  self.settings.gpu_share)
+                                  self.settings.gpu_share, in_container=bool(self.container_slot))
         self.gpu_held: Optional[dict] = None
 
     def _workload_user(self):
@@ -302,11 +306,13 @@ class Runner:
                 held = {"reason": f"GPU in use by a process outside this appliance: {gpu.describe(foreign)}",
                         "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes}
                                       for p in foreign]}
-        if held != (self.gpu_held and {k: self.gpu_held[k] for k in ("reason", "processes")}):
+        before = self.gpu_held
+        if held != (before and {k: before[k] for k in ("reason", "processes")}):
             if held:
-                held["since"] = (self.gpu_held or {}).get("since") or time.time()
-                log.warning("slot %s holds its jobs back: %s", self.slot, held["reason"])
-            elif self.gpu_held:
+                held["since"] = (before or {}).get("since") or time.time()
+                if not before or _holders(before) != _holders(held):  # not at every change of its memory
+                    log.warning("slot %s holds its jobs back: %s", self.slot, held["reason"])
+            else:
                 log.info("slot %s: its GPUs are free again", self.slot)
             self.gpu_held = held
             self.status.update(gpu_held=held)

@@ -143,3 +143,16 @@ def test_in_a_container_the_knobs_apply_but_not_the_process_checks(nvml):
     slot = gpu.SlotGpus(GpuWatch(["GPU-fake-0000"]), None, {gpu.SHARE_ENV: str(4 * GiB)})
     assert slot.foreign() == [] and slot.job_processes() == [] and "container" in slot.problem
     assert slot.env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.50"
+
+
+def test_doctor_names_the_key_and_the_fix_when_mps_has_no_daemon(tmp_path, monkeypatch):
+    from appliance.doctor import check
+    from appliance.paths import Home
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    home.config_file.write_text('[isolation]\ngpu_share = "mps"\n')
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control
+    (finding,) = [f for f in check(home) if f.what == "gpu share"]
+    assert not finding.ok
+    assert 'isolation.gpu_share = "mps"' in finding.detail and "nvidia-cuda-mps-control -d" in finding.detail
+    assert 'isolation.gpu_share = "none"' in finding.detail

@@ -156,3 +156,21 @@ def test_doctor_names_the_key_and_the_fix_when_mps_has_no_daemon(tmp_path, monke
     assert not finding.ok
     assert 'isolation.gpu_share = "mps"' in finding.detail and "nvidia-cuda-mps-control -d" in finding.detail
     assert 'isolation.gpu_share = "none"' in finding.detail
+
+
+def test_an_mps_server_on_the_gpu_is_not_foreign(nvml, tmp_path):
+    import shutil
+    server = tmp_path / "nvidia-cuda-mps-server"
+    shutil.copy(shutil.which("sleep"), server)
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    mps = subprocess.Popen([str(server), "60"], start_new_session=True)
+    try:
+        nvml([shim.fake_gpu(0, processes=[{"pid": mps.pid, "used_memory": GiB},
+                                          {"pid": other.pid, "used_memory": GiB}])])
+        members = gpu.Membership(None, runner_pid=-1)  # neither is a child of "the runner"
+        slot = gpu.SlotGpus(GpuWatch(["GPU-fake-0000"]), members, {})
+        assert [p.pid for p in slot.foreign()] == [other.pid]
+    finally:
+        for p in (other, mps):
+            p.kill()
+            p.wait()

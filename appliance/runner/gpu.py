@@ -13,7 +13,8 @@
 - Accounted: peak GPU memory and mean SM utilisation of the job, in `status` and its result.
 
 Who a pid belongs to: its cgroup (/proc/PID/cgroup) when the runner has a slot cgroup; else
-its uid (the slot's own workload account) or its ancestry (a child of the runner).
+its uid (the slot's own workload account; another slot's account: a neighbour) or its ancestry
+(a child of the runner). An MPS server on the GPU is never foreign: it serves every slot.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class Membership:
             if any(p.startswith(f"/{self.parent}/") for p in paths):
                 return NEIGHBOUR
             return FOREIGN
-        if self.workload_uid is not None and _uid(pid) == self.workload_uid:
+        uid = _uid(pid)
+        if self.workload_uid is not None and uid == self.workload_uid:
             return JOB
-        return JOB if self._descends(pid) else FOREIGN
+        if self._descends(pid):
+            return JOB
+        return NEIGHBOUR if _slot_account(uid) else FOREIGN
 
     def _descends(self, pid: int) -> bool:
         for _ in range(64):
@@ -107,6 +111,25 @@ def _alive(pid: int) -> bool:
 def _ppid(pid: int) -> Optional[int]:
     st = _stat(pid)
     return int(st[1]) if st else None
+
+
+def _slot_account(uid: Optional[int]) -> bool:
+    """uid is one of the per-slot workload accounts (appliance-<slot>)."""
+    import pwd
+    from appliance.slot.users import PREFIX
+    try:
+        return uid is not None and uid != 0 and pwd.getpwuid(uid).pw_name.startswith(PREFIX)
+    except KeyError:
+        return False
+
+
+def _mps(pid: int) -> bool:
+    """An MPS control daemon or server (comm is cut to 15 characters: "nvidia-cuda-mps")."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().startswith("nvidia-cuda-mps")
+    except OSError:
+        return False
 
 
 def _uid(pid: int) -> Optional[int]:
@@ -208,7 +231,8 @@ class SlotGpus:
         """Compute processes on the slot's GPUs that belong to nothing of this appliance."""
         if not self.active or self.members is None:
             return []
-        return [p for p in self.watch.processes() if self.members.owner(p.pid) == FOREIGN]
+        return [p for p in self.watch.processes()
+                if self.members.owner(p.pid) == FOREIGN and not _mps(p.pid)]  # MPS serves every slot
 
     def job_processes(self) -> list[GpuProcess]:
         if not self.active or self.members is None:

@@ -179,19 +179,16 @@ def _gpu_lines(s: dict) -> list[str]:
     if held:
         since = f" (since {time.strftime('%H:%M:%S', time.localtime(held['since']))})" if held.get("since") else ""
         out.append(f"HELD: {held.get('reason')}{since}; its jobs wait until that is gone")
-    use = s.get("gpu_use") if s.get("experiment") else None
-    if not use and s.get("last_result") and not s.get("experiment"):
-        use = s["last_result"].get("gpu")
-        prefix = "last job gpu"
-    else:
-        prefix = "gpu"
+    running = s.get("experiment") and s.get("gpu_use")
+    use = running or (not s.get("experiment") and (s.get("last_result") or {}).get("gpu"))
     if use:
         util = use.get("util_mean_pct")
-        out.append(f"{prefix}: {format_size(use.get('memory_bytes') or 0)} now, peak "
-                   f"{format_size(use.get('peak_memory_bytes') or 0)} of share "
-                   f"{format_size(use.get('share_bytes') or 0)}, mean utilisation "
-                   f"{'-' if util is None else f'{util:g}%'}" + (" (NVML could not say some memory)"
-                                                                  if use.get("memory_unknown") else ""))
+        now = f"gpu memory {format_size(use.get('memory_bytes') or 0)} (peak " if running \
+            else "last job's gpu memory: peak "
+        out.append(f"{now}{format_size(use.get('peak_memory_bytes') or 0)}"
+                   f"{')' if running else ''} of a {format_size(use.get('share_bytes') or 0)} share, mean "
+                   f"utilisation {'-' if util is None else f'{util:g}%'}"
+                   + ("; NVML could not say the memory of some of its processes" if use.get("memory_unknown") else ""))
     if s.get("gpu_note") and not held:
         out.append(f"gpu: {s['gpu_note']}")
     return out

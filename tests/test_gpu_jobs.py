@@ -118,7 +118,7 @@ def test_a_job_over_its_gpu_memory_share_is_stopped_and_its_neighbour_runs_on(st
         assert st["experiment"] == key_b and st["state"] == "running" and Path(f"/proc/{pid_b}").exists()
         assert st["gpu"]["peak_memory_bytes"] == GiB
         p = cli(home, "status")
-        assert "peak 1GiB of share 4GiB, mean utilisation 40%" in p.stdout, p.stdout
+        assert "gpu memory 1GiB (peak 1GiB) of a 4GiB share, mean utilisation 40%" in p.stdout, p.stdout
         go.touch()
         wait_for(lambda: status(home, "slot-b").get("last_result"), "slot-b's job to finish")
     finally:

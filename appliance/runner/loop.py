@@ -301,7 +301,11 @@ class Runner:
         if self.gpus.blocked:
             held = {"reason": self.gpus.blocked, "processes": []}
         else:
-            foreign = self.gpus.foreign()
+            try:
+                foreign = self.gpus.foreign()
+            except Exception:  # noqa: BLE001 - a watch failure must not stop the runner
+                log.exception("slot %s: looking for foreign GPU processes", self.slot)
+                foreign = []
             if foreign:
                 held = {"reason": f"GPU in use by a process outside this appliance: {gpu.describe(foreign)}",
                         "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes}

@@ -163,6 +163,10 @@ class IsolationConfig:
                     'who workloads run as: "auto" (an unprivileged account per slot, appliance-<slot>, made by '
                     'the appliance), a user name (every slot shares it), or "root" (not for untrusted requests)')
     docker_image: str = opt("appliance-runner:latest", _text, "runner image for the docker backend")
+    gpu_share: str = opt("none", _one_of("none", "mps"),
+                         'how slots sharing a GPU are held to their GPU memory: "none" (the runner\'s NVML watch '
+                         'stops a job over its share), "mps" (also CUDA MPS memory limits; needs the MPS control '
+                         'daemon, nvidia-cuda-mps-control -d)')
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,11 @@ def check(home: Home) -> list[Finding]:
             ": their slots are left out; check `nvidia-smi -q`" if bad else "")))
     else:
         out.append(Finding(True, "gpus", f"none: {scan.problem or 'NVML lists no GPU'} (CPU slots only)"))
+    if config.isolation.gpu_share == "mps":
+        from appliance.runner.gpu import mps_pipe_dir, mps_problem
+
+        problem = mps_problem(os.environ)
+        out.append(Finding(not problem, "gpu share", problem or f"MPS control daemon in {mps_pipe_dir(os.environ)}"))
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import docker_problems
 

@@ -135,6 +135,9 @@ def gather(home: Home) -> dict:
             "job_started": runner.get("started"),
             "last_upload": runner.get("last_upload"),
             "last_result": runner.get("last_result"),
+            "gpu_use": runner.get("gpu"),
+            "gpu_held": runner.get("gpu_held"),
+            "gpu_note": runner.get("gpu_note"),
             "serves": _serving(home, slot.name, info.pid if info else None),
         })
     scan = scan_gpus()
@@ -189,6 +192,29 @@ def mig_text(devices: list) -> str:
     return ", ".join(f"{m['uuid']} {format_size(m['memory_bytes'])}" for m in devices) or "no MIG device"
 
 
+def _gpu_lines(s: dict) -> list[str]:
+    """What the slot's runner says about its GPUs: held back (and by whom), the running job's
+    use, the last job's, or why they are not watched."""
+    out = []
+    held = s.get("gpu_held")
+    if held:
+        since = f" (since {time.strftime('%H:%M:%S', time.localtime(held['since']))})" if held.get("since") else ""
+        out.append(f"HELD: {held.get('reason')}{since}; its jobs wait until that is gone")
+    running = s.get("experiment") and s.get("gpu_use")
+    use = running or (not s.get("experiment") and (s.get("last_result") or {}).get("gpu"))
+    if use:
+        util = use.get("util_mean_pct")
+        now = f"gpu memory {format_size(use.get('memory_bytes') or 0)} (peak " if running \
+            else "last job's gpu memory: peak "
+        out.append(f"{now}{format_size(use.get('peak_memory_bytes') or 0)}"
+                   f"{')' if running else ''} of a {format_size(use.get('share_bytes') or 0)} share, mean "
+                   f"utilisation {'-' if util is None else f'{util:g}%'}"
+                   + ("; NVML could not say the memory of some of its processes" if use.get("memory_unknown") else ""))
+    if s.get("gpu_note") and not held:
+        out.append(f"gpu: {s['gpu_note']}")
+    return out
+
+
 def format_status(facts: dict) -> str:
     lines = [f"appliance at {facts['home']}: " +
              (f"running (supervisord pid {facts['supervisord_pid']})" if facts["running"] else "not running"),
@@ -212,6 +238,7 @@ def format_status(facts: dict) -> str:
                      f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<18} {_age(s['uptime_s']):>7}  {job}")
         if s["container_id"]:
             lines.append(f"  {'':<8} container {s['container_id'][:12]}")
+        lines += [f"  {'':<8} {line}" for line in _gpu_lines(s)]
     if not facts["slots"]:
         lines.append("  (no plan yet: run `appliance up`)")
     lines.append(f"  reserved for the OS: CPUs {format_cpu_list(facts['reserved_cpus']) or 'none'}, "

@@ -66,7 +66,8 @@ def run(args) -> int:
     dest = Path(args.dest or args.experiment)
     retry = arts.RetryPolicy(attempts=3)
     found = 0
-    for art in experiment_artifacts(args.home, args.experiment, endpoint=args.endpoint):
+    artifacts = experiment_artifacts(args.home, args.experiment, endpoint=args.endpoint)
+    for art in artifacts:
         target = dest / art.name
         try:
             if arts.fetch(art, target, None, retry, 1 << 40):
@@ -77,8 +78,32 @@ def run(args) -> int:
         except arts.ArtifactError as e:
             print(f"appliance results: {e}", file=sys.stderr)
             return 1
+    if found:
+        print_record(artifacts, retry)
     if not found:
         print(f"appliance results: nothing stored for experiment {args.experiment!r} yet "
               f"(is the key right? `appliance status` shows what runs)", file=sys.stderr)
         return 1
     return 0
+
+
+def print_record(artifacts: list, retry) -> None:
+    """How the job ended and, for a GPU job, its peak GPU memory and mean utilisation (the result
+    record the runner keeps beside the output)."""
+    from appliance.runner import artifacts as arts
+    from appliance.units import format_size
+
+    where = arts.result_record({a.name: a for a in artifacts})
+    try:
+        record = arts.read_record(where, retry) if where else None
+    except arts.ArtifactError:
+        return
+    if not record:
+        return
+    print(f"{'ended':10} {record.get('outcome')}" + (f": {record['reason']}" if record.get("reason") else ""))
+    use = record.get("gpu")
+    if use:
+        util = use.get("util_mean_pct")
+        print(f"{'gpu':10} peak {format_size(use.get('peak_memory_bytes') or 0)} of a "
+              f"{format_size(use.get('share_bytes') or 0)} share, mean utilisation "
+              f"{'unknown' if util is None else f'{util:g}%'}")

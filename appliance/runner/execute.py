@@ -31,6 +31,7 @@ FAILED = "failed"
 OUT_OF_MEMORY = "out of memory"
 TIMED_OUT = "timed out"
 INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
+OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 ENV_FAILED = "environment failed"  # the Python environment could not be built
 
 
@@ -235,6 +236,8 @@ class Supervision:
     save: Callable[[], None] = lambda: None  # periodic upload
     tick_s: float = 1.0
     term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
+    check: Callable[[], Optional[str]] = lambda: None  # a reason to stop the job now (GPU share)
+    stopped_reason: str = ""  # what `check` said, once it said something
 
 
 def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
@@ -260,6 +263,12 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
             if stopped_for:
                 signal_group(proc.pid, signal.SIGTERM)
                 kill_at = now + sv.term_grace_s
+            else:
+                reason = sv.check()
+                if reason:  # over its GPU memory share: the neighbours' memory is at stake, no grace
+                    stopped_for, sv.stopped_reason = OVER_GPU_SHARE, reason
+                    signal_group(proc.pid, signal.SIGKILL)
+                    kill_at = now
         elif now >= kill_at:
             signal_group(proc.pid, signal.SIGKILL)
         sv.tick()
@@ -459,7 +468,9 @@ class Launcher:
 
 
 def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
-             oom_after: Optional[int], slot: Optional[str] = None) -> Result:
+             oom_after: Optional[int], slot: Optional[str] = None, stopped_reason: str = "") -> Result:
+    if stopped_for == OVER_GPU_SHARE:
+        return Result(OVER_GPU_SHARE, rc, stopped_reason or "over the slot's GPU memory share")
     if stopped_for == TIMED_OUT:
         return Result(TIMED_OUT, rc, "lifetime exceeded (experimentLifetime/max_duration)")
     if stopped_for == INTERRUPTED:
@@ -484,12 +495,14 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
                  sv: Supervision, slot: Optional[str] = None,
                  on_start: Callable[[subprocess.Popen], None] = lambda p: None,
                  container_slot: Optional[str] = None,
-                 launcher: Optional[Launcher] = None, user: Optional[tuple] = None) -> Result:
+                 launcher: Optional[Launcher] = None, user: Optional[tuple] = None,
+                 on_end: Callable[[], None] = lambda: None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
     own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
     job cgroup the workload joins; `container_slot` the slot whose container we run in
     (docker backend), whose own cgroup then counts the OOM kills. `launcher`: start it
-    through that Launcher's waiting process when it has one (see Launcher)."""
+    through that Launcher's waiting process when it has one (see Launcher). `on_end` is called
+    when the workload's process has ended, before what it left in the job cgroup is killed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     if container_slot and not slot:
         count_ooms, slot_name = container_oom_kills, container_slot
@@ -505,8 +518,9 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
             return Result(FAILED, None, msg)
         on_start(proc)
         rc, stopped_for = supervise(proc, sv)
+        on_end()
         kill_job_leftovers(slot)
-        result = classify(rc, stopped_for, before, count_ooms(), slot_name)
+        result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason)
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
     return result

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from appliance.runner import artifacts as arts
-from appliance.runner import execute, pyenv
+from appliance.runner import execute, gpu, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
@@ -75,6 +75,8 @@ class RunnerSettings:
     resume_every_s: float = 30.0  # how often finished jobs whose uploads failed are tried again
     workload_user: str = "auto"  # isolation.user (see appliance/slot/users.py)
     max_attempts: int = 3  # claims of one message before it is quarantined (dead letter)
+    gpu_watch_s: float = 2.0  # how often a running job's GPU memory is looked at (NVML)
+    gpu_share: str = "none"  # isolation.gpu_share: "none" or "mps"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
@@ -84,7 +86,7 @@ class RunnerSettings:
                    python=r.python, drain_timeout_s=r.drain_timeout,
                    max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
                    workload_user=config.isolation.user,
-                   max_attempts=r.max_attempts)
+                   max_attempts=r.max_attempts, gpu_share=config.isolation.gpu_share)
 
 
 @dataclass
@@ -144,6 +146,10 @@ def this_slot(home, slot: str, environ=os.environ) -> SlotShape:
                      gpu_mem_bytes=int(gpu_mem) if gpu_mem.isdigit() and int(gpu_mem) else UNKNOWN_GPU_MEMORY)
 
 
+def _holders(held: dict):
+    return [p["pid"] for p in held["processes"]] or held["reason"]
+
+
 def job_dir_name(key: str) -> str:
     """The job folder of experiment `key`: readable, and distinct for distinct keys ("a b" and
     "a_b" must never share a folder: it may hold one's finished outputs)."""
@@ -183,6 +189,11 @@ class Runner:
         self.store_backoff = self.settings.store_backoff_s
         self.held_back = False  # the last pass put back messages this slot cannot run now
         self.next_resume = 0.0
+        # NVML for this slot's GPUs, opened once (no GPUs: nothing is asked)
+        own = self.user if self.user and self.user.name == users.account_name(slot) else None
+        self.gpus = gpu.slot_gpus(self.environ, self.cgroup_slot, own.uid if own else None,
+                                  self.settings.gpu_share, in_container=bool(self.container_slot))
+        self.gpu_held: Optional[dict] = None
 
     def _workload_user(self):
         if os.geteuid() != 0:
@@ -224,7 +235,11 @@ class Runner:
             recover = getattr(src, "recover_orphans", None)
             if recover:
                 recover()
-        self.status.update(state="idle", pid=os.getpid())
+        self.status.update(state="idle", pid=os.getpid(), gpu_note=self.gpus.problem or None, gpu_held=None)
+        if self.gpus.blocked:
+            log.error("slot %s runs no job: %s", self.slot, self.gpus.blocked)
+        elif self.gpus.problem:
+            log.warning("slot %s: %s", self.slot, self.gpus.problem)
         try:
             while not self.stopping:
                 if self.run_once():
@@ -237,6 +252,7 @@ class Runner:
                            else min(2.0, self.settings.idle_wait_s))
         finally:
             self.launcher.close()
+            self.gpus.close()
             for src in self.sources:
                 try:
                     src.close()
@@ -283,9 +299,40 @@ class Runner:
         self.process(src, msg, req)
         return True
 
+    def gpu_busy(self) -> Optional[str]:
+        """Why this slot's GPUs cannot take a job now (a foreign process on them, MPS missing),
+        kept in `status` as gpu_held; None when they can."""
+        held = None
+        if self.gpus.blocked:
+            held = {"reason": self.gpus.blocked, "processes": []}
+        else:
+            try:
+                foreign = self.gpus.foreign()
+            except Exception:  # noqa: BLE001 - a watch failure must not stop the runner
+                log.exception("slot %s: looking for foreign GPU processes", self.slot)
+                foreign = []
+            if foreign:
+                held = {"reason": f"GPU in use by a process outside this appliance: {gpu.describe(foreign)}",
+                        "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes}
+                                      for p in foreign]}
+        before = self.gpu_held
+        if held != (before and {k: before[k] for k in ("reason", "processes")}):
+            if held:
+                held["since"] = (before or {}).get("since") or time.time()
+                if not before or _holders(before) != _holders(held):  # not at every change of its memory
+                    log.warning("slot %s holds its jobs back: %s", self.slot, held["reason"])
+            else:
+                log.info("slot %s: its GPUs are free again", self.slot)
+            self.gpu_held = held
+            self.status.update(gpu_held=held)
+        return held["reason"] if held else None
+
     def next_message(self):
         """Round-robin: start at the queue after the one we last ran from."""
         self.held_back = False
+        if self.gpu_busy():  # claim nothing: the messages stay in their queues, untouched
+            self.held_back = True
+            return None
         pairs = self._pairs()
         for i in range(len(pairs)):
             idx = (self.cursor + i) % len(pairs)
@@ -538,6 +585,7 @@ class Job:
                                  runner.user.uid if runner.user else None)
         self.record = arts.result_record(req.artifacts)
         self.env: Optional[pyenv.PythonEnv] = None
+        self.gpu: Optional[gpu.JobGpu] = None  # the job's GPU watch while it runs
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
@@ -613,8 +661,8 @@ class Job:
         except ArtifactError as e:
             log.warning("periodic upload of %s: %s", self.req.key, e)
 
-    def finish(self, outcome: str, exit_code, reason: str) -> None:
-        self.status.job_finished(outcome, exit_code, reason)
+    def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None) -> None:
+        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use)
         log.info("%s: %s %s", self.req.key, outcome, reason)
 
     def unpack_limit(self) -> int:
@@ -647,6 +695,10 @@ class Job:
             self.note(f"running again on slot {self.r.slot} (an earlier attempt was cut short)")
         result = self.prepare_env()
         if result is None:
+            busy = self.r.gpu_busy()
+            if busy:  # it came while we fetched: not started, not counted
+                self.give_back(busy)
+                return
             result = self.execute()
         self.settle(result)
 
@@ -780,6 +832,7 @@ class Job:
         if self.env.bin_dir is not None:
             extra.update(self.env.env_vars())
             extra["PATH"] = f"{self.env.bin_dir}:{base.get('PATH', os.defpath)}"
+        extra.update(self.r.gpus.env)  # the frameworks' own GPU memory knobs, MPS (runner/gpu.py)
         cpus = self.r.environ.get("APPLIANCE_SLOT_CPUS")
         if cpus:
             n = str(_env_cpus(cpus))
@@ -794,10 +847,43 @@ class Job:
             self.status.update(workload={"pid": proc.pid,
                                          "start_ticks": execute.process_start_ticks(proc.pid)})
 
+        sv = self.supervision(True)
+        if self.r.gpus.active:
+            self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
+            sv.check = self.gpu_check
         return execute.run_workload(
             self.argv(), self.dir / "workspace", self.workload_env(), self.output,
-            self.supervision(True), slot=self.r.cgroup_slot, on_start=started,
-            container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids)
+            sv, slot=self.r.cgroup_slot, on_start=started,
+            container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
+            on_end=self.gpu_end)
+
+    def gpu_check(self) -> Optional[str]:
+        """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job
+        when it is over its slot's share; its memory and utilisation into `status`."""
+        try:
+            looked = self.gpu.next_look
+            reason = self.gpu.look()
+            if self.gpu.next_look != looked:
+                self.status.update(gpu=self.gpu.summary())
+            return reason
+        except Exception:  # noqa: BLE001 - a watch failure must not take the job down
+            log.exception("%s: GPU watch", self.req.key)
+            return None
+
+    def gpu_end(self) -> None:
+        """The workload ended: last look, then kill its GPU processes still alive."""
+        if self.gpu is None:
+            return
+        try:
+            self.gpu.look(force=True)
+            killed = self.r.gpus.kill_job_processes()
+        except Exception:  # noqa: BLE001
+            log.exception("%s: GPU leftovers", self.req.key)
+            return
+        if killed:
+            what = gpu.describe(killed)
+            log.warning("%s: killed GPU processes the job left running: %s", self.req.key, what)
+            self.note(f"killed GPU processes the job left running: {what}")
 
     def upload_quietly(self) -> None:
         try:
@@ -831,6 +917,8 @@ class Job:
         ended = {"state": "ended", "outcome": result.outcome, "exit_code": result.exit_code,
                  "reason": result.reason, "finished": time.time(), "slot": self.r.slot,
                  "host": os.uname().nodename, "experiment": self.req.key}
+        if self.gpu is not None:
+            ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
         self.keep_dir = True
         self._write_record(ended)
@@ -856,7 +944,7 @@ class Job:
             self.settle_msg("ack")
         else:
             self.settle_msg("dead_letter", f"{outcome}: {reason}")
-        self.finish(outcome, ended.get("exit_code"), reason)
+        self.finish(outcome, ended.get("exit_code"), reason, ended.get("gpu"))
 
     def upload_until_done(self) -> bool:
         """Upload the finished job's outputs, holding its message while the store is down (up

@@ -7,7 +7,11 @@
      "experiment": <key or null>, "queue": ..., "source": ..., "started": <epoch or null>,
      "last_upload": <epoch or null>, "output": <local output file while running or null>,
      "workload": {"pid": .., "start_ticks": ..} or null,
-     "last_result": {"experiment", "outcome", "exit_code", "reason", "finished"} or null}
+     "gpu": the running job's GPU use (runner/gpu.py JobGpu.summary) or null,
+     "gpu_held": {"reason", "processes": [{"gpu", "pid", "memory_bytes"}], "since"} or null
+                 (the slot claims nothing: a foreign process on its GPUs, MPS missing),
+     "gpu_note": why the slot's GPUs are not watched (no NVML) or null,
+     "last_result": {"experiment", "outcome", "exit_code", "reason", "finished", "gpu"?} or null}
 
 `HOME/status/experiments/<key>.json` records where an experiment's mutable artifacts live in
 the store (endpoint, bucket, key per artifact; never credentials), so `appliance logs` and
@@ -77,12 +81,14 @@ class StatusFile:
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
                     started=time.time(), last_upload=None, output=None, workload=None)
 
-    def job_finished(self, outcome: str, exit_code: Optional[int], reason: str) -> None:
-        self.update(state="idle", last_result={
-            "experiment": self.data.get("experiment"), "outcome": outcome,
-            "exit_code": exit_code, "reason": reason, "finished": time.time()},
-            experiment=None, queue=None, source=None, started=None, output=None,
-            workload=None)
+    def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
+                     gpu: Optional[dict] = None) -> None:
+        result = {"experiment": self.data.get("experiment"), "outcome": outcome,
+                  "exit_code": exit_code, "reason": reason, "finished": time.time()}
+        if gpu:
+            result["gpu"] = gpu
+        self.update(state="idle", last_result=result, experiment=None, queue=None, source=None,
+                    started=None, output=None, workload=None, gpu=None)
 
 
 def read_status(home, slot: str) -> Optional[dict]:

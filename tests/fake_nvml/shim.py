@@ -136,3 +136,71 @@ def install(path) -> None:
     for name, fn in list(locals().items()):
         if name.startswith("nvml"):
             setattr(pynvml, name, fn)
+    install_processes(path)
+
+
+# -- processes: who uses a GPU, how much memory, how busy (the runner's GPU watch) -----------
+# GPU field "processes": [{"pid": 123, "used_memory": 5e9 (bytes, null: NVML cannot say),
+# "sm_util": 40, "mem_util": 10}] (percent). Unlike the rest, these are read from the file on
+# every call (a process list is live in real NVML too), so a test can add and remove
+# processes while a runner holds NVML open.
+
+def install_processes(path) -> None:
+    path = Path(path)
+
+    def devices():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED) from None
+        for g in data.get("gpus", []):
+            yield g
+            for d in (g.get("mig") or {}).get("devices", []) if (g.get("mig") or {}).get("enabled") else ():
+                yield {"memory": 1 << 30, **d, "is_mig_device": True}
+
+    def live(handle):
+        for d in devices():
+            if d.get("uuid") == handle.get("uuid"):
+                if d.get("lost"):
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+                return d
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    def nvmlDeviceGetHandleByUUID(uuid):
+        uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+        for d in devices():
+            if d.get("uuid") == uuid:
+                if d.get("lost"):
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+                return d
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+
+    class _Process:  # pynvml's friendly object of c_nvmlProcessInfo_v3_t
+        def __init__(self, p):
+            self.pid = int(p["pid"])
+            used = p.get("used_memory")
+            self.usedGpuMemory = None if used is None else int(used)
+            self.gpuInstanceId = self.computeInstanceId = 0xFFFFFFFF
+
+    def nvmlDeviceGetComputeRunningProcesses(handle):
+        return [_Process(p) for p in live(handle).get("processes", [])]
+
+    class _Sample:  # c_nvmlProcessUtilizationSample_t
+        def __init__(self, p, stamp):
+            self.pid, self.timeStamp = int(p["pid"]), stamp
+            self.smUtil, self.memUtil = int(p.get("sm_util", 0)), int(p.get("mem_util", 0))
+            self.encUtil = self.decUtil = 0
+
+    def nvmlDeviceGetProcessUtilization(handle, timeStamp):
+        """One sample per process, stamped now (microseconds); none newer than timeStamp:
+        NVMLError NOT_FOUND, as the real call answers."""
+        import time
+        stamp = int(time.time() * 1e6)
+        procs = live(handle).get("processes", [])
+        if not procs or stamp <= int(timeStamp):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return [_Sample(p, stamp) for p in procs]
+
+    for name, fn in list(locals().items()):
+        if name.startswith("nvml"):
+            setattr(pynvml, name, fn)

@@ -17,6 +17,13 @@ nvmlDeviceGetMigMode raises NOT_SUPPORTED as on a GPU without MIG):
             "devices": [{"index": 0, "uuid": "MIG-...",     # the current mode; "index" to the
                          "memory": 10737418240}]}           # place in the list; memory in bytes
 
+Processes (re-read on every call, so a test can change them while NVML is open): a GPU's
+"processes": [{"pid": 123, "used_memory": 5000000000, "sm_util": 40, "mem_util": 10}] drive
+nvmlDeviceGetHandleByUUID, nvmlDeviceGetComputeRunningProcesses (.pid, .usedGpuMemory in bytes,
+None when "used_memory" is null: NVML cannot say) and nvmlDeviceGetProcessUtilization (one
+sample per process stamped now: .pid, .timeStamp, .smUtil, .memUtil; NVMLError NOT_FOUND when
+there is none newer than the time stamp asked for).
+
 A missing or unreadable file means "no driver" (NVMLError_LibraryNotFound), like a host
 without NVIDIA. Nothing happens unless APPLIANCE_FAKE_NVML is set.
 """

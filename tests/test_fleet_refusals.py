@@ -327,3 +327,26 @@ def sqs_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def test_a_new_plan_looks_at_refused_requests_again(rabbit, tmp_path):
+    """A GPU arrives (the controller re-plans): what this box refused is not left waiting out
+    its backoff; here the new GPU slot can run it, so the CPU slot holds it for that slot."""
+    q = f"rmq_replan_{uuid.uuid4().hex[:6]}"
+    publish(rabbit.url, q, body(gpus=1)[1])
+    home = cpu_home(tmp_path / "box", slots=("slot-0",))
+    src = rabbit_source(rabbit, [q])
+    claims = counting(src)
+    r = runner(home, src)
+    try:
+        assert r.next_message() is None and not r.held_back  # refused
+        seen = claims.count(q)  # (the broker's other rmq_ queues are served too)
+        assert r.next_message() is None and claims.count(q) == seen  # left alone
+        plan = json.loads(home.plan_file.read_text())
+        plan["slots"].append({**plan["slots"][0], "name": "slot-gpu", "kind": "gpu", "gpus": ["GPU-1"]})
+        home.plan_file.write_text(json.dumps(plan))
+        assert r.next_message() is None
+        assert claims.count(q) > seen and r.held_back  # looked at again: now it is the GPU slot's
+        assert rabbit.queue_depths()[q] == (1, 0)
+    finally:
+        src.close()

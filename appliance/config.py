@@ -188,6 +188,13 @@ class QueuesConfig:
     credentials_dir: str = opt("", _text, "directory of queue credentials (empty: HOME/credentials)")
     dead_ttl: float = opt(30 * 86400.0, _duration,
                           'how long dead-lettered local messages are kept (e.g. "30d"; 0 keeps them forever)')
+    unrunnable_after_refusals: int = opt(3, _int_at_least(1),
+                                         "on a shared RabbitMQ/SQS queue, a request no slot here can run goes back "
+                                         "for other appliances; it is dead-lettered once this many distinct "
+                                         "appliances refused it")
+    unrunnable_after: float = opt(86400.0, _duration,
+                                  'on a shared queue, a request refused by every appliance that saw it for this '
+                                  'long since its first refusal is dead-lettered (e.g. "24h"; 0: no age limit)')
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ def prepare(home: Home, python: str = sys.executable) -> Prepared:
     """Config, inventory and plan; credentials generated; supervisord.conf and plan.json rendered;
     the queue tree shared with the `appliance` group."""
     home.ensure()
+    from appliance.identity import appliance_id
+    appliance_id(home)  # made now, before any runner: slots in containers see another host name
     from appliance.queues.local import share_queue_tree
     note = share_queue_tree(home.studioml_home)
     if note:

@@ -140,6 +140,16 @@ class Home:
         return self.root / "work"
 
     @property
+    def appliance_id_file(self) -> Path:
+        """This appliance's id among the appliances sharing a queue (appliance/identity.py)."""
+        return self.root / "appliance-id"
+
+    @property
+    def refusals_dir(self) -> Path:
+        """What each runner refused on shared queues, one JSON file per slot (`queue ls`)."""
+        return self.status_dir / "refusals"
+
+    @property
     def events_file(self) -> Path:
         """Controller's re-plan log (JSON lines)."""
         return self.root / "events.jsonl"

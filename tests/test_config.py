@@ -17,6 +17,9 @@ def test_values_are_typed():
     assert c.runner.drain_timeout == 120.0
     assert c.object_store.port == 9000
     assert c.slots.cpu.shm == "auto"
+    fleet = parse_config('[queues]\nunrunnable_after_refusals = 2\nunrunnable_after = "12h"\n').queues
+    assert (fleet.unrunnable_after_refusals, fleet.unrunnable_after) == (2, 12 * 3600.0)
+    assert (Config().queues.unrunnable_after_refusals, Config().queues.unrunnable_after) == (3, 86400.0)
 
 
 @pytest.mark.parametrize("text, fragments", [
@@ -26,6 +29,8 @@ def test_values_are_typed():
     ('[slots.cpu]\nmemory = "lots"\n', ["slots.cpu.memory = 'lots'", "not a size"]),
     ('[host]\nreserved_cpus = -1\n', ["host.reserved_cpus = -1"]),
     ('slots = 3\n', ["'slots' must be a table"]),
+    ('[queues]\nunrunnable_after_refusals = 0\n', ["queues.unrunnable_after_refusals = 0", "less than 1"]),
+    ('[queues]\nunrunnable_after = "a day"\n', ["queues.unrunnable_after = 'a day'", "not a duration"]),
     ('[slots.cpu\n', ["not valid TOML"]),
 ])
 def test_bad_config_names_the_key_the_value_and_the_fix(text, fragments):

@@ -299,13 +299,15 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "ls", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0},
-        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1},
+        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "refused": 0,
+         "cannot_run": []},
+        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "refused": 0,
+         "cannot_run": []},
     ]
     assert queue_cli(home, "ls") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["SOURCE", "QUEUE", "WAITING", "RUNNING", "DEAD"]
-    assert lines[1].split() == ["local", "local_a", "2", "1", "0"]
+    assert lines[0].split() == ["SOURCE", "QUEUE", "WAITING", "RUNNING", "DEAD", "CANNOT", "RUN", "HERE"]
+    assert lines[1].split() == ["local", "local_a", "2", "1", "0", "0"]
 
     assert queue_cli(home, "dead") == 0
     assert capsys.readouterr().out.strip() == f"local_b/{bad.message_id}: message: not JSON"

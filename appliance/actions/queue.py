@@ -1,7 +1,8 @@
 """appliance queue: what is waiting, running and dead-lettered in the queues the appliance knows.
 
-Only the local directory queue (home/studioml/queue/local*) is known so far; RabbitMQ and SQS
-sources join the table when they exist.
+The local directory queue (home/studioml/queue/local*) is counted here. RabbitMQ and SQS queues
+are not asked: they appear with what this box's runners recorded, the requests waiting there that
+no slot of this box can run (refused: left for other appliances), and why (status/refusals/).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sys
 
 from appliance.config import load_config
+from appliance.queues import refusals
 from appliance.queues.local import DEAD, LocalQueueSource, no_access
 
 
@@ -35,12 +37,23 @@ def _local(home) -> LocalQueueSource:
 
 
 def queue_table(home) -> list:
-    """One row per queue: source, queue, waiting, running, dead."""
+    """One row per queue: source, queue, waiting, running, dead (None: not known here), and
+    `refused`: requests waiting there that no slot of this box can run, with `cannot_run` why."""
     local = _local(home)
     waiting, running, dead = local.depths(), local.claimed_counts(), local.dead_counts()
     names = sorted(set(waiting) | set(running) | set(dead))
-    return [{"source": local.name, "queue": q, "waiting": waiting.get(q, 0),
+    rows = [{"source": local.name, "queue": q, "waiting": waiting.get(q, 0),
              "running": running.get(q, 0), "dead": dead.get(q, 0)} for q in names]
+    refused = refusals.read_all(home)
+    for (source, queue) in sorted(set(refused) - {(r["source"], r["queue"]) for r in rows}):
+        rows.append({"source": source, "queue": queue, "waiting": None, "running": None, "dead": None})
+    for row in rows:
+        held = refused.get((row["source"], row["queue"]), {})
+        row["refused"] = len(held)
+        row["cannot_run"] = [{"experiment": h.get("experiment"), "reason": h.get("reason"),
+                              "refused_by": h.get("refused_by", [])}
+                             for h in sorted(held.values(), key=lambda h: str(h.get("experiment")))]
+    return rows
 
 
 def _experiment_key(path) -> str | None:
@@ -80,10 +93,20 @@ def _run(args) -> int:
     if not rows:
         print(f"no queues yet ({args.home.queue_root} is empty); `appliance submit` creates one")
         return 0
-    header = ("SOURCE", "QUEUE", "WAITING", "RUNNING", "DEAD")
-    table = [header] + [(r["source"], r["queue"], str(r["waiting"]), str(r["running"]),
-                         str(r["dead"])) for r in rows]
+    header = ("SOURCE", "QUEUE", "WAITING", "RUNNING", "DEAD", "CANNOT RUN HERE")
+
+    def shown(v):
+        return "-" if v is None else str(v)
+
+    table = [header] + [(r["source"], r["queue"], shown(r["waiting"]), shown(r["running"]),
+                         shown(r["dead"]), str(r["refused"])) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    held = [(r, h) for r in rows for h in r["cannot_run"]]
+    if held:
+        print("\nwaiting, but no slot of this box can run them (left for other appliances):")
+        for r, h in held:
+            print(f"  {r['source']}/{r['queue']} {h['experiment']}: {h['reason']} "
+                  f"(refused by {len(h['refused_by'])} appliance(s) so far)")
     return 0

@@ -12,6 +12,10 @@ counted too, so no message can loop for ever. `Claimed.attempt` is which attempt
 (1 for the first). `release` keeps the count (the next claim is attempt + 1); `release(msg,
 counted=False)` gives this claim back uncounted, for a message the runner only looked at and
 never started (held back for another slot). `ack` and `dead_letter` forget it.
+
+Queues several appliances share (RabbitMQ, SQS: `Claimed.shared`) also carry a refusal record
+(`Claimed.refusals`, see refusals.py): `refuse` puts a message no slot of this appliance can
+run back for the others, uncounted, with the record this appliance added itself to.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Claimed:
     body: bytes
     handle: Any = field(default=None, repr=False)
     attempt: int = 1  # which claim of this message this is, 1 for the first (see the module doc)
+    shared: bool = False  # other appliances may serve this queue too (RabbitMQ, SQS)
+    refusals: dict = field(default_factory=dict)  # the refusal record it came with (refusals.py)
 
 
 def over_attempts(msg: Claimed, max_attempts: int) -> Optional[str]:
@@ -61,6 +67,14 @@ class QueueSource(Protocol):
 
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         """Never run this message again; keep it with `reason` where a human can see it."""
+
+    def refuse(self, msg: Claimed, refusals: dict) -> None:
+        """No slot of this appliance can run it: back to its queue for other appliances,
+        uncounted, now carrying the refusal record `refusals`."""
+
+    def depth(self, queue: str) -> Optional[int]:
+        """How many messages wait in `queue` (None: cannot tell). Lets a runner that holds
+        back every message there notice a new one without claiming."""
 
     def close(self) -> None:
         """Release connections; unsettled messages go back to the queue."""

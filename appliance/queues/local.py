@@ -466,6 +466,14 @@ class LocalQueueSource:
         except FileNotFoundError:
             pass
 
+    def refuse(self, msg: Claimed, record: dict) -> None:
+        """The local queue is this box's alone (runners dead-letter what no slot can run): a
+        refusal only gives the claim back, uncounted."""
+        self.release(msg, counted=False)
+
+    def depth(self, queue: str) -> Optional[int]:
+        return len(self._messages(self.root / queue))
+
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         self._held.pop(msg.handle, None)
         folder = self.root / DEAD / msg.queue

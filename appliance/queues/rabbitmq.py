@@ -36,6 +36,10 @@ count; we never requeue with a nack (that too would mark it redelivered). The ch
 transactional (tx.select): a copy and the ack of the message it replaces are committed together,
 so a runner dying between the two leaves neither a lost nor a duplicated message, and the
 commit returns only once the broker has stored the copy (like a publisher confirm).
+
+Refusals (several appliances on one queue, see refusals.py): `refuse` is an uncounted release
+whose copy also carries header `x-appliance-refused-by` (the refusal record, JSON), published
+and acked in the same transaction.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import Any, Optional
 import pika
 import pika.exceptions
 
+from appliance.queues import refusals
 from appliance.queues.base import Claimed
 
 log = logging.getLogger("appliance.queues.rabbitmq")
@@ -210,6 +215,7 @@ class RabbitSource:
         self._queues_at = 0.0
         self.problem = ""  # last trouble listing queues (shown in status)
         self._held: dict[str, Claimed] = {}
+        self._probe = None  # a channel for passive declares (a missing queue closes it)
 
     # -- plumbing
 
@@ -310,7 +316,8 @@ class RabbitSource:
             held = _Held(method.delivery_tag, self.ch, props, method.exchange, method.routing_key,
                          time.monotonic())
             msg = Claimed(source=self.name, queue=queue, message_id=msg_id, body=body, handle=held,
-                          attempt=counted_claims(props) + 1)
+                          attempt=counted_claims(props) + 1, shared=True,
+                          refusals=refusals.parse((props.headers or {}).get(refusals.HEADER)))
             self._held[msg_id] = msg
             return msg
         return None
@@ -421,6 +428,21 @@ class RabbitSource:
     def dead_letter(self, msg: Claimed, reason: str) -> None:
         self._settle(msg, republish_to=f"{msg.queue}.dead",
                      headers={"x-appliance-reason": reason[:4000], ATTEMPTS_HEADER: msg.attempt})
+
+    def refuse(self, msg: Claimed, record: dict) -> None:
+        """Back to the end of its queue for other appliances: uncounted, with the refusal record."""
+        self._settle(msg, republish_to=msg.queue,
+                     headers={ATTEMPTS_HEADER: msg.attempt - 1, refusals.HEADER: refusals.dump(record)})
+
+    def depth(self, queue: str) -> Optional[int]:
+        """Messages ready in `queue` (passive declare on a channel of its own); None if unknown."""
+        try:
+            self._alive()
+            if self._probe is None or not self._probe.is_open:
+                self._probe = self.conn.channel()
+            return self._probe.queue_declare(queue, passive=True).method.message_count
+        except (RabbitError, *AMQP_ERRORS):
+            return None
 
     @property
     def holding(self) -> int:

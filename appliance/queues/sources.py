@@ -398,6 +398,19 @@ class SourceSet:
         src.dead_letter(msg, reason)
         self._settled(src)
 
+    def refuse(self, msg: Claimed, record: dict) -> None:
+        src = self._owner(msg)
+        src.refuse(msg, record)
+        self._settled(src)
+
+    def depth(self, key: str) -> Optional[int]:
+        source_name, queue = key.split("/", 1)
+        for src in self._sources():
+            if src.name == source_name:
+                depth = getattr(src, "depth", None)
+                return depth(queue) if depth else None
+        return None
+
     def recover_orphans(self) -> int:
         return self.local.recover_orphans()
 

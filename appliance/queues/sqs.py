@@ -20,6 +20,9 @@ that died with it included, so a claim is attempt = that count + the message att
 An uncounted release (`counted=False`) cannot lower SQS's count, so it sends a copy carrying
 the count so far and deletes the one received (in that order: at worst a duplicate, never a
 loss; standard SQS queues may deliver twice anyway).
+
+Refusals (several appliances on one queue, see refusals.py): `refuse` sends such an uncounted
+copy that also carries the message attribute `appliance-refused-by` (the refusal record, JSON).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from appliance.queues import refusals
 from appliance.queues.base import Claimed
 
 log = logging.getLogger("appliance.queues.sqs")
@@ -174,8 +178,10 @@ class SqsSource:
         if not msgs:
             return None
         m = msgs[0]
+        record = m.get("MessageAttributes", {}).get(refusals.ATTRIBUTE, {}).get("StringValue")
         msg = Claimed(source=self.name, queue=queue, message_id=m["MessageId"],
-                      body=m["Body"].encode(), handle=(url, m["ReceiptHandle"]), attempt=_attempt(m))
+                      body=m["Body"].encode(), handle=(url, m["ReceiptHandle"]), attempt=_attempt(m),
+                      shared=True, refusals=refusals.parse(record))
         self._attributes[m["MessageId"]] = m.get("MessageAttributes", {})
         self._held[m["MessageId"]] = msg
         self._extended[m["MessageId"]] = time.monotonic()
@@ -211,11 +217,33 @@ class SqsSource:
         except Exception as e:  # noqa: BLE001 - it comes back when its visibility ends anyway
             log.warning("%s: releasing %s: %s", self.name, msg.message_id, e)
 
-    def _send_uncounted_copy(self, msg: Claimed) -> None:
+    def refuse(self, msg: Claimed, record: dict) -> None:
+        """An uncounted copy carrying the refusal record replaces the message (see the module doc)."""
+        try:
+            self._send_uncounted_copy(msg, {refusals.ATTRIBUTE: {"DataType": "String",
+                                                                 "StringValue": refusals.dump(record)}})
+        except Exception as e:  # noqa: BLE001 - then it comes back as it was, counted
+            log.warning("%s: refusing %s: %s; it goes back as it came", self.name, msg.message_id, e)
+            self.release(msg)
+            return
+        self.ack(msg)
+
+    def depth(self, queue: str) -> Optional[int]:
+        url = self._urls.get(queue)
+        if url is None:
+            return None
+        try:
+            got = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+            return int(got["Attributes"]["ApproximateNumberOfMessages"])
+        except Exception:  # noqa: BLE001 - unknown: the runner claims to find out
+            return None
+
+    def _send_uncounted_copy(self, msg: Claimed, extra: Optional[dict] = None) -> None:
         url, _receipt = msg.handle
         attributes = {k: {f: v[f] for f in ("DataType", "StringValue", "BinaryValue") if f in v}
                       for k, v in self._attributes.get(msg.message_id, {}).items()}
         attributes[ATTEMPTS_ATTRIBUTE] = {"DataType": "Number", "StringValue": str(msg.attempt - 1)}
+        attributes.update(extra or {})
         self.client.send_message(QueueUrl=url, MessageBody=msg.body.decode(errors="replace"),
                                  MessageAttributes=attributes)
 

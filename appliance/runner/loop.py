@@ -8,10 +8,17 @@ How each message is settled:
 - release (back to the queue, runs again): another slot can run it but this one cannot; the
   store did not answer (after retries; this runner then pauses claiming, with backoff); the
   runner was stopped (drain) before the job finished.
+- refuse (on a queue other appliances share: RabbitMQ, SQS): no slot of this appliance could
+  ever run it. Back to the queue for the others, uncounted, with this appliance added to its
+  refusal record; this runner leaves it alone for a while (per message, 30 s doubling to 10
+  min), and a queue holding nothing else is not claimed from until a message arrives or a
+  wait ends (see appliance/queues/refusals.py).
 - dead_letter with the reason: malformed (BadRequest), no slot of this appliance could ever
-  run it, expired before it started, credentials refused / workspace missing, or the job
-  failed for good (exit code, out of memory, timed out, environment build failed). Its
-  `output` is uploaded first, so the user sees why.
+  run it (local queue; shared queues: once queues.unrunnable_after_refusals appliances refused
+  it or it has been refused for queues.unrunnable_after), expired before it started,
+  credentials refused / workspace missing, or the job failed for good (exit code, out of
+  memory, timed out, environment build failed). Its `output` is uploaded first, so the user
+  sees why.
 
 SIGTERM/SIGINT: drain. Idle: exit at once. Busy: the job may finish within
 `drain_timeout_s`; after that it gets SIGTERM (to checkpoint), SIGKILL after `term_grace_s`,
@@ -44,6 +51,7 @@ from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavaila
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
 from appliance.files import write_atomic
+from appliance.queues import refusals
 from appliance.queues.base import over_attempts
 from appliance.runner.status import StatusFile, record_experiment
 from appliance.slot import users
@@ -51,6 +59,7 @@ from appliance.slot import users
 log = logging.getLogger("appliance.runner")
 
 GiB = 1024 ** 3
+QUIET_BLIND_S = 10.0  # a queue of refused messages whose depth we cannot see is looked at this often
 UNKNOWN_GPU_MEMORY = 1 << 62  # the plan does not record GPU memory: do not check it
 
 
@@ -77,6 +86,10 @@ class RunnerSettings:
     max_attempts: int = 3  # claims of one message before it is quarantined (dead letter)
     gpu_watch_s: float = 2.0  # how often a running job's GPU memory is looked at (NVML)
     gpu_share: str = "none"  # isolation.gpu_share: "none" or "mps"
+    unrunnable_after_refusals: int = 3  # distinct appliances refusing a shared message: dead letter
+    unrunnable_after_s: float = 86400.0  # or refused this long since its first refusal (0: never)
+    refusal_backoff_s: float = refusals.BACKOFF_S  # a refused message is left alone this long; doubles
+    refusal_backoff_max_s: float = refusals.BACKOFF_MAX_S
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
@@ -86,7 +99,9 @@ class RunnerSettings:
                    python=r.python, drain_timeout_s=r.drain_timeout,
                    max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
                    workload_user=config.isolation.user,
-                   max_attempts=r.max_attempts, gpu_share=config.isolation.gpu_share)
+                   max_attempts=r.max_attempts, gpu_share=config.isolation.gpu_share,
+                   unrunnable_after_refusals=config.queues.unrunnable_after_refusals,
+                   unrunnable_after_s=config.queues.unrunnable_after)
 
 
 @dataclass
@@ -194,6 +209,10 @@ class Runner:
         self.gpus = gpu.slot_gpus(self.environ, self.cgroup_slot, own.uid if own else None,
                                   self.settings.gpu_share, in_container=bool(self.container_slot))
         self.gpu_held: Optional[dict] = None
+        self.refused = refusals.Backoff(self.settings.refusal_backoff_s, self.settings.refusal_backoff_max_s)
+        self.quiet: dict[tuple, tuple] = {}  # (source, queue) -> (until, depth): holds only refused messages
+        self._appliance_id: Optional[str] = None
+        self._plan_sig = None
 
     def _workload_user(self):
         if os.geteuid() != 0:
@@ -330,6 +349,7 @@ class Runner:
     def next_message(self):
         """Round-robin: start at the queue after the one we last ran from."""
         self.held_back = False
+        self._keep_refusals_current()
         if self.gpu_busy():  # claim nothing: the messages stay in their queues, untouched
             self.held_back = True
             return None
@@ -337,7 +357,9 @@ class Runner:
         for i in range(len(pairs)):
             idx = (self.cursor + i) % len(pairs)
             src, queue = pairs[idx]
-            held = []
+            if self._is_quiet(src, queue):
+                continue
+            held, waiting, found = [], [], False
             try:
                 for _ in range(32):  # look past messages only other slots can run
                     try:
@@ -354,15 +376,123 @@ class Runner:
                         verdict = self._settle_broken(src, msg, f"{type(e).__name__}: {e}")
                     if isinstance(verdict, Request):
                         self.cursor = idx + 1
+                        found = True
                         return src, msg, verdict
                     if verdict == "held":
                         held.append(msg)
+                    elif verdict in ("waiting", "refused"):
+                        waiting.append((msg, verdict))
             finally:
                 for m in held:
                     put_back(src, m)
+                for m, verdict in waiting:
+                    self._give_back_refused(src, m, verdict)
                 if held:
                     self.held_back = True
+                elif waiting and not found:
+                    self._go_quiet(src, queue, [m for m, _ in waiting])
         return None
+
+    # ------------------------------------------------------------------ shared queues: refusals
+
+    @property
+    def appliance_id(self) -> str:
+        if self._appliance_id is None:
+            from appliance.identity import appliance_id
+            self._appliance_id = appliance_id(self.home)
+        return self._appliance_id
+
+    def _keep_refusals_current(self) -> None:
+        """A new plan (a GPU came, slots changed) may run what was refused: forget the refusals.
+        Refusals of messages not seen again for long (another box ran them) go too."""
+        try:
+            st = os.stat(self.home.plan_file)
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            sig = None
+        changed = False
+        if sig != self._plan_sig:
+            changed = self._plan_sig is not None and bool(self.refused.held)
+            self._plan_sig = sig
+            if changed:
+                log.info("the plan changed: requests refused before are looked at again")
+                self.refused.clear()
+                self.quiet.clear()
+        if self.refused.prune(time.time()) or changed:
+            self._write_refusals()
+
+    def _write_refusals(self) -> None:
+        try:
+            refusals.write(self.home, self.slot, self.appliance_id, self.refused)
+        except OSError as e:
+            log.warning("writing %s: %s", refusals.refusals_file(self.home, self.slot), e)
+
+    def _refuse(self, src, msg, req: Request, why: str) -> str:
+        """No slot here can run this message of a shared queue: "refused" (back for the other
+        appliances when the pass ends) or, once the fleet has shown nobody can, dead-lettered."""
+        now = time.time()
+        key = refusals.message_key(msg.body)
+        record = refusals.add(msg.refusals, self.appliance_id, why, now)
+        final = refusals.unrunnable(record, self.settings.unrunnable_after_refusals,
+                                    self.settings.unrunnable_after_s, now)
+        if final:
+            log.warning("dead-lettering %s: %s", req.key, final)
+            src.dead_letter(msg, final)
+            self.refused.forget(key)
+            self._write_refusals()
+            return "settled"
+        held = self.refused.refused(key, msg.source, msg.queue, req.key, why, list(record["by"]), now)
+        msg.refusals = record
+        self._write_refusals()
+        log.info("refusing %s from %s/%s (no slot here can run it: %s); %d appliance(s) refused it; "
+                 "not looking at it again for %.0fs", req.key, msg.source, msg.queue, why,
+                 len(record["by"]), held.delay)
+        return "refused"
+
+    def _give_back_refused(self, src, msg, verdict: str) -> None:
+        try:
+            if verdict == "refused":
+                src.refuse(msg, msg.refusals)
+            else:
+                put_back(src, msg)
+        except Exception:  # noqa: BLE001 - the source logs; the broker hands it out again
+            log.exception("giving back %s/%s", msg.queue, msg.message_id)
+
+    def _go_quiet(self, src, queue: str, msgs: list) -> None:
+        """Every message this pass found in `queue` was refused here: claim from it again when
+        the first of their waits ends, or when a message arrives (its depth grows)."""
+        now = time.time()
+        ends = [h.until for h in (self.refused.held.get(refusals.message_key(m.body)) for m in msgs) if h]
+        until = min(ends) if ends else now + self.settings.refusal_backoff_s
+        depth = getattr(src, "depth", None)
+        try:
+            n = depth(queue) if depth else None
+        except Exception:  # noqa: BLE001 - unknown depth: quiet until the first wait ends only
+            n = None
+        if n is None:
+            until = min(until, now + QUIET_BLIND_S)
+        self.quiet[(getattr(src, "name", ""), queue)] = (until, n)
+
+    def _is_quiet(self, src, queue: str) -> bool:
+        key = (getattr(src, "name", ""), queue)
+        q = self.quiet.get(key)
+        if q is None:
+            return False
+        until, depth = q
+        if time.time() >= until:
+            del self.quiet[key]
+            return False
+        if depth is None:
+            return True
+        try:
+            now_depth = src.depth(queue)
+        except Exception:  # noqa: BLE001
+            now_depth = None
+        if now_depth is None or now_depth > depth:
+            del self.quiet[key]  # something new (or we cannot tell): look
+            return False
+        self.quiet[key] = (until, now_depth)  # fewer now: a new arrival shows as growth from here
+        return True
 
     def _settle_broken(self, src, msg, what: str) -> str:
         try:
@@ -378,6 +508,8 @@ class Runner:
             log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
             src.dead_letter(msg, too_often)
             return "settled"
+        if getattr(msg, "shared", False) and self.refused.waiting(refusals.message_key(msg.body), time.time()):
+            return "waiting"  # refused here a moment ago: give it back untouched
         try:
             req = parse_request(msg.body)
         except BadRequest as e:
@@ -402,6 +534,8 @@ class Runner:
         others = [s for s in slot_shapes(self.home) if s.name != self.slot]
         if any(self._unmet(req, s, disk.total) is None for s in others):
             return "held"
+        if getattr(msg, "shared", False):
+            return self._refuse(src, msg, req, here)
         src.dead_letter(msg, f"no slot of this appliance can run it: {here}")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
         return "settled"

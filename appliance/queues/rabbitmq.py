@@ -464,7 +464,11 @@ def publish(url: str, queue: str, body: bytes, persistent: bool = True) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         ch = conn.channel()
-        ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        try:  # use the exchange as whoever made it declared it (a declare must match exactly)
+            ch.exchange_declare(EXCHANGE, exchange_type="topic", passive=True)
+        except pika.exceptions.ChannelClosedByBroker:  # 404: nobody has; make it as StudioML does
+            ch = conn.channel()
+            ch.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, auto_delete=True)
         ch.queue_declare(queue, durable=persistent)
         ch.queue_bind(queue, EXCHANGE, routing_key=f"StudioML.{queue}")
         ch.confirm_delivery()

@@ -85,6 +85,14 @@ def install(path) -> None:
             mask[c // 64] |= 1 << (c % 64)
         return mask
 
+    # -- utilisation (appliance top): a gpu's "util" (percent busy, default 0) and "memory_util"
+    class _Utilization:  # nvmlUtilization_t: .gpu and .memory, percent of the last sample period
+        def __init__(self, gpu, memory):
+            self.gpu, self.memory = gpu, memory
+
+    def nvmlDeviceGetUtilizationRates(handle):
+        return _Utilization(int(handle.get("util", 0)), int(handle.get("memory_util", 0)))
+
     for name, fn in list(locals().items()):
         if name.startswith("nvml"):
             setattr(pynvml, name, fn)

@@ -9,6 +9,7 @@ from pathlib import Path
 from appliance import supervisor
 from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
+from appliance.notify import doctor_rows as notify_rows
 from appliance.paths import Home
 from appliance.store.client import check_store
 from appliance.store.credentials import CredentialsError, load_credentials
@@ -43,6 +44,7 @@ def check(home: Home) -> list[Finding]:
             ": their slots are left out; check `nvidia-smi -q`" if bad else "")))
     else:
         out.append(Finding(True, "gpus", f"none: {scan.problem or 'NVML lists no GPU'} (CPU slots only)"))
+    out += [Finding(*row) for row in notify_rows(home, config)]
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import docker_problems
 

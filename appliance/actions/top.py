@@ -149,7 +149,9 @@ def render_top(facts: dict, width: int) -> list[str]:
     if facts["config_problem"]:
         lines.append(f"config problem: {facts['config_problem']}")
     lines.append("")
-    lines.append(f"{'SLOT':<8} {'STATE':<10} {'CPU':<9} {'MEMORY':<19} {'GPU (busy mem)':<20} JOB")
+    gpu_col = any(s["gpu_indexes"] for s in facts["slots"])  # no GPU slot: no GPU column
+    gpu_head = f"{'GPU (busy mem)':<20} " if gpu_col else ""
+    lines.append(f"{'SLOT':<8} {'STATE':<10} {'CPU':<9} {'MEMORY':<19} {gpu_head}JOB")
     now = time.time()
     for s in facts["slots"]:
         cpus = len(s["cpus"])
@@ -166,8 +168,8 @@ def render_top(facts: dict, width: int) -> list[str]:
             job = f"idle; last: {r.get('experiment')} {r.get('outcome')}"
         else:
             job = "idle"
-        lines.append(f"{s['name']:<8} {state:<10} {cpu:<9} {memory:<19} "
-                     f"{_gpu_text(s, facts.get('gpu_usage') or {}):<20} {job}")
+        gpu = f"{_gpu_text(s, facts.get('gpu_usage') or {}):<20} " if gpu_col else ""
+        lines.append(f"{s['name']:<8} {state:<10} {cpu:<9} {memory:<19} {gpu}{job}")
         if s["experiment"]:
             lines.append(f"{'':<8} > {s.get('last_line') or '(no output yet)'}")
     if not facts["slots"]:
@@ -214,6 +216,8 @@ def interactive() -> bool:
         return False
     import curses
 
+    for name in ("LINES", "COLUMNS"):  # curses would take a stale size from these over the terminal's
+        os.environ.pop(name, None)
     try:
         curses.setupterm()
         return bool(curses.tigetstr("cup"))
@@ -268,6 +272,8 @@ def _screen(stdscr, latest: dict, render) -> None:
         if key in (ord("q"), ord("Q")):
             return
         facts = latest["facts"]
+        if key == curses.KEY_RESIZE:
+            stdscr.clear()  # repaint every cell: what the terminal kept is not what curses thinks
         if key == curses.KEY_RESIZE or (facts is not None and facts is not shown) or latest["error"]:
             shown = facts
             _paint(stdscr, facts, latest["error"], render)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from appliance import notify
 from appliance.runner import artifacts as arts
 from appliance.runner import execute, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
@@ -178,6 +179,7 @@ class Runner:
         self.store_backoff = self.settings.store_backoff_s
         self.held_back = False  # the last pass put back messages this slot cannot run now
         self.next_resume = 0.0
+        self.sources = notify.announce_settlements(self)  # finished, failed, dead-lettered: events
 
     def _workload_user(self):
         if os.geteuid() != 0:

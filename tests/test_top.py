@@ -4,6 +4,7 @@ sleeps; the live view shows the slot, the job and that line, redraws on a resize
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,35 @@ def test_on_a_dumb_terminal_top_prints_one_frame_and_exits(busy_appliance, tmux,
     assert rc.read_text().strip() == "0" and err.read_text() == ""
     screen = tmux.screen()
     assert "SLOT" in screen and "epoch 1 loss 0.4242" in screen, screen
+
+
+# ------------------------------------------------------------------ CPU use of a slot
+
+
+def test_slot_cpu_time_on_cgroup_v2_comes_from_cpu_stat(tmp_path, monkeypatch):
+    from appliance.slot import cgroup
+
+    monkeypatch.setenv(cgroup.PARENT_ENV, "appliance")
+    slot = tmp_path / "appliance" / "slot-0"
+    slot.mkdir(parents=True)
+    (slot / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    assert cgroup.cpu_time_ns("slot-0", cgroup.Hierarchy.v2(str(tmp_path))) == 2_500_000_000
+
+
+def test_a_busy_process_in_a_real_slot_shows_as_cpu_time(cgroup_parent, tmp_path):
+    """This host's cgroups (v1 here: the slot's processes, as it has no cpuacct directory)."""
+    from appliance.slot import cgroup
+
+    cgroup.setup_slot("s0", sorted(os.sched_getaffinity(0))[:1], [0], 256 << 20)
+    before = cgroup.cpu_time_ns("s0")
+    assert before is not None
+    marker = tmp_path / "burnt"
+    spin = ("import sys, time\nwhile time.process_time() < 0.5: pass\n"
+            "open(sys.argv[1], 'w').write('x')\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", spin, str(marker)], preexec_fn=lambda: cgroup.join_job("s0"))
+    try:
+        wait_for("the child to burn half a second of CPU", marker.exists, timeout=120)
+        assert cgroup.cpu_time_ns("s0") - before >= 450_000_000
+    finally:
+        child.kill()
+        child.wait()

@@ -162,7 +162,9 @@ def gpus_changed(home, old, new) -> None:
     for uuid, g in before.items():
         now = after.get(uuid)
         if g.healthy and (now is None or not now.healthy):
-            why = now.problem if now is not None else (new.problem or "NVML no longer lists it")
+            # a GPU NVML cannot open any more is listed by index only (gpus.py): its problem says why
+            same_index = next((a.problem for a in new.gpus if a.index == g.index and not a.healthy), "")
+            why = now.problem if now is not None else (same_index or new.problem or "NVML no longer lists it")
             emit(home, "controller", "gpu_lost", f"GPU {g.index} ({uuid}, {g.name}) lost: {why}; its slot drains",
                  gpu=uuid, index=g.index, reason=why)
     for uuid, g in after.items():

@@ -219,3 +219,57 @@ def test_events_reach_the_webhooks_once_each(appliance_with_webhooks, receiver, 
     assert len(receiver.taken("/all", "gpu_lost")) == 1
     log = (appliance.home.logs_dir / "controller.log").read_text()
     assert "DROPPED after 3 tries: unreachable" in log and "/never" not in log
+
+
+# ------------------------------------------------------------------ the controller's own events
+
+
+def spooled(home) -> list[dict]:
+    return [json.loads(line) for p in sorted(notify.spool_dir(home).glob("*.jsonl"))
+            for line in p.read_text().splitlines()]
+
+
+def test_a_broken_queue_source_and_a_lost_gpu_become_events(tmp_path):
+    from appliance.controller import Controller
+    from appliance.gpus import Gpu, GpuScan
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    home.config_file.write_text('[host]\nreserved_cpus = 0\nreserved_memory = "1GiB"\n[slots.gpu]\ncpus = 1\n')
+    card = Gpu(0, "GPU-0", "Fake", 8 << 30, None)
+    scans = [GpuScan((card,)), GpuScan((Gpu(0, "unknown-0", "?", 0, None, False, "NVML: GPU is lost"),)),
+             GpuScan((card,))]
+    c = Controller(home, scan=lambda: scans[0], apply=False)
+    c.poll_gpus()
+    scans.pop(0)
+    c.poll_gpus()
+    scans.pop(0)
+    c.poll_gpus()
+    (home.credentials_dir / "broken.toml").write_text('url = "amqp://u:p@127.0.0.1:1/%2f"\n')
+    c.check_credentials("credentials changed")
+    c.check_credentials("credentials changed")  # still broken: no second event
+    events = spooled(home)
+    assert [e["event"] for e in events] == ["gpu_lost", "gpu_back", "source_broken"], events
+    assert "GPU 0 (GPU-0, Fake) lost: NVML: GPU is lost" in events[0]["text"]
+    assert events[2]["queue_source"] == "rabbitmq:broken" and "BROKEN" in events[2]["text"]
+
+
+def test_the_store_going_down_and_back_is_one_event_each(store_home, store, receiver, monkeypatch):
+    from urllib.parse import urlsplit
+
+    monkeypatch.setattr(notify, "STORE_CHECK_S", 0.0)
+    config = store_home.config_file.read_text()
+    hooks = f'[notify]\nwebhooks = [{{url = "{receiver.url("/s")}", events = ["store"]}}]\n'
+    store_home.config_file.write_text(config + hooks)
+    d = notify.Deliverer(store_home)
+    for _ in range(3):
+        d.step()  # the store answers: nothing to say
+    port = urlsplit(store.endpoint_url).port
+    store_home.config_file.write_text(config.replace(f"port = {port}", f"port = {free_port()}") + hooks)
+    for _ in range(3):
+        d.step()
+    store_home.config_file.write_text(config + hooks)
+    for _ in range(3):
+        d.step()
+    assert [(e["event"], "DOWN" in e["text"]) for e in spooled(store_home)] == [("store_down", True),
+                                                                                ("store_back", False)]

@@ -166,3 +166,33 @@ def test_a_busy_process_in_a_real_slot_shows_as_cpu_time(cgroup_parent, tmp_path
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_gpu_slot_shows_its_gpu_busy_and_memory(tmp_path, monkeypatch):
+    """NVML faked at the pynvml boundary (its utilisation rates as nvmlDeviceGetUtilizationRates gives them)."""
+    import pynvml
+
+    from appliance.actions.top import render_top
+    from appliance.gpus import gpu_usage
+    from appliance.paths import Home
+    from appliance.status import gather
+    from tests.fake_nvml import shim
+
+    for name in dir(pynvml):
+        if name.startswith("nvml"):
+            monkeypatch.setattr(pynvml, name, getattr(pynvml, name))  # put back after the test
+    shim.write_gpus(tmp_path / "gpus.json", [shim.fake_gpu(0, util=37)])
+    shim.install(tmp_path / "gpus.json")
+    usage = gpu_usage([0])
+    assert usage[0].utilization == 37 and usage[0].memory_bytes == 8 << 30
+
+    facts = gather(Home.at(tmp_path / "home"))
+    facts["slots"] = [{"name": "slot-0", "state": "RUNNING", "runner_state": "running", "cpus": [2, 3],
+                       "cpu_used": 1.5, "memory_used_bytes": 1 << 30, "memory_bytes": 8 << 30, "gpu_indexes": [0],
+                       "experiment": "exp-1", "job_started": None, "queue": "local_gpu", "last_result": None,
+                       "last_line": "step 10"}]
+    facts["gpu_usage"] = {i: u.__dict__ for i, u in usage.items()}
+    frame = "\n".join(render_top(facts, 200))
+    row = next(line for line in frame.splitlines() if line.startswith("slot-0"))
+    assert "1.50/2" in row and "1GiB/8GiB" in row and "0: 37% 0B/8GiB" in row and "exp-1" in row, frame
+    assert "> step 10" in frame

@@ -263,6 +263,7 @@ class Deliverer:
     def _save(self) -> None:
         from appliance.files import write_atomic
 
+        _ensure_spool(self.home)
         write_atomic(self.state_file, json.dumps(self.state, indent=1) + "\n", mode=0o600)
 
     def _files(self) -> list[Path]:

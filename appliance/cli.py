@@ -10,7 +10,8 @@ from appliance import __version__
 from appliance.paths import Home
 
 # Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
-ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results"]
+ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results",
+           "top"]
 
 
 class UserError(Exception):

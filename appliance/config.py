@@ -215,6 +215,80 @@ class ControllerConfig:
     debounce: float = opt(0.25, _duration, "quiet time after a change in the credentials directory before re-planning")
 
 
+NOTIFY_EVENTS = ("job_finished", "job_failed", "job_dead_lettered", "gpu_lost", "gpu_back",
+                 "store_down", "store_back", "source_broken", "source_back")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver of notifications: its URL and the events it wants (see NOTIFY_EVENTS)."""
+
+    url: str
+    events: tuple = ("all",)
+
+    def wants(self, event: str) -> bool:
+        """"all", the event's own name, or its group (the part before "_": job, gpu, store, source)."""
+        return any(e in ("all", event, event.split("_", 1)[0]) for e in self.events)
+
+
+def _event_names(value: Any) -> tuple:
+    names = _text_list(value)
+    groups = {e.split("_", 1)[0] for e in NOTIFY_EVENTS}
+    for name in names:
+        if name not in NOTIFY_EVENTS and name not in groups and name != "all":
+            hint = difflib.get_close_matches(name, NOTIFY_EVENTS + tuple(groups), n=1)
+            raise ValueError(f"unknown event {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") +
+                             f"; events are {', '.join(NOTIFY_EVENTS)}, a group ({', '.join(sorted(groups))}) "
+                             "or \"all\"")
+    return names or ("all",)
+
+
+def _url(value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    url = _text(value).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return url
+
+
+def _webhooks(value: Any) -> tuple:
+    """a list of URLs, or of tables {url = "...", events = [...]}"""
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{value!r} is not a list")
+    hooks = []
+    for i, item in enumerate(value):
+        if isinstance(item, Webhook):
+            hooks.append(item)
+            continue
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict):
+            raise ValueError(f"webhook {i + 1} ({item!r}) is neither a URL nor a table with url and events")
+        unknown = sorted(set(item) - {"url", "events"})
+        if unknown:
+            raise ValueError(f"webhook {i + 1} has unknown key(s) {', '.join(unknown)}: a webhook has url and events")
+        if "url" not in item:
+            raise ValueError(f"webhook {i + 1} has no url")
+        hooks.append(Webhook(_url(item["url"]), _event_names(item.get("events", ["all"]))))
+    return tuple(hooks)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhooks: tuple = opt((), _webhooks,
+                          'where to POST a JSON message on an event: a list of URLs, or of tables '
+                          '{url = "...", events = ["job_failed", "gpu", ...]} (default events: all; '
+                          f'events: {", ".join(NOTIFY_EVENTS)}, or a group: job, gpu, store, source). '
+                          'A hooks.slack.com URL gets a Slack message ({"text": ...})')
+    tries: int = opt(5, _int_at_least(1), "how many times one message is tried (backing off: 1s, 2s, 4s, ...) "
+                                          "before it is dropped with a log line")
+    timeout: float = opt(5.0, _duration, "how long one webhook call may take")
+
+
 @dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
@@ -225,6 +299,7 @@ class Config:
     queues: QueuesConfig = field(default_factory=QueuesConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def _is_section(f) -> bool:
@@ -338,8 +413,15 @@ def as_dict(config: Any) -> dict:
     out = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        out[f.name] = as_dict(value) if _is_section(f) else value
+        out[f.name] = as_dict(value) if _is_section(f) else _leaf(value)
     return out
+
+
+def _leaf(value: Any) -> Any:
+    """A key's value as plain data (a webhook becomes its table)."""
+    if isinstance(value, tuple) and any(isinstance(v, Webhook) for v in value):
+        return tuple({"url": v.url, "events": list(v.events)} for v in value)
+    return value
 
 
 def describe() -> list[tuple[str, Any, str]]:

@@ -33,7 +33,7 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Callable, Optional
 
-from appliance import supervisor
+from appliance import notify, supervisor
 from appliance.config import Config, ConfigError, load_config
 from appliance.files import write_atomic
 from appliance.gpus import GpuScan, scan_gpus
@@ -220,6 +220,7 @@ class Controller:
 
     def run(self) -> int:
         self.watch.start()
+        notify.start(self.home)  # delivers notifications in threads of its own
         log.info("controller for %s: credentials %s, GPU poll every %.1fs, debounce %.2fs",
                  self.home.root, self.creds, self.config.gpus.poll_interval, self.config.controller.debounce)
         self.check_credentials("startup")
@@ -279,6 +280,7 @@ class Controller:
             "time": time.time(), "credentials_dir": str(self.creds), "policy": qsources.POLICY,
             "sources": rows}, indent=1) + "\n")
         after = {r["name"]: r["state"] for r in rows}
+        notify.sources_changed(self.home, before, rows)
         if cause != "startup" and after != before:
             added = sorted(set(after) - set(before))
             gone = sorted(set(before) - set(after))
@@ -316,6 +318,7 @@ class Controller:
             return
         if _gpu_key(scan) != _gpu_key(self.gpus):
             cause = describe_gpu_change(self.gpus, scan)
+            notify.gpus_changed(self.home, self.gpus, scan)
             self.gpus = scan
             self.replan(cause, scan)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from appliance import supervisor
 from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
+from appliance.notify import doctor_rows as notify_rows
 from appliance.paths import Home
 from appliance.store.client import check_store
 from appliance.store.credentials import CredentialsError, load_credentials
@@ -48,6 +49,7 @@ def check(home: Home) -> list[Finding]:
 
         problem = mps_problem(os.environ)
         out.append(Finding(not problem, "gpu share", problem or f"MPS control daemon in {mps_pipe_dir(os.environ)}"))
+    out += [Finding(*row) for row in notify_rows(home, config)]
     if config.isolation.backend == "docker":
         from appliance.slot.docker_slot import docker_problems
 

@@ -182,3 +182,40 @@ def distance(links, a: str, b: str) -> int:
         if {link.a, link.b} == {a, b}:
             return link.distance
     return UNKNOWN
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    index: int
+    utilization: int | None  # percent of the last sample period the GPU was busy
+    memory_used_bytes: int | None
+    memory_bytes: int | None
+    problem: str = ""
+
+
+def gpu_usage(indexes) -> dict[int, GpuUsage]:
+    """Utilisation and memory in use of these GPUs (NVML indexes), for `appliance top`; an
+    index NVML cannot answer for comes back with its problem."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return {i: GpuUsage(i, None, None, None, f"NVML unavailable: {_text(e)}") for i in indexes}
+    try:
+        out = {}
+        for index in indexes:
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                try:
+                    busy = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                except (pynvml.NVMLError, AttributeError):
+                    busy = None  # not supported on this card
+                out[index] = GpuUsage(index, busy, int(memory.used), int(memory.total))
+            except pynvml.NVMLError as e:
+                out[index] = GpuUsage(index, None, None, None, f"NVML: {_text(e)}")
+        return out
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass

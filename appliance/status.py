@@ -133,6 +133,7 @@ def gather(home: Home) -> dict:
             "experiment": runner.get("experiment"),
             "queue": runner.get("queue"),
             "job_started": runner.get("started"),
+            "output": runner.get("output"),  # the job's local output file while it runs
             "last_upload": runner.get("last_upload"),
             "last_result": runner.get("last_result"),
             "gpu_use": runner.get("gpu"),

@@ -455,6 +455,32 @@ class SlotCgroup:
         text = _read_or(os.path.join(self.memory_dir, name), "")
         return int(text) if text.isdigit() else None
 
+    def cpu_time_ns(self) -> int | None:
+        """CPU time (user + system, nanoseconds) the slot has used so far, or None; the
+        difference of two readings is its CPU use in between (`appliance top`).
+
+        v2: the slot's cpu.stat. v1 keeps slots in the cpuset and memory hierarchies only, so
+        cpuacct.usage when a slot directory exists there, else the sum over the slot's processes
+        of their own and their reaped children's times (/proc/PID/stat)."""
+        if self.hierarchy.version == "v2":
+            usec = _keyed_value(_read_or(os.path.join(self.path(self.hierarchy.cpuset), "cpu.stat"), ""),
+                                "usage_usec")
+            return None if usec is None else usec * 1000
+        cpuacct = _cgroup_mounts()[0].get("cpuacct")
+        if cpuacct:
+            text = _read_or(os.path.join(self.path(cpuacct), "cpuacct.usage"), "")
+            if text.isdigit():
+                return int(text)
+        ticks = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
     # ---- removal
 
     def remove(self) -> None:
@@ -563,6 +589,14 @@ def memory_usage(slot: str, hierarchy: Hierarchy | None = None) -> int | None:
     try:
         return SlotCgroup(slot, hierarchy).memory_usage()
     except CgroupError:
+        return None
+
+
+def cpu_time_ns(slot: str, hierarchy: Hierarchy | None = None) -> int | None:
+    """CPU time used by the whole slot so far (see SlotCgroup.cpu_time_ns), or None when unknown."""
+    try:
+        return SlotCgroup(slot, hierarchy).cpu_time_ns()
+    except (CgroupError, OSError):
         return None
 
 

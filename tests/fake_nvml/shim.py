@@ -133,6 +133,14 @@ def install(path) -> None:
                 return {"memory": 1 << 30, **d, "is_mig_device": True}
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
 
+    # -- utilisation (appliance top): a gpu's "util" (percent busy, default 0) and "memory_util"
+    class _Utilization:  # nvmlUtilization_t: .gpu and .memory, percent of the last sample period
+        def __init__(self, gpu, memory):
+            self.gpu, self.memory = gpu, memory
+
+    def nvmlDeviceGetUtilizationRates(handle):
+        return _Utilization(int(handle.get("util", 0)), int(handle.get("memory_util", 0)))
+
     for name, fn in list(locals().items()):
         if name.startswith("nvml"):
             setattr(pynvml, name, fn)

@@ -86,3 +86,46 @@ def scan_gpus(cpu_count_hint: int = 64) -> GpuScan:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    index: int
+    uuid: str
+    utilization: float | None  # busy fraction of the last sample period (0..1), None if unknown
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+
+
+def gpu_usage() -> list[GpuUsage]:
+    """How busy each GPU is now (for metrics); [] without NVML. A GPU NVML cannot read is left out."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    out = []
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            except pynvml.NVMLError:
+                continue
+            try:
+                busy = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0  # percent
+            except (pynvml.NVMLError, AttributeError):
+                busy = None
+            try:
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                used, total = int(memory.used), int(memory.total)
+            except pynvml.NVMLError:
+                used = total = None
+            out.append(GpuUsage(index, uuid, busy, used, total))
+    except pynvml.NVMLError:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+    return out

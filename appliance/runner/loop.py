@@ -42,6 +42,7 @@ from appliance.runner import artifacts as arts
 from appliance.runner import execute, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
+from appliance.runner.counters import SlotCounters
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
 from appliance.files import write_atomic
 from appliance.queues.base import over_attempts
@@ -172,6 +173,8 @@ class Runner:
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
                                      max_count=self.settings.venv_cache_max,
                                      build_env=execute.base_env(self.environ))
+        self.status.counters = SlotCounters(home, slot, artifact_cache=self.cache, env_cache=self.venvs,
+                                            store_errors=arts.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
         self.cursor = 0
         self.endpoint_pause: dict[str, float] = {}  # store endpoint -> no fetch before
@@ -626,7 +629,7 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source)
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added)
         record_experiment(self.r.home, req.key, {
             "experiment": req.key, "slot": self.r.slot, "queue": msg.queue,
             "claimed": self.started, "output": str(self.output),

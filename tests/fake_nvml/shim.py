@@ -85,6 +85,15 @@ def install(path) -> None:
             mask[c // 64] |= 1 << (c % 64)
         return mask
 
+    # nvmlDeviceGetUtilizationRates: percent busy over the last sample period, as NVML's
+    # c_nvmlUtilization_t (.gpu, .memory, ints 0..100); a GPU's "utilization" key, default 0
+    class _Utilization:
+        def __init__(self, gpu, memory):
+            self.gpu, self.memory = gpu, memory
+
+    def nvmlDeviceGetUtilizationRates(handle):
+        return _Utilization(int(handle.get("utilization", 0)), int(handle.get("memory_utilization", 0)))
+
     for name, fn in list(locals().items()):
         if name.startswith("nvml"):
             setattr(pynvml, name, fn)

@@ -69,14 +69,25 @@ class SlotCounters:
             if not isinstance(self.data.get(key), dict):
                 self.data[key] = {}
         # what earlier runners of this slot counted; this one's live counts add to it
-        self.base = {name: dict(self.data.get(name) or {}) for name in live}
+        self.base = {name: self.data[name] if isinstance(self.data.get(name), dict) else {} for name in live}
 
     def _live(self, name: str) -> dict:
         source = self.live[name]
         return source if isinstance(source, dict) else getattr(source, "stats", {})
 
     def job_started(self, queue: Optional[str], enqueued: Optional[float] = None) -> None:
-        queue = queue or UNKNOWN_QUEUE
+        try:
+            self._job_started(queue or UNKNOWN_QUEUE, enqueued)
+        except Exception as e:  # noqa: BLE001 - a damaged file must never stop a job
+            log.warning("metrics counters of %s: %s", self.path, e)
+
+    def job_finished(self, queue: Optional[str], outcome: str, started: Optional[float]) -> None:
+        try:
+            self._job_finished(queue or UNKNOWN_QUEUE, outcome, started)
+        except Exception as e:  # noqa: BLE001
+            log.warning("metrics counters of %s: %s", self.path, e)
+
+    def _job_started(self, queue: str, enqueued: Optional[float]) -> None:
         started = self.data["jobs_started"]
         started[queue] = started.get(queue, 0) + 1
         if enqueued:
@@ -84,8 +95,7 @@ class SlotCounters:
             waits[queue] = observe(waits.get(queue), max(0.0, time.time() - float(enqueued)), WAIT_BUCKETS)
         self.save()
 
-    def job_finished(self, queue: Optional[str], outcome: str, started: Optional[float]) -> None:
-        queue = queue or UNKNOWN_QUEUE
+    def _job_finished(self, queue: str, outcome: str, started: Optional[float]) -> None:
         by_outcome = self.data["jobs_finished"].setdefault(queue, {})
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
         if started:

@@ -15,7 +15,7 @@ from appliance.config import ConfigError, parse_config
 from appliance.paths import Home
 from appliance.runner.counters import SlotCounters, read_counters
 from tests.appliance_fixtures import last_result, make_home, stop_home, submit
-from tests.realparts import free_port, need, wait_for
+from tests.realparts import need, wait_for
 
 
 def test_a_bad_listen_value_names_the_key_and_the_fix():
@@ -109,8 +109,8 @@ def _samples(text: str, name: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory):
-    port = free_port()
-    home = make_home(tmp_path_factory.mktemp("metrics"), f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    home = make_home(tmp_path_factory.mktemp("metrics"))  # it serves metrics on a free port
+    port = int(re.search(r'listen = "127\.0\.0\.1:(\d+)"', home.home.config_file.read_text()).group(1))
     home.cli("up", "--timeout", "90")
     yield home, port
     stop_home(home)

@@ -196,3 +196,28 @@ def test_a_taken_metrics_port_is_reported_and_nothing_else_breaks(metered, works
         key = submit(appliance, workspace, "job.py", "0")
         assert wait_for("a job", lambda: last_result(appliance, key), timeout=300)["outcome"] == "success"
         assert all(s["state"] == "RUNNING" for s in appliance.status()["slots"])
+
+
+@pytest.mark.integration
+def test_rabbitmq_depths_come_from_one_management_api_call(rabbit):
+    """waiting (ready), running (held by a runner), dead (`<queue>.dead`), from a real broker."""
+    import uuid
+
+    from appliance.metrics import rabbit_depths
+    from appliance.queues.rabbitmq import RabbitSource, RabbitSpec, publish
+
+    q = f"rmq_{uuid.uuid4().hex[:8]}"
+    for body in (b"1", b"2", b"3"):
+        publish(rabbit.url, q, body)
+    spec = RabbitSpec(url=rabbit.url, management=rabbit.management)
+    src = RabbitSource("rabbitmq:t", spec)
+    try:
+        src.queues()
+        src.dead_letter(src.claim(q), "testing")
+        assert src.claim(q) is not None  # held: running
+        want = [("rabbitmq:t", q, "dead", 1), ("rabbitmq:t", q, "running", 1), ("rabbitmq:t", q, "waiting", 1)]
+        # the management API refreshes its figures every few seconds
+        wait_for("the broker's figures", lambda: [r for r in rabbit_depths("rabbitmq:t", spec) if r[1] == q] == want,
+                 timeout=60, every=1.0)
+    finally:
+        src.close()

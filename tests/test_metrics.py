@@ -16,6 +16,7 @@ from appliance.paths import Home
 from appliance.runner.counters import SlotCounters, read_counters
 from tests.appliance_fixtures import last_result, make_home, stop_home, submit
 from tests.realparts import need, wait_for
+from tests.test_sqs import sqs_endpoint  # noqa: F401 - the local SQS server fixture
 
 
 def test_a_bad_listen_value_names_the_key_and_the_fix():
@@ -221,3 +222,26 @@ def test_rabbitmq_depths_come_from_one_management_api_call(rabbit):
                  timeout=60, every=1.0)
     finally:
         src.close()
+
+
+def test_sqs_depths_come_from_queue_attributes(sqs_endpoint, tmp_path):  # noqa: F811 - the fixture
+    """waiting (visible), running (received, not yet deleted), dead (`<queue>_dead`), from a
+    local SQS-compatible server."""
+    import uuid
+
+    from appliance.metrics import sqs_depths
+    from appliance.queues.sources import read_entries
+    from tests.test_sqs import sqs_client, write_entry
+
+    client = sqs_client(sqs_endpoint)
+    q = f"sqs_{uuid.uuid4().hex[:8]}"
+    url = client.create_queue(QueueName=q)["QueueUrl"]
+    dead = client.create_queue(QueueName=f"{q}_dead")["QueueUrl"]
+    for body in ("1", "2"):
+        client.send_message(QueueUrl=url, MessageBody=body)
+    client.send_message(QueueUrl=dead, MessageBody="3")
+    assert client.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=300)["Messages"]
+    write_entry(tmp_path / "aws", sqs_endpoint)
+    [entry] = read_entries(tmp_path)
+    rows = sorted(r for r in sqs_depths("sqs:aws", entry.spec) if r[1] == q)
+    assert rows == [("sqs:aws", q, "dead", 1), ("sqs:aws", q, "running", 1), ("sqs:aws", q, "waiting", 1)]

@@ -154,6 +154,10 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
         self._thread.start()
@@ -460,6 +464,9 @@ class MetricsServer:
             self.next_try = 0.0
             if not self.listen:
                 log.info("metrics off (metrics.listen is empty)")
+                if self.sampler is not None:
+                    self.sampler.stop()
+                    self.sampler = None
                 self._record()
         if self.listen and not self.serving and time.monotonic() >= self.next_try:
             try:
@@ -473,8 +480,7 @@ class MetricsServer:
         host, port = parse_listen(self.listen)
         self.next_try = time.monotonic() + RETRY_BIND_S
         if self.sampler is None:
-            self.sampler = Sampler(self.home, self.config)
-            self.sampler.start()
+            self.sampler = Sampler(self.home, self.config)  # started once someone can scrape
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(self.home, self.sampler, self.config.isolation.backend))
         try:
@@ -489,6 +495,8 @@ class MetricsServer:
             self._record()
             return
         self.error = ""
+        if not self.sampler.started:
+            self.sampler.start()
         log.info("metrics at http://%s/metrics", self.listen)
         self._record()
 

@@ -77,6 +77,18 @@ def _port(value: Any) -> int:
     return port
 
 
+def _listen(value: Any) -> str:
+    """HOST:PORT to serve on, or empty (off)."""
+    text = _text(value).strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464), or \"\" to turn it off")
+    _port(port)
+    return text
+
+
 def _text_list(value: Any) -> tuple:
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
@@ -290,6 +302,12 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = opt("127.0.0.1:9464", _listen,
+                      'HOST:PORT where the controller serves Prometheus metrics (/metrics); "" turns them off')
+
+
+@dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     slots: SlotsConfig = field(default_factory=SlotsConfig)
@@ -300,6 +318,7 @@ class Config:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _is_section(f) -> bool:

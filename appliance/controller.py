@@ -39,6 +39,7 @@ from appliance.files import write_atomic
 from appliance.gpus import GpuScan, scan_gpus
 from appliance.inventory import take_inventory
 from appliance.lifecycle import previous_plan, remove_slot_cgroup
+from appliance.metrics import MetricsServer
 from appliance.paths import Home
 from appliance.plan import PlanError, diff_plans, make_plan
 from appliance.queues import sources as qsources
@@ -206,6 +207,7 @@ class Controller:
         self.pending = True  # the running programs may differ from supervisord.conf
         self.next_reconcile = 0.0
         self.rpc_down_since: Optional[float] = None
+        self.metrics = MetricsServer(home, self.config)  # serves once run() starts
 
     # -- config
 
@@ -226,12 +228,14 @@ class Controller:
         self.check_credentials("startup")
         while not self.stopping:
             try:
+                self.metrics.ensure(self.config)  # never raises, never blocks
                 self.step()
             except Exception:  # noqa: BLE001 - a bug or a surprise must not become a crash loop
                 log.exception("controller step failed; carrying on")
                 time.sleep(1.0)
             time.sleep(TICK_S)
         self.watch.stop()
+        self.metrics.close()
         log.info("controller stopped")
         return 0
 
@@ -249,7 +253,7 @@ class Controller:
             new = self._load_config()
             if new is not None and new != self.config:
                 self.config = new
-                if self.replan("config changed (appliance.toml)", quiet_if_same=True) is None:
+                if self.replan("config changed (appliance.toml)", quiet_if_same=True, kind="config") is None:
                     log.info("appliance.toml changed; no slot changes (other settings apply on `appliance up`)")
         if now >= self.next_poll:
             self.next_poll = now + self.config.gpus.poll_interval
@@ -314,7 +318,7 @@ class Controller:
         if self.gpus is None:
             self.gpus = scan
             # `up` planned with a scan of its own: re-plan once in case the box changed since
-            self.replan("controller started", scan, quiet_if_same=True)
+            self.replan("controller started", scan, quiet_if_same=True, kind="startup")
             return
         if _gpu_key(scan) != _gpu_key(self.gpus):
             cause = describe_gpu_change(self.gpus, scan)
@@ -324,7 +328,9 @@ class Controller:
 
     # -- planning
 
-    def replan(self, cause: str, scan: Optional[GpuScan] = None, quiet_if_same: bool = False) -> Optional[dict]:
+    def replan(self, cause: str, scan: Optional[GpuScan] = None, quiet_if_same: bool = False,
+               kind: str = "gpus") -> Optional[dict]:
+        """Plan again; `kind` (gpus, config, startup) labels the event for metrics."""
         scan = scan or self.gpus or self.scan()
         previous = previous_plan(self.home)
         try:
@@ -346,7 +352,7 @@ class Controller:
             return None
         self.pending = True
         event = log_event(self.home, cause, diff.added, diff.changed, diff.removed,
-                          notes=list(plan.notes))
+                          notes=list(plan.notes), kind=kind)
         log.info("re-plan (%s): added %s, changed %s, draining %s", cause, list(diff.added),
                  list(diff.changed), list(diff.removed))
         return event

@@ -36,6 +36,7 @@ def check(home: Home) -> list[Finding]:
     out.append(_check_workload_user(config))
     out += _check_cgroups(config)
     out += _check_store(home, config)
+    out.append(_check_metrics(home, config))
     scan = scan_gpus()
     if scan.gpus:
         bad = [g for g in scan.gpus if not g.healthy]
@@ -100,6 +101,13 @@ def _check_workload_user(config: Config) -> Finding:
         return Finding(True, "workload user", f"every slot runs workloads as {setting!r}: slots share a uid and can "
                                               'read each other\'s jobs ("auto" gives each slot its own account)')
     return Finding(True, "workload user", "an unprivileged account per slot (appliance-<slot>)")
+
+
+def _check_metrics(home: Home, config: Config) -> Finding:
+    from appliance.metrics import doctor_finding
+
+    ok, detail = doctor_finding(home, config, supervisor.is_running(home))
+    return Finding(ok, "metrics", detail)
 
 
 def _check_cgroups(config: Config) -> list[Finding]:

@@ -187,35 +187,40 @@ def distance(links, a: str, b: str) -> int:
 @dataclass(frozen=True)
 class GpuUsage:
     index: int
-    utilization: int | None  # percent of the last sample period the GPU was busy
+    uuid: str
+    utilization: int | None  # percent of the last sample period the GPU was busy, None if unknown
     memory_used_bytes: int | None
-    memory_bytes: int | None
-    problem: str = ""
+    memory_total_bytes: int | None
+    problem: str = ""  # why NVML could not answer for this GPU
 
 
-def gpu_usage(indexes) -> dict[int, GpuUsage]:
-    """Utilisation and memory in use of these GPUs (NVML indexes), for `appliance top`; an
-    index NVML cannot answer for comes back with its problem."""
+def gpu_usage(indexes=None) -> list[GpuUsage]:
+    """How busy these GPUs (NVML indexes; None: all) are now, for `appliance top` and metrics.
+    Without NVML, every asked-for GPU comes back with the problem (none when all were asked)."""
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
-        return {i: GpuUsage(i, None, None, None, f"NVML unavailable: {_text(e)}") for i in indexes}
+        return [GpuUsage(i, "", None, None, None, f"NVML unavailable: {_text(e)}") for i in indexes or ()]
+    out = []
     try:
-        out = {}
-        for index in indexes:
+        for index in range(pynvml.nvmlDeviceGetCount()) if indexes is None else indexes:
             try:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                try:
-                    busy = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-                except (pynvml.NVMLError, AttributeError):
-                    busy = None  # not supported on this card
-                out[index] = GpuUsage(index, busy, int(memory.used), int(memory.total))
             except pynvml.NVMLError as e:
-                out[index] = GpuUsage(index, None, None, None, f"NVML: {_text(e)}")
-        return out
+                out.append(GpuUsage(index, "", None, None, None, f"NVML: {_text(e)}"))
+                continue
+            try:
+                busy = int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except (pynvml.NVMLError, AttributeError):
+                busy = None  # not supported on this card (or a MIG device)
+            out.append(GpuUsage(index, uuid, busy, int(memory.used), int(memory.total)))
+    except pynvml.NVMLError:
+        pass
     finally:
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+    return out

@@ -19,7 +19,7 @@ from appliance.paths import Home
 from appliance.store.client import s3_client
 from appliance.store.credentials import load_credentials
 from tests.cgroup_fixtures import remove_cgroup_parent
-from tests.realparts import need
+from tests.realparts import free_port, need
 from tests.store_fixtures import free_store_port
 
 
@@ -61,6 +61,7 @@ def make_home(tmp_path: Path, extra_config: str = "") -> ApplianceHome:
         "[host]\nreserved_cpus = 0\nreserved_memory = \"1GiB\"\n"
         "[slots.cpu]\nmemory = \"512MiB\"\nshm = \"64MiB\"\n"
         f"[object_store]\nport = {free_store_port()}\n"
+        f"[metrics]\nlisten = \"127.0.0.1:{free_port()}\"\n"  # not the default 9464 every test home would share
         "[runner]\ndrain_timeout = \"20s\"\n" + extra_config)
     return home
 

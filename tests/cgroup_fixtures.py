@@ -49,6 +49,11 @@ def remove_cgroup_parent(parent: str, hierarchy: Hierarchy | None = None) -> Non
             wait_empty(cg)
             cg.remove()
         os.rmdir(base)
+    if hierarchy.cpuacct and hierarchy.cpuacct not in hierarchy.roots():  # v1 CPU accounting (its slots went above)
+        try:
+            os.rmdir(os.path.join(hierarchy.cpuacct, parent))
+        except OSError:
+            pass
 
 
 @pytest.fixture

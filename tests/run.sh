@@ -13,7 +13,7 @@ fi
 step() { printf '\n== %s\n' "$*"; }
 
 missing=()
-for pkg in docker.io rabbitmq-server parallel python3-venv tmux; do
+for pkg in docker.io rabbitmq-server parallel python3-venv tmux prometheus; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

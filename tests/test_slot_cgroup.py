@@ -200,6 +200,14 @@ def test_v2_join_pids_and_accounting(fake_v2):
     assert cgroup.memory_usage("slot-0", hierarchy=h) == 123456
 
 
+def test_v2_cpu_seconds_from_cpu_stat(fake_v2):
+    h = Hierarchy.v2(str(fake_v2))
+    cgroup.setup_slot("slot-0", [0], [0], 256 * MiB, hierarchy=h)
+    assert cgroup.cpu_seconds("slot-0", hierarchy=h) is None  # no cpu.stat: unknown
+    (fake_v2 / "appliance" / "slot-0" / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\n")
+    assert cgroup.cpu_seconds("slot-0", hierarchy=h) == 2.5
+
+
 def test_v2_delegate_job_hands_over_only_procs_files(fake_v2):
     need(os.geteuid() == 0, "root (to chown)")
     h = Hierarchy.v2(str(fake_v2))
@@ -247,6 +255,21 @@ def test_real_setup_join_and_remove(cgroup_parent):
     for root in h.roots():
         assert not os.path.exists(os.path.join(root, cgroup_parent, "s0"))
     cgroup.remove_slot("s0")  # already gone: fine
+
+
+def test_real_cpu_seconds_count_a_finished_workload(cgroup_parent):
+    """The slot's CPU time (v1: its cpuacct cgroup, v2: cpu.stat) keeps what an exited job used."""
+    h = cgroup.current_hierarchy()
+    need(h.version == "v2" or h.cpuacct is not None, "a cpuacct controller (cgroup v1) or cgroup v2")
+    cg = cgroup.setup_slot("s0", [0], [0], 256 * MiB)
+    assert cgroup.cpu_seconds("s0") == 0
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    subprocess.run(["python3", "-c", busy], preexec_fn=lambda: cgroup.join_job("s0"), check=True)
+    assert cgroup.cpu_seconds("s0") >= 0.3
+    wait_empty(cg)
+    cgroup.remove_slot("s0")
+    if h.version == "v1":
+        assert not os.path.exists(os.path.join(h.cpuacct, cgroup_parent, "s0"))
 
 
 def test_real_update_of_a_live_slot(cgroup_parent):

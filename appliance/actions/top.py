@@ -85,16 +85,16 @@ class Sampler:
         if slot["state"] != "RUNNING" or slot.get("container_id"):
             self.cpu_seen.pop(slot["name"], None)
             return None
-        from appliance.slot.cgroup import cpu_time_ns
+        from appliance.slot.cgroup import cpu_seconds
 
-        ns, now = cpu_time_ns(slot["name"]), time.monotonic()
+        used, now = cpu_seconds(slot["name"]), time.monotonic()
         before = self.cpu_seen.get(slot["name"])
-        if ns is None:
+        if used is None:
             return None
-        self.cpu_seen[slot["name"]] = (now, ns)
+        self.cpu_seen[slot["name"]] = (now, used)
         if before is None or now <= before[0]:
             return None
-        return max(0.0, (ns - before[1]) / 1e9 / (now - before[0]))
+        return max(0.0, (used - before[1]) / (now - before[0]))
 
     def _gpus(self, facts: dict) -> dict:
         indexes = sorted({i for s in facts["slots"] for i in s["gpu_indexes"]})
@@ -102,7 +102,7 @@ class Sampler:
             return {}
         from appliance.gpus import gpu_usage
 
-        return {i: u.__dict__ for i, u in gpu_usage(indexes).items()}
+        return {u.index: u.__dict__ for u in gpu_usage(indexes)}
 
     def _queues(self) -> tuple[list, str]:
         from appliance.actions.queue import queue_table
@@ -135,8 +135,8 @@ def _gpu_text(slot: dict, usage: dict) -> str:
             parts.append(f"{i}: ?")
             continue
         busy = f"{u['utilization']}%" if u.get("utilization") is not None else "?%"
-        mem = (f" {format_size(u['memory_used_bytes'])}/{format_size(u['memory_bytes'])}"
-               if u.get("memory_bytes") else "")
+        mem = (f" {format_size(u['memory_used_bytes'])}/{format_size(u['memory_total_bytes'])}"
+               if u.get("memory_total_bytes") else "")
         parts.append(f"{i}: {busy}{mem}")
     return "; ".join(parts) or "-"
 

@@ -157,6 +157,18 @@ def _unwrap(e: Exception) -> Exception:
     return e
 
 
+# failed store requests of this process, by kind, for /metrics (runner/counters.py)
+STORE_ERRORS = {"unavailable": 0, "access_denied": 0, "other": 0}
+
+
+def _count_error(err: ArtifactError) -> None:
+    if isinstance(err, ArtifactMissing):
+        return  # an answer, not an error (mutable artifacts often do not exist yet)
+    kind = ("unavailable" if isinstance(err, StoreUnavailable) else
+            "access_denied" if isinstance(err, AccessDenied) else "other")
+    STORE_ERRORS[kind] += 1
+
+
 def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
     """Call fn; transient store failures are retried with exponential backoff."""
     delay = retry.first_delay_s
@@ -165,6 +177,7 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
             return fn()
         except (ClientError, BotoCoreError, ConnectionError, TimeoutError, Boto3Error) as e:
             err = _classify(_unwrap(e), art, doing)
+            _count_error(err)
             if not isinstance(err, StoreUnavailable):
                 raise err from None
             if attempt == retry.attempts:

@@ -30,6 +30,7 @@ class ArtifactCache:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self.tmp = self.root / "tmp"
+        self.stats = {"hits": 0, "misses": 0, "hit_bytes": 0, "miss_bytes": 0}  # for /metrics
         if os.geteuid() == 0 and self.root.is_dir():
             os.chmod(self.root, 0o700)  # other tenants' workspaces: never a workload's to read
 
@@ -77,10 +78,14 @@ class ArtifactCache:
         """Open `key` from the cache, calling `download(path)` to fetch it on a miss."""
         f = self.open(key)
         if f is not None:
+            self.stats["hits"] += 1
+            self.stats["hit_bytes"] += os.fstat(f.fileno()).st_size
             return f
         with self.insert(key) as tmp:
             download(tmp)
             f = open(tmp, "rb")  # stays readable even if not kept or evicted at once
+        self.stats["misses"] += 1
+        self.stats["miss_bytes"] += os.fstat(f.fileno()).st_size
         return f
 
     def entries(self) -> list[tuple[float, int, Path]]:

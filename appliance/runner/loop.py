@@ -50,6 +50,7 @@ from appliance.runner import artifacts as arts
 from appliance.runner import execute, gpu, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
+from appliance.runner.counters import SlotCounters
 from appliance.runner.request import BadRequest, Request, parse_request, unmet
 from appliance.files import write_atomic
 from appliance.queues import refusals
@@ -199,6 +200,8 @@ class Runner:
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
                                      max_count=self.settings.venv_cache_max,
                                      build_env=execute.base_env(self.environ))
+        self.status.counters = SlotCounters(home, slot, artifact_cache=self.cache, env_cache=self.venvs,
+                                            store_errors=arts.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
         self.cursor = 0
         self.endpoint_pause: dict[str, float] = {}  # store endpoint -> no fetch before
@@ -815,7 +818,7 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source)
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added)
         record_experiment(self.r.home, req.key, {
             "experiment": req.key, "slot": self.r.slot, "queue": msg.queue,
             "claimed": self.started, "output": str(self.output),

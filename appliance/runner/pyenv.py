@@ -294,6 +294,7 @@ class VenvCache:
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
+        self.stats = {"hits": 0, "misses": 0, "build_failures": 0, "build_seconds": 0.0}  # for /metrics
 
     def path(self, key: str) -> Path:
         """Where the venv for `key` is used from (a symlink to its build directory)."""
@@ -325,7 +326,15 @@ class VenvCache:
                     fcntl.flock(lock, fcntl.LOCK_UN)
                 if _try_lock(lock, fcntl.LOCK_EX):
                     if not self._complete(key):
-                        self._build(key, reqs, python, sv, build_as)
+                        self.stats["misses"] += 1
+                        began = time.monotonic()
+                        try:
+                            self._build(key, reqs, python, sv, build_as)
+                        except BaseException:
+                            self.stats["build_failures"] += 1
+                            raise
+                        finally:
+                            self.stats["build_seconds"] += time.monotonic() - began
                         built = True
                     fcntl.flock(lock, fcntl.LOCK_UN)
                     continue  # and take the shared hold like everyone else
@@ -345,6 +354,8 @@ class VenvCache:
         except BaseException:
             lock.close()
             raise
+        if not built:
+            self.stats["hits"] += 1
         self.evict(keep=key)
         return PythonEnv(python=str(venv / "bin" / "python"), bin_dir=venv / "bin", key=key,
                          reused=not built, _lock=lock)

@@ -68,6 +68,7 @@ class StatusFile:
         if previous:
             self.data["last_result"] = previous.get("last_result")
         self.previous = previous  # what a runner killed before us left behind
+        self.counters = None  # counters.SlotCounters: told of every job start and end
 
     def update(self, **fields: Any) -> None:
         state = fields.get("state")
@@ -77,12 +78,16 @@ class StatusFile:
         self.data["updated"] = time.time()
         write_json_atomic(self.path, self.data)
 
-    def job_started(self, experiment: str, queue: str, source: str) -> None:
+    def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None) -> None:
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
                     started=time.time(), last_upload=None, output=None, workload=None)
+        if self.counters is not None:
+            self.counters.job_started(queue, enqueued)
 
     def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
                      gpu: Optional[dict] = None) -> None:
+        if self.counters is not None:
+            self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
         result = {"experiment": self.data.get("experiment"), "outcome": outcome,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
         if gpu:

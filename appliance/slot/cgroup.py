@@ -95,20 +95,22 @@ def cgroup_version(mountinfo: str = CGROUP_MOUNTINFO) -> str:
 class Hierarchy:
     """Where the cpuset and memory controllers are mounted.
 
-    v1: one mount point per controller (the same path when they are co-mounted).
-    v2: one unified mount point. Tests build one on a fake directory tree.
+    v1: one mount point per controller (the same path when they are co-mounted); `cpuacct`,
+    when mounted, only counts the slot's CPU time (best effort: a slot works without it).
+    v2: one unified mount point (its cpu.stat counts CPU time). Tests build one on a fake tree.
     """
 
-    __slots__ = ("version", "cpuset", "memory")
+    __slots__ = ("version", "cpuset", "memory", "cpuacct")
 
-    def __init__(self, version: str, cpuset: str, memory: str):
+    def __init__(self, version: str, cpuset: str, memory: str, cpuacct: str | None = None):
         self.version = version
         self.cpuset = cpuset
         self.memory = memory
+        self.cpuacct = cpuacct
 
     @classmethod
-    def v1(cls, cpuset: str, memory: str) -> "Hierarchy":
-        return cls("v1", cpuset, memory)
+    def v1(cls, cpuset: str, memory: str, cpuacct: str | None = None) -> "Hierarchy":
+        return cls("v1", cpuset, memory, cpuacct)
 
     @classmethod
     def v2(cls, root: str) -> "Hierarchy":
@@ -119,7 +121,7 @@ class Hierarchy:
         """Prefer v1 cpuset+memory when mounted (hybrid hosts keep them there), else v2."""
         v1, v2 = _cgroup_mounts(mountinfo)
         if "cpuset" in v1 and "memory" in v1:
-            return cls.v1(v1["cpuset"], v1["memory"])
+            return cls.v1(v1["cpuset"], v1["memory"], v1.get("cpuacct"))
         for root in sorted(v2, key=len):
             if {"cpuset", "memory"} <= set(_read_or(os.path.join(root, "cgroup.controllers"), "").split()):
                 return cls.v2(root)
@@ -303,7 +305,27 @@ class SlotCgroup:
         else:
             self._setup_v1_cpuset(cpus, mems)
             self._setup_v1_memory(memory_bytes)
+            self._setup_v1_cpuacct()
         return self
+
+    def _cpuacct_root(self) -> str | None:
+        """v1: the cpuacct mount when it is one more hierarchy to keep the slot in, else None."""
+        root = self.hierarchy.cpuacct
+        if self.hierarchy.version == "v2" or not root or root in self.hierarchy.roots():
+            return None
+        return root
+
+    def _setup_v1_cpuacct(self) -> None:
+        """The slot and its leaves in the cpuacct hierarchy too, to count its CPU time; a
+        failure only costs that count."""
+        root = self._cpuacct_root()
+        if root is None:
+            return
+        try:
+            for here in self._parent_dirs(root)[1:] + [self.path(root)] + [self.path(root, leaf) for leaf in LEAVES]:
+                _mkdir(here)
+        except CgroupError:
+            pass
 
     def _parent_dirs(self, root: str) -> list[str]:
         """Every directory from the mount point down to the slot's parent, top first."""
@@ -388,6 +410,13 @@ class SlotCgroup:
         text = str(pid or os.getpid())
         for root in self.hierarchy.roots():
             _write(os.path.join(self.path(root, leaf), "cgroup.procs"), text)
+        accounting = self._cpuacct_root()
+        if accounting is not None:  # CPU accounting only: never fails the join
+            try:
+                with open(os.path.join(self.path(accounting, leaf), "cgroup.procs"), "w") as f:
+                    f.write(text)
+            except OSError:
+                pass
 
     def delegate_job(self, uid: int, gid: int) -> None:
         """Let a process of user uid move itself into the job leaf (the runner after it dropped root).
@@ -407,6 +436,12 @@ class SlotCgroup:
                     os.chown(path, uid, gid)
                 except OSError as err:
                     raise _error(f"hand to uid {uid}:", path, err) from None
+        accounting = self._cpuacct_root()
+        for name in ("cgroup.procs", "tasks") if accounting else ():
+            try:
+                os.chown(os.path.join(self.path(accounting, "job"), name), uid, gid)
+            except OSError:
+                pass  # CPU accounting only
 
     def kill_leaf(self, leaf: str, rounds: int = 20) -> int:
         """SIGKILL every process in one leaf (a fork racing the kill is caught in the next
@@ -455,31 +490,15 @@ class SlotCgroup:
         text = _read_or(os.path.join(self.memory_dir, name), "")
         return int(text) if text.isdigit() else None
 
-    def cpu_time_ns(self) -> int | None:
-        """CPU time (user + system, nanoseconds) the slot has used so far, or None; the
-        difference of two readings is its CPU use in between (`appliance top`).
-
-        v2: the slot's cpu.stat. v1 keeps slots in the cpuset and memory hierarchies only, so
-        cpuacct.usage when a slot directory exists there, else the sum over the slot's processes
-        of their own and their reaped children's times (/proc/PID/stat)."""
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by the slot since its cgroup was made (v2 cpu.stat, v1 cpuacct.usage), or None."""
         if self.hierarchy.version == "v2":
-            usec = _keyed_value(_read_or(os.path.join(self.path(self.hierarchy.cpuset), "cpu.stat"), ""),
-                                "usage_usec")
-            return None if usec is None else usec * 1000
-        cpuacct = _cgroup_mounts()[0].get("cpuacct")
-        if cpuacct:
-            text = _read_or(os.path.join(self.path(cpuacct), "cpuacct.usage"), "")
-            if text.isdigit():
-                return int(text)
-        ticks = 0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-        return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            usec = _keyed_value(_read_or(os.path.join(self.cpuset_dir, "cpu.stat"), ""), "usage_usec")
+            return usec / 1e6 if usec is not None else None
+        if not self.hierarchy.cpuacct:
+            return None
+        text = _read_or(os.path.join(self.path(self.hierarchy.cpuacct), "cpuacct.usage"), "")
+        return int(text) / 1e9 if text.isdigit() else None
 
     # ---- removal
 
@@ -497,6 +516,12 @@ class SlotCgroup:
                         busy.append(path)
                     else:
                         raise _error("remove cgroup", path, err) from None
+        accounting = self._cpuacct_root()
+        for path in [self.path(accounting, leaf) for leaf in LEAVES] + [self.path(accounting)] if accounting else ():
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # CPU accounting only
         if busy:
             pids = self.pids()
             raise CgroupError(
@@ -592,10 +617,10 @@ def memory_usage(slot: str, hierarchy: Hierarchy | None = None) -> int | None:
         return None
 
 
-def cpu_time_ns(slot: str, hierarchy: Hierarchy | None = None) -> int | None:
-    """CPU time used by the whole slot so far (see SlotCgroup.cpu_time_ns), or None when unknown."""
+def cpu_seconds(slot: str, hierarchy: Hierarchy | None = None) -> float | None:
+    """CPU seconds the slot's cgroup has used, or None when unknown (for metrics)."""
     try:
-        return SlotCgroup(slot, hierarchy).cpu_time_ns()
+        return SlotCgroup(slot, hierarchy).cpu_seconds()
     except (CgroupError, OSError):
         return None
 

@@ -4,7 +4,6 @@ sleeps; the live view shows the slot, the job and that line, redraws on a resize
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

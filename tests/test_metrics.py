@@ -61,7 +61,7 @@ def test_gpu_use_and_rebalances_by_cause(tmp_path, monkeypatch):
         if name.startswith("nvml"):
             monkeypatch.setattr(pynvml, name, getattr(pynvml, name))
     gpus_json = tmp_path / "gpus.json"
-    write_gpus(gpus_json, [fake_gpu(1, utilization=37)])
+    write_gpus(gpus_json, [fake_gpu(1, util=37)])
     install(gpus_json)
     home = Home.at(tmp_path / "home")
     home.ensure()

@@ -139,7 +139,7 @@ class Hierarchy:
     def __repr__(self) -> str:
         if self.version == "v2":
             return f"Hierarchy.v2({self.cpuset!r})"
-        return f"Hierarchy.v1(cpuset={self.cpuset!r}, memory={self.memory!r})"
+        return f"Hierarchy.v1(cpuset={self.cpuset!r}, memory={self.memory!r}, cpuacct={self.cpuacct!r})"
 
 
 _detected: Hierarchy | None = None

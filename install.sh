@@ -123,10 +123,15 @@ if systemd_is_init; then
     $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" render --unit "$UNIT" >/dev/null
     $SUDO systemctl daemon-reload
     $SUDO systemctl enable --now appliance.service
+    running=0
     for _ in $(seq 1 60); do
-        $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" status --json 2>/dev/null | grep -q '"running": true' && break
+        $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" status --json 2>/dev/null | grep -q '"running": true' && { running=1; break; }
         sleep 1
     done
+    [ "$running" -eq 1 ] || die "appliance.service did not start: see \`sudo journalctl -u appliance\`"
+    # The unit's `up --foreground` becomes supervisord, so it cannot wait for health, create the
+    # buckets or write secrets/s3.env: `up` on the running appliance does that (and changes nothing).
+    $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" up
     $SUDO "$VENV/bin/appliance" --home "$HOME_DIR" status
 else
     say "starting (no systemd as PID 1: \`appliance up\` runs it in the background)"

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.home = Home.at(args.home)
+        from appliance.slot.cgroup import use_recorded_parent
+
+        use_recorded_parent(str(args.home.run_dir))  # where the slot cgroups are (below systemd's unit)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130

@@ -143,8 +143,33 @@ def _make_buckets(config: Config, creds) -> str | None:
     return None
 
 
+def place_cgroups(home: Home, foreground: bool) -> None:
+    """Decide where the slot cgroups go, and tell every later command (HOME/run/cgroup-parent).
+
+    Under systemd on cgroup v2 (`up --foreground` from the unit) they go below the unit's own,
+    delegated cgroup, and supervisord moves into a `supervisor` leaf beside them: v2 allows no
+    processes in a cgroup that has controllers enabled for its children. Elsewhere the default
+    (`appliance`, at the top of each hierarchy) stays. APPLIANCE_CGROUP_PARENT, if set, wins.
+    """
+    from appliance.slot.cgroup import PARENT_ENV, PARENT_FILE, enter_leaf, systemd_delegated_cgroup
+
+    record = home.run_dir / PARENT_FILE
+    recorded = record.read_text().strip() if record.exists() else ""
+    if os.environ.get(PARENT_ENV, recorded) != recorded or os.geteuid() != 0:
+        return  # set by hand: it wins
+    unit_cgroup = systemd_delegated_cgroup() if foreground else None
+    if unit_cgroup:
+        enter_leaf(unit_cgroup, "supervisor")
+        os.environ[PARENT_ENV] = unit_cgroup  # inherited by supervisord, the slots and the controller
+        write_atomic(record, unit_cgroup + "\n")
+    elif not supervisor.is_running(home):
+        record.unlink(missing_ok=True)  # a new supervisord outside systemd: the default again
+        os.environ.pop(PARENT_ENV, None)
+
+
 def up(home: Home, foreground: bool = False, timeout: float = 60, say=print) -> Prepared:
     prepared = prepare(home)
+    place_cgroups(home, foreground)
     config, plan = prepared.config, prepared.plan
     if not supervisor.is_running(home) and supervisor.supervisord_pid(home) is None:
         stop_leftovers(home, config, say)  # before the port check: a left store holds its ports

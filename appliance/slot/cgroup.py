@@ -26,6 +26,7 @@ from appliance.slot.limits import format_cpu_list, parse_cpu_list
 
 CGROUP_MOUNTINFO = "/proc/self/mountinfo"
 PARENT_ENV = "APPLIANCE_CGROUP_PARENT"
+PARENT_FILE = "cgroup-parent"  # in HOME/run: the parent `up` chose, for every later command
 DEFAULT_PARENT = "appliance"
 LEAVES = ("runner", "job")
 
@@ -159,6 +160,51 @@ def cgroup_parent() -> str:
     if any(part in ("", ".", "..") for part in parent.split("/")):
         raise CgroupError(f"{PARENT_ENV}={parent!r} is not a plain relative cgroup path; fix: use e.g. 'appliance'")
     return parent
+
+
+def systemd_delegated_cgroup(proc_cgroup: str = "/proc/self/cgroup") -> str | None:
+    """Our own cgroup, relative to the mount (e.g. "system.slice/appliance.service"), when systemd
+    runs us as a service on a cgroup v2 host; None otherwise (v1/hybrid, no systemd, a shell).
+
+    The unit has Delegate=yes, so that subtree is ours: slots belong below it, where `systemctl
+    stop/kill` reaches them, not beside it in the root cgroup. INVOCATION_ID is set by systemd
+    for every service it starts (and by nothing else).
+    """
+    if not os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        if current_hierarchy().version != "v2":
+            return None
+    except CgroupError:
+        return None
+    for line in _read_or(proc_cgroup, "").splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip().strip("/") or None
+    return None
+
+
+def enter_leaf(parent: str, leaf: str, hierarchy: Hierarchy | None = None) -> str:
+    """Move the calling process into <parent>/<leaf> (made if missing); returns that directory.
+
+    cgroup v2 allows no processes in a cgroup that enables controllers for its children
+    (writing cgroup.subtree_control fails with EBUSY), so the supervisor leaves the delegated
+    cgroup systemd started it in before any slot is made beside it.
+    """
+    root = (hierarchy or current_hierarchy()).cpuset
+    path = os.path.join(root, parent, leaf)
+    _mkdir(path)
+    _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+    return path
+
+
+def use_recorded_parent(run_dir: str) -> None:
+    """Let this command find the slot cgroups where the running appliance put them
+    (HOME/run/cgroup-parent, written by `up`), unless APPLIANCE_CGROUP_PARENT says otherwise."""
+    if os.environ.get(PARENT_ENV):
+        return
+    parent = _read_or(os.path.join(run_dir, PARENT_FILE), "")
+    if parent:
+        os.environ[PARENT_ENV] = parent
 
 
 # --------------------------------------------------------------------------- file helpers

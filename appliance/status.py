@@ -126,7 +126,7 @@ def gather(home: Home) -> dict:
             "gpus": list(slot.gpus),
             "gpu_indexes": list(slot.gpu_indexes),
             "container_id": containers.get(slot.name),
-            "runner_state": runner.get("state"),
+            "runner_state": runner.get("step") or runner.get("state"),
             "experiment": runner.get("experiment"),
             "queue": runner.get("queue"),
             "job_started": runner.get("started"),

@@ -75,7 +75,8 @@ def main():
     retry = RetryPolicy(attempts=1)
     try:
         print(f"store {store.endpoint_url} (bundled SeaweedFS, one host, {os.cpu_count()} CPUs); "
-              f"runner: {arts.PARALLEL_PARTS} parts of {arts.PART_BYTES // MiB} MiB in flight")
+              f"runner: parts of {arts.PART_BYTES // MiB} MiB, {arts.PARALLEL_PARTS} in flight, "
+              f"{arts.UPLOAD_PARTS_IN_MEMORY} in memory for an upload")
         for size in (int(s) for s in args.sizes.split(",")):
             src = base / f"out{size}"
             src.mkdir()

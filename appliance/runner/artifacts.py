@@ -174,18 +174,19 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
 
 
 PART_BYTES = 8 << 20  # multipart part size (and the size from which a transfer goes multipart)
-PARALLEL_PARTS = 4  # parts in flight at once
+PARALLEL_PARTS = 8  # parts in flight at once (threads of the transfer manager)
+UPLOAD_PARTS_IN_MEMORY = 4  # parts read from the tar stream, waiting or being sent
 
 
 def _transfer_config():
-    """Big objects go multipart, PARALLEL_PARTS parts at once (the transfer manager's threads,
-    alive only during the transfer call). Memory stays bounded: an upload from the tar stream
-    (not seekable) holds at most 4 parts in memory, a download at most 16 MiB of chunks
+    """Big objects go multipart, several parts at once (the transfer manager's threads, alive
+    only during the transfer call). Memory stays bounded: an upload from the tar stream (not
+    seekable) holds at most UPLOAD_PARTS_IN_MEMORY parts, a download at most 16 MiB of chunks
     waiting for the disk."""
     from boto3.s3.transfer import TransferConfig
     config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                             max_concurrency=PARALLEL_PARTS, use_threads=True)
-    config.max_in_memory_upload_chunks = PARALLEL_PARTS
+    config.max_in_memory_upload_chunks = UPLOAD_PARTS_IN_MEMORY
     config.max_in_memory_download_chunks = 64  # of io_chunksize (256 KiB)
     return config
 

@@ -111,7 +111,7 @@ def test_bad_sets_fail_naming_the_requirement_and_the_next_good_set_builds(home)
     with pytest.raises(pyenv.EnvBuildFailed) as e:
         venvs.prepare(["appliance-no-such-package-0xdead==9.9.9"], PYTHON)
     assert "appliance-no-such-package-0xdead" in e.value.summary
-    down = dict(os.environ, UV_INDEX_URL="http://127.0.0.1:9/simple", PIP_INDEX_URL="http://127.0.0.1:9/simple")
+    down = dict(os.environ, PIP_INDEX_URL="http://127.0.0.1:9/simple")  # uv takes the admin's pip index too
     _, offline = caches(home, env=down)
     with pytest.raises(pyenv.EnvBuildFailed) as e:
         offline.prepare(["six==1.17.0"], PYTHON)

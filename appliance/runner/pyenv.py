@@ -653,6 +653,9 @@ class VenvCache:
         as_root = BuildUser(0, 0, build_as.preexec) if build_as is not None else None
         env = self._env()
         env.pop("VIRTUAL_ENV", None)
+        for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
+            if env.get(pip_name) and uv_name not in env and "UV_DEFAULT_INDEX" not in env:
+                env[uv_name] = env[pip_name]  # the admin's pip index, unless uv has its own
         mode = uvc.link_mode()
         steps = [[uvc.uv, "venv", "--quiet", "--allow-existing", "--no-python-downloads",
                   "--python", python, str(build)]]

@@ -656,6 +656,7 @@ class VenvCache:
         for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
             if env.get(pip_name) and uv_name not in env and "UV_DEFAULT_INDEX" not in env:
                 env[uv_name] = env[pip_name]  # the admin's pip index, unless uv has its own
+        uvc.ensure()  # root's and 0700, even if someone removed it
         mode = uvc.link_mode()
         steps = [[uvc.uv, "venv", "--quiet", "--allow-existing", "--no-python-downloads",
                   "--python", python, str(build)]]

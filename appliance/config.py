@@ -214,6 +214,11 @@ class RunnerConfig:
     python: str = opt("", _text, "run workloads with this interpreter instead of building a virtualenv per pythonenv")
     artifact_cache: int = opt(parse_size("10GiB"), _size, "on-disk cache of immutable artifacts (LRU)")
     venv_cache: int = opt(8, _int_at_least(1), "how many experiment virtualenvs to keep (LRU)")
+    installer: str = opt("uv", _one_of("uv", "pip"),
+                         '"uv": build virtualenvs with uv from one shared, root-written cache (pip for sets uv '
+                         'rejects); "pip": every set with pip as the workload user, no shared cache')
+    env_cache: int = opt(parse_size("20GiB"), _size, "size of the shared uv package cache (least recently used "
+                                                     "packages are removed)")
     max_unpack: int = opt(parse_size("20GiB"), _size, "largest total size an artifact may unpack to")
     drain_timeout: float = opt(600.0, _duration, "how long a stopping runner lets its job finish")
     default_lifetime: float = opt(86400.0, _duration, "lifetime of a job whose request sets none")

@@ -33,6 +33,8 @@ def check(home: Home) -> list[Finding]:
 
     out += _check_permissions(home)
     out.append(_check_disk(home))
+    if config.runner.installer == "uv" and not config.runner.python:
+        out.append(_check_env_cache(home))
     out.append(_check_workload_user(config))
     out += _check_cgroups(config)
     out += _check_store(home, config)
@@ -87,6 +89,29 @@ def _check_disk(home: Home) -> Finding:
                                       "are put back until there is room; free space (`du -sh HOME/*`), or lower "
                                       "runner.artifact_cache")
     return Finding(True, "disk", f"{format_size(usage.free)} free of {format_size(usage.total)}")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_env_cache(home: Home) -> Finding:
+    """uv links venvs to its cache (hard links or clones): both must be on one filesystem."""
+    from appliance.runner.pyenv import uv_binary
+
+    if uv_binary() is None:
+        return Finding(False, "env cache", "runner.installer is \"uv\" but uv is not installed: `pip install uv` "
+                                           "into the appliance's environment, or `appliance config set "
+                                           "runner.installer pip`")
+    cache, venvs = _existing(home.uv_cache), _existing(home.venv_cache)
+    if os.stat(cache).st_dev != os.stat(venvs).st_dev:
+        return Finding(False, "env cache", f"the uv cache {home.uv_cache} and the venvs {home.venv_cache} are on "
+                                           "different filesystems, so every package is copied instead of linked: "
+                                           "keep both on one filesystem (mount or symlink the whole "
+                                           f"{home.cache_dir} instead of one of them)")
+    return Finding(True, "env cache", f"uv cache {home.uv_cache} on the venvs' filesystem")
 
 
 def _check_workload_user(config: Config) -> Finding:

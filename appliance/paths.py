@@ -135,6 +135,11 @@ class Home:
         return self.cache_dir / "venvs"
 
     @property
+    def uv_cache(self) -> Path:
+        """The uv cache every venv build shares (root's, 0700; on the venvs' filesystem)."""
+        return self.cache_dir / "uv"
+
+    @property
     def work_dir(self) -> Path:
         """Per-slot scratch space where experiments are unpacked and run."""
         return self.root / "work"

@@ -172,7 +172,7 @@ def render_default_config(inventory: Inventory, plan: Plan | None) -> str:
     sections: dict[str, list] = {}
     for dotted, default, help_text in describe():
         section, key = dotted.rsplit(".", 1)
-        if isinstance(default, int) and key in ("memory_limit", "artifact_cache", "max_unpack"):
+        if isinstance(default, int) and key in ("memory_limit", "artifact_cache", "max_unpack", "env_cache"):
             default = format_size(default)
         sections.setdefault(section, []).append((key, default, help_text))
     gpus = (f"{len(inventory.gpus)} GPU(s)" if inventory.gpus

@@ -129,7 +129,7 @@ def gather(home: Home) -> dict:
             "gpu_share": slot.gpu_share,
             "mig": slot.mig,
             "container_id": containers.get(slot.name),
-            "runner_state": runner.get("state"),
+            "runner_state": runner.get("step") or runner.get("state"),
             "experiment": runner.get("experiment"),
             "queue": runner.get("queue"),
             "job_started": runner.get("started"),

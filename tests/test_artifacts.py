@@ -326,3 +326,62 @@ def test_listing_a_store_that_is_down_says_so(tmp_path):
     with pytest.raises(arts.StoreUnavailable, match="listing artifact 'output'"):
         arts.listed([art], retry)
     assert sleeps == [0.5]
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_big_output_goes_up_and_down_in_parallel_parts_in_bounded_memory(store, tmp_path):
+    import hashlib
+    import threading
+    import time
+
+    job = tmp_path / "job"
+    (job / "output").mkdir(parents=True)
+    block = os.urandom(1 << 20)
+    with open(job / "output" / "big.bin", "wb") as f:
+        for _ in range(96):
+            f.write(block)
+    art = artifact(store, "output", f"experiments/{uuid.uuid4().hex}/output.tar", mutable=True)
+    client = arts.client_for(art)
+    lock, flight, most = threading.Lock(), [0], [0]
+
+    def sent(**_):
+        with lock:
+            flight[0] += 1
+            most[0] = max(most[0], flight[0])
+
+    def done(**_):
+        with lock:
+            flight[0] -= 1
+
+    peak, stop = [_rss()], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak.append(_rss())
+            time.sleep(0.01)
+
+    base = _rss()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for event, fn in (("before-call.s3.UploadPart", sent), ("after-call.s3.UploadPart", done),
+                      ("before-call.s3.GetObject", sent), ("after-call.s3.GetObject", done)):
+        client.meta.events.register(event, fn)
+    try:
+        arts.upload(art, job / "output", RetryPolicy(attempts=1))
+        up_parallel, most[0] = most[0], 0
+        assert arts.fetch(art, tmp_path / "back" / "output", None, RetryPolicy(attempts=1), 1 << 30)
+        down_parallel = most[0]
+    finally:
+        stop.set()
+        watcher.join()
+        for event, fn in (("before-call.s3.UploadPart", sent), ("after-call.s3.UploadPart", done),
+                          ("before-call.s3.GetObject", sent), ("after-call.s3.GetObject", done)):
+            client.meta.events.unregister(event, fn)
+    assert up_parallel > 1 and down_parallel > 1, (up_parallel, down_parallel)
+    assert max(peak) - base < 64 << 20, f"RSS grew by {(max(peak) - base) >> 20} MiB"
+    digest = [hashlib.sha256((d / "output" / "big.bin").read_bytes()).hexdigest() for d in (job, tmp_path / "back")]
+    assert digest[0] == digest[1]

@@ -335,6 +335,27 @@ def test_pip_failure_fails_the_experiment_with_pips_error(store, home):
     (reason,) = dead_reasons(home)
     assert reason.startswith("environment failed")
     assert "appliance-no-such-package-0xdead" in output_of(store, key)
+    assert "appliance-no-such-package-0xdead" in reason  # the installer's error, in the reason
+
+
+def test_the_jobs_log_and_status_show_the_environment_build(store, home):
+    key, body = request(store, HELLO, pythonenv=["six==1.17.0", "packaging==24.0"])
+    submit(home, body)
+    runner, _ = make_runner(home, python="")
+    steps, update = [], runner.status.update
+
+    def recorded(**fields):  # what the status file said, every time it was written
+        update(**fields)
+        steps.append(runner.status.data.get("step"))
+
+    runner.status.update = recorded
+    runner.run_forever(exit_when_idle=True)
+    out = output_of(store, key)
+    assert "appliance: env: resolving: six==1.17.0" in out, out
+    assert "appliance: env: downloading packaging-24.0-py3-none-any.whl" in out, out
+    assert "hello from the workload" in out
+    assert "building env (2/2)" in steps, sorted(set(map(str, steps)))
+    assert runner.status.data.get("step") is None
 
 
 def test_lifetime_is_enforced(store, home):

@@ -186,9 +186,22 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
         delay = min(delay * 2, retry.max_delay_s)
 
 
+PART_BYTES = 8 << 20  # multipart part size (and the size from which a transfer goes multipart)
+PARALLEL_PARTS = 8  # parts in flight at once (threads of the transfer manager)
+UPLOAD_PARTS_IN_MEMORY = 4  # parts read from the tar stream, waiting or being sent
+
+
 def _transfer_config():
+    """Big objects go multipart, several parts at once (the transfer manager's threads, alive
+    only during the transfer call). Memory stays bounded: an upload from the tar stream (not
+    seekable) holds at most UPLOAD_PARTS_IN_MEMORY parts, a download at most 16 MiB of chunks
+    waiting for the disk."""
     from boto3.s3.transfer import TransferConfig
-    return TransferConfig(use_threads=False)  # the runner is single-threaded by design
+    config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
+                            max_concurrency=PARALLEL_PARTS, use_threads=True)
+    config.max_in_memory_upload_chunks = UPLOAD_PARTS_IN_MEMORY
+    config.max_in_memory_download_chunks = 64  # of io_chunksize (256 KiB)
+    return config
 
 
 def download(art, dest: Path, retry: RetryPolicy) -> None:
@@ -416,7 +429,8 @@ def pack(src: Path, tar_path: Path, only_uid: Optional[int] = None) -> int:
 
 def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -> None:
     """Tar `src` straight into the store: no local copy of the tar (a full disk cannot stop it,
-    and a big output costs no disk twice), multipart for big ones (boto3's transfer manager)."""
+    and a big output costs no disk twice), multipart and parallel for big ones (boto3's
+    transfer manager, see _transfer_config), streaming: memory does not grow with the size."""
     c = client_for(art)
 
     def once() -> None:

@@ -72,6 +72,8 @@ class RunnerSettings:
     artifact_cache_bytes: int = 10 * GiB
     venv_cache_max: int = 8
     venv_cache_bytes: int = 100 * GiB
+    installer: str = "uv"  # runner.installer: "uv" (shared cache) or "pip"
+    env_cache_bytes: int = 20 * GiB  # runner.env_cache: the uv cache's bound
     python: str = ""  # non-empty: run workloads in this interpreter, build no venvs
     drain_timeout_s: float = 600.0
     max_unpack_bytes: int = 20 * GiB
@@ -103,7 +105,8 @@ class RunnerSettings:
                    workload_user=config.isolation.user,
                    max_attempts=r.max_attempts, gpu_share=config.isolation.gpu_share,
                    unrunnable_after_refusals=config.queues.unrunnable_after_refusals,
-                   unrunnable_after_s=config.queues.unrunnable_after)
+                   unrunnable_after_s=config.queues.unrunnable_after,
+                   installer=r.installer, env_cache_bytes=r.env_cache)
 
 
 @dataclass
@@ -199,7 +202,9 @@ class Runner:
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
                                      max_count=self.settings.venv_cache_max,
-                                     build_env=execute.base_env(self.environ))
+                                     build_env=execute.base_env(self.environ),
+                                     uv_cache=pyenv.UvCache(home.uv_cache, self.settings.env_cache_bytes)
+                                     if self.settings.installer == "uv" else None)
         self.status.counters = SlotCounters(home, slot, artifact_cache=self.cache, env_cache=self.venvs,
                                             store_errors=arts.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
@@ -919,7 +924,13 @@ class Job:
                 if user is not None:  # untrusted setup.py: as the workload, inside its cgroup
                     build_as = pyenv.BuildUser(user.uid, user.gid,
                                                preexec=execute._preexec(self.r.cgroup_slot, os.getpid()))
-                self.env = self.r.venvs.prepare(reqs.lines, python, self.supervision(False), build_as=build_as)
+                progress = pyenv.Progress(line=lambda text: self.note(f"env: {text}"),
+                                          step=lambda text: self.status.update(step=text))
+                try:
+                    self.env = self.r.venvs.prepare(reqs.lines, python, self.supervision(False),
+                                                    build_as=build_as, progress=progress)
+                finally:
+                    self.status.update(step=None)
                 log.info("%s: venv %s %s", self.req.key, self.env.key,
                          "reused" if self.env.reused else "built")
                 if not self.env.reused:
@@ -930,8 +941,7 @@ class Job:
         except pyenv.EnvBuildFailed as e:
             self.note(str(e))
             return execute.Result(execute.ENV_FAILED, None,
-                                  "building the Python environment failed (pip's error is "
-                                  "in the output)")
+                                  f"building the Python environment failed: {e.summary}")
         except pyenv.Interrupted:
             if self.r.stopping:
                 return execute.Result(execute.INTERRUPTED, None, "runner stopping (drain)")

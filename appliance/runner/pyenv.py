@@ -23,22 +23,45 @@ interpreter's version, so the same set always maps to the same venv at `VENVS/<k
   never removes a venv under a running job. Nobody blocks in flock: a runner waiting for
   someone else's build polls with LOCK_NB, keeps its job's keepalives going and gives up
   at a drain or the job's lifetime (Interrupted).
-- Built as the workload's user (`build_as`), not root: the build directory is handed to
-  that user and venv/pip run as it, with HOME and TMPDIR inside the build directory and
-  pip's cache off (PIP_NO_CACHE_DIR): a cache shared between builds of different requests
-  would let one request plant wheels that another request's venv then installs. Before
-  the venv is published the runner makes the whole tree its own (root) with no group or
-  other write bits, so no workload can change a venv (e.g. plant a sitecustomize.py) that
-  other jobs use. The admin's pip configuration still applies (PIP_* in the runner's
-  environment, PIP_CONFIG_FILE if set there, /etc/pip.conf; not root's ~/.config/pip,
-  since HOME is the build's own).
+- Installed by uv (`installer="uv"`, the default) from one shared uv cache (`UvCache`,
+  HOME/cache/uv), linked into the venv (`clone` where the filesystem copies on write, else
+  `hardlink`: cache and venvs must share a filesystem, `appliance doctor` checks). The cache's
+  safety rule: **only root writes the uv cache, and uv runs there only with `--no-build`**, so
+  no package code runs while it is written (a wheel is unpacked, never executed; the
+  requirement set is plain specifiers, so uv fetches from the admin's index only). The cache
+  is 0700 root; a workload reaches its files only through a sealed venv, where a hard link is
+  the same root-owned, read-only inode (sealing chowns to root and drops group/other write,
+  which the cached inode already is, so the cache stays as uv left it). uv locks its cache
+  for concurrent builds; our own lock (`uv.lock` beside it: builds shared, eviction
+  exclusive) keeps eviction away from a running build.
+- A set uv rejects (its resolver's "No solution found", which includes a package that has
+  only a source distribution) is built by the pip path below, with uv's reason in the job's
+  log. Any other uv failure (index unreachable, disk full) fails the build: pip would fail
+  the same way, only slower.
+- The pip path (`installer="pip"`, or the fallback) builds as the workload's user
+  (`build_as`), not root, because building from source runs the package's setup.py: the
+  build directory is handed to that user and venv/pip run as it, with HOME and TMPDIR
+  inside the build directory and pip's cache off (PIP_NO_CACHE_DIR): a cache shared between
+  builds of different requests would let one request plant wheels that another request's
+  venv then installs. Before the venv is published the runner makes the whole tree its own
+  (root) with no group or other write bits, so no workload can change a venv (e.g. plant a
+  sitecustomize.py) that other jobs use. The admin's pip configuration still applies (PIP_*
+  in the runner's environment, PIP_CONFIG_FILE if set there, /etc/pip.conf; not root's
+  ~/.config/pip, since HOME is the build's own).
+- While a build runs, `Progress` gets what is being resolved and downloaded (for the job's
+  log) and "building env (n/m)" (for the runner's status); uv's whole verbose log stays in
+  the build's `.build.log`.
+- A uv-built venv has no bytecode: it is compiled after the venv is published, by a
+  background `compileall` as root (atomic writes; a workload that starts first compiles in
+  memory), so a new set is ready in seconds and later jobs import fast.
 - Evicted least recently used (`.last_used` mtime) when there are more than `max_count`
   venvs or they take more than `max_bytes`.
 - No `--system-site-packages`: the experiment gets exactly what its client had, not the
   appliance's own packages (boto3, supervisor, ...) in whatever versions the appliance uses;
   the price is that big frameworks are installed once per distinct requirement set.
-- A failed pip run is returned as text for the `output` artifact (the experiment fails with
-  ENV_FAILED), never raised into the runner.
+- A failed uv or pip run is returned as text for the `output` artifact (the experiment fails
+  with ENV_FAILED), with a one-line `summary` (the installer's error, naming the requirement)
+  for the job's reason; never raised into the runner.
 
 With `python` set in the config (`RunnerSettings.python`), no venv is built: workloads run in
 that interpreter as it is and `pythonenv`/`config.pip` are ignored.
@@ -46,6 +69,7 @@ that interpreter as it is and `pythonenv`/`config.pip` are ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -214,7 +238,16 @@ class PythonEnv:
 
 
 class EnvBuildFailed(Exception):
-    """pip (or venv) failed; str(self) is the text for the experiment's output."""
+    """uv, pip or venv failed; str(self) is the text for the experiment's output, `summary`
+    the installer's error in one line (it names the requirement) for the job's reason."""
+
+    def __init__(self, text: str, summary: str = ""):
+        super().__init__(text)
+        self.summary = summary or _summary(text)
+
+
+class _UvRejected(Exception):
+    """uv's resolver refused the set: the pip path may still build it."""
 
 
 class Interrupted(Exception):
@@ -279,6 +312,204 @@ def seal(top: Path, build_uid: Optional[int] = None) -> None:
             fix(os.path.join(dirpath, name))
 
 
+@dataclass
+class Progress:
+    """Where a build reports: `line` gets what is resolved and downloaded (for the job's log),
+    `step` "building env (n/m)" (for the runner's status)."""
+
+    line: Callable[[str], None] = lambda text: None
+    step: Callable[[str], None] = lambda text: None
+
+
+_SELECTING = re.compile(r"^DEBUG Selecting: (\S+)")
+_RESOLVED = re.compile(r"^Resolved (\d+) packages?")
+_UNCACHED = re.compile(r"^DEBUG Identified uncached distribution: (\S+)")
+_FETCHING = re.compile(r"^DEBUG Sending fresh GET request for: (\S+)")
+
+
+class _LogTail:
+    """Follows a build's log as it grows and tells `Progress` what matters in it: uv's
+    selections, downloads and summary lines (not its DEBUG chatter), pip's own lines."""
+
+    def __init__(self, path: Path, progress: Progress):
+        self.f = open(path, "rb")
+        self.progress = progress
+        self.rest = b""
+        self.total = 0  # packages resolved
+        self.done = 0  # cached, or their download started
+        self.selected = 0
+
+    def poll(self) -> None:
+        data = self.rest + self.f.read()
+        *lines, self.rest = data.split(b"\n")
+        for raw in lines:
+            try:
+                self._one(raw.decode(errors="replace").rstrip())
+            except Exception:  # a reporting hiccup never fails a build
+                pass
+
+    def close(self) -> None:
+        self.poll()
+        self.f.close()
+
+    def _step(self) -> None:
+        if self.total:
+            self.progress.step(f"building env ({min(self.done, self.total)}/{self.total})")
+        else:
+            self.progress.step(f"building env (resolving, {self.selected} selected)")
+
+    def _one(self, text: str) -> None:
+        if not text:
+            return
+        m = _SELECTING.match(text)
+        if m:
+            self.selected += 1
+            self.progress.line(f"resolving: {m.group(1)}")
+            return self._step()
+        m = _RESOLVED.match(text)
+        if m:
+            self.total = self.done = int(m.group(1))
+            self.progress.line(text)
+            return None
+        m = _UNCACHED.match(text)
+        if m:
+            self.done -= 1
+            return None
+        m = _FETCHING.match(text)
+        if m:
+            if "/simple/" not in m.group(1):
+                self.done += 1
+                self.progress.line(f"downloading {m.group(1).rsplit('/', 1)[-1]}")
+                self._step()
+            return
+        if text.startswith(("DEBUG ", "TRACE ", "WARN ", "$ ", "Using Python ")):
+            return
+        if text.startswith("Collecting "):  # pip
+            self.selected += 1
+            self._step()
+        if text.startswith(("Installed ", "Successfully installed")):
+            self.done = self.total
+            self._step()
+        self.progress.line(text)
+
+
+def _summary(text: str) -> str:
+    """The installer's error in one line: uv's `error:`/`cause:` lines, pip's `ERROR:` ones."""
+    lines = [t.strip() for t in text.splitlines() if not t.startswith(("DEBUG ", "TRACE "))]
+    picked = [t for t in lines if t.startswith(("error:", "cause:", "ERROR:", "hint:"))]
+    return " ".join(picked or lines[-3:])[:600]
+
+
+def uv_binary() -> Optional[str]:
+    """The uv executable the `uv` wheel ships, or None."""
+    try:
+        import uv
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+_FICLONE = 0x40049409
+
+
+def reflinks(folder: Path) -> bool:
+    """Whether files in `folder` can be cloned (copy on write, e.g. btrfs, XFS)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as a, tempfile.TemporaryFile(dir=folder) as b:
+            a.write(b"x")
+            a.flush()
+            fcntl.ioctl(b.fileno(), _FICLONE, a.fileno())
+        return True
+    except OSError:
+        return False
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes `path` takes on disk, each inode once (hard links)."""
+    seen, total = set(), 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(root, f))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+class UvCache:
+    """The one uv cache every build shares (see the module docstring for its safety rule).
+
+    Bounded to `max_bytes`: after a build, the packages used least recently (a marker file per
+    package in `<root>.used/`, its mtime the last use) are removed with `uv cache clean <name>`
+    until the cache fits, never one the build just used. Eviction takes `<root>.lock`
+    exclusively (non-blocking: a busy cache is trimmed after a later build); builds hold it
+    shared."""
+
+    def __init__(self, root: Path, max_bytes: int = 20 << 30, uv: Optional[str] = None):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.uv = uv or uv_binary()
+        self.used_dir = self.root.with_name(self.root.name + ".used")
+        self._mode: Optional[str] = None
+
+    def ensure(self) -> None:
+        for d in (self.root, self.used_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                os.chown(d, 0, 0)
+                os.chmod(d, 0o700)
+
+    def link_mode(self) -> str:
+        if self._mode is None:
+            self.ensure()
+            self._mode = "clone" if reflinks(self.root) else "hardlink"
+        return self._mode
+
+    def lock(self, how: int, block: bool = True) -> Optional[IO]:
+        f = open(self.root.with_name(self.root.name + ".lock"), "a")
+        try:
+            fcntl.flock(f, how | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return None
+        return f
+
+    def used(self, names: Iterable[str]) -> None:
+        now = time.time()
+        for name in names:
+            marker = self.used_dir / canonicalize_name(name)
+            marker.touch()
+            os.utime(marker, (now, now))
+
+    def size(self) -> int:
+        return _disk_bytes(self.root)
+
+    def evict(self, keep: Iterable[str] = (), env: Optional[dict] = None) -> list[str]:
+        """Remove least recently used packages until the cache fits; the names removed."""
+        if self.size() <= self.max_bytes:
+            return []
+        lock = self.lock(fcntl.LOCK_EX, block=False)
+        if lock is None:
+            return []
+        keep = {canonicalize_name(k) for k in keep}
+        removed = []
+        with lock:
+            markers = sorted(self.used_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+            for marker in markers:
+                if marker.name in keep:
+                    continue
+                subprocess.run([self.uv, "cache", "clean", "--cache-dir", str(self.root), "--", marker.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=600)
+                marker.unlink(missing_ok=True)
+                removed.append(marker.name)
+                if self.size() <= self.max_bytes:
+                    break
+        return removed
+
+
 def _try_lock(f: IO, how: int) -> bool:
     try:
         fcntl.flock(f, how | fcntl.LOCK_NB)
@@ -289,12 +520,14 @@ def _try_lock(f: IO, how: int) -> bool:
 
 class VenvCache:
     def __init__(self, root: Path, max_bytes: int = 20 << 30, max_count: int = 20,
-                 build_env: Optional[dict] = None):
+                 build_env: Optional[dict] = None, uv_cache: Optional[UvCache] = None):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
         self.stats = {"hits": 0, "misses": 0, "build_failures": 0, "build_seconds": 0.0}  # for /metrics
+        self.uv_cache = uv_cache  # None: every set is built by pip, as before
+        self._compiling: list = []  # background compileall processes (reaped as they end)
 
     def path(self, key: str) -> Path:
         """Where the venv for `key` is used from (a symlink to its build directory)."""
@@ -308,10 +541,12 @@ class VenvCache:
         return (self.path(key) / ".complete").exists()
 
     def prepare(self, requirements: Iterable[str], python: str, sv: Optional[Supervision] = None,
-                build_as: Optional[BuildUser] = None) -> PythonEnv:
-        """A venv for `requirements`, built (as `build_as`, if given) when nobody has; held
-        shared until PythonEnv.release(). Raises BadRequirement, EnvBuildFailed, Interrupted."""
+                build_as: Optional[BuildUser] = None, progress: Optional[Progress] = None) -> PythonEnv:
+        """A venv for `requirements`, built (see the module docstring for who runs what) when
+        nobody has; held shared until PythonEnv.release(). Raises BadRequirement,
+        EnvBuildFailed, Interrupted."""
         sv = sv or Supervision()
+        progress = progress or Progress()
         reqs = normalized(requirements)
         key = env_key(reqs, python_version(python))
         venv = self.path(key)
@@ -335,6 +570,7 @@ class VenvCache:
                             raise
                         finally:
                             self.stats["build_seconds"] += time.monotonic() - began
+                        self._build(key, reqs, python, sv, build_as, progress)
                         built = True
                     fcntl.flock(lock, fcntl.LOCK_UN)
                     continue  # and take the shared hold like everyone else
@@ -361,33 +597,53 @@ class VenvCache:
                          reused=not built, _lock=lock)
 
     def _build(self, key: str, requirements: list[str], python: str, sv: Supervision,
-               build_as: Optional[BuildUser]) -> None:
-        """Build into a fresh `.<key>.*` directory and publish it (hold the exclusive lock)."""
+               build_as: Optional[BuildUser], progress: Progress) -> None:
+        """Build `key`'s venv and publish it (hold the exclusive lock): by uv when there is a
+        uv cache, by pip when there is none or uv rejects the set."""
+        uvc = self.uv_cache
+        if uvc is not None and uvc.uv:
+            try:
+                installed = self._in_fresh_dir(
+                    key, requirements, sv, progress, lambda build, log, watched: self._uv_install(
+                        build, log, requirements, python, watched, build_as, uvc), None)
+            except _UvRejected as e:
+                progress.line(f"uv cannot install this set ({e}); building it with pip instead, "
+                              f"as the workload's user")
+            else:
+                uvc.used(installed)
+                self._compile_later(key)
+                try:
+                    uvc.evict(keep=installed, env=self._env())
+                except (OSError, subprocess.SubprocessError):
+                    pass  # trimmed after a later build
+                return
+        elif uvc is not None:
+            progress.line("uv is not installed (pip install uv): building with pip")
+        self._in_fresh_dir(key, requirements, sv, progress, lambda build, log, watched: self._pip_install(
+            build, log, requirements, python, watched, build_as), build_as)
+
+    def _env(self) -> dict:
+        return dict(self.build_env if self.build_env is not None else base_env(os.environ))
+
+    def _in_fresh_dir(self, key: str, requirements: list[str], sv: Supervision, progress: Progress,
+                      install: Callable[[Path, IO, Supervision], object], build_as: Optional[BuildUser]):
+        """Run `install(build_dir, log, sv)` in a fresh `.<key>.*` directory (its log followed
+        for `progress` at every tick of `sv`), then seal and publish it as `key`; install's
+        answer is returned. A failure leaves nothing behind."""
         self.root.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
             os.chmod(build, 0o755)
             (build / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
-            env = dict(self.build_env if self.build_env is not None else base_env(os.environ))
-            cwd = build
-            if build_as is not None:
-                cwd = build / ".home"
-                cwd.mkdir()
-                env.update(HOME=str(cwd), TMPDIR=str(cwd), PIP_NO_CACHE_DIR="1")
             # the log is opened before the build user owns the directory: we write and read
             # our own file, whatever the build does to the name
             with open(build / ".build.log", "wb+") as log:
-                if build_as is not None:
-                    os.chown(cwd, build_as.uid, build_as.gid)
-                    os.chown(build, build_as.uid, build_as.gid)
-                steps = [[python, "-m", "venv", str(build)]]
-                if requirements:
-                    steps.append([str(build / "bin" / "python"), "-m", "pip", "install",
-                                  "--disable-pip-version-check", "--no-input", "--", *requirements])
-                for argv in steps:
-                    self._run(argv, log, env, cwd, sv, build_as)
-            if build_as is not None:
-                shutil.rmtree(cwd)
+                tail = _LogTail(build / ".build.log", progress)
+                tick = sv.tick
+                try:
+                    answer = install(build, log, dataclasses.replace(sv, tick=lambda: (tail.poll(), tick())))
+                finally:
+                    tail.close()
             seal(build, build_as.uid if build_as is not None else None)
             (build / ".size").write_text(str(_dir_bytes(build)))
             (build / ".complete").write_text(f"{time.time()}\n")
@@ -396,9 +652,73 @@ class VenvCache:
             link.unlink(missing_ok=True)
             os.symlink(build.name, link)
             os.replace(link, self.path(key))
+            return answer
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
+
+    def _uv_install(self, build: Path, log: IO, requirements: list[str], python: str, sv: Supervision,
+                    build_as: Optional[BuildUser], uvc: UvCache) -> list[str]:
+        """uv venv + uv pip install --no-build as root (in the job's cgroup), from the shared
+        cache; the names installed. Raises _UvRejected for a set uv's resolver refuses."""
+        # root (the cache is root's), in the job's cgroup; as itself outside a slot
+        as_root = BuildUser(0, 0, build_as.preexec) if build_as is not None else None
+        env = self._env()
+        env.pop("VIRTUAL_ENV", None)
+        for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
+            if env.get(pip_name) and uv_name not in env and "UV_DEFAULT_INDEX" not in env:
+                env[uv_name] = env[pip_name]  # the admin's pip index, unless uv has its own
+        uvc.ensure()  # root's and 0700, even if someone removed it
+        mode = uvc.link_mode()
+        steps = [[uvc.uv, "venv", "--quiet", "--allow-existing", "--no-python-downloads",
+                  "--python", python, str(build)]]
+        if requirements:
+            steps.append([uvc.uv, "pip", "install", "--verbose", "--python", str(build / "bin" / "python"),
+                          "--cache-dir", str(uvc.root), "--link-mode", mode, "--no-build",
+                          "--no-python-downloads", "--", *requirements])
+        hold = uvc.lock(fcntl.LOCK_SH)
+        try:
+            for argv in steps:
+                self._run(argv, log, env, build, sv, as_root)
+        except EnvBuildFailed as e:
+            if "No solution found" in e.summary:
+                raise _UvRejected(e.summary) from None
+            raise
+        finally:
+            hold.close()
+        log.seek(0)
+        return re.findall(r"^ \+ ([A-Za-z0-9._-]+)==", log.read().decode(errors="replace"), re.M)
+
+    def _pip_install(self, build: Path, log: IO, requirements: list[str], python: str, sv: Supervision,
+                     build_as: Optional[BuildUser]) -> None:
+        env = self._env()
+        cwd = build
+        if build_as is not None:
+            cwd = build / ".home"
+            cwd.mkdir()
+            env.update(HOME=str(cwd), TMPDIR=str(cwd), PIP_NO_CACHE_DIR="1")
+            os.chown(cwd, build_as.uid, build_as.gid)
+            os.chown(build, build_as.uid, build_as.gid)
+        steps = [[python, "-m", "venv", str(build)]]
+        if requirements:
+            steps.append([str(build / "bin" / "python"), "-m", "pip", "install",
+                          "--disable-pip-version-check", "--no-input", "--", *requirements])
+        for argv in steps:
+            self._run(argv, log, env, cwd, sv, build_as)
+        if build_as is not None:
+            shutil.rmtree(cwd)
+
+    def _compile_later(self, key: str) -> None:
+        """Byte-compile the published venv in the background, as root (the venv is sealed)."""
+        self._compiling = [p for p in self._compiling if p.poll() is None]
+        venv = self.root / os.readlink(self.path(key))
+        try:
+            self._compiling.append(subprocess.Popen(
+                [str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "1", str(venv / "lib")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=self._env(), preexec_fn=lambda: os.umask(0o022)))
+        except OSError:
+            pass  # workloads compile in memory instead
 
     def _run(self, argv: list[str], log: IO, env: dict, cwd: Path, sv: Supervision,
              build_as: Optional[BuildUser]) -> None:
@@ -421,7 +741,8 @@ class VenvCache:
             raise Interrupted(f"environment build {stopped}")
         if rc != 0:
             log.seek(0)
-            text = log.read().decode(errors="replace")
+            text = "".join(t for t in log.read().decode(errors="replace").splitlines(keepends=True)
+                           if not t.startswith(("DEBUG ", "TRACE ")))  # uv --verbose
             raise EnvBuildFailed(
                 f"appliance: building the Python environment failed (exit {rc}):\n{text}")
 

@@ -1,0 +1,189 @@
+"""pyenv.py with uv: one shared, root-written cache linked into sealed venvs; pip as the fallback;
+progress while a set builds; bad input (unresolvable, unreachable index, full disk); the bound."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.doctor import _check_env_cache
+from appliance.paths import Home
+from appliance.runner import pyenv
+from appliance.runner.pyenv import UvCache, VenvCache
+
+NOBODY = 65534
+PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run
+
+
+@pytest.fixture
+def home():
+    """An appliance home other users can reach (pytest's tmp_path is under a 0700 folder)."""
+    assert os.geteuid() == 0, "run the tests as root (tests/run.sh)"
+    d = Path(tempfile.mkdtemp(prefix="appliance-test-uv-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield Home(d)
+    subprocess.run(["umount", "-q", str(d / "cache")], capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def caches(home: Home, max_bytes: int = 1 << 30, env: dict | None = None) -> tuple[UvCache, VenvCache]:
+    uvc = UvCache(home.uv_cache, max_bytes)
+    return uvc, VenvCache(home.venv_cache, uv_cache=uvc, build_env=env)
+
+
+class Seen:
+    def __init__(self):
+        self.lines, self.steps = [], []
+        self.progress = pyenv.Progress(line=self.lines.append, step=self.steps.append)
+
+
+def _as_nobody(argv):
+    return subprocess.run(argv, capture_output=True, text=True, user=NOBODY, group=NOBODY, extra_groups=[],
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/"}, cwd="/", timeout=120)
+
+
+def _site(env) -> Path:
+    return Path(os.path.realpath(Path(env.python).parent.parent)) / "lib" / "python3.11" / "site-packages"
+
+
+def test_a_new_set_is_built_from_the_shared_cache_and_workloads_cannot_touch_the_cache(home):
+    uvc, venvs = caches(home)
+    nobody = pyenv.BuildUser(NOBODY, NOBODY)
+    first = Seen()
+    a = venvs.prepare(["six==1.17.0"], PYTHON, build_as=nobody, progress=first.progress)
+    a.release()
+    assert "downloading six-1.17.0-py2.py3-none-any.whl" in first.lines
+    # a set the cache never saw, whose packages it holds: nothing is downloaded
+    second = Seen()
+    b = venvs.prepare(["six==1.17.0", "appliance-never-heard-of; python_version < '3'"], PYTHON, build_as=nobody,
+                      progress=second.progress)
+    b.release()
+    assert b.key != a.key and not b.reused
+    assert not [t for t in second.lines if t.startswith("downloading")], second.lines
+    six = _site(b) / "six.py"
+    st = os.stat(six)
+    assert uvc.link_mode() == "clone" or st.st_nlink >= 3  # the cache's inode, in both venvs
+    assert st.st_uid == 0 and not st.st_mode & 0o022
+    assert stat.S_IMODE(os.stat(home.uv_cache).st_mode) == 0o700 and os.stat(home.uv_cache).st_uid == 0
+    before = six.read_bytes()
+    attack = (f"import os\nfor how in (lambda: open({str(six)!r}, 'a'), lambda: os.chmod({str(six)!r}, 0o666),\n"
+              f"            lambda: os.unlink({str(six)!r}), lambda: os.listdir({str(home.uv_cache)!r})):\n"
+              "    try:\n        how(); print('CHANGED')\n    except PermissionError:\n        print('refused')\n")
+    out = _as_nobody([b.python, "-c", attack])
+    assert out.stdout.split() == ["refused"] * 4, (out.stdout, out.stderr)
+    assert six.read_bytes() == before
+    out = _as_nobody([b.python, "-c", "import six; print(six.__version__)"])
+    assert out.stdout.strip() == "1.17.0", out.stderr
+
+
+def test_progress_names_what_is_resolved_and_downloaded_and_counts_steps(home):
+    _, venvs = caches(home)
+    seen = Seen()
+    venvs.prepare(["packaging==24.0", "six==1.17.0"], PYTHON, progress=seen.progress).release()
+    assert "resolving: six==1.17.0" in seen.lines and "resolving: packaging==24.0" in seen.lines
+    assert "downloading packaging-24.0-py3-none-any.whl" in seen.lines
+    assert any(t.startswith("Resolved 2 packages") for t in seen.lines)
+    assert seen.steps[-1] == "building env (2/2)" and "building env (1/2)" in seen.steps
+
+
+def test_a_set_uv_rejects_is_built_by_pip_as_the_workload_with_the_reason_in_the_log(home):
+    uvc, venvs = caches(home)
+    seen = Seen()  # docopt 0.6.2 has only a source distribution: uv --no-build refuses it
+    env = venvs.prepare(["docopt==0.6.2"], PYTHON, build_as=pyenv.BuildUser(NOBODY, NOBODY), progress=seen.progress)
+    env.release()
+    why = [t for t in seen.lines if t.startswith("uv cannot install this set")]
+    assert why and "docopt==0.6.2 has no usable wheels" in why[0], seen.lines
+    assert any("Successfully installed docopt" in t for t in seen.lines)
+    out = _as_nobody([env.python, "-c", "import docopt; print(docopt.__version__)"])
+    assert out.stdout.strip() == "0.6.2", out.stderr
+    assert not list(uvc.root.rglob("docopt.py"))  # nothing pip built reached the shared cache
+
+
+def test_bad_sets_fail_naming_the_requirement_and_the_next_good_set_builds(home):
+    _, venvs = caches(home)
+    with pytest.raises(pyenv.EnvBuildFailed) as e:
+        venvs.prepare(["appliance-no-such-package-0xdead==9.9.9"], PYTHON)
+    assert "appliance-no-such-package-0xdead" in e.value.summary
+    down = dict(os.environ, PIP_INDEX_URL="http://127.0.0.1:9/simple")  # uv takes the admin's pip index too
+    _, offline = caches(home, env=down)
+    with pytest.raises(pyenv.EnvBuildFailed) as e:
+        offline.prepare(["six==1.17.0"], PYTHON)
+    assert "127.0.0.1:9/simple/six" in e.value.summary, e.value.summary
+    assert venvs.entries() == [] and not list(home.venv_cache.glob(".*.*"))
+    env = venvs.prepare(["six==1.17.0"], PYTHON)
+    env.release()
+    assert subprocess.run([env.python, "-c", "import six"]).returncode == 0
+
+
+def test_a_full_disk_fails_the_build_and_leaves_the_cache_usable(home):
+    home.cache_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(home.cache_dir)], check=True)
+    _, venvs = caches(home)
+    with pytest.raises(pyenv.EnvBuildFailed) as e:
+        venvs.prepare(["pip==24.0"], PYTHON)  # a 2 MB wheel, 9 MB unpacked: twice that does not fit
+    assert "pip" in e.value.summary and "No space left on device" in str(e.value), e.value.summary
+    assert venvs.entries() == []
+    env = venvs.prepare(["six==1.17.0"], PYTHON)
+    env.release()
+    assert subprocess.run([env.python, "-c", "import six"]).returncode == 0
+
+
+def test_two_slots_build_at_once_from_one_cache(home):
+    uvc, venvs = caches(home)
+    sets = [["six==1.17.0", "packaging==24.0"], ["six==1.17.0", "packaging==23.2"]]
+    got, errors = [], []
+
+    def build(reqs):
+        try:
+            env = VenvCache(home.venv_cache, uv_cache=UvCache(home.uv_cache)).prepare(reqs, PYTHON)
+            env.release()
+            got.append(env)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(s,)) for s in sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 2
+    for env in got:
+        out = subprocess.run([env.python, "-c", "import six, packaging; print(packaging.__version__)"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    seen = Seen()  # the cache is whole: a third set needs nothing from the index but its listing
+    venvs.prepare(["six==1.17.0", "packaging==23.2", "appliance-absent; python_version < '3'"], PYTHON,
+                  progress=seen.progress).release()
+    assert not [t for t in seen.lines if t.startswith("downloading")], seen.lines
+
+
+def test_the_cache_is_bounded_least_recently_used_first_and_venvs_keep_their_files(home):
+    uvc, venvs = caches(home)
+    old = venvs.prepare(["six==1.17.0"], PYTHON)
+    old.release()
+    assert list(uvc.root.rglob("six.py"))
+    uvc.max_bytes = uvc.size() + (16 << 10)  # room for six and a little, not for packaging too
+    venvs.prepare(["packaging==24.0"], PYTHON).release()
+    assert [p.name for p in uvc.used_dir.iterdir()] == ["packaging"]  # six was used least recently
+    assert not list(uvc.root.rglob("six.py")) and list(uvc.root.rglob("packaging"))
+    out = subprocess.run([old.python, "-c", "import six; print(six.__version__)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "1.17.0", out.stderr  # its files are its own links
+
+
+def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(home):
+    home.venv_cache.mkdir(parents=True)
+    home.uv_cache.mkdir(parents=True)
+    assert _check_env_cache(home).ok
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(home.uv_cache)], check=True)
+    try:
+        found = _check_env_cache(home)
+    finally:
+        subprocess.run(["umount", str(home.uv_cache)], check=True)
+    assert not found.ok and "different filesystems" in found.detail and "one filesystem" in found.detail

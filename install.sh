@@ -87,7 +87,12 @@ fi
 say "installing the appliance into $VENV"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$SRC"
+# pip builds in the tree it installs from (egg-info, build/): build from a copy, so the checkout
+# stays its owner's (a later ./install.sh without sudo could not update root's egg-info)
+BUILD_SRC=$(mktemp -d)
+trap 'rm -rf "$BUILD_SRC"' EXIT
+tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' -cf - . | tar -C "$BUILD_SRC" -xf -
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$BUILD_SRC"
 
 # 3. A launcher on PATH that knows this home
 mkdir -p "$BIN_DIR"

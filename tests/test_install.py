@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -45,16 +46,33 @@ def install_env(tmp_path):
         LAUNCHER.chmod(0o755)
 
 
-def test_install_runs_the_appliance_and_uninstall_keeps_the_data(install_env):
+def checkout_copy(dest: Path) -> Path:
+    """The repository's tracked files, as a fresh clone has them."""
+    dest.mkdir()
+    repo, out = shlex.quote(str(REPO)), shlex.quote(str(dest))
+    subprocess.run(f"git -C {repo} ls-files -z | tar -C {repo} --null -T - -cf - | tar -C {out} -xf -",
+                   shell=True, check=True)
+    return dest
+
+
+def tree(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_install_runs_the_appliance_and_uninstall_keeps_the_data(install_env, tmp_path):
     home, env = install_env
     home.mkdir()
+    checkout = checkout_copy(tmp_path / "checkout")
+    files = tree(checkout)
     config = home / "appliance.toml"
     config.write_text("# my own note, kept\n[host]\nreserved_cpus = 0\n"
                       f"[object_store]\nport = {free_store_port()}\n[runner]\ndrain_timeout = \"10s\"\n")
     before = config.read_text()
 
-    out = run([str(REPO / "install.sh"), "--home", str(home)], env)
+    out = run([str(checkout / "install.sh"), "--home", str(home)], env)
     assert "done" in out.stdout
+    assert tree(checkout) == files  # nothing built in the checkout (a root-owned egg-info would
+    #                                 stop a later ./install.sh by the checkout's owner)
     assert config.read_text() == before  # the user's config is never overwritten
     status = json.loads(run(["appliance", "status", "--json"], env).stdout)  # the launcher knows the home
     assert status["home"] == str(home)
@@ -63,17 +81,17 @@ def test_install_runs_the_appliance_and_uninstall_keeps_the_data(install_env):
     assert (home / "secrets" / "store.json").stat().st_mode & 0o777 == 0o600
     pids = [s["pid"] for s in status["slots"]]
 
-    run([str(REPO / "install.sh"), "--home", str(home)], env)  # again: safe, nothing restarts
+    run([str(checkout / "install.sh"), "--home", str(home)], env)  # again: safe, nothing restarts
     status = json.loads(run(["appliance", "status", "--json"], env).stdout)
     assert [s["pid"] for s in status["slots"]] == pids
 
-    run([str(REPO / "install.sh"), "--uninstall", "--home", str(home)], env)
+    run([str(checkout / "install.sh"), "--uninstall", "--home", str(home)], env)
     assert not (home / "venv").exists() and not LAUNCHER.exists()
     assert config.read_text() == before and (home / "store").is_dir() and (home / "secrets" / "store.json").exists()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
-    run([str(REPO / "install.sh"), "--uninstall", "--purge", "--home", str(home)], env)
+    run([str(checkout / "install.sh"), "--uninstall", "--purge", "--home", str(home)], env)
     assert not home.exists()
 
 

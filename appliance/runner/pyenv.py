@@ -564,13 +564,12 @@ class VenvCache:
                         self.stats["misses"] += 1
                         began = time.monotonic()
                         try:
-                            self._build(key, reqs, python, sv, build_as)
+                            self._build(key, reqs, python, sv, build_as, progress)
                         except BaseException:
                             self.stats["build_failures"] += 1
                             raise
                         finally:
                             self.stats["build_seconds"] += time.monotonic() - began
-                        self._build(key, reqs, python, sv, build_as, progress)
                         built = True
                     fcntl.flock(lock, fcntl.LOCK_UN)
                     continue  # and take the shared hold like everyone else

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 
 from appliance import __version__
@@ -34,7 +36,44 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `ls | head -1`'s ls
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every action; a reader that went away (`appliance status --json | head -1`) ends it
+    quietly, as it ends git or ls, not with a traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # some other pipe or socket: a real error
+        _stdout_to_devnull()
+        return SIGPIPE_EXIT
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end is closed."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so what is still buffered cannot fail again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_action_named(argv))
     args = parser.parse_args(argv)
@@ -43,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.home = Home.at(args.home)
+        # what this process and its children (supervisord, the slots) take as their home,
+        # e.g. for the slots' cgroup parent (appliance.slot.cgroup.cgroup_parent)
+        os.environ["APPLIANCE_HOME"] = str(args.home.root)
+
         from appliance.slot.cgroup import use_recorded_parent
 
         use_recorded_parent(str(args.home.run_dir))  # where the slot cgroups are (below systemd's unit)

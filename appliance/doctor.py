@@ -36,7 +36,7 @@ def check(home: Home) -> list[Finding]:
     if config.runner.installer == "uv" and not config.runner.python:
         out.append(_check_env_cache(home))
     out.append(_check_workload_user(config))
-    out += _check_cgroups(config)
+    out += _check_cgroups(home, config)
     out += _check_store(home, config)
     out.append(_check_metrics(home, config))
     scan = scan_gpus()
@@ -135,8 +135,8 @@ def _check_metrics(home: Home, config: Config) -> Finding:
     return Finding(ok, "metrics", detail)
 
 
-def _check_cgroups(config: Config) -> list[Finding]:
-    from appliance.slot.cgroup import cgroup_version
+def _check_cgroups(home: Home, config: Config) -> list[Finding]:
+    from appliance.slot.cgroup import CgroupError, cgroup_parent, cgroup_version
 
     version = cgroup_version()
     if config.isolation.backend == "docker":
@@ -154,7 +154,11 @@ def _check_cgroups(config: Config) -> list[Finding]:
     if missing:
         return [Finding(False, "cgroups", f"{version} without the {', '.join(missing)} controller(s): enable them "
                                           "(kernel cmdline cgroup_enable=memory, or systemd Delegate=yes)")]
-    return [Finding(True, "cgroups", f"{version} with cpuset and memory")]
+    try:
+        parent = cgroup_parent(str(home.root))
+    except CgroupError as e:
+        return [Finding(False, "cgroups", str(e))]
+    return [Finding(True, "cgroups", f"{version} with cpuset and memory; this appliance's slots under /{parent}")]
 
 
 def _check_store(home: Home, config: Config) -> list[Finding]:

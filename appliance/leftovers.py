@@ -58,19 +58,26 @@ def find(home: Home, slots: list[str] = ()) -> Leftovers:
         if pids:
             found.holders[lock.stem] = pids
     for name in sorted(names - {"controller", "store"}):
-        pids = _cgroup_pids(name)
+        pids = _cgroup_pids(home, name)
         if pids:
             found.cgroup[name] = pids
     return found
 
 
-def _cgroup_pids(slot: str) -> list[int]:
+def _slot_cgroup(home: Home, slot: str):
+    """This home's cgroup of `slot` (another appliance on the host may have a slot of that name)."""
+    from appliance.slot.cgroup import SlotCgroup, cgroup_parent
+
+    return SlotCgroup(slot, parent=cgroup_parent(str(home.root)))
+
+
+def _cgroup_pids(home: Home, slot: str) -> list[int]:
     if os.geteuid() != 0:
         return []  # process slots need root; without it there are no slot cgroups of ours
-    from appliance.slot.cgroup import CgroupError, SlotCgroup
+    from appliance.slot.cgroup import CgroupError
 
     try:
-        return [p for p in SlotCgroup(slot).pids() if _alive(p)]
+        return [p for p in _slot_cgroup(home, slot).pids() if _alive(p)]
     except (CgroupError, ValueError, OSError):
         return []
 
@@ -87,20 +94,20 @@ def stop(home: Home, leftovers: Leftovers, drain_wait: float, say=print) -> None
     for name in slots:
         # the lock holder is the runner (or its docker wrapper); without one, a runner from
         # before there were locks sits in the cgroup's runner leaf
-        runners += leftovers.holders.get(name) or _runner_leaf(name)
+        runners += leftovers.holders.get(name) or _runner_leaf(home, name)
     _term_and_wait(runners, drain_wait)
-    rest = [p for name in slots for p in _cgroup_pids(name)]  # workloads whose runner is gone
+    rest = [p for name in slots for p in _cgroup_pids(home, name)]  # workloads whose runner is gone
     _term_and_wait(rest, 0)
     _term_and_wait(leftovers.holders.get("store", []), STORE_WAIT_S)
 
 
-def _runner_leaf(slot: str) -> list[int]:
+def _runner_leaf(home: Home, slot: str) -> list[int]:
     if os.geteuid() != 0:
         return []
-    from appliance.slot.cgroup import CgroupError, SlotCgroup
+    from appliance.slot.cgroup import CgroupError
 
     try:
-        cg = SlotCgroup(slot)
+        cg = _slot_cgroup(home, slot)
         with open(os.path.join(cg.path(cg.hierarchy.cpuset, "runner"), "cgroup.procs")) as f:
             text = f.read()
     except (CgroupError, ValueError, OSError):

@@ -149,7 +149,8 @@ def place_cgroups(home: Home, foreground: bool) -> None:
     Under systemd on cgroup v2 (`up --foreground` from the unit) they go below the unit's own,
     delegated cgroup, and supervisord moves into a `supervisor` leaf beside them: v2 allows no
     processes in a cgroup that has controllers enabled for its children. Elsewhere the default
-    (`appliance`, at the top of each hierarchy) stays. APPLIANCE_CGROUP_PARENT, if set, wins.
+    (`appliance-<hash of the home>`, at the top of each hierarchy) stays. APPLIANCE_CGROUP_PARENT,
+    if set, wins.
     """
     from appliance.slot.cgroup import PARENT_ENV, PARENT_FILE, enter_leaf, systemd_delegated_cgroup
 

@@ -81,6 +81,15 @@ def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
     return RunningStore(endpoint, creds.access_key, creds.secret_key, bucket, home, proc)
 
 
+def stop_store(running: RunningStore) -> None:
+    running.process.terminate()
+    try:
+        running.process.wait(30)
+    except subprocess.TimeoutExpired:
+        running.process.kill()
+        running.process.wait()
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     running = start_store(tmp_path_factory.mktemp("store-home"))

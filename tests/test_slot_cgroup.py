@@ -351,3 +351,55 @@ def _cpus_allowed(pid: int) -> str:
         if line.startswith("Cpus_allowed_list:"):
             return line.split(":", 1)[1].strip()
     raise AssertionError("no Cpus_allowed_list")
+
+
+def test_two_homes_on_one_host_never_share_slot_cgroups(tmp_path, monkeypatch):
+    """Two appliances (two `--home`s) on one host, each with a slot-N: each slot gets its own
+    cgroup, and the leftovers sweep of one (`down` after its supervisord died) never finds,
+    and so never stops, the other's runner."""
+    from appliance import leftovers
+    from appliance.paths import Home
+    from tests.cgroup_fixtures import real_hierarchy, remove_cgroup_parent
+
+    hierarchy = real_hierarchy()
+    need(os.geteuid() == 0, "root (to create cgroups)")
+    need(hierarchy is not None, "a cgroupfs with the cpuset and memory controllers")
+    monkeypatch.delenv(cgroup.PARENT_ENV, raising=False)  # what a user has: no override
+    homes = [Home.at(tmp_path / "a"), Home.at(tmp_path / "b")]
+    slot = f"slot-t{os.getpid()}"  # a name no other appliance on this host uses
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    made, runner = [], None
+    try:
+        for home in homes:  # as each appliance's programs see it
+            monkeypatch.setenv("APPLIANCE_HOME", str(home.root))
+            made.append(cgroup.setup_slot(slot, cpus, [0], 64 * MiB))
+        assert made[0].cpuset_dir != made[1].cpuset_dir
+        monkeypatch.setenv("APPLIANCE_HOME", str(homes[0].root))
+        runner = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: cgroup.join_runner(slot))
+        assert f"/{made[0].parent}/{slot}/runner\n" in open(f"/proc/{runner.pid}/cgroup").read()
+
+        monkeypatch.setenv("APPLIANCE_HOME", str(homes[1].root))  # appliance b's CLI
+        assert leftovers.find(homes[0], [slot]).cgroup == {slot: [runner.pid]}
+        assert not leftovers.find(homes[1], [slot]), "b's sweep would stop a's runner"
+        assert cgroup.slot_pids(slot) == []  # and b's status shows its own, empty slot
+    finally:
+        if runner:
+            runner.kill()
+            runner.wait()
+        for cg in made:
+            wait_empty(cg)
+            cg.remove()
+            if cg.parent != cgroup.DEFAULT_PARENT:  # never remove the shared parent of older versions
+                remove_cgroup_parent(cg.parent, hierarchy)
+
+
+def test_cgroup_parent_follows_the_home_in_any_spelling(tmp_path, monkeypatch):
+    monkeypatch.delenv(cgroup.PARENT_ENV, raising=False)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "home")
+    parent = cgroup.cgroup_parent(str(tmp_path / "home"))
+    assert parent.startswith("appliance-") and parent != cgroup.DEFAULT_PARENT
+    assert cgroup.cgroup_parent(str(tmp_path / "link")) == parent
+    assert cgroup.cgroup_parent(str(tmp_path / "other")) != parent
+    monkeypatch.setenv(cgroup.PARENT_ENV, "tests/x")
+    assert cgroup.cgroup_parent(str(tmp_path / "home")) == "tests/x"

@@ -32,3 +32,53 @@ def test_store_refuses_anonymous(store):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{store.endpoint_url}/{store.bucket}?list-type=2", timeout=5)
     assert err.value.code == 403
+
+
+def test_a_new_store_keeps_its_metadata_in_one_leveldb(store):
+    """The layout that lets the store rest (appliance/store/server.py filer_store_environment):
+    one leveldb, not leveldb2's eight shards whose reserved buffers kept Go's collector busy."""
+    assert (store.home.store_data / "filerldb" / "CURRENT").is_file()
+    sharded = store.home.store_data / "filerldb2"
+    assert not sharded.exists() or not any(sharded.iterdir())  # weed makes it, empty
+    environ = open(f"/proc/{_weed_pid(store)}/environ", "rb").read().split(b"\0")
+    assert b"WEED_LEVELDB_ENABLED=true" in environ and b"GOMEMLIMIT=256MiB" in environ
+
+
+def test_a_store_made_by_an_older_appliance_keeps_its_objects(tmp_path):
+    """A home whose metadata is in leveldb2 (every store before this layout) stays on it:
+    switching would hide every object it holds."""
+    from tests.store_fixtures import start_store, stop_store
+
+    root = tmp_path / "old"
+    (root / "store" / "filerldb2").mkdir(parents=True)  # what an older appliance left
+    first = start_store(root)
+    key = f"t/{uuid.uuid4()}"
+    try:
+        first.client().put_object(Bucket=first.bucket, Key=key, Body=b"kept")
+    finally:
+        stop_store(first)
+    again = start_store(root)
+    try:
+        assert again.client().get_object(Bucket=again.bucket, Key=key)["Body"].read() == b"kept"
+        assert not (again.home.store_data / "filerldb").exists()
+        assert (again.home.store_data / "filerldb2" / "00" / "CURRENT").is_file()
+        environ = open(f"/proc/{_weed_pid(again)}/environ", "rb").read().split(b"\0")
+        assert b"GOMEMLIMIT=384MiB" in environ  # its shards' buffers on top of memory_limit
+    finally:
+        stop_store(again)
+
+
+def test_a_memory_limit_the_store_cannot_rest_in_is_refused(tmp_path):
+    from appliance.config import Config, ObjectStoreConfig
+    from appliance.paths import Home
+    from appliance.store.server import StoreError, store_program
+
+    config = Config(object_store=ObjectStoreConfig(memory_limit=128 * 1024 * 1024))
+    with pytest.raises(StoreError, match="object_store.memory_limit.*appliance config set"):
+        store_program(Home.at(tmp_path / "home"), config)
+
+
+def _weed_pid(store) -> int:
+    """The `weed` process below the store's sandbox."""
+    with open(f"/proc/{store.process.pid}/task/{store.process.pid}/children") as f:
+        return int(f.read().split()[0])

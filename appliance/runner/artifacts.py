@@ -31,6 +31,7 @@ import io
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import tempfile
 import threading
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
 MUTABLE_DEFAULTS = ("output", "modeldir", "retval", "tb", "_metrics", "_metadata")
@@ -148,9 +148,20 @@ def _unknown_host(e: Exception) -> bool:
     return False
 
 
+class _NeverRaised(Exception):
+    pass
+
+
+def _boto3_error() -> type:
+    """boto3's base error, once boto3 is loaded (before, none can have been raised). An idle
+    runner never loads boto3: importing it costs ~20 MB of RSS (bench/bench_resources.py)."""
+    loaded = sys.modules.get("boto3.exceptions")
+    return loaded.Boto3Error if loaded else _NeverRaised
+
+
 def _unwrap(e: Exception) -> Exception:
     """boto3's transfer layer wraps the client error (S3UploadFailedError, ...)."""
-    if isinstance(e, Boto3Error):
+    if isinstance(e, _boto3_error()):
         inner = e.__cause__ or e.__context__
         if isinstance(inner, (ClientError, BotoCoreError)):
             return inner
@@ -175,7 +186,7 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
     for attempt in range(1, retry.attempts + 1):
         try:
             return fn()
-        except (ClientError, BotoCoreError, ConnectionError, TimeoutError, Boto3Error) as e:
+        except (ClientError, BotoCoreError, ConnectionError, TimeoutError, _boto3_error()) as e:
             err = _classify(_unwrap(e), art, doing)
             _count_error(err)
             if not isinstance(err, StoreUnavailable):

@@ -6,8 +6,11 @@ Layout (below the cgroupfs mount of each controller we use):
     <parent>/<slot>/runner   the runner process itself
     <parent>/<slot>/job      the workload the runner starts
 
-`<parent>` is "appliance" unless the environment variable APPLIANCE_CGROUP_PARENT says
-otherwise (tests use a unique one; a systemd-delegated setup may use a nested path).
+`<parent>` is one per appliance home, `appliance-<8 hex digits of the home's path hash>`, so
+two appliances on one host (two `--home`s) never share a slot's cgroup (nor find, stop or
+remove each other's); the home is $APPLIANCE_HOME, which the CLI and every program it renders
+set. The environment variable APPLIANCE_CGROUP_PARENT overrides it (tests use a unique one; a
+systemd-delegated setup may use a nested path).
 
 Processes sit only in the two leaves: cgroup v2 allows processes only in leaves once
 controllers are enabled, and `memory.oom.group=1` on the job leaf kills the whole workload on
@@ -20,6 +23,7 @@ nothing heavy (no pathlib, no dataclasses) and caches the detected hierarchy.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
@@ -27,7 +31,8 @@ from appliance.slot.limits import format_cpu_list, parse_cpu_list
 CGROUP_MOUNTINFO = "/proc/self/mountinfo"
 PARENT_ENV = "APPLIANCE_CGROUP_PARENT"
 PARENT_FILE = "cgroup-parent"  # in HOME/run: the parent `up` chose, for every later command
-DEFAULT_PARENT = "appliance"
+HOME_ENV = "APPLIANCE_HOME"
+DEFAULT_PARENT = "appliance"  # with no home known (a slot tool run by hand)
 LEAVES = ("runner", "job")
 
 FIX_PERMISSION = (
@@ -154,9 +159,12 @@ def current_hierarchy() -> Hierarchy:
     return _detected
 
 
-def cgroup_parent() -> str:
-    """The directory (relative to each cgroupfs mount) that holds all slot cgroups."""
-    parent = os.environ.get(PARENT_ENV, "").strip().strip("/") or DEFAULT_PARENT
+def cgroup_parent(home: str | None = None) -> str:
+    """The directory (relative to each cgroupfs mount) that holds the slot cgroups of the
+    appliance at `home` (default: $APPLIANCE_HOME); $APPLIANCE_CGROUP_PARENT overrides it."""
+    parent = os.environ.get(PARENT_ENV, "").strip().strip("/")
+    if not parent:
+        return home_parent(home or os.environ.get(HOME_ENV, ""))
     if any(part in ("", ".", "..") for part in parent.split("/")):
         raise CgroupError(f"{PARENT_ENV}={parent!r} is not a plain relative cgroup path; fix: use e.g. 'appliance'")
     return parent
@@ -205,6 +213,14 @@ def use_recorded_parent(run_dir: str) -> None:
     parent = _read_or(os.path.join(run_dir, PARENT_FILE), "")
     if parent:
         os.environ[PARENT_ENV] = parent
+
+
+def home_parent(home: str) -> str:
+    """`appliance-<hash>` for the appliance home `home` (any spelling of its path)."""
+    if not home:
+        return DEFAULT_PARENT
+    digest = hashlib.sha256(os.path.realpath(home).encode()).hexdigest()
+    return f"{DEFAULT_PARENT}-{digest[:8]}"
 
 
 # --------------------------------------------------------------------------- file helpers

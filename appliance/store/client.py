@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import boto3
-from botocore.config import Config as BotoConfig
-
 
 def s3_client(endpoint_url: str, access_key: str | None, secret_key: str | None,
               region: str | None = "us-east-1", session_token: str | None = None,
               connect_timeout: float = 5, read_timeout: float = 60, attempts: int = 3):
-    """A boto3 S3 client with path-style addressing (what SeaweedFS and MinIO expect)."""
+    """A boto3 S3 client with path-style addressing (what SeaweedFS and MinIO expect).
+
+    boto3 is imported here, not with the module: it costs ~20 MB of RSS, which the controller
+    and an idle runner never need."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or None,

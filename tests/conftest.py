@@ -34,3 +34,20 @@ def _traversable_mktemp():
 
 
 _traversable_mktemp()
+
+
+@pytest.fixture(scope="module")
+def sqs_endpoint():
+    """A local SQS-compatible server (moto) on 127.0.0.1, for the SQS source's tests."""
+    from tests.realparts import free_port, need
+
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        ThreadedMotoServer = None
+    need(ThreadedMotoServer is not None, "moto[server] (a local SQS-compatible server)")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import pika
-import pytest
 
 from appliance.actions.submit import build_request
 from appliance.identity import appliance_id
@@ -313,20 +312,6 @@ def test_sqs_refusals_travel_with_the_copy_and_dead_letter_after_two_boxes(sqs_e
         src_b.close()
 
 
-@pytest.fixture(scope="module")
-def sqs_endpoint():
-    from tests.realparts import free_port, need
-
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        ThreadedMotoServer = None
-    need(ThreadedMotoServer is not None, "moto[server] (a local SQS-compatible server)")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_a_new_plan_looks_at_refused_requests_again(rabbit, tmp_path):

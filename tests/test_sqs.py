@@ -10,21 +10,7 @@ import pytest
 from appliance.paths import Home
 from appliance.queues.sources import SourceSet, check_entry, read_entries
 from appliance.queues.sqs import SqsSource, parse_sqs_dir
-from tests.realparts import free_port, need
-
-
-@pytest.fixture(scope="module")
-def sqs_endpoint():
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        ThreadedMotoServer = None
-    need(ThreadedMotoServer is not None, "moto[server] (a local SQS-compatible server)")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+from tests.realparts import free_port
 
 
 def write_entry(folder, endpoint: str, region: str = "us-east-1") -> None:

@@ -16,7 +16,6 @@ from appliance.paths import Home
 from appliance.runner.counters import SlotCounters, read_counters
 from tests.appliance_fixtures import last_result, make_home, stop_home, submit
 from tests.realparts import need, wait_for
-from tests.test_sqs import sqs_endpoint  # noqa: F401 - the local SQS server fixture
 
 
 def test_a_bad_listen_value_names_the_key_and_the_fix():
@@ -224,7 +223,7 @@ def test_rabbitmq_depths_come_from_one_management_api_call(rabbit):
         src.close()
 
 
-def test_sqs_depths_come_from_queue_attributes(sqs_endpoint, tmp_path):  # noqa: F811 - the fixture
+def test_sqs_depths_come_from_queue_attributes(sqs_endpoint, tmp_path):
     """waiting (visible), running (received, not yet deleted), dead (`<queue>_dead`), from a
     local SQS-compatible server."""
     import uuid

@@ -114,9 +114,12 @@ def submit(g: Guest, seconds: float, tag: str) -> str:
     return out.split()[0]
 
 
+def queue_rows(g: Guest) -> list[dict]:
+    return json.loads(g.run("sudo appliance queue ls --json", user="alice").stdout)
+
+
 def dead_letters(g: Guest) -> int:
-    lines = g.run("sudo appliance queue ls", user="alice").stdout.splitlines()[1:]
-    return sum(int(line.split()[-1]) for line in lines)
+    return sum(row["dead"] or 0 for row in queue_rows(g))
 
 
 def wait_finished(g: Guest, keys: dict[str, str], dead_before: int = 0, timeout: float = 900) -> None:
@@ -132,9 +135,8 @@ def wait_finished(g: Guest, keys: dict[str, str], dead_before: int = 0, timeout:
     assert not left, f"experiments lost or stuck: {left}; queue: {queues}"
     queues = g.run("sudo appliance queue ls", user="alice").stdout
     log("  queue: " + " | ".join(queues.splitlines()[1:]))
-    for line in queues.splitlines()[1:]:
-        waiting, running, _ = line.split()[-3:]
-        assert (waiting, running) == ("0", "0"), queues
+    for row in queue_rows(g):
+        assert (row["waiting"], row["running"]) == (0, 0), queues
     assert dead_letters(g) == dead_before, queues
 
 

@@ -55,7 +55,7 @@ KEEP_NAMES = {
     "LD_LIBRARY_PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
     "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CUDA_VISIBLE_DEVICES",
 }
-KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PIP_")
+KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PIP_", "UV_")
 
 _VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 

@@ -667,6 +667,12 @@ class VenvCache:
         for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
             if env.get(pip_name) and uv_name not in env and "UV_DEFAULT_INDEX" not in env:
                 env[uv_name] = env[pip_name]  # the admin's pip index, unless uv has its own
+        if env.get("PIP_CERT") and "SSL_CERT_FILE" not in env:
+            env["SSL_CERT_FILE"] = env["PIP_CERT"]  # the admin's CA bundle for pip is uv's too
+        if not ({"SSL_CERT_FILE", "UV_NATIVE_TLS", "UV_SYSTEM_CERTS"} & env.keys()):
+            # uv trusts only its own built-in roots unless told; pip and curl trust the system
+            # store, where a lab's own CA (or its TLS proxy's) is installed: so does uv here
+            env["UV_NATIVE_TLS"] = "1"
         uvc.ensure()  # root's and 0700, even if someone removed it
         mode = uvc.link_mode()
         steps = [[uvc.uv, "venv", "--quiet", "--allow-existing", "--no-python-downloads",

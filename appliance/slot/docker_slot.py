@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 HOME_LABEL = "appliance.home"
@@ -307,6 +308,11 @@ def run_slot(args) -> int:
     try:
         code = foreground.run(container, lambda e: _start_failure(e, args))
         container.reload()
+        for _ in range(10 if code == 137 else 0):  # dockerd may note the OOM kill a moment after the exit
+            if container.attrs["State"].get("OOMKilled"):
+                break
+            time.sleep(0.2)
+            container.reload()
         if code == 137 and container.attrs["State"].get("OOMKilled"):  # not just a workload
             print(f"{container.name}: the container was OOM-killed (memory limit "
                   f"{args.memory_bytes} bytes)", file=sys.stderr, flush=True)

@@ -553,7 +553,7 @@ def test_the_hello_example_runs(store, home):
     runner, _ = make_runner(home)
     runner.run_forever(exit_when_idle=True)
     out = output_of(store, key)
-    assert f"hello from experiment {key}" in out and out.rstrip().endswith("done")
+    assert f"hello from experiment {key}" in out and "\ndone\nappliance: success: class success" in out
     assert json.loads(read_artifact(store, key, "modeldir")["checkpoint.json"])["step"] == 3
     assert "w" in json.loads(read_artifact(store, key, "retval")["retval.json"])
 

@@ -225,6 +225,12 @@ class RunnerConfig:
     max_attempts: int = opt(3, _int_at_least(1),
                             "how many times a request may be claimed without finishing (its runner crashed, was "
                             "killed or stopped mid-job) before it is dead-lettered")
+    retries: int = opt(2, _int_at_least(0),
+                       "how many times a job that failed for the box's fault (class infrastructure) runs again "
+                       "before it is dead-lettered; user failures never run again")
+    hang_after: float = opt(0.0, _duration,
+                            'stop a job with no CPU progress and no new output for this long, as class hung '
+                            '(e.g. "30m"; 0: never)')
 
 
 @dataclass(frozen=True)

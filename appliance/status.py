@@ -235,6 +235,8 @@ def format_status(facts: dict) -> str:
         elif s["last_result"]:
             r = s["last_result"]
             job = f"{s['runner_state'] or 'idle'}; last: {r.get('experiment')} {r.get('outcome')}"
+            if r.get("class"):
+                job += f" [{r['class']}]"
         lines.append(f"  {s['name']:<8} {s['state']:<9} {s['pid'] or '-':>7} {s['cpu_list']:<8} "
                      f"{memory:<20} {format_size(s['shm_bytes']):<8} {gpu:<18} {_age(s['uptime_s']):>7}  {job}")
         if s["container_id"]:

@@ -270,7 +270,8 @@ def test_failing_workload_is_dead_lettered_with_its_output_uploaded(store, home)
     submit(home, body)
     runner, _ = make_runner(home)
     runner.run_forever(exit_when_idle=True)
-    assert dead_reasons(home) == ["failed: exit code 3\n"]
+    assert dead_reasons(home) == ["failed: exit code 3 [class: user]\n"]
+    assert runner.status.data["last_result"]["class"] == "user"
     out = output_of(store, key)
     assert "about to fail" in out and "exit code 3" in out
 
@@ -491,7 +492,8 @@ def test_sigkill_of_the_runner_mid_job_runs_the_job_again(store, home):
     assert read_status(home, "slot-k")["last_result"]["outcome"] == "success"
     out = output_of(store, key)
     assert "first attempt" in out and "running again" in out
-    assert out.rstrip().endswith("second attempt completes")
+    body, footer = out.rstrip().rsplit("\n", 1)  # the last line is the appliance's report
+    assert body.endswith("second attempt completes") and footer.startswith("appliance: success: class success")
     assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []
 
 
@@ -572,7 +574,7 @@ def test_the_hello_example_runs(store, home):
     runner, _ = make_runner(home)
     runner.run_forever(exit_when_idle=True)
     out = output_of(store, key)
-    assert f"hello from experiment {key}" in out and out.rstrip().endswith("done")
+    assert f"hello from experiment {key}" in out and "\ndone\nappliance: success: class success" in out
     assert json.loads(read_artifact(store, key, "modeldir")["checkpoint.json"])["step"] == 3
     assert "w" in json.loads(read_artifact(store, key, "retval")["retval.json"])
 
@@ -614,3 +616,81 @@ def test_runner_under_the_slot_exec_wrapper_survives_an_oom_and_runs_on(store, h
     assert "allocating" in output_of(store, key)
     assert "hello from the workload" in output_of(store, key2)
     assert read_status(home, slot_cgroup)["last_result"]["outcome"] == "success"
+
+
+# ------------------------------------------------------------------ failure classes and retries
+
+def test_an_infrastructure_failure_runs_again_then_is_dead_lettered_as_infrastructure(store, home, monkeypatch):
+    # pip cannot reach its index (a dead endpoint): the box's fault, not the request's
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "1")  # pip says "Connection refused" only when it retries
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_CONFIG_FILE", raising=False)
+    key, body = request(store, HELLO, pythonenv=[f"appliance-retry-probe-{uuid.uuid4().hex[:6]}==1.0"])
+    msgid = submit(home, body)
+    runner, _ = make_runner(home, python="", retries=1, retry_backoff_s=0.1, max_attempts=3)
+    assert runner.run_once()
+    last = runner.status.data["last_result"]
+    assert last["class"] == "infrastructure" and last["retry"] == 1
+    assert pending(home) == [msgid] and dead_reasons(home) == []  # back in the queue, counted
+    runner.run_forever(exit_when_idle=True)
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("environment failed") and reason.rstrip().endswith("[class: infrastructure]")
+    assert "running it again (retry 1 of 1)" in output_of(store, key)
+
+
+def test_an_unresolvable_requirement_is_class_environment_and_not_retried(store, home):
+    key, body = request(store, HELLO, pythonenv=["appliance-no-such-package-0xdead==1.0"])
+    submit(home, body)
+    runner, _ = make_runner(home, python="", retries=2)
+    assert runner.run_once()
+    (reason,) = dead_reasons(home)
+    assert reason.rstrip().endswith("[class: environment]")
+    assert runner.status.data["last_result"]["class"] == "environment"
+
+
+def test_classes_and_the_job_report_in_a_real_slot(store, home, slot_cgroup):
+    """In a real slot cgroup: a busy job reports its CPU seconds and peak memory; one exiting 1
+    is class user and not retried; one eating memory is class oom; one that sleeps without
+    output is stopped after runner.hang_after as class hung."""
+    jobs = {
+        "busy": {"train.py": """
+            import time
+            block = bytearray(24 << 20)
+            end = time.process_time() + 0.5
+            while time.process_time() < end:
+                pass
+            print("done", len(block), flush=True)
+            """},
+        "user": {"train.py": "raise SystemExit(1)\n"},
+        "oom": {"train.py": """
+            hog = []
+            while True:
+                hog.append(bytearray(16 << 20))
+            """},
+        "hung": {"train.py": """
+            import time
+            print("waiting for nothing", flush=True)
+            time.sleep(600)
+            """},
+    }
+    src = LocalQueueSource(home.queue_root, runner_id="slot-oom")
+    runner = Runner(home, "slot-oom", [src], fast_settings(hang_after_s=2.0, retries=2),
+                    environ={**os.environ, "APPLIANCE_SLOT": slot_cgroup, "APPLIANCE_SLOT_CPUS": "0"})
+    last = {}
+    keys = {}
+    for name, files in jobs.items():
+        keys[name], body = request(store, files)
+        submit(home, body)
+        assert runner.run_once()
+        last[name] = runner.status.data["last_result"]
+    assert [last[n]["class"] for n in jobs] == ["success", "user", "oom", "hung"]
+    report = last["busy"]["report"]
+    assert report["cpu_seconds"] >= 0.4 and report["peak_memory_bytes"] >= 24 << 20
+    assert report["slot"] == "slot-oom" and report["cpus"] == "0" and report["wall_seconds"] > 0
+    assert "class success, cpu " in output_of(store, keys["busy"])  # the footer `appliance logs` shows
+    assert "class hung" in output_of(store, keys["hung"])
+    reasons = dead_reasons(home)
+    assert sorted(r.rstrip().rsplit("[class: ", 1)[1] for r in reasons) == ["hung]", "oom]", "user]"]
+    assert pending(home) == [] and claimed(home) == []  # none of them runs again

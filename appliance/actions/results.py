@@ -101,6 +101,11 @@ def print_record(artifacts: list, retry) -> None:
     if not record:
         return
     print(f"{'ended':10} {record.get('outcome')}" + (f": {record['reason']}" if record.get("reason") else ""))
+    if record.get("report"):
+        from appliance.runner.classes import report_line
+        print(f"{'report':10} {report_line(record['report'])}")
+    elif record.get("class"):
+        print(f"{'class':10} {record['class']}")
     use = record.get("gpu")
     if use:
         util = use.get("util_mean_pct")

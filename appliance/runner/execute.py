@@ -33,6 +33,7 @@ TIMED_OUT = "timed out"
 INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
 OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 ENV_FAILED = "environment failed"  # the Python environment could not be built
+HUNG = "hung"  # no CPU progress and no new output for runner.hang_after
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Result:
     outcome: str
     exit_code: Optional[int]
     reason: str
+    detail: str = ""  # more text for the failure class only (pip's error), not shown as the reason
+    usage: Optional[dict] = None  # cpu_seconds, peak_memory_bytes, wall_seconds of the workload
 
     @property
     def ok(self) -> bool:
@@ -153,6 +156,97 @@ def job_cgroup(slot: Optional[str]) -> Optional[str]:
         return None
 
 
+def _job_file(slot: str, root: Optional[str], name: str) -> Optional[str]:
+    from appliance.slot import cgroup
+    if not root:
+        return None
+    try:
+        with open(os.path.join(cgroup.SlotCgroup(slot).path(root, "job"), name)) as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def job_cpu_seconds(slot: Optional[str]) -> Optional[float]:
+    """CPU time charged to the slot's job cgroup so far (v2 cpu.stat, v1 cpuacct.usage), or None."""
+    if not slot:
+        return None
+    from appliance.slot import cgroup
+    h = cgroup.current_hierarchy()
+    if h.version == "v2":
+        text = _job_file(slot, h.cpuset, "cpu.stat") or ""
+        usec = next((int(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines())
+                     if k == "usage_usec" and v.strip().isdigit()), None)
+        return usec / 1e6 if usec is not None else None
+    text = (_job_file(slot, h.cpuacct, "cpuacct.usage") or "").strip()
+    return int(text) / 1e9 if text.isdigit() else None
+
+
+def job_peak_memory(slot: Optional[str]) -> Optional[int]:
+    """Peak memory of the slot's job cgroup (v1 memory.max_usage_in_bytes, v2 memory.peak), or None."""
+    if not slot:
+        return None
+    from appliance.slot import cgroup
+    h = cgroup.current_hierarchy()
+    name = "memory.peak" if h.version == "v2" else "memory.max_usage_in_bytes"
+    text = (_job_file(slot, h.memory, name) or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def reset_job_peak(slot: Optional[str]) -> None:
+    """Start the job cgroup's memory peak afresh (v1; v2 from Linux 6.12): the leaf serves every job."""
+    if not slot:
+        return
+    from appliance.slot import cgroup
+    h = cgroup.current_hierarchy()
+    name = "memory.peak" if h.version == "v2" else "memory.max_usage_in_bytes"
+    try:
+        with open(os.path.join(cgroup.SlotCgroup(slot).path(h.memory, "job"), name), "w") as f:
+            f.write("0")
+    except (OSError, ValueError):
+        pass
+
+
+def _leader_ticks(pid: int) -> Optional[int]:
+    """utime + stime of one process (no job cgroup to ask)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Usage:
+    """What one workload used: CPU seconds and peak memory from its job cgroup, or from
+    getrusage of the runner's children when there is no cgroup (no slot: tests, `python=`)."""
+
+    def __init__(self, slot: Optional[str]):
+        import resource
+        self.slot = slot
+        reset_job_peak(slot)
+        self.cpu0 = job_cpu_seconds(slot)
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.ru0 = ru.ru_utime + ru.ru_stime
+        self.started = time.time()
+
+    def cpu_now(self) -> float:
+        import resource
+        cpu = job_cpu_seconds(self.slot)
+        if cpu is not None and self.cpu0 is not None:
+            return cpu - self.cpu0
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime - self.ru0
+
+    def report(self) -> dict:
+        import resource
+        peak = job_peak_memory(self.slot)
+        if peak is None:  # largest child ever: an upper bound only when the runner had bigger ones
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        return {"cpu_seconds": round(self.cpu_now(), 3), "peak_memory_bytes": peak,
+                "wall_seconds": round(time.time() - self.started, 3)}
+
+
 def oom_kills(slot: Optional[str]) -> Optional[int]:
     """OOM kill count of the slot's job cgroup, or None when there is no cgroup to ask."""
     if not slot:
@@ -238,6 +332,8 @@ class Supervision:
     term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
     check: Callable[[], Optional[str]] = lambda: None  # a reason to stop the job now (GPU share)
     stopped_reason: str = ""  # what `check` said, once it said something
+    hang_after_s: float = 0.0  # no progress this long -> HUNG (0: never)
+    progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
 
 
 def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
@@ -247,6 +343,7 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     stopped_for: Optional[str] = None
     kill_at = None
     next_save = time.time() + sv.save_every_s if sv.save_every_s else None
+    seen, progressed = sv.progress(), time.time()
     while True:
         try:
             rc = proc.wait(timeout=sv.tick_s)
@@ -260,6 +357,12 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
                 stopped_for = TIMED_OUT
             elif drain_at is not None and now >= drain_at:
                 stopped_for = INTERRUPTED
+            elif sv.hang_after_s > 0:
+                now_seen = sv.progress()
+                if now_seen != seen:
+                    seen, progressed = now_seen, now
+                elif now - progressed >= sv.hang_after_s:
+                    stopped_for = HUNG
             if stopped_for:
                 signal_group(proc.pid, signal.SIGTERM)
                 kill_at = now + sv.term_grace_s
@@ -473,6 +576,8 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
         return Result(OVER_GPU_SHARE, rc, stopped_reason or "over the slot's GPU memory share")
     if stopped_for == TIMED_OUT:
         return Result(TIMED_OUT, rc, "lifetime exceeded (experimentLifetime/max_duration)")
+    if stopped_for == HUNG:
+        return Result(HUNG, rc, "no CPU progress and no new output for runner.hang_after; stopped")
     if stopped_for == INTERRUPTED:
         return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
     if rc == 0:
@@ -509,6 +614,7 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     else:
         count_ooms, slot_name = (lambda: oom_kills(slot)), slot
     before = count_ooms()
+    usage = Usage(slot)
     with open(output, "ab") as out:
         try:
             proc = spawn(argv, cwd, env, out, slot, launcher, user)
@@ -517,10 +623,14 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
             out.write(f"appliance: {msg}\n".encode())
             return Result(FAILED, None, msg)
         on_start(proc)
+        if sv.hang_after_s > 0:
+            sv.progress = lambda: (usage.cpu_now() if usage.cpu0 is not None else _leader_ticks(proc.pid),
+                                   output.stat().st_size)
         rc, stopped_for = supervise(proc, sv)
         on_end()
         kill_job_leftovers(slot)
         result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason)
+        result.usage = usage.report()
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
     return result

@@ -47,7 +47,7 @@ from typing import Optional
 
 from appliance import notify
 from appliance.runner import artifacts as arts
-from appliance.runner import execute, gpu, pyenv
+from appliance.runner import classes, execute, gpu, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
@@ -88,6 +88,10 @@ class RunnerSettings:
     resume_every_s: float = 30.0  # how often finished jobs whose uploads failed are tried again
     workload_user: str = "auto"  # isolation.user (see appliance/slot/users.py)
     max_attempts: int = 3  # claims of one message before it is quarantined (dead letter)
+    retries: int = 2  # runs again after an infrastructure failure (runner/classes.py)
+    retry_backoff_s: float = 5.0  # held this long before such a run again; doubles per retry
+    retry_backoff_max_s: float = 120.0
+    hang_after_s: float = 0.0  # no CPU progress and no output this long: stopped as hung (0: never)
     gpu_watch_s: float = 2.0  # how often a running job's GPU memory is looked at (NVML)
     gpu_share: str = "none"  # isolation.gpu_share: "none" or "mps"
     unrunnable_after_refusals: int = 3  # distinct appliances refusing a shared message: dead letter
@@ -103,7 +107,8 @@ class RunnerSettings:
                    python=r.python, drain_timeout_s=r.drain_timeout,
                    max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
                    workload_user=config.isolation.user,
-                   max_attempts=r.max_attempts, gpu_share=config.isolation.gpu_share,
+                   max_attempts=r.max_attempts, retries=r.retries, hang_after_s=r.hang_after,
+                   gpu_share=config.isolation.gpu_share,
                    unrunnable_after_refusals=config.queues.unrunnable_after_refusals,
                    unrunnable_after_s=config.queues.unrunnable_after,
                    installer=r.installer, env_cache_bytes=r.env_cache)
@@ -693,7 +698,8 @@ def release_or_quarantine(src, msg, error: BaseException, max_attempts: int) -> 
         what = f"the disk is full ({error})"
     try:
         if attempt >= max_attempts:
-            src.dead_letter(msg, f"the runner failed on this request {attempt} times; the last: {what}")
+            src.dead_letter(msg, f"the runner failed on this request {attempt} times; the last: {what} "
+                                 f"[class: {classes.INFRASTRUCTURE}]")
         else:
             src.release(msg)
     except Exception:
@@ -787,7 +793,8 @@ class Job:
         return execute.Supervision(
             deadline=self.deadline(), stop_at=self.r.drain_deadline, tick=self.tick,
             save_every_s=self.req.save_every_s if periodic_save else None,
-            save=self.save, tick_s=self.s.tick_s, term_grace_s=self.s.term_grace_s)
+            save=self.save, tick_s=self.s.tick_s, term_grace_s=self.s.term_grace_s,
+            hang_after_s=self.s.hang_after_s if periodic_save else 0.0)
 
     def note(self, text: str) -> None:
         """A line from the appliance in the experiment's output (a root-owned folder: no link
@@ -805,9 +812,11 @@ class Job:
         except ArtifactError as e:
             log.warning("periodic upload of %s: %s", self.req.key, e)
 
-    def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None) -> None:
-        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use)
-        log.info("%s: %s %s", self.req.key, outcome, reason)
+    def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None,
+               cls: Optional[str] = None, report: Optional[dict] = None) -> None:
+        cls = cls or classes.classify(outcome, exit_code, reason)
+        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
+        log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
     def unpack_limit(self) -> int:
         """The most an artifact may unpack to: runner.max_unpack, the request's hdd, and this
@@ -875,7 +884,7 @@ class Job:
                 raise  # the disk's fault, not the request's: released and counted by process()
             self.note(reason)
             self.upload_quietly()
-            self.settle_msg("dead_letter", reason)
+            self.settle_msg("dead_letter", f"{reason} [class: {classes.classify('failed', None, reason)}]")
             self.finish("failed", None, reason)
             return False
         self.r.store_up(next(iter(self.req.artifacts.values())).endpoint_url)
@@ -892,7 +901,8 @@ class Job:
             if outcome == execute.SUCCESS:
                 self.settle_msg("ack")
             else:
-                self.settle_msg("dead_letter", f"{outcome}: {reason}")
+                cls = record.get("class") or classes.classify(outcome or "failed", record.get("exit_code"), reason)
+                self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
             self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
             return True
         if time.time() - float(record.get("finished") or 0) < self.s.store_wait_s:
@@ -941,7 +951,7 @@ class Job:
         except pyenv.EnvBuildFailed as e:
             self.note(str(e))
             return execute.Result(execute.ENV_FAILED, None,
-                                  f"building the Python environment failed: {e.summary}")
+                                  f"building the Python environment failed: {e.summary}", detail=str(e)[-4000:])
         except pyenv.Interrupted:
             if self.r.stopping:
                 return execute.Result(execute.INTERRUPTED, None, "runner stopping (drain)")
@@ -1063,15 +1073,59 @@ class Job:
             self.upload_quietly()
             self.failed_inside(OSError(errno.ENOSPC, f"no space left while it ran ({result.reason})"))
             return
-        ended = {"state": "ended", "outcome": result.outcome, "exit_code": result.exit_code,
+        cls = classes.classify(result.outcome, result.exit_code, f"{result.reason}\n{result.detail}")
+        if classes.retried(cls) and self.retry_later(result, cls):
+            return
+        ended = {"state": "ended", "outcome": result.outcome, "class": cls, "exit_code": result.exit_code,
                  "reason": result.reason, "finished": time.time(), "slot": self.r.slot,
                  "host": os.uname().nodename, "experiment": self.req.key}
         if self.gpu is not None:
             ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
+        ended["report"] = self.report(result)
+        self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
         self.keep_dir = True
         self._write_record(ended)
         self.complete(ended)
+
+    def report(self, result: execute.Result) -> dict:
+        """The per-job report: what the workload used, where it ran, and how it ended."""
+        cpus = self.r.environ.get("APPLIANCE_SLOT_CPUS")
+        out = {"class": classes.classify(result.outcome, result.exit_code, f"{result.reason}\n{result.detail}"),
+               "slot": self.r.slot, "cpus": cpus or None,
+               "gpus": self.r.environ.get("CUDA_VISIBLE_DEVICES") or None,
+               "wall_seconds": round(time.time() - self.started, 3)}
+        if result.usage:
+            out.update(result.usage)
+            out["wall_seconds"] = result.usage.get("wall_seconds")
+        if self.gpu is not None:
+            out["gpu_peak_memory_bytes"] = self.gpu.summary().get("peak_memory_bytes")
+        return out
+
+    def retry_later(self, result: execute.Result, cls: str) -> bool:
+        """An infrastructure failure with retries left: hold the message for a backoff, then
+        release it counted, so the next claim (any slot, any appliance) is attempt + 1. The
+        attempt count the message carries is the retry count (retry n = attempt n + 1): one
+        counter for both limits, so a job runs at most 1 + min(runner.retries,
+        runner.max_attempts - 1) times. False when no retry is left (then it is dead-lettered)."""
+        done = getattr(self.msg, "attempt", 1) - 1  # retries behind it
+        if done >= self.s.retries or done + 1 >= self.s.max_attempts:
+            return False
+        self.note(f"{result.outcome} ({cls}): {result.reason}; running it again "
+                  f"(retry {done + 1} of {self.s.retries})")
+        self.upload_quietly()
+        wait = min(self.s.retry_backoff_s * (2 ** done), self.s.retry_backoff_max_s)
+        end = time.time() + wait
+        while time.time() < end and not self.r.stopping:
+            self.tick()
+            time.sleep(min(1.0, self.s.tick_s, max(0.0, end - time.time())))
+        self.settle_msg.done = True
+        self.src.release(self.msg)
+        self.status.job_finished(result.outcome, result.exit_code, result.reason,
+                                 cls=cls, retry=done + 1)
+        log.warning("%s: %s [%s] %s: retry %d of %d", self.req.key, result.outcome, cls, result.reason,
+                    done + 1, self.s.retries)
+        return True
 
     def _write_record(self, data: dict) -> None:
         if self.record is not None:
@@ -1089,11 +1143,13 @@ class Job:
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")
+        cls = ended.get("class") or classes.classify(outcome, ended.get("exit_code"), reason)
         if outcome == execute.SUCCESS:
             self.settle_msg("ack")
         else:
-            self.settle_msg("dead_letter", f"{outcome}: {reason}")
-        self.finish(outcome, ended.get("exit_code"), reason, ended.get("gpu"))
+            self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
+        self.finish(outcome, ended.get("exit_code"), reason, ended.get("gpu"), cls=cls,
+                    report=ended.get("report"))
 
     def upload_until_done(self) -> bool:
         """Upload the finished job's outputs, holding its message while the store is down (up

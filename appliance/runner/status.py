@@ -85,13 +85,22 @@ class StatusFile:
             self.counters.job_started(queue, enqueued)
 
     def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
-                     gpu: Optional[dict] = None) -> None:
+                     gpu: Optional[dict] = None, cls: Optional[str] = None,
+                     retry: Optional[int] = None, report: Optional[dict] = None) -> None:
+        """`cls`: the failure class (runner/classes.py); worked out from the rest when not given."""
+        if cls is None:
+            from appliance.runner.classes import classify
+            cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
             self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
-        result = {"experiment": self.data.get("experiment"), "outcome": outcome,
+        result = {"experiment": self.data.get("experiment"), "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
         if gpu:
             result["gpu"] = gpu
+        if report:
+            result["report"] = report  # the per-job report (Job.report)
+        if retry:
+            result["retry"] = retry  # released to run again: this many retries so far
         self.update(state="idle", last_result=result, experiment=None, queue=None, source=None,
                     started=None, output=None, workload=None, gpu=None)
 

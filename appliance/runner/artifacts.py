@@ -199,7 +199,7 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
 
 PART_BYTES = 8 << 20  # multipart part size (and the size from which a transfer goes multipart)
 PARALLEL_PARTS = 8  # parts in flight at once (threads of the transfer manager)
-UPLOAD_PARTS_IN_MEMORY = 4  # parts read from the tar stream, waiting or being sent
+UPLOAD_PARTS_IN_MEMORY = 3  # parts read from the tar stream, waiting or being sent
 
 
 def _transfer_config():

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.paths import Home  # noqa: E402
 from appliance.workspace import pack_directory  # noqa: E402
-from tests.store_fixtures import start_store  # noqa: E402
+from tests.store_fixtures import start_store, stop_store  # noqa: E402
 
 BOTO3_CP = """
 import sys, boto3
@@ -144,12 +144,7 @@ def main() -> int:
         return 0
     finally:
         if store is not None:
-            store.process.terminate()
-            try:
-                store.process.wait(30)
-            except subprocess.TimeoutExpired:
-                store.process.kill()
-                store.process.wait()
+            stop_store(store)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -94,11 +94,7 @@ def stop_store(running: RunningStore) -> None:
 def store(tmp_path_factory):
     running = start_store(tmp_path_factory.mktemp("store-home"))
     yield running
-    running.process.terminate()
-    try:
-        running.process.wait(10)
-    except subprocess.TimeoutExpired:
-        running.process.kill()
+    stop_store(running)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 
 from appliance.store.server import seaweed_ports, store_run_dir
 from tests.realparts import need
-from tests.store_fixtures import start_store
+from tests.store_fixtures import start_store, stop_store
 
 NOBODY = 65534
 # stdlib only: /root (where the test interpreter lives) is closed to uid 65534
@@ -91,11 +91,7 @@ def open_store():
     root.chmod(0o755)
     running = start_store(root / "home")
     yield running
-    running.process.terminate()
-    try:
-        running.process.wait(20)
-    except subprocess.TimeoutExpired:
-        running.process.kill()
+    stop_store(running)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -151,7 +151,7 @@ def test_reader_without_watch_creates_nothing(tmp_path):
 
 
 def test_bad_queue_name(src):
-    for name in ("rmq_x", "../local", "local/x", ""):
+    for name in ("rmq_x", "../local", "local/x", "", "local\n", "local_q\n"):
         with pytest.raises(ValueError):
             src.claim(name)
         with pytest.raises(ValueError):

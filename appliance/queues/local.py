@@ -58,12 +58,12 @@ RECOVER_EVERY_S = 30.0
 DEAD_TTL_S = 30 * 86400.0
 SWEEP_DEAD_EVERY_S = 600.0
 
-_QUEUE_NAME = re.compile(r"^local[A-Za-z0-9_.\-]*$")
+_QUEUE_NAME = re.compile(r"local[A-Za-z0-9_.\-]*")
 
 
 def is_local_queue(name: str) -> bool:
     """StudioML routes a queue name starting with `local` to the directory queue."""
-    return bool(_QUEUE_NAME.match(name))
+    return isinstance(name, str) and _QUEUE_NAME.fullmatch(name) is not None
 
 
 # ---------------------------------------------------------------- who may read the queue

@@ -314,6 +314,21 @@ def test_queue_ls_and_dead(home, capsys):
     src.close()
 
 
+def test_queue_dead_survives_whatever_a_submitter_sent(home, capsys):
+    src = LocalQueueSource(home.queue_root, runner_id="t")
+    deep = b'{"experiment": {"key": ' + b"[" * 200000 + b"]" * 200000 + b"}}"
+    escape = json.dumps({"experiment": {"key": "k\x1b]0;owned\x07"}}).encode()
+    for body in (deep, escape):
+        src.enqueue("local_a", body)
+        src.dead_letter(src.claim("local_a"), "message: not a request")
+    src.close()
+    assert queue_cli(home, "dead") == 0
+    out = capsys.readouterr().out
+    assert out.count("message: not a request") == 2 and "\x1b" not in out
+    assert queue_cli(home, "dead", "--json") == 0
+    assert [row["experiment"] for row in json.loads(capsys.readouterr().out)] == [None, None]
+
+
 @pytest.mark.parametrize("ttl, kept", [("1d", False), ("0", True)])
 def test_queue_dead_drops_expired_dead_letters(home, capsys, ttl, kept):
     home.config_file.write_text(f'[queues]\ndead_ttl = "{ttl}"\n')

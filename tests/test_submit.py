@@ -25,6 +25,7 @@ from appliance.runner.request import parse_request
 from appliance.runner.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
 from appliance.workspace import pack_directory, workspace_key
+from tests.realparts import full_filesystem
 
 
 @pytest.fixture
@@ -224,6 +225,17 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     assert not (dest / ".git").exists() and not (dest / ".venv").exists()
     src.ack(msg)
     src.close()
+
+
+def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # the store has it
+    capsys.readouterr()
+    with full_filesystem(store_home.queue_root, "256k"):
+        rc = submit(store_home, "--dir", str(project), "--no-freeze", "train.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "no space left on device" in err and "Traceback" not in err
+        assert not list(store_home.queue_root.rglob(".*.tmp"))
 
 
 def test_same_tree_same_workspace(store_home, project, capsys, monkeypatch):

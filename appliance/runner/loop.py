@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from appliance import notify
+from appliance import events
 from appliance.runner import artifacts as arts
 from appliance.runner import classes, execute, gpu, pyenv
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
@@ -227,7 +227,7 @@ class Runner:
         self.quiet: dict[tuple, tuple] = {}  # (source, queue) -> (until, depth): holds only refused messages
         self._appliance_id: Optional[str] = None
         self._plan_sig = None
-        self.sources = notify.announce_settlements(self)  # finished, failed, dead-lettered: events
+        self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
 
     def _workload_user(self):
         if os.geteuid() != 0:

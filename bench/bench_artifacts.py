@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.runner import artifacts as arts  # noqa: E402
-from appliance.runner.artifacts import RetryPolicy  # noqa: E402
-from appliance.runner.request import Artifact  # noqa: E402
+from appliance.studioml import artifacts as arts  # noqa: E402
+from appliance.studioml.artifacts import RetryPolicy  # noqa: E402
+from appliance.studioml.request import Artifact  # noqa: E402
 from tests.store_fixtures import start_store  # noqa: E402
 
 MiB = 1 << 20

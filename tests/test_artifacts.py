@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
-from appliance.runner import artifacts as arts
-from appliance.runner.artifacts import RetryPolicy, Uploader
+from appliance.studioml import artifacts as arts
+from appliance.studioml.artifacts import RetryPolicy, Uploader
 from appliance.runner.cache import ArtifactCache
-from appliance.runner.request import Artifact
+from appliance.studioml.request import Artifact
 from tests.realparts import free_port
 
 

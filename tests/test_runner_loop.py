@@ -18,7 +18,7 @@ import pytest
 
 from appliance.paths import Home
 from appliance.queues.local import CLAIMED, DEAD, LocalQueueSource
-from appliance.runner.artifacts import RetryPolicy
+from appliance.studioml.artifacts import RetryPolicy
 from appliance.runner.loop import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port

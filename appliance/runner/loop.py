@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import events
-from appliance.runner import artifacts as arts
+from appliance.studioml import artifacts as arts
 from appliance.runner import classes, execute, gpu, pyenv
-from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
+from appliance.studioml.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
-from appliance.runner.request import BadRequest, Request, parse_request, unmet
+from appliance.studioml.request import BadRequest, Request, parse_request, unmet
 from appliance.files import write_atomic
 from appliance.queues import refusals
 from appliance.queues.base import over_attempts

@@ -279,14 +279,14 @@ def listed(arts: list, retry: RetryPolicy) -> dict[str, bool]:
 def unpack(tar_file, dest: Path, max_bytes: int) -> None:
     """Extract a tar (a path or an open file; any compression) into `dest` through the safe
     extractor; a hostile or broken archive raises UnsafeArchive."""
-    from appliance.runner.safetar import safe_extract
+    from appliance.studioml.safetar import safe_extract
     safe_extract(tar_file, dest, max_bytes)
 
 
 def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
     """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false."""
     if art.unpack:
-        from appliance.runner.safetar import UnsafeArchive
+        from appliance.studioml.safetar import UnsafeArchive
         try:
             unpack(obj, dest, max_bytes)
         except (UnsafeArchive, tarfile.TarError) as e:

@@ -15,6 +15,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PACKED=$HERE/packed
 PY=${PYTHON:-python3}
+FAKE_ENV=()
 LIMIT_S=${GPU_PROOF_LIMIT_S:-345}  # the whole run, install included: under 6 minutes
 START=$(date +%s)
 die() { echo "run.sh: $*" >&2; exit 2; }
@@ -26,7 +27,7 @@ if [ -n "${GPU_PROOF_FAKE_NVML:-}" ]; then
     # a rehearsal on a box without a card (docs/gpu.md): NVML answers from tests/fake_nvml with
     # this JSON description, CUDA is absent, so the workload checks FAIL; the rest runs for real
     echo "run.sh: REHEARSAL with the fake NVML ($GPU_PROOF_FAKE_NVML): not a proof"
-    export APPLIANCE_FAKE_NVML=$GPU_PROOF_FAKE_NVML PYTHONPATH=$REPO/tests/fake_nvml${PYTHONPATH:+:$PYTHONPATH}
+    FAKE_ENV=(APPLIANCE_FAKE_NVML="$GPU_PROOF_FAKE_NVML" PYTHONPATH="$REPO/tests/fake_nvml${PYTHONPATH:+:$PYTHONPATH}")
 else
     "$PY" "$HERE/proof.py" --driver-check
     case $? in
@@ -81,11 +82,17 @@ os.chmod(sys.argv[2] + ".tmp", 0o755)
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PYEOF
 
-BOX_PY=$(command -v "$PY")
+# workloads run as the slots' unprivileged accounts: they must reach this interpreter
+BOX_PY=$("$PY" -c 'import sys; print(sys.executable)')
+if command -v runuser >/dev/null && id nobody >/dev/null 2>&1 &&
+    ! timeout 30 runuser -u nobody -- "$BOX_PY" -c 'import sys' >/dev/null 2>&1; then
+    echo "run.sh: warning: an unprivileged account cannot run $BOX_PY (a folder on its path is closed?):" \
+        "the workloads will fail; set PYTHON to an interpreter every account can run"
+fi
 step "proving on the card (workloads run in $BOX_PY; report: $REPORT)"
 DEADLINE=$((START + LIMIT_S))
 LEFT=$((DEADLINE - $(date +%s) + 20))
-timeout --kill-after=10 "$LEFT" "$VENV/bin/python" "$HERE/drive.py" --home "$T/home" --work "$T/work" \
+env "${FAKE_ENV[@]}" timeout --kill-after=10 "$LEFT" "$VENV/bin/python" "$HERE/drive.py" --home "$T/home" --work "$T/work" \
     --python "$BOX_PY" --deadline "$DEADLINE" --report "$REPORT"
 rc=$?
 down

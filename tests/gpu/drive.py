@@ -293,6 +293,8 @@ class Run:
         last = {"t": 0.0}
 
         def tick():
+            if os.environ.get("APPLIANCE_FAKE_NVML"):
+                self.rehearse_processes({good.get("key"): GiB, hog.get("key"): share + 2 * GiB})
             if time.time() - last["t"] > 3 and not (good.get("done") and hog.get("done")):
                 self.record_nvml("shared")
                 last["t"] = time.time()
@@ -308,6 +310,24 @@ class Run:
                                           "usedGpuMemory is None" if procs else "empty process list while jobs held memory")}
         self.facts["phase_b"] = shared
         self.add(proof.judge_share(shared))
+
+    def rehearse_processes(self, memory: dict) -> None:
+        """Rehearsal only (the fake NVML): list the running jobs' workloads on the fake card with
+        `memory[key]` bytes each, as the real NVML would list them."""
+        from appliance.paths import Home
+        from appliance.runner.status import read_status
+        path = Path(os.environ["APPLIANCE_FAKE_NVML"])
+        box = json.loads(path.read_text())
+        procs = []
+        for slot in proof.gpu_slots(self.plan()):
+            st = read_status(Home.at(self.home), slot["name"]) or {}
+            pid = (st.get("workload") or {}).get("pid")
+            if pid and st.get("experiment") in memory:
+                procs.append({"pid": pid, "used_memory": memory[st["experiment"]], "sm_util": 50})
+        box["gpus"][0]["processes"] = procs
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(box))
+        tmp.replace(path)
 
     def run(self) -> int:
         try:

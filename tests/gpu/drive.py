@@ -234,14 +234,14 @@ class Run:
         cpu_job = self.submit(self.workspace("cpu"), "probe", resources=["--gpus", "0", "--ram", "1gb"])
         jobs.append(cpu_job)
         scrapes = []
-        state = {"busy_recorded": False}
+        last = {"t": gpu_job["seen_running"]}
 
         def tick():
             if not gpu_job.get("done"):
                 scrapes.append(self.scrape())
-                if not state["busy_recorded"] and time.time() - gpu_job["seen_running"] > 12:
+                if time.time() - last["t"] > 6:  # NVML while the job holds memory and runs kernels
                     self.record_nvml("busy")
-                    state["busy_recorded"] = True
+                    last["t"] = time.time()
 
         self.wait(jobs, time.time() + min(150, self.left() - 100), tick)
         self.facts["phase_a"] = {"gpu_job": gpu_job, "too_big": too_big, "cpu_job": cpu_job,
@@ -252,7 +252,7 @@ class Run:
         self.add(proof.judge_memory_matching(card_bytes, too_big, gpu_job))
         idle_used = (answer(self.nvml["idle"], "nvmlDeviceGetMemoryInfo") or {}).get("used", 0)
         busy = bool((proof.probe_of(gpu_job).get("torch") or {}).get("busy_matmuls"))
-        self.add(proof.judge_metrics(scrapes, idle_used, busy, slot_uuid))
+        self.add(proof.judge_metrics(scrapes, idle_used, busy, uuid))  # metrics name the card, not a MIG slice
         self.add(proof.judge_timings(gpu_job))
 
     def phase_b(self) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/gpu/pack.sh: put into tests/gpu/packed/ (ignored by git) what a bare GPU box needs to
 # run tests/gpu/run.sh without network: the wheels of the appliance's dependencies for
-# CPython 3.12 on manylinux x86_64 (less uv: the proof runs workloads in the box's own python),
+# CPython 3.12 (3.10-3.13 for the compiled ones) on manylinux x86_64 (less uv: the proof runs workloads in the box's own python),
 # pip and setuptools (to install the appliance from this tree there), and the store's `weed`
 # binary, xz-compressed. botocore is slimmed to the services the appliance calls (s3, sqs, sts).
 # At most 50 MiB in all, so the tree travels under a 64 MiB limit. Run it here, with network.
@@ -31,12 +31,18 @@ PYEOF
 
 rm -rf "$OUT.tmp"
 mkdir -p "$OUT.tmp/wheels" "$OUT.tmp/seaweedfs"
-PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all:
-          --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+PLATFORM=(--python-version 3.12 --implementation cp --only-binary=:all: "${PLATFORMS[@]}")
 echo "pack.sh: downloading wheels for CPython 3.12 manylinux x86_64: ${DEPS[*]} pip setuptools"
 "$PY" -m pip download -q --disable-pip-version-check --no-cache-dir "${PLATFORM[@]}" \
     -d "$OUT.tmp/wheels" "${DEPS[@]}" pip "setuptools>=77" 2>&1 | grep -v "^WARNING: Location" || true
 ls "$OUT.tmp/wheels"/boto3-*.whl >/dev/null 2>&1 || die "pip download failed (is PyPI reachable?)"
+# the compiled ones also for the Pythons a GPU image may have instead of 3.12 (small)
+for v in 3.10 3.11 3.13; do
+    "$PY" -m pip download -q --disable-pip-version-check --no-cache-dir --no-deps --python-version "$v" \
+        --implementation cp --only-binary=:all: "${PLATFORMS[@]}" -d "$OUT.tmp/wheels" markupsafe charset-normalizer \
+        2>&1 | grep -v "^WARNING: Location" || true
+done
 
 echo "pack.sh: slimming botocore to the s3, sqs and sts services"
 "$PY" - "$OUT.tmp/wheels" <<'PYEOF'

@@ -245,7 +245,10 @@ def judge_memory_matching(card_bytes: int, too_big: dict, fits: dict) -> Check:
         return fail(name, f"refused, but the reason does not say GPU memory: {reason}")
     if (fits or {}).get("outcome") != "success":
         return fail(name, f"the request that fits did not run to success ({_job_end(fits)})")
-    return ok(name, card=card_bytes, asked=too_big.get("asked_bytes"), reason=reason[:100])
+    # which slot looked decides the reason: a CPU slot says "needs 1 gpus, slot has 0"
+    names_memory = "gib" in reason.lower() or "memory" in reason.lower()
+    return ok(name, card=card_bytes, asked=too_big.get("asked_bytes"), reason_names_gpu_memory=names_memory,
+              reason=reason[:100])
 
 
 def judge_share(shared: dict) -> Check:
@@ -466,14 +469,20 @@ def _dist_version(name: str):
 # ---------------------------------------------------------------- is there a driver at all
 
 
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+
+
 def driver_problem() -> str:
-    """'' when NVML's library loads and answers nvmlInit; else why not."""
+    """'' when NVML's library loads and answers nvmlInit; else why not ("no driver: ..." when
+    there is no NVIDIA driver at all, as on a box without a card)."""
     try:
         lib = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError as e:
-        return f"libnvidia-ml.so.1 does not load ({e})"
+        return f"no driver: libnvidia-ml.so.1 does not load ({e})"
     init = getattr(lib, "nvmlInit_v2", None) or getattr(lib, "nvmlInit", None)
     rc = init() if init else -1
+    if rc == NVML_ERROR_DRIVER_NOT_LOADED:  # the library without its kernel driver (a CUDA image, no card)
+        return "no driver: nvmlInit answered NVML_ERROR_DRIVER_NOT_LOADED"
     if rc != 0:
         return f"nvmlInit answered {rc}"
     shutdown = getattr(lib, "nvmlShutdown", None)
@@ -485,9 +494,12 @@ def driver_problem() -> str:
 def main(argv) -> int:
     if argv[:1] == ["--driver-check"]:
         problem = driver_problem()
-        if problem:
+        if problem.startswith("no driver"):
             print(NO_DRIVER_LINE)
             return 3
+        if problem:  # a driver that does not work: nothing can be proved, and that must show
+            print(f"an NVIDIA driver is here but NVML does not start ({problem}): nothing proved")
+            return 4
         return 0
     if argv[:1] == ["--to-fake"] and len(argv) == 2:  # a report's NVML record -> the fake's JSON
         data = json.load(open(argv[1]))

@@ -33,6 +33,7 @@ else
     case $? in
         0) ;;
         3) exit 0 ;;  # no driver: proof.py printed the one line
+        4) exit 1 ;;  # a driver whose NVML does not start: proof.py said so
         *) die "$PY could not run tests/gpu/proof.py --driver-check" ;;
     esac
 fi
@@ -63,7 +64,9 @@ else  # no ensurepip on this python (Debian without python3-venv): pip runs from
     rm -rf "$VENV"
     timeout 60 "$PY" -m venv --without-pip "$VENV" || die "$PY -m venv failed: this python cannot make a virtualenv"
     [ -n "$WHEEL_PIP" ] || die "no pip wheel in $PACKED/wheels: run tests/gpu/pack.sh again"
-    PIP=("$VENV/bin/python" "$WHEEL_PIP/pip")
+    timeout 60 "$VENV/bin/python" "$WHEEL_PIP/pip" install -q --disable-pip-version-check --no-index "$WHEEL_PIP" ||
+        die "installing pip into $VENV from $WHEEL_PIP failed"
+    PIP=("$VENV/bin/python" -m pip)
 fi
 PIPQ=(--disable-pip-version-check --no-index --find-links "$PACKED/wheels" -q)
 # by name, so pip picks the packed wheel that fits this python

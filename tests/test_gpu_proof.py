@@ -239,3 +239,16 @@ def test_run_sh_without_a_driver_says_so_in_one_line_and_succeeds(tmp_path):
         p = subprocess.run([str(REPO / "tests" / "gpu" / "run.sh")], cwd=cwd, capture_output=True, text=True,
                            timeout=60)
         assert (p.returncode, p.stdout, p.stderr) == (0, proof.NO_DRIVER_LINE + "\n", "")
+
+
+def test_the_workload_reports_what_it_sees_even_without_cuda():
+    import workload
+    assert workload.format_uuid(bytes(range(16))) == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    p = subprocess.run([sys.executable, "-I", str(REPO / "tests" / "gpu" / "workload.py"), "probe"],
+                       capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("PROOF ")]
+    assert records[0]["event"] == "started" and records[-1]["mode"] == "probe"
+    if proof.driver_problem().startswith("no driver"):
+        assert "error" in records[-1]["cuda"]
+        assert proof.judge_cpu_slot({**job(records[-1]), "slot": "slot-0", "slot_kind": "cpu"}).status == OK

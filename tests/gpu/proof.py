@@ -192,7 +192,7 @@ def judge_cuda(job: dict, slot_uuid: str) -> Check:
     c = p.get("cuda") or {}
     if "error" in c:
         return fail(name, c["error"], cuda_visible_devices=p.get("cuda_visible_devices"))
-    if c.get("device_count") != 1 or c.get("uuids") != [slot_uuid]:
+    if c.get("device_count") != 1 or [_bare(u) for u in c.get("uuids") or []] != [_bare(slot_uuid)]:
         return fail(name, f"saw {c.get('uuids')}, wanted exactly [{slot_uuid}]",
                     cuda_visible_devices=p.get("cuda_visible_devices"))
     if not c.get("copy_ok"):
@@ -212,12 +212,17 @@ def judge_torch(job: dict, slot_uuid: str) -> Check:
         return fail(name, t["error"])
     if not t.get("cuda_available") or t.get("device_count") != 1:
         return fail(name, f"torch sees {t.get('device_count')} devices (cuda_available={t.get('cuda_available')})")
-    if t.get("uuid") is not None and t["uuid"] != slot_uuid:
+    if t.get("uuid") is not None and _bare(t["uuid"]) != _bare(slot_uuid):
         return fail(name, f"torch's device is {t['uuid']}, the slot's is {slot_uuid}")
     if not t.get("copy_ok"):
         return fail(name, "the tensor copied back differs")
     return ok(name, torch=t.get("version"), uuid=t.get("uuid") or "(torch too old to say)",
               busy_matmuls=t.get("busy_matmuls", 0))
+
+
+def _bare(uuid: str) -> str:
+    """A UUID without its GPU-/MIG- prefix (CUDA writes a MIG device's UUID as GPU-...)."""
+    return str(uuid).split("-", 1)[1] if str(uuid).startswith(("GPU-", "MIG-")) else str(uuid)
 
 
 def judge_cpu_slot(job: dict) -> Check:

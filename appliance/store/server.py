@@ -94,6 +94,7 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
     command = [sys.executable, "-m", "appliance.store.sandbox",
                "--listen", f"[{host}]:{store.port}" if ":" in host else f"{host}:{store.port}",
                "--socket", str(s3_socket), "--private", str(home.store_data), "--private", str(private),
+               "--data", str(home.store_data), "--filer-socket", str(private / "filer.sock"),
                "--", *weed]
     # TMPDIR: weed writes its logs and default sockets there; keep them in the private folder
     # GOGC=50: collect when the heap has grown by half, not doubled; after 1,000 experiments

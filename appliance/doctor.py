@@ -11,8 +11,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
 from appliance.notify import doctor_rows as notify_rows
 from appliance.paths import Home
-from appliance.store.client import check_store
-from appliance.store.credentials import CredentialsError, load_credentials
+from appliance.store.health import store_problem
 from appliance.store.server import StoreError, endpoint_url, ports_in_use, store_program, weed_binary
 
 
@@ -176,13 +175,9 @@ def _check_store(home: Home, config: Config) -> list[Finding]:
                                               "`appliance config set object_store.port PORT`" if busy else
                            f"store ports {program.ports[0]}..{program.ports[-1]} free"))
     if running or program is None:
-        try:
-            creds = load_credentials(home)
-            problem = check_store(endpoint_url(config), creds.access_key, creds.secret_key,
-                                  config.object_store.bucket, config.object_store.region)
-        except (CredentialsError, StoreError) as e:
-            problem = str(e)
-        out.append(Finding(problem is None, "store", problem or f"{endpoint_url(config)} answers with our keys"))
+        problem = store_problem(home, config)
+        out.append(Finding(problem is None, "store", problem or
+                           f"{endpoint_url(config)} answers with our keys and takes a write"))
     else:
         out.append(Finding(True, "store", "not running (start with `appliance up`)"))
     return out

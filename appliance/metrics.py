@@ -194,27 +194,20 @@ class Sampler:
             except Exception as e:  # noqa: BLE001 - its health is in sources.json; depth unknown
                 log.debug("queue depths of %s: %s", entry.source_name, e)
                 out["queue_sampled"][entry.source_name] = 0
-        out["store_up"] = self._store_up()
+        out["store_up"], out["store_problem"] = self._store_up()
         from appliance.gpus import gpu_usage
 
         out["gpus"] = gpu_usage()
         out["artifact_cache_bytes"] = _dir_blobs(self.home.artifact_cache)
         return out
 
-    def _store_up(self) -> Optional[int]:
-        from appliance.store.client import check_store
-        from appliance.store.credentials import CredentialsError, load_credentials
-        from appliance.store.server import StoreError, endpoint_url
+    def _store_up(self) -> tuple[int, str]:
+        from appliance.store.health import store_problem
 
-        try:
-            creds = load_credentials(self.home)
-            problem = check_store(endpoint_url(self.config), creds.access_key, creds.secret_key,
-                                  self.config.object_store.bucket, self.config.object_store.region)
-        except (StoreError, CredentialsError) as e:
-            problem = str(e)
+        problem = store_problem(self.home, self.config)
         if problem and self.latest.get("store_up") == 1:
             log.warning("metrics: the store stopped answering: %s", problem)
-        return 0 if problem else 1
+        return (0, problem) if problem else (1, "")
 
 
 def _dir_blobs(root: Path) -> int:
@@ -410,7 +403,12 @@ class Collector:
         yield sampled
         if latest.get("store_up") is not None:
             yield GaugeMetricFamily("appliance_store_up", "1 when the object store answers with the appliance's "
-                                    "credentials and has its bucket", value=latest["store_up"])
+                                    "credentials, has its bucket and takes a write", value=latest["store_up"])
+            problem = GaugeMetricFamily("appliance_store_problem", "1 with what is wrong with the store "
+                                        "(e.g. 'store cannot write: disk full ...') while it is", labels=["problem"])
+            if latest.get("store_problem"):
+                problem.add_metric([latest["store_problem"]], 1)
+            yield problem
         if "artifact_cache_bytes" in latest:
             yield GaugeMetricFamily("appliance_artifact_cache_size_bytes", "Bytes held by the artifact cache",
                                     value=latest["artifact_cache_bytes"])

@@ -13,8 +13,7 @@ from appliance.inventory import format_cpu_list
 from appliance.lifecycle import previous_plan
 from appliance.paths import Home
 from appliance.runner.status import read_status
-from appliance.store.client import check_store
-from appliance.store.credentials import CredentialsError, load_credentials
+from appliance.store.health import store_problem
 from appliance.store.server import StoreError, endpoint_url
 from appliance.units import format_size
 
@@ -37,11 +36,9 @@ def _store_facts(home: Home, config: Config) -> dict:
     facts = {"kind": config.object_store.kind, "bucket": config.object_store.bucket}
     try:
         facts["endpoint"] = endpoint_url(config)
-        creds = load_credentials(home)
-        problem = check_store(facts["endpoint"], creds.access_key, creds.secret_key,
-                              config.object_store.bucket, config.object_store.region)
-    except (StoreError, CredentialsError) as e:
-        problem = str(e)
+    except StoreError:
+        pass
+    problem = store_problem(home, config)
     facts["healthy"] = problem is None
     facts["problem"] = problem or ""
     return facts

@@ -142,7 +142,10 @@ def test_the_store_files_are_its_owners_alone(open_store):
         loose = [str(p) for p in top.rglob("*")
                  if not p.is_symlink() and stat.S_IMODE(p.lstat().st_mode) & 0o077 and p.suffix != ".vif"]
         assert not loose, f"readable by others: {loose[:10]}"
-    assert any(private.glob("weed*")), "the store's own logs belong in its private folder, not /tmp"
+    # its log goes to its wrapper's stderr (logs/store.log) only: no log files of its own, in /tmp or elsewhere
+    weed = int(open(f"/proc/{store.process.pid}/task/{store.process.pid}/children").read().split()[0])
+    assert b"-logtostderr" in open(f"/proc/{weed}/cmdline", "rb").read().split(b"\0")
+    assert not [p for p in Path("/tmp").glob(f"weed.*.{weed}")] + [p for p in private.glob(f"weed.*.{weed}")]
 
 
 def test_loose_files_from_an_older_store_are_closed_at_start(tmp_path):

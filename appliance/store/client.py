@@ -30,9 +30,13 @@ def s3_client(endpoint_url: str, access_key: str | None, secret_key: str | None,
     )
 
 
+PROBE_PREFIX = ".appliance/probe/"  # where the write probe puts (and at once deletes) its object
+
+
 def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
-                region: str = "us-east-1") -> str | None:
-    """None when the store answers our credentials and has `bucket`; else what is wrong and the fix."""
+                region: str = "us-east-1", write: bool = True) -> str | None:
+    """None when the store answers our credentials, has `bucket` and (with `write`) stores and
+    deletes a small object in it; else what is wrong and the fix."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(endpoint_url, access_key, secret_key, region, connect_timeout=2, read_timeout=5,
@@ -50,6 +54,26 @@ def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str
         return f"{endpoint_url} answered {code or status}: {e}"
     except BotoCoreError as e:
         return f"cannot reach the object store at {endpoint_url}: {e}; is it running? (`appliance status`)"
+    return _probe_write(client, bucket) if write else None
+
+
+def _probe_write(client, bucket: str) -> str | None:
+    """Put a small object and delete it: a store that answers may still fail every write."""
+    import os
+    import socket
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    key = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"probe")
+        client.delete_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        error = e.response.get("Error", {})
+        return (f"store cannot write: a probe object answered {error.get('Code') or 'an error'} "
+                f"({error.get('Message') or e}); see the store's log (logs/store.log)")
+    except BotoCoreError as e:
+        return f"store cannot write: {e}; see the store's log (logs/store.log)"
     return None
 
 

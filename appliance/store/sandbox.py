@@ -12,7 +12,8 @@ HOST:PORT with `splice` (no copy through Python).
         --private DIR ... -- weed mini ...
 
 This process stays the one supervisord watches: it forwards TERM/INT/HUP to the store and
-exits with its status; the store gets SIGTERM if this process dies.
+exits with its status; the store gets SIGKILL if this process dies. It restarts the store when
+the store cannot write after its disk was full (appliance/store/watchdog.py).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ import sys
 import threading
 import time
 
+from appliance.store.watchdog import CHECK_EVERY_S, Watchdog
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 F_SETPIPE_SZ = 1031
 CHUNK = 1 << 20
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
 
 
 class SandboxError(RuntimeError):
@@ -188,11 +192,112 @@ def listen(address: str) -> socket.socket:
                            "PORT`") from None
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Store:
+    """The store's process: started, restarted when the watchdog says so, stopped with its wrapper.
+
+    It never outlives this process: it gets SIGKILL if this process dies (PR_SET_PDEATHSIG), and
+    a stop that it does not obey within KILL_AFTER_S ends with SIGKILL (a store whose disk was
+    full may hang in its shutdown; its data survives a kill)."""
+
+    KILL_AFTER_S = 5.0
+
+    def __init__(self, command: list[str], s3_socket: str):
+        self.command, self.s3_socket = command, s3_socket
+        self.pid = 0
+        self.stopping = False
+        self.restarting = False
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            os.unlink(self.s3_socket)  # a stale socket from a killed store
+        except FileNotFoundError:
+            pass
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            try:
+                os.execvp(self.command[0], self.command)
+            except OSError as e:
+                print(f"appliance store: cannot run {self.command[0]}: {e}", file=sys.stderr, flush=True)
+            os._exit(127)
+        self.pid = pid
+
+    def _end(self, pid: int, signum: int) -> None:
+        """Send `signum` to `pid`, then SIGKILL if it is still there KILL_AFTER_S later."""
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return
+        timer = threading.Timer(self.KILL_AFTER_S, self._kill_if, args=(pid,))
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if(self, pid: int) -> None:
+        with self.lock:
+            if self.pid == pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self, signum: int) -> None:
+        self.stopping = True
+        if self.pid:
+            self._end(self.pid, signum)
+
+    def restart(self) -> None:
+        with self.lock:
+            if self.stopping or not self.pid:
+                return
+            self.restarting = True
+            pid = self.pid
+        self._end(pid, signal.SIGTERM)
+
+    def watch(self, watchdog) -> None:
+        while not self.stopping:
+            time.sleep(CHECK_EVERY_S)
+            try:
+                if watchdog.tick():
+                    self.restart()
+                    watchdog.restarted()
+            except Exception as e:  # noqa: BLE001 - the watchdog must not end; the store keeps running
+                _say(f"appliance store: the watchdog failed: {e!r}")
+
+    def run(self) -> int:
+        """Start the store and wait; restart it when asked; its exit status once stopped."""
+        self.start()
+        while True:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            with self.lock:
+                again = self.restarting and not self.stopping
+                self.restarting = False
+                self.pid = 0
+                if again:
+                    self.start()
+            if again and self.stopping:  # a stop that came while it was down
+                self._end(self.pid, signal.SIGTERM)
+            if not again:
+                return os.waitstatus_to_exitcode(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m appliance.store.sandbox")
     p.add_argument("--listen", required=True, help="HOST:PORT where clients reach S3")
     p.add_argument("--socket", required=True, help="the store's S3 unix socket")
     p.add_argument("--private", action="append", default=[], help="folder made 0700, contents go-rwx")
+    p.add_argument("--data", help="the store's data folder: watched for a full disk (appliance/store/watchdog.py)")
+    p.add_argument("--filer-socket", help="the filer's unix socket, where the watchdog proves a write")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -207,28 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     except (SandboxError, OSError) as e:
         print(f"appliance store: {e}", file=sys.stderr, flush=True)
         return 1
-    try:
-        os.unlink(args.socket)  # a stale socket from a killed store
-    except FileNotFoundError:
-        pass
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        listener.close()
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
-        try:
-            os.execvp(command[0], command)
-        except OSError as e:
-            print(f"appliance store: cannot run {command[0]}: {e}", file=sys.stderr, flush=True)
-        os._exit(127)
+    store = Store(command, args.socket)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+        signal.signal(sig, lambda signum, _frame: store.stop(signum))
     threading.Thread(target=forward, args=(listener, args.socket), daemon=True).start()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
+    if args.data and args.filer_socket:
+        threading.Thread(target=store.watch, args=(Watchdog(args.data, args.filer_socket, say=_say),),
+                         daemon=True).start()
+    return store.run()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,9 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
     private = store_run_dir(home)
     s3_socket = private / "s3.sock"
     weed = [
-        weed_binary(), "mini",
+        # -logtostderr: its log once, into logs/store.log (not again into files of its own: glog
+        # exits the store when it cannot write those, e.g. on a full disk)
+        weed_binary(), "-logtostderr", "mini",
         f"-dir={home.store_data}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # its own loopback: see appliance.store.sandbox
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
@@ -94,6 +96,7 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
     command = [sys.executable, "-m", "appliance.store.sandbox",
                "--listen", f"[{host}]:{store.port}" if ":" in host else f"{host}:{store.port}",
                "--socket", str(s3_socket), "--private", str(home.store_data), "--private", str(private),
+               "--data", str(home.store_data), "--filer-socket", str(private / "filer.sock"),
                "--", *weed]
     # TMPDIR: weed writes its logs and default sockets there; keep them in the private folder
     # GOGC=50: collect when the heap has grown by half, not doubled; after 1,000 experiments

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import pynvml
+pynvml = None  # the module, loaded by the first GpuWatch that has GPUs (a CPU slot never loads it)
+
+
+def _load_nvml() -> None:
+    global pynvml
+    if pynvml is None:
+        import pynvml as module
+        pynvml = module
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class GpuWatch:
         self._open = False
         if not visible:
             return
+        _load_nvml()
         try:
             pynvml.nvmlInit()
             self._open = True

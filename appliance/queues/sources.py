@@ -27,14 +27,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import tomlkit
 
 from appliance.files import write_atomic
 from appliance.queues.base import Claimed
-from appliance.queues.rabbitmq import RabbitError, RabbitSpec
 from appliance.units import parse_duration
+
+if TYPE_CHECKING:
+    from appliance.queues.rabbitmq import RabbitSpec
 
 log = logging.getLogger("appliance.queues.sources")
 
@@ -134,6 +136,7 @@ def _as_list(value, key: str) -> tuple:
 
 def parse_rabbit(text: str) -> RabbitSpec:
     """A RabbitMQ entry: TOML (url, management, queues, lease_after, lease), or bare URL lines."""
+    from appliance.queues.rabbitmq import RabbitSpec  # pika loads only where RabbitMQ is used
     stripped = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not stripped:
         raise ValueError("the file is empty (still being written?)")
@@ -459,4 +462,4 @@ class SourceSet:
 
 
 __all__ = ["SourceSet", "Entry", "read_entries", "check_entry", "credentials_dir", "sources_file",
-           "serving_file", "directory_signature", "parse_rabbit", "RabbitError", "POLICY"]
+           "serving_file", "directory_signature", "parse_rabbit", "POLICY"]

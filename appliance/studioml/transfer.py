@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
-
 from appliance.studioml.artifacts import where
 from appliance.studioml.packing import PackedStream, fingerprint, unpack
 
@@ -69,6 +67,30 @@ class RetryPolicy:
 
 
 _clients: dict = {}
+_quick_clients: dict = {}
+_SLOW = object()  # the quick path could not answer: boto3 does
+
+
+def _quickly(art, op: Callable):
+    """op(client) on the standard-library path (appliance/store/lite.py: no boto3 in the runner
+    for a job's few small requests); _SLOW when that path cannot answer, and the caller then
+    does the same with boto3, which retries, classifies and explains."""
+    from appliance.store import lite
+    ident = (art.endpoint_url, art.access_key, art.secret_key, art.region, art.session_token)
+    c = _quick_clients.get(ident, False)
+    if c is False:
+        try:
+            c = lite.Client(art.endpoint_url, art.access_key, art.secret_key, art.region or "us-east-1",
+                            art.session_token, timeout=60)
+        except lite.Unexpected:
+            c = None  # unsigned or an odd endpoint: boto3 always
+        _quick_clients[ident] = c
+    if c is None:
+        return _SLOW
+    try:
+        return op(c)
+    except lite.Unexpected:
+        return _SLOW
 
 
 def client_for(art):
@@ -101,6 +123,7 @@ _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
 def _classify(e: Exception, art, doing: str) -> ArtifactError:
+    ClientError, BotoCoreError, NoCredentialsError, ParamValidationError = _botocore_errors()
     if isinstance(e, ClientError):
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -146,6 +169,16 @@ class _NeverRaised(Exception):
     pass
 
 
+def _botocore_errors() -> tuple:
+    """botocore's ClientError, BotoCoreError, NoCredentialsError and ParamValidationError once
+    botocore is loaded (before, none can have been raised): a runner loads it only when a job
+    talks to the store, never while idle."""
+    loaded = sys.modules.get("botocore.exceptions")
+    if loaded is None:
+        return (_NeverRaised,) * 4
+    return loaded.ClientError, loaded.BotoCoreError, loaded.NoCredentialsError, loaded.ParamValidationError
+
+
 def _boto3_error() -> type:
     """boto3's base error, once boto3 is loaded (before, none can have been raised). An idle
     runner never loads boto3: importing it costs ~20 MB of RSS (bench/bench_resources.py)."""
@@ -157,7 +190,7 @@ def _unwrap(e: Exception) -> Exception:
     """boto3's transfer layer wraps the client error (S3UploadFailedError, ...)."""
     if isinstance(e, _boto3_error()):
         inner = e.__cause__ or e.__context__
-        if isinstance(inner, (ClientError, BotoCoreError)):
+        if isinstance(inner, _botocore_errors()[:2]):
             return inner
     return e
 
@@ -180,7 +213,7 @@ def with_retries(fn: Callable[[], object], art, doing: str, retry: RetryPolicy):
     for attempt in range(1, retry.attempts + 1):
         try:
             return fn()
-        except (ClientError, BotoCoreError, ConnectionError, TimeoutError, _boto3_error()) as e:
+        except (*_botocore_errors()[:2], ConnectionError, TimeoutError, _boto3_error()) as e:
             err = _classify(_unwrap(e), art, doing)
             _count_error(err)
             if not isinstance(err, StoreUnavailable):
@@ -211,6 +244,11 @@ def _transfer_config():
 
 def download(art, dest: Path, retry: RetryPolicy) -> None:
     """The object of `art` into the file `dest`."""
+    got = _quickly(art, lambda q: q.get(art.bucket, art.key, PART_BYTES))
+    if got is not _SLOW:
+        with open(dest, "wb") as out:
+            out.write(got)
+        return
     c = client_for(art)
     with_retries(lambda: c.download_file(art.bucket, art.key, str(dest),
                                          Config=_transfer_config()),
@@ -218,6 +256,8 @@ def download(art, dest: Path, retry: RetryPolicy) -> None:
 
 
 def exists(art, retry: RetryPolicy) -> bool:
+    if _quickly(art, lambda q: q.head(art.bucket, art.key)) is not _SLOW:
+        return True
     c = client_for(art)
     try:
         with_retries(lambda: c.head_object(Bucket=art.bucket, Key=art.key), art,
@@ -232,6 +272,9 @@ class _TooMany(Exception):
 
 
 def _list_keys(art, prefix: str, max_pages: int = 5) -> set:
+    quick = _quickly(art, lambda q: q.list_keys(art.bucket, prefix))
+    if quick is not _SLOW:
+        return quick
     found = set()
     pages = client_for(art).get_paginator("list_objects_v2").paginate(
         Bucket=art.bucket, Prefix=prefix)
@@ -299,6 +342,10 @@ def cache_key(art, retry: RetryPolicy) -> str:
     """What the artifact cache knows an immutable object by: its endpoint, bucket, key and ETag,
     asked of the store with the request's own credentials. So a request only ever gets a cached
     copy of an object it has just proved it may read, and a key reused for other bytes is a miss."""
+    quick = _quickly(art, lambda q: q.head(art.bucket, art.key))
+    if quick is not _SLOW:
+        etag = str(quick.get("etag", "")).strip('"') or f"{quick.get('content-length')}-{quick.get('last-modified')}"
+        return "\0".join((art.endpoint_url, art.bucket, art.key, etag))
     c = client_for(art)
     head = with_retries(lambda: c.head_object(Bucket=art.bucket, Key=art.key), art, "looking up", retry)
     etag = str(head.get("ETag", "")).strip('"')
@@ -336,9 +383,14 @@ def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -
     """Tar `src` straight into the store: no local copy of the tar (a full disk cannot stop it,
     and a big output costs no disk twice), multipart and parallel for big ones (boto3's
     transfer manager, see _transfer_config), streaming: memory does not grow with the size."""
-    c = client_for(art)
 
     def once() -> None:
+        with io.BufferedReader(PackedStream(src, only_uid), 1 << 20) as small:
+            data = small.read(PART_BYTES + 1)  # a small tar goes in one PUT, without boto3
+        if len(data) <= PART_BYTES and _quickly(art, lambda q: q.put(art.bucket, art.key, data)) is not _SLOW:
+            return
+        del data
+        c = client_for(art)
         stream = PackedStream(src, only_uid)
         with io.BufferedReader(stream, 1 << 20) as body:
             c.upload_fileobj(body, art.bucket, art.key, Config=_transfer_config())
@@ -398,10 +450,14 @@ class Uploader:
 def read_record(art, retry: RetryPolicy) -> Optional[dict]:
     """The result record, or None if there is none (or it is not one of ours)."""
     import json
-    c = client_for(art)
+    quick = _quickly(art, lambda q: q.get(art.bucket, art.key, 1 << 20))
     try:
-        body = with_retries(lambda: c.get_object(Bucket=art.bucket, Key=art.key)["Body"].read(1 << 20),
-                            art, "reading the result record", retry)
+        if quick is not _SLOW:
+            body = quick
+        else:
+            c = client_for(art)
+            body = with_retries(lambda: c.get_object(Bucket=art.bucket, Key=art.key)["Body"].read(1 << 20),
+                                art, "reading the result record", retry)
     except ArtifactMissing:
         return None
     try:
@@ -413,8 +469,10 @@ def read_record(art, retry: RetryPolicy) -> Optional[dict]:
 
 def write_record(art, data: dict, retry: RetryPolicy) -> None:
     import json
-    c = client_for(art)
     body = json.dumps(data, sort_keys=True).encode()
+    if _quickly(art, lambda q: q.put(art.bucket, art.key, body)) is not _SLOW:
+        return
+    c = client_for(art)
     with_retries(lambda: c.put_object(Bucket=art.bucket, Key=art.key, Body=body,
                                       ContentType="application/json"),
                  art, "writing the result record", retry)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from appliance.runner.waiting import wait_exit
+
 SUCCESS = "success"
 FAILED = "failed"
 OUT_OF_MEMORY = "out of memory"
@@ -346,7 +348,7 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     seen, progressed = sv.progress(), time.time()
     while True:
         try:
-            rc = proc.wait(timeout=sv.tick_s)
+            rc = wait_exit(proc, sv.tick_s)  # woken by the exit itself, not by polling
             break
         except subprocess.TimeoutExpired:
             pass

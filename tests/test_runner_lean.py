@@ -1,0 +1,73 @@
+"""A runner carries only what its jobs need: boto3, pika, pynvml and docker stay unloaded in a
+runner of a CPU slot that serves the local queue, even after it ran a job through the real store
+(whose small requests go through appliance/store/lite.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from appliance.store import lite
+from tests.test_runner_loop import HELLO, REPO, home, output_of, request, submit  # noqa: F401
+
+HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker")
+
+PROBE = """
+import json, sys
+from appliance.runner.__main__ import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}))
+""" % (HEAVY,)
+
+
+def run_runner(home, slot: str) -> dict:
+    """The real runner's main, until its queues are empty; what it had loaded at the end."""
+    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "AWS_"))}
+    done = subprocess.run([sys.executable, "-c", PROBE, "--home", str(home.root), "--slot", slot,
+                           "--exit-when-idle"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_an_idle_runner_loads_no_store_queue_or_gpu_library(home):
+    got = run_runner(home, "slot-lean")
+    assert got == {"rc": 0, "loaded": []}
+
+
+def test_a_job_runs_and_uploads_without_boto3_in_the_runner(store, home):
+    key, body = request(store, HELLO, args=["--lr", "0.1"])
+    submit(home, body)
+    got = run_runner(home, "slot-lean")
+    assert got == {"rc": 0, "loaded": []}
+    assert "hello from the workload ['--lr', '0.1']" in output_of(store, key)
+
+
+def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
+    c = lite.Client(store.endpoint_url, store.access_key, store.secret_key)
+    prefix = f"lite-{uuid.uuid4().hex[:8]}/"
+    c.put(store.bucket, prefix + "a b+c.txt", b"hello")
+    assert c.get(store.bucket, prefix + "a b+c.txt", 100) == b"hello"
+    assert c.head(store.bucket, prefix + "a b+c.txt")["content-length"] == "5"
+    assert c.list_keys(store.bucket, prefix) == {prefix + "a b+c.txt"}
+    assert c.list_keys(store.bucket, prefix + "nothing/") == set()
+    with pytest.raises(lite.Unexpected):  # larger than asked for: boto3 streams it instead
+        c.get(store.bucket, prefix + "a b+c.txt", 4)
+    with pytest.raises(lite.Unexpected):  # missing: boto3 says so, with its words
+        c.head(store.bucket, prefix + "missing")
+    assert c.get(store.bucket, prefix + "a b+c.txt", 100) == b"hello"  # the connection is still good
+    wrong = lite.Client(store.endpoint_url, store.access_key, "not-the-secret")
+    with pytest.raises(lite.Unexpected):
+        wrong.get(store.bucket, prefix + "a b+c.txt", 100)
+    with pytest.raises(lite.Unexpected):
+        lite.Client(store.endpoint_url, "", "")  # unsigned requests are boto3's
+    with pytest.raises(lite.Unexpected):
+        lite.Client(store.endpoint_url + "/path", store.access_key, store.secret_key)
+    down = lite.Client("http://127.0.0.1:9", store.access_key, store.secret_key, timeout=2)
+    with pytest.raises(lite.Unexpected):
+        down.head(store.bucket, prefix + "a b+c.txt")

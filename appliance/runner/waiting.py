@@ -10,23 +10,36 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import time
+
+
+def pause(proc: subprocess.Popen, seconds: float) -> None:
+    """Sleep up to `seconds`, less if `proc` ends meanwhile (then at once). Without pidfds (an
+    old kernel) or for a child already reaped, a plain sleep (or none)."""
+    if proc.returncode is not None:
+        return
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd_open here, or the child is reaped already
+        time.sleep(max(0.0, seconds))
+        return
+    try:
+        select.select([fd], [], [], max(0.0, seconds))
+    except InterruptedError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     """proc's exit code once it ends; subprocess.TimeoutExpired after `timeout` seconds, as
-    `proc.wait(timeout)` does. Without pidfds (old kernel) it is `proc.wait(timeout)`."""
-    if proc.returncode is not None:
-        return proc.returncode
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd_open here, or the child is reaped already
-        return proc.wait(timeout=timeout)
-    try:
-        ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
-    except InterruptedError:
-        ready = []
-    finally:
-        os.close(fd)
-    if not ready:
-        raise subprocess.TimeoutExpired(proc.args, timeout)
-    return proc.wait()
+    `proc.wait(timeout)` does, but woken by the exit itself instead of a polling sleep."""
+    end = time.monotonic() + timeout
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            return rc
+        left = end - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        pause(proc, left)

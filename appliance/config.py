@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Union
 
-import tomlkit
+import tomllib
 
 from appliance.files import write_atomic
 from appliance.units import parse_duration, parse_size
@@ -367,10 +367,10 @@ def _plain(value: Any) -> Any:
 
 def parse_config(text: str, source: str = "appliance.toml") -> Config:
     try:
-        doc = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as e:
+        data = tomllib.loads(text)  # reading needs no tomlkit (a runner never loads it)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return _build(Config, doc.unwrap(), "", source)
+    return _build(Config, data, "", source)
 
 
 def load_config(path: Path) -> Config:
@@ -405,7 +405,7 @@ def _field_at(dotted: str):
 def _toml_value(text: str) -> Any:
     """A CLI value as TOML would read it: numbers and booleans stay typed, else a string."""
     try:
-        return tomlkit.parse(f"v = {text}")["v"].unwrap()
+        return tomllib.loads(f"v = {text}")["v"]
     except Exception:
         return text
 
@@ -423,6 +423,7 @@ def set_value(path: Path, dotted: str, raw: str) -> Any:
         f.metadata["parse"](value)
     except ValueError as e:
         raise ConfigError(f"{dotted} = {raw!r}: {e}; expected {f.metadata['help']}") from None
+    import tomlkit  # only here: it keeps the file's comments and layout
     text = path.read_text() if path.exists() else ""
     doc = tomlkit.parse(text)
     *tables, key = dotted.split(".")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import tomlkit
+import tomllib
 
 from appliance.files import write_atomic
 from appliance.queues.base import Claimed
@@ -146,8 +146,8 @@ def parse_rabbit(text: str) -> RabbitSpec:
             data["management"] = stripped[1]
     else:
         try:
-            data = tomlkit.parse(text).unwrap()
-        except Exception as e:  # noqa: BLE001 - tomlkit's parse errors have several types
+            data = tomllib.loads(text)
+        except Exception as e:  # noqa: BLE001 - whatever the parser says, the entry is not TOML
             raise ValueError(f"not valid TOML ({e}); is it still being written?") from None
     known = {"url", "management", "queues", "lease_after", "lease", "heartbeat"}
     unknown = sorted(set(data) - known)

@@ -1,4 +1,4 @@
-"""pyenv.py: requirement sets, the venv cache (built once, reused by many at once, evicted),
+"""appliance/pyenv: requirement sets, the venv cache (built once, reused by many at once, evicted),
 builds as the workload's user and pip failures."""
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runner import pyenv
+from appliance import pyenv
 from appliance.runner.execute import Supervision
-from appliance.runner.pyenv import VenvCache
+from appliance.pyenv import VenvCache
+from appliance.pyenv.build import seal
+from appliance.pyenv.interpreter import python_version
+from appliance.pyenv.requirements import env_key
 
 PYTHON = pyenv.interpreter_for("3.11")
 NOBODY = 65534
@@ -66,11 +69,11 @@ def test_a_pip_option_never_reaches_pip(tmp_path):
 
 
 def test_key_depends_on_the_set_not_its_order():
-    a = pyenv.env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.11.7")
-    b = pyenv.env_key(pyenv.requirement_set(["a==2", "b==1", "studioml==0.0.49"]), "3.11.7")
+    a = env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.11.7")
+    b = env_key(pyenv.requirement_set(["a==2", "b==1", "studioml==0.0.49"]), "3.11.7")
     assert a == b
-    assert a != pyenv.env_key(["a==2"], "3.11.7")
-    assert a != pyenv.env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.12.1")
+    assert a != env_key(["a==2"], "3.11.7")
+    assert a != env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.12.1")
 
 
 def test_interpreter_for_falls_back_to_the_runner_python():
@@ -133,7 +136,7 @@ def test_a_stopped_build_leaves_nothing_behind(tmp_path):
 
 def _key(reqs, python=PYTHON):
     """The cache key of already normalized requirement lines."""
-    return pyenv.env_key(sorted(reqs), pyenv.python_version(python))
+    return env_key(sorted(reqs), python_version(python))
 
 
 def test_leftovers_of_a_build_that_died_are_removed(tmp_path):
@@ -148,7 +151,7 @@ def test_leftovers_of_a_build_that_died_are_removed(tmp_path):
 
 HOLD = """
 import pathlib, sys, time
-from appliance.runner.pyenv import VenvCache
+from appliance.pyenv import VenvCache
 root, python, me, other = sys.argv[1:5]
 env = VenvCache(pathlib.Path(root)).prepare(["six==1.17.0"], python)
 pathlib.Path(me + ".start").write_text(repr(time.time()))
@@ -178,7 +181,7 @@ def test_jobs_with_the_same_environment_use_it_at_the_same_time(tmp_path):
 WAIT = """
 import pathlib, sys, time
 from appliance.runner.execute import Supervision
-from appliance.runner.pyenv import Interrupted, VenvCache
+from appliance.pyenv import Interrupted, VenvCache
 root, python, how = sys.argv[1:4]
 ticks = []
 limit = time.time() + 1
@@ -266,7 +269,7 @@ def test_seal_takes_the_tree_from_the_build_user(tmp_path):
         os.chown(p, NOBODY, NOBODY)
     os.lchown(top / "lib" / "link", NOBODY, NOBODY)
     passwd = os.stat("/etc/passwd")
-    pyenv.seal(top, NOBODY)
+    seal(top, NOBODY)
     for p in (top, top / "lib", top / "lib" / "mod.py", top / "lib" / "link"):
         assert os.lstat(p).st_uid == os.geteuid()
     assert stat.S_IMODE(os.stat(top / "lib").st_mode) == 0o755
@@ -277,7 +280,7 @@ def test_seal_takes_the_tree_from_the_build_user(tmp_path):
 def test_two_runners_build_the_same_set_once(tmp_path):
     prog = textwrap.dedent(f"""
         import sys
-        from appliance.runner.pyenv import VenvCache
+        from appliance.pyenv import VenvCache
         env = VenvCache(__import__("pathlib").Path({str(tmp_path / "venvs")!r})).prepare(
             ["six==1.17.0"], {PYTHON!r})
         print("reused" if env.reused else "built")

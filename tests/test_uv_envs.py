@@ -1,4 +1,4 @@
-"""pyenv.py with uv: one shared, root-written cache linked into sealed venvs; pip as the fallback;
+"""appliance/pyenv with uv: one shared, root-written cache linked into sealed venvs; pip as the fallback;
 progress while a set builds; bad input (unresolvable, unreachable index, full disk); the bound."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from appliance.doctor import _check_env_cache
 from appliance.paths import Home
-from appliance.runner import pyenv
-from appliance.runner.pyenv import UvCache, VenvCache
+from appliance import pyenv
+from appliance.pyenv import UvCache, VenvCache
 
 NOBODY = 65534
 PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run

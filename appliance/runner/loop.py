@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import notify
+from appliance import pyenv
 from appliance.runner import artifacts as arts
-from appliance.runner import classes, execute, gpu, pyenv
+from appliance.runner import classes, execute, gpu
 from appliance.runner.artifacts import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters

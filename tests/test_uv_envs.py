@@ -9,6 +9,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from appliance.doctor import _check_env_cache
 from appliance.paths import Home
 from appliance import pyenv
 from appliance.pyenv import UvCache, VenvCache
+from tests.wheels import marker_wheel, offline_env
 
 NOBODY = 65534
 PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run
@@ -187,3 +189,24 @@ def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(home):
     finally:
         subprocess.run(["umount", str(home.uv_cache)], check=True)
     assert not found.ok and "different filesystems" in found.detail and "one filesystem" in found.detail
+
+
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_no_root_process_runs_code_from_a_requirement_set(home, installer):
+    """A wheel's one-line .pth runs in every interpreter that starts in its venv: neither the
+    build nor byte-compiling may start one as root. The job still gets the package, compiled."""
+    wheels, marker = home.root / "wheels", home.root / "uids"
+    marker_wheel(wheels, marker)
+    uvc = UvCache(home.uv_cache) if installer == "uv" else None
+    venvs = VenvCache(home.venv_cache, uv_cache=uvc, build_env=offline_env(wheels))
+    env = venvs.prepare(["uidmark==1.0"], PYTHON, build_as=pyenv.BuildUser(NOBODY, NOBODY))
+    env.release()
+    package = _site(env) / "uidmark_mod"
+    waited = time.monotonic() + 120  # (bytecode once came from a background process)
+    while not list(package.glob("__pycache__/__init__.*.pyc")) and time.monotonic() < waited:
+        time.sleep(0.1)
+    assert list(package.glob("__pycache__/__init__.*.pyc")), "the venv has no bytecode"
+    out = _as_nobody([env.python, "-c", "import uidmark_mod; print(uidmark_mod.VERSION)"])
+    assert out.stdout.strip() == "1.0", out.stderr
+    uids = marker.read_text().split()
+    assert str(NOBODY) in uids and "0" not in uids, uids

@@ -21,9 +21,8 @@ workload's user, sealed and then published under its key.
   sitecustomize.py) that other jobs use. The admin's pip configuration still applies (PIP_*
   in the runner's environment, PIP_CONFIG_FILE if set there, /etc/pip.conf; not root's
   ~/.config/pip, since HOME is the build's own).
-- A uv-built venv has no bytecode: it is compiled after the venv is published, by a
-  background `compileall` as root (atomic writes; a workload that starts first compiles in
-  memory), so a new set is ready in seconds and later jobs import fast.
+- A uv-built venv is byte-compiled before it is sealed, by the build user, never by root
+  (bytecode.py): an interpreter started in the venv runs the set's `.pth` lines.
 - A failed uv or pip run is returned as text for the `output` artifact (the experiment fails
   with ENV_FAILED), with a one-line `summary` (the installer's error, naming the requirement)
   for the job's reason; never raised into the runner.
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Optional
 
+from appliance.pyenv import bytecode
 from appliance.pyenv.progress import Progress, _LogTail
 from appliance.pyenv.uvcache import UvCache
 from appliance.runner.execute import Supervision, signal_group, supervise
@@ -148,11 +148,10 @@ def remove(root: Path, key: str) -> None:
 
 
 def build(root: Path, key: str, requirements: list[str], python: str, sv: Supervision,
-          build_as: Optional[BuildUser], progress: Progress, env: dict, uvc: Optional[UvCache],
-          compiling: list) -> None:
+          build_as: Optional[BuildUser], progress: Progress, env: dict, uvc: Optional[UvCache]) -> None:
     """Build `key`'s venv and publish it (hold the exclusive lock): by uv when there is a
     uv cache, by pip when there is none or uv rejects the set. `env` is the environment for
-    venv/pip/uv; `compiling` keeps the background compileall processes."""
+    venv/pip/uv."""
     if uvc is not None and uvc.uv:
         try:
             installed = _in_fresh_dir(
@@ -163,7 +162,6 @@ def build(root: Path, key: str, requirements: list[str], python: str, sv: Superv
                           f"as the workload's user")
         else:
             uvc.used(installed)
-            _compile_later(root, key, dict(env), compiling)
             try:
                 uvc.evict(keep=installed, env=dict(env))
             except (OSError, subprocess.SubprocessError):
@@ -243,7 +241,23 @@ def _uv_install(build: Path, log: IO, requirements: list[str], python: str, sv: 
     finally:
         hold.close()
     log.seek(0)
-    return re.findall(r"^ \+ ([A-Za-z0-9._-]+)==", log.read().decode(errors="replace"), re.M)
+    installed = re.findall(r"^ \+ ([A-Za-z0-9._-]+)==", log.read().decode(errors="replace"), re.M)
+    log.seek(0, os.SEEK_END)
+    if requirements:
+        bytecode.compile_venv(build, build_as.uid if build_as else None, build_as.gid if build_as else None,
+                              lambda argv, cwd: _compile(argv, log, env, cwd, sv, build_as))
+    return installed
+
+
+def _compile(argv: list[str], log: IO, env: dict, cwd: Path, sv: Supervision,
+             build_as: Optional[BuildUser]) -> None:
+    """Run the byte-compiler as the build user; a failure (a file that does not compile) is
+    noted in the log and leaves the rest to compile in memory."""
+    try:
+        _run(argv, log, env, cwd, sv, build_as)
+    except EnvBuildFailed as e:
+        log.write(f"appliance: byte-compiling stopped ({e.summary[:200]}); what did not compile "
+                  f"compiles in memory when imported\n".encode())
 
 
 def _pip_install(build: Path, log: IO, requirements: list[str], python: str, sv: Supervision,
@@ -263,19 +277,6 @@ def _pip_install(build: Path, log: IO, requirements: list[str], python: str, sv:
         _run(argv, log, env, cwd, sv, build_as)
     if build_as is not None:
         shutil.rmtree(cwd)
-
-
-def _compile_later(root: Path, key: str, env: dict, compiling: list) -> None:
-    """Byte-compile the published venv in the background, as root (the venv is sealed)."""
-    compiling[:] = [p for p in compiling if p.poll() is None]
-    venv = root / os.readlink(venv_path(root, key))
-    try:
-        compiling.append(subprocess.Popen(
-            [str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "1", str(venv / "lib")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env, preexec_fn=lambda: os.umask(0o022)))
-    except OSError:
-        pass  # workloads compile in memory instead
 
 
 def _run(argv: list[str], log: IO, env: dict, cwd: Path, sv: Supervision,

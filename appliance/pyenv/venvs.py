@@ -72,7 +72,6 @@ class VenvCache:
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
         self.stats = {"hits": 0, "misses": 0, "build_failures": 0, "build_seconds": 0.0}  # for /metrics
         self.uv_cache = uv_cache  # None: every set is built by pip, as before
-        self._compiling: list = []  # background compileall processes (reaped as they end)
 
     def path(self, key: str) -> Path:
         """Where the venv for `key` is used from (a symlink to its build directory)."""
@@ -110,7 +109,7 @@ class VenvCache:
                         began = time.monotonic()
                         try:
                             _build.build(self.root, key, reqs, python, sv, build_as, progress, self._env(),
-                                         self.uv_cache, self._compiling)
+                                         self.uv_cache)
                         except BaseException:
                             self.stats["build_failures"] += 1
                             raise

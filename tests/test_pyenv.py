@@ -199,7 +199,8 @@ except Interrupted as e:
 def test_a_runner_waiting_for_another_build_keeps_alive_and_gives_up_in_time(tmp_path, how, why):
     root = tmp_path / "venvs"
     root.mkdir()
-    with open(root / f"{_key(['six==1.17.0'])}.lock", "a") as building:  # another runner builds it
+    (tmp_path / "locks").mkdir(mode=0o700)  # the cache's lock folder, beside it
+    with open(tmp_path / "locks" / f"{_key(['six==1.17.0'])}.lock", "a") as building:  # another runner builds it
         fcntl.flock(building, fcntl.LOCK_EX)
         out = subprocess.run([sys.executable, "-c", WAIT, str(root), PYTHON, how],
                              capture_output=True, text=True, timeout=60).stdout.strip().split(maxsplit=2)

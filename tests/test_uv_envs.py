@@ -18,6 +18,7 @@ from appliance.doctor import _check_env_cache
 from appliance.paths import Home
 from appliance import pyenv
 from appliance.pyenv import UvCache, VenvCache
+from appliance.runner.execute import Supervision
 from tests.wheels import marker_wheel, offline_env
 
 NOBODY = 65534
@@ -210,3 +211,47 @@ def test_no_root_process_runs_code_from_a_requirement_set(home, installer):
     assert out.stdout.strip() == "1.0", out.stderr
     uids = marker.read_text().split()
     assert str(NOBODY) in uids and "0" not in uids, uids
+
+
+HOLD = """
+import fcntl, os, sys
+held = []
+for path in sys.argv[1:]:
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        continue
+    fcntl.flock(f, fcntl.LOCK_EX)
+    held.append(f)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_workload_can_neither_open_nor_hold_the_locks_of_builds_and_jobs(home):
+    uvc, venvs = caches(home)
+    venvs.prepare(["six==1.17.0"], PYTHON).release()
+    locks = [str(p) for p in home.root.rglob("*.lock") if p.name != ".lock"]  # (uv's own, in a venv)
+    assert locks
+    probe = "import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb'); print('opened', p)\n" \
+            "    except PermissionError:\n        pass\n"
+    out = _as_nobody([PYTHON, "-c", probe, *locks])
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+    # a workload that takes every lock it can open stalls neither a job nor a build
+    holder = subprocess.Popen([PYTHON, "-c", HOLD, *locks], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        done = []
+        job = threading.Thread(target=lambda: done.append(venvs.prepare(
+            ["six==1.17.0"], PYTHON, Supervision(deadline=time.time() + 60))))
+        build = threading.Thread(target=lambda: done.append(VenvCache(home.venv_cache, uv_cache=UvCache(
+            home.uv_cache)).prepare(["packaging==24.0"], PYTHON, Supervision(deadline=time.time() + 60))))
+        for t in (job, build):
+            t.start()
+        for t in (job, build):
+            t.join(120)
+        assert sorted(env.reused for env in done) == [False, True], done
+    finally:
+        holder.kill()
+        holder.wait()

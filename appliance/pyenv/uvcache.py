@@ -9,8 +9,8 @@ requirement set is plain specifiers, so uv fetches from the admin's index only).
 is 0700 root; a workload reaches its files only through a sealed venv, where a hard link is
 the same root-owned, read-only inode (sealing chowns to root and drops group/other write,
 which the cached inode already is, so the cache stays as uv left it). uv locks its cache
-for concurrent builds; our own lock (`uv.lock` beside it: builds shared, eviction
-exclusive) keeps eviction away from a running build.
+for concurrent builds; our own lock (`uv.lock` in the private lock folder, locks.py:
+builds shared, eviction exclusive) keeps eviction away from a running build.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import IO, Iterable, Optional
 
 from packaging.utils import canonicalize_name
+
+from appliance.pyenv.locks import open_lock
 
 
 def uv_binary() -> Optional[str]:
@@ -70,18 +72,21 @@ class UvCache:
 
     Bounded to `max_bytes`: after a build, the packages used least recently (a marker file per
     package in `<root>.used/`, its mtime the last use) are removed with `uv cache clean <name>`
-    until the cache fits, never one the build just used. Eviction takes `<root>.lock`
+    until the cache fits, never one the build just used. Eviction takes `<locks>/uv.lock`
     exclusively (non-blocking: a busy cache is trimmed after a later build); builds hold it
     shared."""
 
-    def __init__(self, root: Path, max_bytes: int = 20 << 30, uv: Optional[str] = None):
+    def __init__(self, root: Path, max_bytes: int = 20 << 30, uv: Optional[str] = None,
+                 locks: Optional[Path] = None):
         self.root = Path(root)
+        self.locks = Path(locks) if locks is not None else self.root.parent / "locks"
         self.max_bytes = int(max_bytes)
         self.uv = uv or uv_binary()
         self.used_dir = self.root.with_name(self.root.name + ".used")
         self._mode: Optional[str] = None
 
     def ensure(self) -> None:
+        self.root.with_name(self.root.name + ".lock").unlink(missing_ok=True)  # an earlier layout's
         for d in (self.root, self.used_dir):
             d.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
@@ -95,7 +100,7 @@ class UvCache:
         return self._mode
 
     def lock(self, how: int, block: bool = True) -> Optional[IO]:
-        f = open(self.root.with_name(self.root.name + ".lock"), "a")
+        f = open_lock(self.locks, "uv.lock")
         try:
             fcntl.flock(f, how | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:

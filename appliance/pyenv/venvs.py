@@ -1,7 +1,8 @@
 """The cache of venvs, keyed by requirement set: who builds, who waits, who may evict.
 
-- Built once: the builder holds an exclusive fcntl lock on `VENVS/<key>.lock` while it
-  builds (build.py).
+- Built once: the builder holds an exclusive fcntl lock on `LOCKS/<key>.lock` while it
+  builds (build.py). LOCKS (`HOME/cache/locks`) is root's and 0700: a workload cannot open
+  a lock, so it cannot hold one (locks.py).
 - In use: a runner holds a shared lock on `<key>.lock` while its job runs, so any number of
   jobs use one venv at once, and eviction (which needs the exclusive lock, non-blocking)
   never removes a venv under a running job. Nobody blocks in flock: a runner waiting for
@@ -27,6 +28,7 @@ from typing import IO, Iterable, Optional
 from appliance.pyenv import build as _build
 from appliance.pyenv.build import BuildUser, Interrupted
 from appliance.pyenv.interpreter import python_version
+from appliance.pyenv.locks import open_lock
 from appliance.pyenv.progress import Progress
 from appliance.pyenv.requirements import env_key, normalized
 from appliance.pyenv.uvcache import UvCache
@@ -65,8 +67,10 @@ class VenvCache:
     """The venvs under `root`, one per requirement set (see the module docstring)."""
 
     def __init__(self, root: Path, max_bytes: int = 20 << 30, max_count: int = 20,
-                 build_env: Optional[dict] = None, uv_cache: Optional[UvCache] = None):
+                 build_env: Optional[dict] = None, uv_cache: Optional[UvCache] = None,
+                 locks: Optional[Path] = None):
         self.root = Path(root)
+        self.locks = Path(locks) if locks is not None else self.root.parent / "locks"
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
@@ -78,8 +82,7 @@ class VenvCache:
         return _build.venv_path(self.root, key)
 
     def _lock_file(self, key: str) -> IO:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return open(self.root / f"{key}.lock", "a")
+        return open_lock(self.locks, f"{key}.lock")
 
     def _complete(self, key: str) -> bool:
         return (self.path(key) / ".complete").exists()
@@ -192,6 +195,8 @@ class VenvCache:
             removed.append(key)
             count -= 1
             total -= size
+        for old in self.root.glob("*.lock"):  # lock files of an earlier layout, openable by anyone
+            old.unlink(missing_ok=True)
         for left in self.root.glob(".*.*"):
             key = left.name[1:].split(".", 1)[0]
             lock = self._free(key)

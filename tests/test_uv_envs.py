@@ -19,7 +19,7 @@ from appliance.paths import Home
 from appliance import pyenv
 from appliance.pyenv import UvCache, VenvCache
 from appliance.runner.execute import Supervision
-from tests.wheels import marker_wheel, offline_env
+from tests.wheels import make_wheel, marker_wheel, offline_env
 
 NOBODY = 65534
 PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run
@@ -255,3 +255,63 @@ def test_a_workload_can_neither_open_nor_hold_the_locks_of_builds_and_jobs(home)
     finally:
         holder.kill()
         holder.wait()
+
+
+PLANT = """
+import os, sys, time
+root, stop, lib = sys.argv[1:4]
+planted = denied = 0
+while not os.path.exists(stop):
+    try:
+        names = os.listdir(root)
+    except PermissionError:
+        denied, names = denied + 1, []
+    for name in names:
+        site = os.path.join(root, name, "lib", lib, "site-packages")
+        try:
+            os.makedirs(site, exist_ok=True)
+            with open(os.path.join(site, "planted.pth"), "w") as f:
+                f.write("import os\\n")
+            planted += 1
+        except OSError:
+            pass
+    time.sleep(0.002)
+print(planted, denied)
+"""
+
+
+def test_a_build_directory_is_private_to_its_builder_even_with_one_shared_account(home):
+    """isolation.user = one account for every slot: another slot's workload (the same uid as
+    the pip build) looks for build directories to plant a .pth in, and finds none."""
+    wheels = home.root / "wheels"
+    make_wheel(wheels, "plain", "1.0", {"plain.py": "VALUE = 1\n"})
+    home.venv_cache.mkdir(parents=True)
+    stop = home.root / "stop"
+    lib = "python%d.%d" % tuple(map(int, pyenv.interpreter.python_version(PYTHON).split(".")[:2]))
+    attacker = subprocess.Popen([PYTHON, "-c", PLANT, str(home.venv_cache), str(stop), lib],
+                                stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY, extra_groups=[],
+                                cwd="/")
+    try:
+        venvs = VenvCache(home.venv_cache, build_env=offline_env(wheels))  # pip, as the shared account
+        env = venvs.prepare(["plain==1.0"], PYTHON, build_as=pyenv.BuildUser(NOBODY, NOBODY))
+        env.release()
+    finally:
+        stop.touch()
+        planted, denied = map(int, attacker.communicate(timeout=60)[0].split())
+    assert planted == 0 and denied > 0
+    assert not list(Path(os.path.realpath(home.venv_cache / env.key)).rglob("planted.pth"))
+    out = _as_nobody([env.python, "-c", "import plain; print(plain.VALUE)"])
+    assert out.stdout.strip() == "1", out.stderr
+
+
+def test_uv_reads_the_admins_settings_not_a_uv_toml_above_the_venvs(home, tmp_path):
+    home.root.joinpath("uv.toml").write_text("this is = not toml =\n")  # e.g. in a folder workloads write
+    home.root.joinpath("pyproject.toml").write_text("[tool.uv]\nindex-url = 'http://127.0.0.1:9/planted'\n")
+    _, venvs = caches(home)
+    venvs.prepare(["six==1.17.0"], PYTHON).release()
+    admin = tmp_path / "uv.toml"  # what /etc/uv/uv.toml says is still obeyed
+    admin.write_text("index-url = 'http://127.0.0.1:9/admins'\n")
+    uvc = UvCache(home.uv_cache, system_config=admin)
+    with pytest.raises(pyenv.EnvBuildFailed) as e:
+        VenvCache(home.venv_cache, uv_cache=uvc).prepare(["packaging==24.0"], PYTHON)
+    assert "127.0.0.1:9/admins" in str(e.value) and "planted" not in str(e.value), e.value.summary

@@ -7,6 +7,16 @@ workload's user, sealed and then published under its key.
   keeps its real directory for life: a venv cannot be moved (its scripts' `#!` lines
   name it), a symlink can. A build that died half way leaves a `.<key>.*` directory that
   eviction removes.
+- Private while it builds: VENVS is root's and 0711 (workloads reach a venv by its key but
+  cannot list the folder), and the build directory is made fresh by mkdtemp (0700, a random
+  name, so nobody can guess it or make it first), owned by its builder, and opened to
+  readers (0755) only once sealed. With one account for every slot (`isolation.user`), the
+  other slots' workloads are the same uid as a pip build: they cannot find its directory by
+  listing, but that account's processes can still see each other (ps): per-slot accounts,
+  the default, are the boundary.
+- uv reads only the admin's settings: `UV_*` in the runner's environment and
+  /etc/uv/uv.toml (`--no-config`, plus `--config-file` for that file), never a uv.toml or
+  pyproject.toml in a folder above the build, where a workload might have written one.
 - A set uv rejects (its resolver's "No solution found", which includes a package that has
   only a source distribution) is built by the pip path below, with uv's reason in the job's
   log. Any other uv failure (index unreachable, disk full) fails the build: pip would fail
@@ -131,6 +141,19 @@ def _summary(text: str) -> str:
     return " ".join(picked or lines[-3:])[:600]
 
 
+def venvs_folder(root: Path) -> None:
+    """`root` made, and (as root) ours with mode 0711: workloads reach a venv by its key,
+    but cannot list the folder, so a build in progress has a name no workload can learn."""
+    root.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        st = os.lstat(root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise EnvBuildFailed(f"appliance: {root} is not a folder")
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o711:
+            os.chown(root, 0, 0)
+            os.chmod(root, 0o711)
+
+
 def venv_path(root: Path, key: str) -> Path:
     """Where the venv for `key` is used from (a symlink to its build directory)."""
     return root / key
@@ -178,10 +201,9 @@ def _in_fresh_dir(root: Path, key: str, requirements: list[str], sv: Supervision
     """Run `install(build_dir, log, sv)` in a fresh `.<key>.*` directory (its log followed
     for `progress` at every tick of `sv`), then seal and publish it as `key`; install's
     answer is returned. A failure leaves nothing behind."""
-    root.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    venvs_folder(root)
+    build = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))  # 0700, ours, a name nobody knew
     try:
-        os.chmod(build, 0o755)
         (build / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
         # the log is opened before the build user owns the directory: we write and read
         # our own file, whatever the build does to the name
@@ -193,6 +215,7 @@ def _in_fresh_dir(root: Path, key: str, requirements: list[str], sv: Supervision
             finally:
                 tail.close()
         seal(build, build_as.uid if build_as is not None else None)
+        os.chmod(build, 0o755)  # sealed: now anyone may read it
         (build / ".size").write_text(str(_dir_bytes(build)))
         (build / ".complete").write_text(f"{time.time()}\n")
         remove(root, key)  # a venv of the old layout that died half way
@@ -224,10 +247,11 @@ def _uv_install(build: Path, log: IO, requirements: list[str], python: str, sv: 
         env["UV_NATIVE_TLS"] = "1"
     uvc.ensure()  # root's and 0700, even if someone removed it
     mode = uvc.link_mode()
-    steps = [[uvc.uv, "venv", "--quiet", "--allow-existing", "--no-python-downloads",
+    config = uvc.config_args(env)
+    steps = [[uvc.uv, "venv", *config, "--quiet", "--allow-existing", "--no-python-downloads",
               "--python", python, str(build)]]
     if requirements:
-        steps.append([uvc.uv, "pip", "install", "--verbose", "--python", str(build / "bin" / "python"),
+        steps.append([uvc.uv, "pip", "install", *config, "--verbose", "--python", str(build / "bin" / "python"),
                       "--cache-dir", str(uvc.root), "--link-mode", mode, "--no-build",
                       "--no-python-downloads", "--", *requirements])
     hold = uvc.lock(fcntl.LOCK_SH)

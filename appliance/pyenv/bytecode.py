@@ -38,12 +38,13 @@ def compile_venv(build: Path, uid: Optional[int], gid: Optional[int],
     stage = Path(tempfile.mkdtemp(prefix=".bytecode.", dir=build))
     try:
         if uid is not None:
+            os.chmod(build, 0o711)  # the build user passes through; what it reads is 0755/0644
             os.chown(stage, uid, gid)
         try:
             jobs = len(os.sched_getaffinity(0))
         except OSError:
             jobs = 1
-        run([str(build / "bin" / "python"), "-X", f"pycache_prefix={stage}", "-m", "compileall",
+        run([str(build / "bin" / "python"), "-I", "-S", "-X", f"pycache_prefix={stage}", "-m", "compileall",
              "-q", "-j", str(jobs), str(build / "lib")], stage)
         return place(stage, build, uid)
     finally:

@@ -67,6 +67,9 @@ def _disk_bytes(path: Path) -> int:
     return total
 
 
+SYSTEM_CONFIG = Path("/etc/uv/uv.toml")
+
+
 class UvCache:
     """The one uv cache every build shares (see the module docstring for its safety rule).
 
@@ -77,8 +80,9 @@ class UvCache:
     shared."""
 
     def __init__(self, root: Path, max_bytes: int = 20 << 30, uv: Optional[str] = None,
-                 locks: Optional[Path] = None):
+                 locks: Optional[Path] = None, system_config: Path = SYSTEM_CONFIG):
         self.root = Path(root)
+        self.system_config = Path(system_config)
         self.locks = Path(locks) if locks is not None else self.root.parent / "locks"
         self.max_bytes = int(max_bytes)
         self.uv = uv or uv_binary()
@@ -92,6 +96,14 @@ class UvCache:
             if os.geteuid() == 0:
                 os.chown(d, 0, 0)
                 os.chmod(d, 0o700)
+
+    def config_args(self, env: dict) -> list[str]:
+        """uv's settings come from the admin only: `UV_*` in `env`, UV_CONFIG_FILE if set
+        there, else the system's uv.toml; never a uv.toml or pyproject.toml that uv would
+        find in a folder above the build (a workload may write one there), nor root's own."""
+        if "UV_CONFIG_FILE" in env or not self.system_config.is_file():
+            return ["--no-config"]
+        return ["--no-config", "--config-file", str(self.system_config)]
 
     def link_mode(self) -> str:
         if self._mode is None:
@@ -132,7 +144,8 @@ class UvCache:
             for marker in markers:
                 if marker.name in keep:
                     continue
-                subprocess.run([self.uv, "cache", "clean", "--cache-dir", str(self.root), "--", marker.name],
+                subprocess.run([self.uv, "cache", "clean", *self.config_args(env or {}), "--cache-dir",
+                                str(self.root), "--", marker.name],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=600)
                 marker.unlink(missing_ok=True)
                 removed.append(marker.name)

@@ -19,6 +19,7 @@ import pytest
 from appliance import pyenv
 from appliance.runner.execute import Supervision
 from appliance.pyenv import VenvCache
+from appliance.pyenv import bytecode
 from appliance.pyenv.build import seal
 from appliance.pyenv.interpreter import python_version
 from appliance.pyenv.requirements import env_key
@@ -304,3 +305,34 @@ def test_lru_eviction_spares_venvs_in_use(tmp_path):
     assert c.reused
     assert [k for _, _, k in cache.entries()] == [b.key]
     assert not (tmp_path / "venvs" / a.key).exists()
+
+
+def test_root_copies_in_only_bytecode_of_the_venvs_own_sources(tmp_path):
+    """What the build user left in its stage is copied only as NAME.TAG.pyc beside the venv's
+    own NAME.py: not a symlink, not a hard link, not into the stage, not for a missing source."""
+    build = tmp_path / "venv"
+    (build / "lib").mkdir(parents=True)
+    for name in ("good", "linked", "hard", "nosource_ok"):
+        (build / "lib" / f"{name}.py").write_text("")
+    (build / "lib" / "nosource_ok.py").unlink()
+    stage = build / ".bytecode.x"
+    mirror = stage / str(build.resolve()).lstrip("/")
+    (mirror / "lib").mkdir(parents=True)
+    tag = sys.implementation.cache_tag
+    (mirror / "lib" / f"good.{tag}.pyc").write_bytes(b"good")
+    os.symlink("/etc/hostname", mirror / "lib" / f"linked.{tag}.pyc")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    os.link(secret, mirror / "lib" / f"hard.{tag}.pyc")
+    (mirror / "lib" / f"nosource_ok.{tag}.pyc").write_bytes(b"x")
+    inner = stage / str(stage.resolve()).lstrip("/")  # "sources" in the stage itself
+    inner.mkdir(parents=True)
+    (stage / "evil.py").write_text("")
+    (inner / f"evil.{tag}.pyc").write_bytes(b"evil")
+    for dirpath, dirnames, filenames in os.walk(stage):
+        for n in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            os.lchown(n, NOBODY, NOBODY)
+    assert bytecode.place(stage, build, NOBODY) == 1
+    assert (build / "lib" / "__pycache__" / f"good.{tag}.pyc").read_bytes() == b"good"
+    assert sorted(p.name for p in (build / "lib" / "__pycache__").iterdir()) == [f"good.{tag}.pyc"]
+    assert not (stage / "__pycache__").exists()

@@ -55,11 +55,13 @@ def place(stage: Path, build: Path, uid: Optional[int]) -> int:
     """Copy `stage/<abs source folder>/NAME.TAG.pyc` to `<source folder>/__pycache__/` when
     `<source folder>/NAME.py` is a regular file of `build`; the number copied."""
     top = os.path.realpath(build) + "/"
+    own = os.path.realpath(stage) + "/"
     copied = 0
     for dirpath, _dirs, files, dirfd in os.fwalk(stage, follow_symlinks=False):
         source_dir = "/" + os.path.relpath(dirpath, stage)
-        if not source_dir.startswith(top) or os.path.realpath(source_dir) != source_dir:
-            continue
+        if (not source_dir.startswith(top) or (source_dir + "/").startswith(own)
+                or os.path.realpath(source_dir) != source_dir or not _ours(source_dir)):
+            continue  # only the venv's own folders, never the build user's stage
         for name in files:
             m = _PYC.fullmatch(name)
             if m is None or not _regular(os.path.join(source_dir, m.group("stem") + ".py")):
@@ -68,6 +70,13 @@ def place(stage: Path, build: Path, uid: Optional[int]) -> int:
             if data is not None and _write(Path(source_dir) / "__pycache__", name, data):
                 copied += 1
     return copied
+
+
+def _ours(folder: str) -> bool:
+    try:
+        return os.lstat(folder).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _regular(path: str) -> bool:

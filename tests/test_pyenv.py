@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance import pyenv
-from appliance.runner.execute import Supervision
+from appliance.process import Supervision
 from appliance.pyenv import VenvCache
 from appliance.pyenv import bytecode
 from appliance.pyenv.build import seal
@@ -181,7 +181,7 @@ def test_jobs_with_the_same_environment_use_it_at_the_same_time(tmp_path):
 
 WAIT = """
 import pathlib, sys, time
-from appliance.runner.execute import Supervision
+from appliance.process import Supervision
 from appliance.pyenv import Interrupted, VenvCache
 root, python, how = sys.argv[1:4]
 ticks = []

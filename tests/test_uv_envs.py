@@ -18,7 +18,7 @@ from appliance.doctor import _check_env_cache
 from appliance.paths import Home
 from appliance import pyenv
 from appliance.pyenv import UvCache, VenvCache
-from appliance.runner.execute import Supervision
+from appliance.process import Supervision
 from tests.wheels import make_wheel, marker_wheel, offline_env
 
 NOBODY = 65534

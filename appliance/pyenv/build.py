@@ -56,7 +56,7 @@ from typing import IO, Callable, Optional
 from appliance.pyenv import bytecode
 from appliance.pyenv.progress import Progress, _LogTail
 from appliance.pyenv.uvcache import UvCache
-from appliance.runner.execute import Supervision, signal_group, supervise
+from appliance.process import Supervision, signal_group, supervise
 
 
 class EnvBuildFailed(Exception):

@@ -32,7 +32,7 @@ from appliance.pyenv.locks import open_lock
 from appliance.pyenv.progress import Progress
 from appliance.pyenv.requirements import env_key, normalized
 from appliance.pyenv.uvcache import UvCache
-from appliance.runner.execute import INTERRUPTED, TIMED_OUT, Supervision, base_env
+from appliance.process import INTERRUPTED, TIMED_OUT, Supervision, base_env
 
 
 @dataclass

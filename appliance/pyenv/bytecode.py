@@ -3,8 +3,9 @@
 uv unpacks wheels without compiling them. Byte-compiling starts the venv's interpreter, and
 an interpreter runs every `.pth` line in site-packages at start: code from the requirement
 set. So root never compiles: the build user (the workload's account, inside the job's
-cgroup, as the pip path builds) runs `compileall` with `-X pycache_prefix` pointing at a
-folder of its own, and writes nowhere in the venv. Root then copies in what it made, as
+cgroup, as the pip path builds) runs `compileall -I -S` with `-X pycache_prefix` pointing at
+a folder of its own, and writes nowhere in the venv. It runs before the venv is sealed, so it
+adds to the time a new set takes (packages' test folders are skipped to keep that short). Root then copies in what it made, as
 bytes it never runs: only `NAME.cpython-XY.pyc` beside an existing `NAME.py` of the venv,
 regular files the build user owns with one link, opened without following symlinks. A
 `.pyc` that does not match its source is a problem of the set's own code, which every job
@@ -24,6 +25,9 @@ from typing import Callable, Optional
 
 _PYC = re.compile(r"(?P<stem>[^/]+)\.(?P<tag>[a-z]+-\d+)\.pyc")
 _MAX_PYC = 64 << 20
+# packages' own test suites (half the files of numpy and pandas, rarely imported by a job):
+# left to compile in memory if a job ever imports them, which keeps a new set's build short
+_NOT_COMPILED = r"site-packages/(.+/)?tests?/"
 
 
 def compile_venv(build: Path, uid: Optional[int], gid: Optional[int],
@@ -45,7 +49,7 @@ def compile_venv(build: Path, uid: Optional[int], gid: Optional[int],
         except OSError:
             jobs = 1
         run([str(build / "bin" / "python"), "-I", "-S", "-X", f"pycache_prefix={stage}", "-m", "compileall",
-             "-q", "-j", str(jobs), str(build / "lib")], stage)
+             "-q", "-j", str(jobs), "-x", _NOT_COMPILED, str(build / "lib")], stage)
         return place(stage, build, uid)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

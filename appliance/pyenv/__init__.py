@@ -9,9 +9,11 @@ What a runner uses:
 - `system_env(python)`: the configured interpreter as it is (`RunnerSettings.python`): no venv
   is built and `pythonenv`/`config.pip` are ignored.
 
-Inside: requirements.py (the set and its key), interpreter.py, venvs.py (the cache: locks,
-waiting, eviction), build.py (one build: uv or pip, sealed, published), uvcache.py (the
-shared uv cache and its safety rule), progress.py (what a build reports).
+Inside: requirements.py (the set and its key), interpreter.py, venvs.py (the cache: who
+builds, who waits, eviction), locks.py (lock files only root can open), build.py (one build:
+uv or pip, private until sealed, then published), bytecode.py (compiled by the workload's
+account, never root), uvcache.py (the shared uv cache and its safety rule), progress.py (what
+a build reports). No root process ever starts an interpreter in a job's venv.
 """
 
 from appliance.pyenv.build import BuildUser, EnvBuildFailed, Interrupted

@@ -1,7 +1,7 @@
 """Building one venv: in a fresh directory, by uv from the shared cache or by pip as the
 workload's user, sealed and then published under its key.
 
-- Built once: the builder holds an exclusive fcntl lock on `VENVS/<key>.lock` (see venvs.py)
+- Built once: the builder holds an exclusive fcntl lock on `LOCKS/<key>.lock` (see venvs.py)
   and builds into `VENVS/.<key>.<random>/`; when it is complete (`.complete` written last) the
   symlink `VENVS/<key>` is renamed into place, so nobody ever sees half a venv. The venv
   keeps its real directory for life: a venv cannot be moved (its scripts' `#!` lines

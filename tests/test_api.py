@@ -15,7 +15,7 @@ import pytest
 from appliance.api import access
 from appliance.api.protocol import Caller, Message, ProtocolError
 from appliance.api.routes import ApiError, match, route
-from tests.appliance_fixtures import make_home, stop_home
+from tests.appliance_fixtures import make_home
 
 # ------------------------------------------------------------------------------------ types
 
@@ -116,17 +116,6 @@ def test_a_member_acts_on_their_own_an_admin_on_all(caller, admin, owner, may):
 
 
 # ------------------------------------------------------------------------------------ the daemon
-
-
-@pytest.fixture(scope="module")
-def lab(lab_users, tmp_path_factory):
-    """A running appliance and its users (the group exists before `up`: the socket is the group's)."""
-    home = make_home(tmp_path_factory.mktemp("appliance"))
-    home.cli("up", "--timeout", "120")
-    for user in lab_users.values():
-        user.appliance_root = home.root
-    yield home, lab_users
-    stop_home(home)
 
 
 def _raw(home, data: bytes) -> tuple[int, dict]:

@@ -94,3 +94,19 @@ def lab_users(tmp_path_factory):
             subprocess.run(["userdel", "--force", "--remove", user.name], capture_output=True)
         if made_group:
             subprocess.run(["groupdel", SHARED_GROUP], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def lab(lab_users, tmp_path_factory):
+    """A running appliance and its users (the group exists before `up`: the socket is the group's);
+    (ApplianceHome, {"alice", "bob", "eve"})."""
+    from tests.appliance_fixtures import make_home, stop_home
+
+    home = make_home(tmp_path_factory.mktemp("appliance"))
+    home.cli("up", "--timeout", "120")
+    for user in lab_users.values():
+        user.appliance_root = home.root
+    try:
+        yield home, lab_users
+    finally:
+        stop_home(home)

@@ -117,3 +117,50 @@ class VersionResponse(Message):
     """GET /v1/version: answered to anyone who can reach the socket."""
     api: str
     appliance: str
+
+
+# --- members' store -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoreAccess(Message):
+    """GET /v1/me/store: the caller's own store identity (made on first use), for them alone."""
+    endpoint: str
+    region: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    private: bool  # false on a store without identities of ours: the shared bucket and client key
+
+
+@dataclass(frozen=True)
+class UserAddRequest(Message):
+    """POST /v1/users (admin): give the local account `name` its store identity now."""
+    name: str
+
+
+@dataclass(frozen=True)
+class UserInfo(Message):
+    name: str
+    uid: int
+    bucket: str
+
+
+# --- submitting ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitRequest(Message):
+    """POST /v1/submit: a StudioML request (the JSON a queue message holds) for a local queue.
+
+    Its workspace is already in the caller's bucket; every bucket and key it names must be the
+    caller's own (StoreAccess), or it is refused before anything runs. Its owner is the caller."""
+    queue: str
+    request: dict
+
+
+@dataclass(frozen=True)
+class SubmitResponse(Message):
+    key: str
+    queue: str
+    message_id: str
+    owner: str
+    owner_uid: int

@@ -418,7 +418,7 @@ class LocalQueueSource:
                 os.rename(dest, folder / name)  # not readable or countable by us: leave it for others
                 raise
             msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest,
-                          attempt=attempt)
+                          attempt=attempt, owner_uid=os.stat(dest).st_uid)  # who wrote it: its owner
             self._held[dest] = msg
             return msg
         return None
@@ -580,9 +580,11 @@ class LocalQueueSource:
 
 
 def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
-            stale_s: float = STALE_LOCK_S) -> str:
+            stale_s: float = STALE_LOCK_S, owner_uid: Optional[int] = None) -> str:
     """Put a message on `queue` like the StudioML client does, but atomically (temp file then
-    rename) and under the same soft lock; returns the message id (a uuid4, as the client's)."""
+    rename) and under the same soft lock; returns the message id (a uuid4, as the client's).
+    `owner_uid` (root only: the API for a member): the file is that user's, 0600, so the
+    job is theirs (its owner is the file's uid) and no one else in the group reads it."""
     if not is_local_queue(queue):
         raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
     folder = Path(root) / queue
@@ -590,14 +592,17 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
         _mkdir(folder)
         _same_owner(folder, os.stat(root))
     where = os.stat(folder)
-    mode = _file_mode(where.st_mode)
+    mode = _file_mode(where.st_mode) if owner_uid is None else 0o600
     msgid = str(uuid.uuid4())
     tmp = folder / f".{msgid}.tmp"
     with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with open(fd, "wb") as fh:
             os.fchmod(fd, mode)  # 0660 (or 0600), whatever the umask
-            _same_owner(tmp, where)
+            if owner_uid is None:
+                _same_owner(tmp, where)
+            else:
+                os.chown(tmp, owner_uid, -1)
             fh.write(body)
             fh.flush()
             os.fsync(fd)

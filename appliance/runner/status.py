@@ -4,7 +4,8 @@
 
     {"state": "idle|fetching|preparing|running|uploading|draining|stopped",
      "slot": ..., "pid": <runner pid>, "updated": <epoch>,
-     "experiment": <key or null>, "queue": ..., "source": ..., "started": <epoch or null>,
+     "experiment": <key or null>, "owner_uid": <its submitter's uid or null>, "queue": ...,
+     "source": ..., "started": <epoch or null>,
      "last_upload": <epoch or null>, "output": <local output file while running or null>,
      "workload": {"pid": .., "start_ticks": ..} or null,
      "gpu": the running job's GPU use (runner/gpu.py JobGpu.summary) or null,
@@ -78,9 +79,11 @@ class StatusFile:
         self.data["updated"] = time.time()
         write_json_atomic(self.path, self.data)
 
-    def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None) -> None:
+    def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None,
+                    owner_uid: Optional[int] = None) -> None:
+        """`owner_uid`: who submitted it, as the kernel said (the queue file's uid); None: unknown."""
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
-                    started=time.time(), last_upload=None, output=None, workload=None)
+                    started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid)
         if self.counters is not None:
             self.counters.job_started(queue, enqueued)
 
@@ -93,7 +96,8 @@ class StatusFile:
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
             self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
-        result = {"experiment": self.data.get("experiment"), "outcome": outcome, "class": cls,
+        result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
+                  "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
         if gpu:
             result["gpu"] = gpu

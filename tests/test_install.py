@@ -106,3 +106,16 @@ def test_install_refuses_bad_options(args, message):
     result = run([str(REPO / "install.sh"), *args], dict(os.environ), check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_install_refuses_an_interpreter_other_users_cannot_run(tmp_path):
+    """A pyenv or conda python under /root would leave a launcher that fails for every member."""
+    need(os.geteuid() == 0 and shutil.which("runuser") is not None, "root and runuser (to try it as nobody)")
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "python3").symlink_to(shutil.which("python3"))
+    env = {**os.environ, "PYTHON": str(private / "python3")}
+    result = run([str(REPO / "install.sh"), "--home", str(tmp_path / "home"), "--no-start"], env, check=False)
+    assert result.returncode != 0
+    assert f"PYTHON={private / 'python3'} cannot be run by other users" in result.stderr
+    assert not (tmp_path / "home" / "venv").exists()

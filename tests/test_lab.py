@@ -164,3 +164,44 @@ def test_a_running_job_is_its_submitters_alone(lab):
         assert peek.returncode != 0 and "secret" not in peek.stdout
     follow = alice.cli("logs", "-f", key)  # until the job ends
     assert follow.returncode == 0 and follow.stdout.count("alive") == 1, follow.stderr
+
+
+def test_queue_modes_let_in_whom_they_say_with_one_line_for_the_others(lab):
+    home, users = lab
+    alice, eve = users["alice"], users["eve"]
+    ws = _workspace(alice, "modes")
+    try:
+        home.cli("config", "set", "queues.submit", "closed")
+        out = alice.cli("submit", "--queue", "local_closed", "--no-freeze", "--dir", str(ws), "train.py")
+        assert out.returncode != 0 and "submitting is closed on this appliance" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert alice.cli("status").returncode == 0  # members still follow what they sent
+
+        home.cli("config", "set", "queues.submit", "open")
+        wait_for("the socket to open", lambda: (home.home.run_dir / "api.sock").stat().st_mode & 0o777 == 0o666,
+                 timeout=10)
+        status = eve.cli("status", "--json")
+        assert status.returncode == 0, status.stderr  # any local user, under "open"
+    finally:
+        home.cli("config", "set", "queues.submit", "group")
+    wait_for("the socket to close", lambda: (home.home.run_dir / "api.sock").stat().st_mode & 0o777 == 0o660,
+             timeout=10)
+    out = eve.cli("submit", "--no-freeze", "--dir", str(ws), "train.py")
+    assert out.returncode != 0 and "you are not in group appliance" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_shared_buckets_jobs_stay_roots(lab, tmp_path):
+    """What root submits (and what a home from before members holds) stays in the shared bucket:
+    root fetches it as before; no member can."""
+    home, users = lab
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "train.py").write_text("print('hello from root')\n")
+    key = home.cli("submit", "--no-freeze", "--ram", "256mb", "--dir", str(ws), "train.py").stdout.strip().splitlines()[-1]
+    wait_for(f"job {key} to finish", lambda: _finished(home, key), timeout=240)
+    assert _finished(home, key)["owner_uid"] == 0
+    got = home.cli("results", key, "--dest", str(tmp_path / "out"))
+    assert "hello from root" in (tmp_path / "out" / "output" / "output").read_text(), got.stdout
+    theirs = users["alice"].cli("logs", key)
+    assert theirs.returncode != 0 and "hello from root" not in theirs.stdout

@@ -232,12 +232,24 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             gid = access.group_id(SHARED_GROUP)
             if os.geteuid() == 0 and gid is not None:
                 os.chown(tmp, 0, gid)
-            os.chmod(tmp, 0o666 if self.config.get().queues.submit == "open" else 0o660)
+            os.chmod(tmp, self.socket_mode())
             os.rename(tmp, self.path)
         except BaseException:
             os.unlink(tmp)
             raise
         self.server_address = self.path
+
+    def socket_mode(self) -> int:
+        return 0o666 if self.config.get().queues.submit == "open" else 0o660
+
+    def service_actions(self):
+        """Between requests (every poll): the socket's mode follows queues.submit, so `config set
+        queues.submit open` lets others in without a restart (and `group` shuts them out again)."""
+        try:
+            if os.stat(self.path).st_mode & 0o777 != self.socket_mode():
+                os.chmod(self.path, self.socket_mode())
+        except OSError:
+            pass
 
 
 def serve(home: Home) -> ApiServer:

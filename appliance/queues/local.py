@@ -23,10 +23,12 @@ has not been touched by `keepalive` for `lease_s`.
 
 Waiting uses inotify directly (a few ctypes calls, no thread): `wait()` is a `select` on one fd.
 
-Messages hold store keys, so the tree is not for everyone: `share_queue_tree` gives it to the
-`appliance` group (folders 2770, setgid so what is made inside takes the group; files 0660), or,
-without that group, to its owner alone (0700, 0600). Folders and files made here take their
-parent folder's group access and never give others any. Dead letters older than `dead_ttl_s`
+Messages hold store keys, so the tree is not for everyone: `share_queue_tree` gives its folders
+to the `appliance` group (3770: setgid, so what is made inside takes the group; sticky, so a
+member deletes or renames only their own messages), or, without that group, to its owner alone
+(0700). Every file in it is its owner's alone (0600): a member's message carries their own store
+key, and its owner (the job's) is the file's uid. Folders made here take their parent folder's
+group access and never give others any. Dead letters older than `dead_ttl_s`
 are deleted by a sweep that runs at most every `SWEEP_DEAD_EVERY_S`.
 """
 
@@ -68,7 +70,7 @@ def is_local_queue(name: str) -> bool:
 
 # ---------------------------------------------------------------- who may read the queue
 
-SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o2770, 0o700
+SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o3770, 0o700
 CLIENT_DIRS = ("queue", "experiments", "blobcache", "artifact_mappings")  # what the client makes
 
 
@@ -87,19 +89,20 @@ def _mkdir(path: Path) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
-    os.chmod(path, 0o700 | (os.stat(path.parent).st_mode & 0o2070))
+    os.chmod(path, 0o700 | (os.stat(path.parent).st_mode & 0o3070))
 
 
 def _file_mode(folder_mode: int) -> int:
-    """A file in a folder its group may use is the group's too (0660), else the owner's (0600)."""
-    return 0o600 | (folder_mode & 0o060)
+    """Every file in the queue tree is its owner's alone (0600), whoever may use the folder: a
+    message carries its sender's store key."""
+    return 0o600
 
 
 def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
     """Give `top` (HOME/studioml: the queue, and what the StudioML client writes beside it) to
-    `group`: folders 2770, files their owner's bits for the group too (0660), nothing for others,
-    so members submit without sudo and nobody else reads the store keys in messages. Without
-    the group everything is the owner's alone (0700, 0600).
+    `group`: folders 3770 (setgid, sticky), files their owner's alone (0600), nothing for others:
+    a StudioML client of the group drops its message there (its own file), no member reads,
+    replaces or deletes another's. Without the group everything is the owner's alone (0700, 0600).
 
     Walks the tree only when `top` is not right yet (a first `up`, an older home); otherwise it
     looks at the folders directly in `top` and in its queue root, which a client may have made
@@ -126,7 +129,7 @@ def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
     if gid is None:
         return (f"{top}: no group '{group}', so the queue is root's alone (0700/0600; "
                 f"`groupadd --system {group}` or ./install.sh lets its members submit without sudo)")
-    return f"{top}: queue folders 2770 and files 0660, group '{group}' ({changed} entries changed)"
+    return f"{top}: queue folders 3770 and files 0600, group '{group}' ({changed} entries changed)"
 
 
 def _wrong(path: Path, gid: Optional[int]) -> bool:
@@ -147,8 +150,7 @@ def _fix_tree(top: Path, gid: Optional[int]) -> int:
                 if stat.S_ISDIR(st.st_mode):
                     mode = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
                 else:
-                    owner = st.st_mode & 0o700
-                    mode = owner | (owner >> 3 if gid is not None else 0)
+                    mode = st.st_mode & 0o700  # a message is its sender's alone (it holds their key)
                 if gid is not None and st.st_gid != gid:
                     os.chown(path, -1, gid, follow_symlinks=False)
                 elif (st.st_mode & 0o7777) == mode:
@@ -367,6 +369,8 @@ class LocalQueueSource:
                     reason = (dead / q / f"{name}.reason").read_text().strip()
                 except FileNotFoundError:
                     reason = "(no reason recorded)"
+                except PermissionError:
+                    reason = "(someone else's)"
                 out.append((q, name, reason))
         return out
 
@@ -485,6 +489,8 @@ class LocalQueueSource:
         with open(fd, "w") as fh:
             os.fchmod(fd, mode)  # not the umask's
             fh.write(reason.rstrip("\n") + "\n")
+        if msg.owner_uid is not None and os.geteuid() == 0:
+            os.chown(tmp, msg.owner_uid, -1)  # the sender reads why (`queue dead`), no one else
         os.replace(tmp, reason_file)
         dest = folder / msg.message_id
         try:

@@ -205,3 +205,12 @@ def test_the_shared_buckets_jobs_stay_roots(lab, tmp_path):
     assert "hello from root" in (tmp_path / "out" / "output" / "output").read_text(), got.stdout
     theirs = users["alice"].cli("logs", key)
     assert theirs.returncode != 0 and "hello from root" not in theirs.stdout
+
+
+def test_doctor_for_a_member_checks_what_they_rely_on(lab):
+    home, users = lab
+    out = users["alice"].cli("doctor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"you are {users['alice'].name}" in out.stdout and "your key works in your bucket" in out.stdout
+    outsider = users["eve"].cli("doctor")
+    assert outsider.returncode != 0 and "you are not in group appliance" in outsider.stdout + outsider.stderr

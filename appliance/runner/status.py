@@ -16,9 +16,8 @@
 
 `HOME/status/experiments/<key>.json` records where an experiment's mutable artifacts live in
 the store (endpoint, bucket, key per artifact; never credentials), so `appliance logs` and
-`appliance results` find them without guessing the bucket. Records are for the `appliance`
-group's members and root only: their folder is 2750 with that group (0700 without it), the
-files 0640 (0600).
+`appliance results` find them without guessing the bucket. Records are root's alone (folder
+0700, files 0600): they name every member's jobs.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from appliance.paths import shared_gid
 
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
@@ -133,24 +132,18 @@ def experiment_record_path(home, key: str) -> Path:
 
 
 def _records_dir(home) -> Path:
-    """HOME/status/experiments, made 2750 for the `appliance` group (0700 without it)."""
+    """HOME/status/experiments, root's alone (0700): it names every member's jobs, and a member
+    finds their own results in their own bucket (an older home's 2750 folder is closed here)."""
     folder = Path(home.status_dir) / "experiments"
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        gid = shared_gid()
-        try:
-            if gid is None:
-                raise PermissionError("no appliance group")
-            os.chown(folder, -1, gid)
-            os.chmod(folder, 0o2750)  # setgid: records made inside take the group
-        except PermissionError:
-            os.chmod(folder, 0o700)
+    folder.mkdir(parents=True, exist_ok=True)
+    if stat.S_IMODE(os.stat(folder).st_mode) != 0o700:
+        os.chmod(folder, 0o700)
     return folder
 
 
 def record_experiment(home, key: str, record: dict) -> None:
-    group_reads = os.stat(_records_dir(home)).st_mode & 0o040
-    write_json_atomic(experiment_record_path(home, key), record, mode=0o600 | group_reads)
+    _records_dir(home)
+    write_json_atomic(experiment_record_path(home, key), record, mode=0o600)
 
 
 def find_experiment(home, key: str) -> Optional[dict]:

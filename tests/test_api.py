@@ -183,11 +183,15 @@ def test_an_outsider_gets_one_clear_line(lab):
                                   f"{eve.name} (then log in again)"), out.stderr
 
 
-def test_down_as_a_member_needs_root_and_stops_nothing(lab):
+def test_up_and_down_as_a_member_need_root_and_change_nothing(lab):
     home, users = lab
-    out = users["alice"].cli("down")
-    assert out.returncode != 0 and "needs root" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert home.status()["running"]
+    pid = home.status()["supervisord_pid"]
+    for action in ("down", "up"):
+        out = users["alice"].cli(action)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert f"`{action}` needs root" in out.stderr and f"sudo appliance {action}" in out.stderr
+    facts = home.status()
+    assert facts["running"] and facts["supervisord_pid"] == pid
 
 
 @pytest.mark.parametrize("request_bytes, status, words", [
@@ -199,6 +203,15 @@ def test_down_as_a_member_needs_root_and_stops_nothing(lab):
     (b"GET /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "Content-Length"),
     (b"GET /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n", 413, "limit"),
     (b"BREW /v1/status HTTP/1.1\r\nHost: x\r\n\r\n", 501, "Unsupported method"),
+    (b"POST /v1/submit HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 400, "missing field 'queue'"),
+    (b"POST /v1/submit HTTP/1.1\r\nHost: x\r\nContent-Length: 32\r\n\r\n{\"queue\": 5, \"request\": {}}     ", 400,
+     "'queue' must be text"),
+    (b"POST /v1/submit HTTP/1.1\r\nHost: x\r\nContent-Length: 35\r\n\r\n{\"queue\": \"local_x\", \"request\": {}}", 400,
+     "the request cannot run"),
+    (b"POST /v1/submit HTTP/1.1\r\nHost: x\r\nContent-Length: 42\r\n\r\n{\"queue\": \"../etc\", \"request\": {}, \"x\": 1}", 400,
+     "unknown field 'x'"),
+    (b"POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Length: 24\r\n\r\n{\"name\": \"no-such-user\"}", 404,
+     "no local account"),
 ])
 def test_every_malformed_request_gets_an_error_status_and_one_line(lab, request_bytes, status, words):
     home, _ = lab

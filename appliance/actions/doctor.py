@@ -9,9 +9,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    import os
+    from appliance.api.access import owner_only
 
-    if os.geteuid() not in (0, _owner(args.home)):
+    if owner_only(args.home, "doctor"):  # a member: what they rely on, through the API
         from appliance.api.member_doctor import member_findings
         from appliance.doctor import Finding
 
@@ -22,12 +22,3 @@ def run(args) -> int:
         print(f"{'ok  ' if f.ok else 'FAIL'} {f.what}: {f.detail}")
     return 0 if all(f.ok for f in findings) else 1
 
-
-def _owner(home) -> int:
-    """Who owns the home (a missing one is about to be the caller's)."""
-    import os
-
-    try:
-        return home.root.stat().st_uid
-    except OSError:
-        return os.geteuid()

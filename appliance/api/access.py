@@ -71,3 +71,18 @@ def is_member(mode: str, admin: bool, member_of_group: bool) -> bool:
 def may_act_on(caller_uid: int, admin: bool, owner_uid: int | None) -> bool:
     """A member acts on what they own; an admin on everything (an ownerless thing: admins only)."""
     return admin or (owner_uid is not None and owner_uid == caller_uid)
+
+
+def owner_only(home, action: str) -> str | None:
+    """Why the caller may not run `action` (up, down) on `home` itself: only its owner (root, for
+    a lab's home) acts on it directly. None when they may (a missing home is about to be theirs)."""
+    import os
+
+    try:
+        owner = os.stat(home.root).st_uid
+    except OSError:
+        return None
+    if os.geteuid() in (0, owner):
+        return None
+    return (f"`{action}` needs root (the appliance at {home.root} belongs to {user_name(owner)}): ask an "
+            f"admin to run 'sudo appliance {action}'")

@@ -35,8 +35,8 @@ def output_from_tar(data: bytes) -> bytes:
 
 def stored_output(home, key: str) -> bytes | None:
     from appliance.actions.results import experiment_artifacts
-    from appliance.runner import artifacts as arts
-    from appliance.runner.artifacts import client_for
+    from appliance.studioml import transfer as arts
+    from appliance.studioml.transfer import client_for
 
     (art,) = experiment_artifacts(home, key, names=("output",))
     c = client_for(art)
@@ -80,7 +80,7 @@ def run(args) -> int:
 
     if os.geteuid() != 0:
         return run_as_member(args)
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
     key = args.experiment
@@ -111,7 +111,7 @@ def run_as_member(args) -> int:
     """A member's logs: live through the API while their job runs, else from their own bucket
     with their own key (appliance/api/logs_routes.py)."""
     from appliance.api.client import ApiClientError, Client
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
 
     key, pos = args.experiment, 0
     try:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from appliance.api.submit_client import enqueue_request, submit_store
 from appliance.queues.local import is_local_queue, no_access
-from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
 from appliance.workspace import pack_directory, workspace_key
 
@@ -285,6 +285,8 @@ def run(args) -> int:
         enqueue_request(home, args.queue, data)
     except PermissionError:
         return _fail(no_access(home.queue_root))
+    except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
+        return _fail(str(e))
     print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     print(key)
     return 0

@@ -19,7 +19,7 @@ from appliance.api.submit_check import foreign_reference
 @route("POST", "/v1/submit", who="submit")
 def submit(req: Request) -> SubmitResponse:
     from appliance.queues.local import enqueue, is_local_queue
-    from appliance.runner.request import BadRequest, parse_request
+    from appliance.studioml.request import BadRequest, parse_request
 
     body = SubmitRequest.from_json(req.body or {})
     if not is_local_queue(body.queue):

@@ -1,8 +1,9 @@
 """Real local accounts for tests of a lab of users: members of the `appliance` group and an outsider.
 
 Each account is made with useradd (a home of its own under the test's temporary folder) and removed
-with userdel at the end. The `appliance` group is made when the machine has none (as install.sh
-would) and removed again only if this fixture made it. `User.cli(...)` runs the real CLI as that
+with userdel at the end. The `appliance` group is made when the machine has none, as install.sh
+would, and kept (as `install.sh --uninstall` keeps it): removing it would pull it from under any
+other test run on this machine that uses it. `User.cli(...)` runs the real CLI as that
 user with runuser: no sudo, nothing of root's environment but the path to this checkout.
 """
 
@@ -54,14 +55,12 @@ class User:
         return self.run(sys.executable, "-c", code, timeout=timeout)
 
 
-def _ensure_group() -> bool:
-    """Make the appliance group if missing; True if this call made it."""
+def _ensure_group() -> None:
+    """Make the appliance group if missing (another run may make it at the same moment)."""
     try:
         grp.getgrnam(SHARED_GROUP)
-        return False
     except KeyError:
-        subprocess.run(["groupadd", "--system", SHARED_GROUP], check=True, capture_output=True)
-        return True
+        subprocess.run(["groupadd", "--force", "--system", SHARED_GROUP], check=True, capture_output=True)
 
 
 def _add_user(base: Path, tag: str, groups: list[str]) -> User:
@@ -80,7 +79,7 @@ def lab_users(tmp_path_factory):
     need(os.geteuid() == 0, "root (to create accounts and run commands as them)")
     need(all(subprocess.run(["which", t], capture_output=True).returncode == 0 for t in ("useradd", "runuser")),
          "useradd and runuser")
-    made_group = _ensure_group()
+    _ensure_group()
     base = tmp_path_factory.mktemp("users")
     os.chmod(base, 0o755)
     users = {}
@@ -92,8 +91,6 @@ def lab_users(tmp_path_factory):
     finally:
         for user in users.values():
             subprocess.run(["userdel", "--force", "--remove", user.name], capture_output=True)
-        if made_group:
-            subprocess.run(["groupdel", SHARED_GROUP], capture_output=True)
 
 
 @pytest.fixture(scope="module")

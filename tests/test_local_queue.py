@@ -608,3 +608,39 @@ def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing(root):
         disk.free()
         msgid = enqueue(root, Q, b"x" * 300)
         assert (root / Q / msgid).read_bytes() == b"x" * 300
+
+
+def test_a_message_swapped_for_a_link_is_neither_read_nor_owned_through_it(tmp_path):
+    """A writer who replaces their message by a symlink after the listing (to another's message,
+    to a root-only file) gets nothing read through it, nor its target's owner."""
+    root = tmp_path / "queue"
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"keys": "someone else\'s"}')
+    os.chmod(secret, 0o600)
+    enqueue(root, "local_q", b"{}")
+    [name] = [p.name for p in (root / "local_q").iterdir() if p.name != "lock.lock"]
+    src = LocalQueueSource(root, runner_id="t", watch=False)
+    listed = src._messages
+    def swap_after_listing(folder, dead=False):
+        found = listed(folder, dead)
+        if found and not dead:
+            (folder / name).unlink()
+            (folder / name).symlink_to(secret)
+        return found
+    src._messages = swap_after_listing
+    assert src.claim("local_q") is None
+    assert not any((root / ".claimed" / "local_q").iterdir())  # the link is gone, the target untouched
+    assert secret.read_text() == '{"keys": "someone else\'s"}'
+    src.close()
+
+
+def test_a_claimed_message_carries_the_uid_of_its_file(tmp_path):
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to give a message to another uid)")
+    root = tmp_path / "queue"
+    enqueue(root, "local_q", b"{}", owner_uid=65534)
+    src = LocalQueueSource(root, runner_id="t", watch=False)
+    msg = src.claim("local_q")
+    assert msg.owner_uid == 65534
+    src.close()

@@ -415,15 +415,24 @@ class LocalQueueSource:
                 os.rename(folder / name, dest)
             except FileNotFoundError:
                 continue  # another runner was faster
+            st = os.lstat(dest)
+            if not stat.S_ISREG(st.st_mode):
+                # a file its writer swapped for a link (or a folder) after the listing: it would read,
+                # and take the owner of, whatever it points at; it is nobody's message
+                if stat.S_ISDIR(st.st_mode):
+                    os.rename(dest, folder / name)
+                else:
+                    os.unlink(dest)
+                continue
             try:
-                body = dest.read_bytes()
+                body = _read_no_follow(dest)
                 attempt = self._attempts(queue, name) + 1
                 self._set_attempts(queue, name, attempt)  # counted before anyone works on it
             except OSError:
                 os.rename(dest, folder / name)  # not readable or countable by us: leave it for others
                 raise
             msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest,
-                          attempt=attempt, owner_uid=os.stat(dest).st_uid)  # who wrote it: its owner
+                          attempt=attempt, owner_uid=st.st_uid)  # who wrote it (the kernel's word): its owner
             self._held[dest] = msg
             return msg
         return None
@@ -584,6 +593,12 @@ class LocalQueueSource:
 
     def enqueue(self, queue: str, body: bytes, timeout: float = 10.0) -> str:
         return enqueue(self.root, queue, body, timeout=timeout, stale_s=self.stale_lock_s)
+
+
+def _read_no_follow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as fh:
+        return fh.read()
 
 
 def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,

@@ -66,6 +66,11 @@ def test_each_member_fetches_their_own_job(lab, jobs):
         got = user.cli("results", key, "--dest", str(dest))
         assert got.returncode == 0, got.stderr
         assert f"hello from {name}" in (dest / "output" / "output").read_text()
+        # an admin (root) acts on every member's job
+        admin_dest = home.root.parent / f"admin-{name}"
+        assert home.cli("results", key, "--dest", str(admin_dest)).returncode == 0
+        assert f"hello from {name}" in (admin_dest / "output" / "output").read_text()
+        assert f"hello from {name}" in home.cli("logs", key).stdout
 
 
 def test_no_member_fetches_or_sees_anothers_job(lab, jobs):

@@ -219,3 +219,19 @@ def test_doctor_for_a_member_checks_what_they_rely_on(lab):
     assert f"you are {users['alice'].name}" in out.stdout and "your key works in your bucket" in out.stdout
     outsider = users["eve"].cli("doctor")
     assert outsider.returncode != 0 and "you are not in group appliance" in outsider.stdout + outsider.stderr
+
+
+def test_user_add_is_roots_and_queue_counts_are_for_members(lab):
+    home, users = lab
+    alice = users["alice"]
+    added = home.cli("user", "add", users["eve"].name)  # an outsider's identity, made ahead by root
+    assert f"bucket appliance-u-{users['eve'].name}" in added.stdout
+    again = home.cli("user", "add", users["eve"].name)
+    assert again.stdout == added.stdout  # made once, never rotated
+    nobody = home.cli("user", "add", "no-such-account-here", check=False)
+    assert nobody.returncode == 2 and "no local account named 'no-such-account-here'" in nobody.stderr
+    refused = alice.cli("user", "add", alice.name)
+    assert refused.returncode == 2 and "needs root" in refused.stderr
+    for args in (("queue", "ls"), ("queue", "dead")):
+        out = alice.cli(*args)
+        assert out.returncode == 0, out.stderr

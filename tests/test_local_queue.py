@@ -411,6 +411,10 @@ def test_group_members_drop_messages_but_read_or_remove_only_their_own(open_dir,
     assert member.returncode == 0, member.stderr
     assert (root / "local_new" / "by-member").stat().st_gid == shared_group.gr_gid
     assert (root / "local_member").stat().st_gid == shared_group.gr_gid
+    # whatever its umask, its message is its own (the folders' default ACL): the group reads none
+    by_member = as_nobody(f"umask 000 && echo '{{}}' > {root}/local_new/open-umask", groups=[shared_group.gr_gid])
+    assert by_member.returncode == 0, by_member.stderr
+    assert mode(root / "local_new" / "open-umask") & 0o077 == 0
     # ... but reads, replaces and removes no message of another (sticky folder, 0600 files)
     for cmd in (f"cat {new}", f"rm -f {new}", f"mv {new} {root}/local_new/mine", f"echo x > {new}"):
         other = as_nobody(cmd, groups=[shared_group.gr_gid])

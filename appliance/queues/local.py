@@ -82,7 +82,7 @@ def no_access(path: Path, group: str = SHARED_GROUP) -> str:
 
 
 def _mkdir(path: Path) -> None:
-    """`mkdir -p` whose new folders take their parent's group access (setgid too), never others'."""
+    """`mkdir -p` whose new folders take their parent's group access (setgid, sticky), never others'."""
     if path.is_dir():
         return
     _mkdir(path.parent)
@@ -90,7 +90,25 @@ def _mkdir(path: Path) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
-    os.chmod(path, 0o700 | (os.stat(path.parent).st_mode & 0o3070))
+    mode = 0o700 | (os.stat(path.parent).st_mode & 0o3070)
+    os.chmod(path, mode)
+    if mode & 0o070:
+        _files_stay_their_owners(path)
+
+
+# A default ACL of owner, group and others with no bits for the group or others: a file made in
+# the folder (a StudioML client's message, written with its umask: 0644) is its maker's alone.
+_OWNER_ONLY_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((0x01, 7), (0x04, 0), (0x20, 0)))
+
+
+def _files_stay_their_owners(folder) -> None:
+    """Give the shared `folder` the default ACL above (no ACLs on this filesystem: files keep
+    their maker's umask, and `share_queue_tree` closes them at the next `up`)."""
+    try:
+        os.setxattr(folder, "system.posix_acl_default", _OWNER_ONLY_DEFAULT_ACL, follow_symlinks=False)
+    except OSError:
+        pass
 
 
 def _file_mode(folder_mode: int) -> int:
@@ -150,6 +168,8 @@ def _fix_tree(top: Path, gid: Optional[int]) -> int:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     mode = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
+                    if gid is not None:
+                        _files_stay_their_owners(path)
                 else:
                     mode = st.st_mode & 0o700  # a message is its sender's alone (it holds their key)
                 if gid is not None and st.st_gid != gid:

@@ -235,3 +235,17 @@ def test_user_add_is_roots_and_queue_counts_are_for_members(lab):
     for args in (("queue", "ls"), ("queue", "dead")):
         out = alice.cli(*args)
         assert out.returncode == 0, out.stderr
+
+
+def test_following_a_job_right_after_submitting_waits_for_it_and_prints_it_all(lab):
+    home, users = lab
+    bob = users["bob"]
+    ws = _workspace(bob, "follow")
+    (ws / "train.py").write_text("import time\nfor i in range(3):\n    print('step', i, flush=True)\n"
+                                 "    time.sleep(1)\n")
+    key = _submit(bob, ws)
+    follow = bob.cli("logs", "-f", key)  # queued a moment ago: it waits, then streams to the end
+    assert follow.returncode == 0, follow.stderr
+    assert [line for line in follow.stdout.splitlines() if line.startswith("step")] == ["step 0", "step 1", "step 2"]
+    other = users["alice"].cli("logs", "-f", key)
+    assert other.returncode != 0 and "step" not in other.stdout

@@ -114,8 +114,14 @@ def run_as_member(args) -> int:
     from appliance.studioml import transfer as arts
 
     key, pos = args.experiment, 0
+
+    def started(headers) -> None:
+        if headers.get("X-Appliance-Job-State") == "queued":
+            print(f"appliance logs: {key} is queued; waiting for it to start", file=sys.stderr, flush=True)
+
+    client = Client(args.home, timeout=None if args.follow else 300.0)
     try:
-        for chunk in Client(args.home).stream("GET", f"/v1/logs/{key}?follow={int(args.follow)}"):
+        for chunk in client.stream("GET", f"/v1/logs/{key}?follow={int(args.follow)}", on_start=started):
             _write(chunk)
             pos += len(chunk)
         if not args.follow:

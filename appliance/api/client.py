@@ -77,7 +77,8 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class Client:
-    def __init__(self, home: Home, timeout: float = TIMEOUT_S):
+    def __init__(self, home: Home, timeout: float | None = TIMEOUT_S):
+        """`timeout`: seconds an answer may stay silent (None: for ever, e.g. a followed log)."""
         self.home = home
         self.path = str(home.run_dir / SOCKET_NAME)
         self.timeout = timeout
@@ -147,12 +148,15 @@ class Client:
     def post(self, path: str, body: dict | None = None) -> dict:
         return self.call("POST", path, body if body is not None else {})
 
-    def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[bytes]:
-        """The answer's bytes as they come (a followed log); ApiClientError for an error answer."""
+    def stream(self, method: str, path: str, body: dict | None = None, on_start=None) -> Iterator[bytes]:
+        """The answer's bytes as they come (a followed log); ApiClientError for an error answer.
+        `on_start(headers)` is called once the answer begins."""
         conn, response = self._send(method, path, body)
         try:
             if response.status >= 400:
                 raise self._error(response, response.read())
+            if on_start is not None:
+                on_start(response.headers)
             while True:
                 chunk = response.read1(65536)
                 if not chunk:

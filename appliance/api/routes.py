@@ -54,6 +54,7 @@ class Stream:
     chunks: Iterable[bytes]
     content_type: str = "text/plain; charset=utf-8"
     status: int = 200
+    headers: dict = field(default_factory=dict)  # e.g. {"X-Appliance-Job-State": "queued"}
 
 
 @dataclass

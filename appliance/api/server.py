@@ -115,6 +115,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(stream.status)
         self.send_header("Content-Type", stream.content_type)
         self.send_header("Transfer-Encoding", "chunked")
+        for name, value in stream.headers.items():
+            self.send_header(name, value)
         self.end_headers()
         try:
             for chunk in stream.chunks:

@@ -76,6 +76,10 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    if os.geteuid() != 0:
+        return run_as_member(args)
     from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
@@ -100,4 +104,42 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     _write(data)
+    return 0
+
+
+def run_as_member(args) -> int:
+    """A member's logs: live through the API while their job runs, else from their own bucket
+    with their own key (appliance/api/logs_routes.py)."""
+    from appliance.api.client import ApiClientError, Client
+    from appliance.studioml import transfer as arts
+
+    key, pos = args.experiment, 0
+
+    def started(headers) -> None:
+        if headers.get("X-Appliance-Job-State") == "queued":
+            print(f"appliance logs: {key} is queued; waiting for it to start", file=sys.stderr, flush=True)
+
+    client = Client(args.home, timeout=None if args.follow else 300.0)
+    try:
+        for chunk in client.stream("GET", f"/v1/logs/{key}?follow={int(args.follow)}", on_start=started):
+            _write(chunk)
+            pos += len(chunk)
+        if not args.follow:
+            return 0
+    except ApiClientError as e:
+        if e.status not in (404, 409):
+            raise
+        if e.status == 409:
+            print(f"appliance logs: {e}", file=sys.stderr)
+            return 1
+    try:
+        data = stored_output(args.home, key)
+    except arts.ArtifactError as e:
+        print(f"appliance logs: {e}", file=sys.stderr)
+        return 1
+    if data is None and not pos:
+        print(f"appliance logs: no output for experiment {key!r} of yours: it has not started (or the key "
+              "is wrong, or it is someone else's)", file=sys.stderr)
+        return 1
+    _write((data or b"")[pos:])
     return 0

@@ -26,12 +26,10 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.config import load_config
-from appliance.queues.local import enqueue, is_local_queue, no_access
+from appliance.api.submit_client import enqueue_request, submit_store
+from appliance.queues.local import is_local_queue, no_access
 from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
-from appliance.store.credentials import load_client_credentials
-from appliance.store.server import endpoint_url
 from appliance.workspace import pack_directory, workspace_key
 
 DEFAULT_QUEUE = "local_appliance"
@@ -245,10 +243,8 @@ def run(args) -> int:
     if not args.no_freeze and not shutil.which(args.python):
         return _fail(_freeze_problem(args.python, "not found"))
 
-    config = load_config(home.config_file)
-    endpoint = endpoint_url(config)
-    bucket, region = config.object_store.bucket, config.object_store.region
-    creds = load_client_credentials(home)  # it travels in the message: never the admin identity
+    creds = submit_store(home)  # the caller's own identity; it travels in the message: never the admin's
+    endpoint, bucket, region = creds.endpoint, creds.bucket, creds.region
 
     key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
 
@@ -286,7 +282,7 @@ def run(args) -> int:
     data = json.dumps(body).encode()
     parse_request(data)  # what a runner will accept; a failure here is our bug
     try:
-        enqueue(home.queue_root, args.queue, data)
+        enqueue_request(home, args.queue, data)
     except PermissionError:
         return _fail(no_access(home.queue_root))
     except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long

@@ -145,9 +145,9 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added)
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
         record_experiment(self.r.home, req.key, {
-            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue,
+            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
             "claimed": self.started, "output": str(self.output),
             "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
@@ -404,6 +404,6 @@ class Job:
         ended = json.loads((self.dir / ENDED).read_text())
         log.info("%s: its workload ended before (%s); finishing the uploads, not running it again",
                  self.req.key, ended.get("outcome"))
-        self.status.job_started(self.req.key, self.msg.queue, self.msg.source)
+        self.status.job_started(self.req.key, self.msg.queue, self.msg.source, owner_uid=self.msg.owner_uid)
         self.keep_dir = True
         self.complete(ended)

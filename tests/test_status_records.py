@@ -43,3 +43,20 @@ def test_an_older_homes_group_readable_records_are_closed_at_the_next_record(tmp
     folder.chmod(0o2750)
     record_experiment(home, "k2", {})
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_no_other_account_reads_a_slots_status(tmp_path):
+    """A slot's status file names the running job's key and owner: members see their own jobs
+    through the API, and no workload or other account reads another tenant's."""
+    need(os.geteuid() == 0, "root (to try reading as another user)")
+    base = tmp_path / "open"
+    base.mkdir()
+    for d in (tmp_path, base):
+        d.chmod(0o755)
+    home = Home.at(base / "home")
+    home.ensure()
+    (home.status_dir / "slot-0.json").write_text('{"experiment": "secret-key"}')
+    gid = shared_gid()
+    other = subprocess.run(["cat", str(home.status_dir / "slot-0.json")], user=65534, group=65534,
+                           extra_groups=[gid] if gid else [], capture_output=True, text=True)
+    assert other.returncode != 0 and "Permission denied" in other.stderr

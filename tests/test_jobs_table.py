@@ -1,0 +1,200 @@
+"""The job table (appliance/jobs/table.py) and what callers may do with it (control.py):
+a real SQLite file, real processes where concurrency matters."""
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from appliance.jobs import control, table as jt
+from appliance.jobs.intake import job_from_request, scan_local_queues
+from appliance.jobs.table import Job, JobTable
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = SimpleNamespace(root=tmp_path, queue_root=tmp_path / "studioml" / "queue",
+                        plan_file=tmp_path / "run" / "plan.json")
+    h.queue_root.mkdir(parents=True)
+    return h
+
+
+@pytest.fixture
+def table(home):
+    t = JobTable(home.root / "jobs.db")
+    yield t
+    t.close()
+
+
+ALICE = SimpleNamespace(uid=1001, name="alice", admin=False)
+BOB = SimpleNamespace(uid=1002, name="bob", admin=False)
+ROOT = SimpleNamespace(uid=0, name="root", admin=True)
+
+
+def body(key, env=None, gpus=0):
+    return json.dumps({"experiment": {"key": key, "resources_needed": {"gpus": gpus},
+                                      "artifacts": {"output": {"mutable": True, "key": f"experiments/{key}/output.tar"}}},
+                       "config": {"env": env or {}}}).encode()
+
+
+def add(table, key, owner=ALICE, **kw):
+    job = job_from_request(body(key), owner_uid=owner.uid, queue=kw.pop("queue", "local_appliance"),
+                           source="local", message_id=kw.pop("message_id", None))
+    for k, v in kw.items():
+        setattr(job, k, v)
+    assert table.add(job, body(key))
+    return job
+
+
+def test_made_private_in_wal_mode_with_its_schema_version(home, table):
+    mode = stat.S_IMODE(os.stat(home.root / "jobs.db").st_mode)
+    assert mode == 0o600
+    db = sqlite3.connect(home.root / "jobs.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == jt.SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused_with_the_fix(home, table):
+    table.db.execute(f"PRAGMA user_version = {jt.SCHEMA_VERSION + 1}")
+    with pytest.raises(jt.TableError, match="upgrade the appliance"):
+        JobTable(home.root / "jobs.db")
+
+
+def test_a_job_life_is_recorded_and_survives_reopening(home, table):
+    add(table, "k1")
+    assert table.get("k1").state == "queued"
+    assert table.started("k1", "slot-0")
+    assert not table.started("k1", "slot-1")  # already running: a second claim does not take it
+    assert table.ended("k1", "failed", cls="user", exit_code=3, peak_memory_bytes=10 << 20, cpu_seconds=1.5)
+    assert not table.ended("k1", "done")  # finished jobs never change
+    table.close()
+    again = JobTable(home.root / "jobs.db")
+    job = again.get("k1")
+    assert (job.state, job.class_, job.exit_code, job.slot, job.attempts) == ("failed", "user", 3, "slot-0", 1)
+    assert job.started <= job.ended
+    again.close()
+
+
+def test_a_job_given_back_waits_again_and_counts_its_attempts(table):
+    add(table, "k1")
+    table.started("k1", "slot-0")
+    assert table.given_back("k1", "drained")
+    assert table.get("k1").state == "queued"
+    table.started("k1", "slot-1")
+    assert table.get("k1").attempts == 2
+
+
+def test_cancel_of_waiting_and_running_jobs(table):
+    add(table, "q")
+    add(table, "h")
+    add(table, "r")
+    table.hold("h")
+    table.started("r", "slot-0")
+    assert table.cancel("q") == "queued"
+    assert table.cancel("h") == "held"
+    assert table.cancel("r") == "running"
+    assert table.get("q").state == table.get("h").state == "cancelled"
+    assert not table.started("q", "slot-0")  # a cancelled job never starts
+    assert table.get("r").state == "running" and table.cancel_requested("r")
+    assert table.cancel("q") is None
+
+
+def test_two_processes_write_at_once_and_lose_nothing(home, table):
+    code = ("import sys; from appliance.jobs.table import JobTable, Job\n"
+            "t = JobTable(sys.argv[1])\n"
+            "for i in range(200): t.add(Job(key=f'{sys.argv[2]}{i}', state='queued'))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(home.root / "jobs.db"), p]) for p in "ab"]
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(table.active()) == 400
+
+
+def test_a_member_sees_and_acts_on_their_own_jobs_only(home, table):
+    add(table, "a1", ALICE)
+    add(table, "b1", BOB)
+    assert [j["key"] for j in control.list_jobs(ALICE, table, home)] == ["a1"]
+    assert sorted(j["key"] for j in control.list_jobs(ROOT, table, home)) == ["a1", "b1"]
+    with pytest.raises(control.JobError, match="no job b1 of yours"):
+        control.cancel(ALICE, table, home, ["b1"])
+    with pytest.raises(control.JobError, match="no job b1 of yours"):
+        control.hold(ALICE, table, home, ["b1"])
+    assert table.get("b1").state == "queued"
+    control.cancel(ROOT, table, home, ["b1"])
+    assert table.get("b1").state == "cancelled"
+    with pytest.raises(control.JobError):
+        control.history(ALICE, table, owner="bob")
+    assert [j["key"] for j in control.history(BOB, table)] == ["b1"]
+    assert control.history(ALICE, table) == []
+
+
+def test_hold_release_and_where_a_job_stands(home, table):
+    home.plan_file.parent.mkdir()
+    home.plan_file.write_text(json.dumps({"slots": [{"name": "slot-0", "gpus": []}]}))
+    add(table, "r", BOB)
+    table.started("r", "slot-0")
+    add(table, "a1", submitted=1.0)
+    add(table, "a2", submitted=2.0)
+    control.hold(ALICE, table, home, ["a1"])
+    rows = {j["key"]: j for j in control.list_jobs(ALICE, table, home)}
+    assert rows["a1"]["why"] == "held (appliance release a1)"
+    assert rows["a2"]["why"] == "1st in local_appliance; slot-0 busy"
+    control.release(ALICE, table, home, ["a1"])
+    rows = {j["key"]: j for j in control.list_jobs(ALICE, table, home)}
+    assert rows["a1"]["why"] == "1st in local_appliance; slot-0 busy"
+    assert rows["a2"]["why"] == "2nd in local_appliance; slot-0 busy"
+
+
+def test_an_array_is_waited_on_by_its_base_key(home, table):
+    for i in range(3):
+        job = job_from_request(body(f"B-{i}", {"APPLIANCE_ARRAY_BASE": "B", "APPLIANCE_ARRAY_INDEX": str(i),
+                                                "APPLIANCE_ARRAY_LIMIT": "2"}),
+                               owner_uid=ALICE.uid, queue="local_appliance", source="local")
+        assert (job.array_base, job.array_index, job.array_limit) == ("B", i, 2)
+        table.add(job)
+    assert control.wait_codes(ALICE, table, home, ["B"]) == {"B": None}
+    for i in range(3):
+        table.started(f"B-{i}", "slot-0")
+        table.ended(f"B-{i}", "done", exit_code=0)
+    assert control.wait_codes(ALICE, table, home, ["B", "B-1"]) == {"B": 0, "B-1": 0}
+    with pytest.raises(control.JobError):
+        control.wait_codes(BOB, table, home, ["B"])
+
+
+def test_requeue_runs_the_same_request_under_a_new_key(home, table):
+    add(table, "k")
+    table.started("k", "slot-0")
+    table.ended("k", "failed", cls="user", exit_code=1)
+    sent = []
+    out = control.requeue(ALICE, table, home, "k", lambda q, b: sent.append((q, b)) or "m1")
+    assert out == {"key": "k.r2", "requeued_from": "k", "queue": "local_appliance"}
+    data = json.loads(sent[0][1])
+    assert data["experiment"]["key"] == "k.r2"
+    assert data["experiment"]["artifacts"]["output"]["key"] == "experiments/k.r2/output.tar"
+    row = table.get("k.r2")
+    assert (row.state, row.requeued_from, row.owner_uid) == ("queued", "k", ALICE.uid)
+    with pytest.raises(control.JobError, match="finished"):
+        control.requeue(ALICE, table, home, "k.r2", lambda q, b: "m2")
+    with pytest.raises(control.JobError, match="no job k of yours"):
+        control.requeue(BOB, table, home, "k", lambda q, b: "m3")
+
+
+def test_a_message_in_a_queue_folder_gets_a_row_owned_by_the_file_owner(home, table):
+    q = home.queue_root / "local_appliance"
+    q.mkdir()
+    (q / "m-1").write_bytes(body("from-client"))
+    (q / "m-2").write_bytes(b"not json")
+    os.chown(q / "m-1", 1234, 0)
+    assert scan_local_queues(table, home.queue_root) == 1
+    assert scan_local_queues(table, home.queue_root) == 0
+    job = table.get("from-client")
+    assert (job.owner_uid, job.queue, job.message_id, job.state) == (1234, "local_appliance", "m-1", "queued")
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b'{"experiment": {"key": 5}}', b'{"experiment": {"key": "a\\nb"}}',
+                                 b'{"experiment": {"key": "' + b"x" * 300 + b'"}}'])
+def test_a_request_without_a_usable_key_gets_no_row(raw):
+    assert job_from_request(raw, owner_uid=1, queue="q", source="local") is None

@@ -112,6 +112,7 @@ def _action_named(argv: list[str]) -> str | None:
 
 def _is_user_error(e: Exception) -> bool:
     """Errors whose message already says what is wrong and how to fix it."""
+    from appliance.api.client import ApiClientError
     from appliance.config import ConfigError
     from appliance.lifecycle import StartError
     from appliance.paths import HomeError
@@ -121,7 +122,7 @@ def _is_user_error(e: Exception) -> bool:
     from appliance.supervisor import SupervisorError
 
     return isinstance(e, (UserError, ConfigError, PlanError, StartError, StoreError, CredentialsError,
-                          SupervisorError, HomeError, PermissionError))
+                          SupervisorError, HomeError, PermissionError, ApiClientError))
 
 
 if __name__ == "__main__":

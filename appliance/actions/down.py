@@ -1,5 +1,7 @@
 """appliance down: stop everything gracefully; running jobs drain first."""
 
+import sys
+
 from appliance.lifecycle import down
 
 
@@ -14,6 +16,18 @@ def register(sub):
 
 
 def run(args) -> int:
+    import os
+
+    try:
+        owner = args.home.root.stat().st_uid
+    except OSError:
+        owner = os.geteuid()
+    if os.geteuid() not in (0, owner):
+        from appliance.api.access import user_name
+
+        print(f"appliance: `down` needs root (the appliance at {args.home.root} belongs to {user_name(owner)}): "
+              "ask an admin to run 'sudo appliance down'", file=sys.stderr)
+        return 2
     down(args.home, timeout=args.timeout)
     print(f"appliance at {args.home.root} is down")
     return 0

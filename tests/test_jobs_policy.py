@@ -74,6 +74,16 @@ def test_bad_sweeps_say_the_form(specs):
         policy.parse_sweeps(specs)
 
 
+def test_array_plans():
+    assert policy.array_plan(None, []) is None
+    assert policy.array_plan("0-2%2", []) == ([(0, {}), (1, {}), (2, {})], 2)
+    assert policy.array_plan(None, ["lr=1,2"]) == ([(0, {"lr": "1"}), (1, {"lr": "2"})], None)
+    assert policy.array_plan("%1", ["lr=1,2"]) == ([(0, {"lr": "1"}), (1, {"lr": "2"})], 1)
+    assert policy.array_plan("1", ["lr=1,2"]) == ([(1, {"lr": "2"})], None)
+    with pytest.raises(policy.SpecError, match="2 combinations"):
+        policy.array_plan("0-5", ["lr=1,2"])
+
+
 def test_member_keys():
     assert policy.member_key("1700_abc", 3) == "1700_abc-3"
 

@@ -232,12 +232,14 @@ def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
             art["local"] = art["local"].replace(f"/experiments/{key}/", f"/experiments/{new_key}/")
     data["experiment"]["time_added"] = time.time()
     new_body = json.dumps(data).encode()
-    msg_id = enqueue(queue, new_body)
-    row = job_from_request(new_body, owner_uid=job.owner_uid, queue=queue, source=job.source or "local",
-                           message_id=msg_id)
+    row = job_from_request(new_body, owner_uid=job.owner_uid, queue=queue, source=job.source or "local")
     row.requeued_from = key
-    row.attempts = 0
-    table.add(row, new_body)
+    table.add(row, new_body)  # before the message exists: a scan of the queue must not claim it first
+    try:
+        table.set_message_id(new_key, enqueue(queue, new_body))
+    except OSError as e:
+        table.ended(new_key, "failed", cls="infrastructure", reason=f"could not queue it: {e}")
+        raise JobError(503, f"requeue {key}: could not write to the queue {queue}: {e}") from None
     return {"key": new_key, "requeued_from": key, "queue": queue}
 
 

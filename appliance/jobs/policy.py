@@ -133,6 +133,24 @@ def parse_sweeps(specs: Iterable[str]) -> list[dict[str, str]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in axes))]
 
 
+def array_plan(array: Optional[str], sweeps: Sequence[str]) -> Optional[tuple[list, Optional[int]]]:
+    """`submit --array SPEC` and/or `--sweep ...` -> ([(index, extra environment)], %N bound), or
+    None for a plain submit. With both, --array gives only the bound (`%4`) or the indices to
+    take from the sweep's combinations."""
+    combos = parse_sweeps(sweeps)
+    if array is None:
+        return ([(i, c) for i, c in enumerate(combos)], None) if combos else None
+    if array.strip().startswith("%") and combos:
+        _, limit = parse_array("0" + array.strip())
+        return [(i, c) for i, c in enumerate(combos)], limit
+    indices, limit = parse_array(array)
+    if not combos:
+        return [(i, {}) for i in indices], limit
+    if max(indices) >= len(combos):
+        raise SpecError(f"--array {array!r}: the sweep has {len(combos)} combinations (indices 0-{len(combos) - 1})")
+    return [(i, combos[i]) for i in indices], limit
+
+
 def member_key(base: str, index: int) -> str:
     return f"{base}-{index}"
 

@@ -230,6 +230,9 @@ class JobTable:
         return self._write("UPDATE jobs SET state = 'queued', slot = NULL, reason = ?, updated = ? "
                            "WHERE key = ? AND state = 'running'", (reason or None, time.time(), key)) == 1
 
+    def set_message_id(self, key: str, message_id: str) -> None:
+        self._write("UPDATE jobs SET message_id = ? WHERE key = ?", (message_id, key))
+
     def hold(self, key: str) -> bool:
         return self._write("UPDATE jobs SET state = 'held', updated = ? WHERE key = ? AND state = 'queued'",
                            (time.time(), key)) == 1

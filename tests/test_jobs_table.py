@@ -198,3 +198,79 @@ def test_a_message_in_a_queue_folder_gets_a_row_owned_by_the_file_owner(home, ta
                                  b'{"experiment": {"key": "' + b"x" * 300 + b'"}}'])
 def test_a_request_without_a_usable_key_gets_no_row(raw):
     assert job_from_request(raw, owner_uid=1, queue="q", source="local") is None
+
+
+# ---------------------------------------------------------------------------- the runner's side
+
+def claimed(key, tmp_path, env=None, attempt=1, uid=None):
+    """A claimed local message as the local queue hands it over (its file in .claimed)."""
+    path = tmp_path / f"m-{key}"
+    path.write_bytes(body(key, env))
+    if uid is not None:
+        os.chown(path, uid, 0)
+    return SimpleNamespace(source="local", queue="local_appliance", message_id=f"m-{key}", body=path.read_bytes(),
+                           handle=path, attempt=attempt)
+
+
+def test_a_claim_starts_a_queued_job_and_records_its_owner_from_the_file(home, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    rec = RunnerRecord(home, "slot-0")
+    assert rec.claim(claimed("k", tmp_path, uid=4321), "k") == "run"
+    row = rec.table.get("k")
+    assert (row.state, row.slot, row.owner_uid, row.attempts) == ("running", "slot-0", 4321, 1)
+    rec.ended("k", "failed", "user", 3, "exit code 3", {"cpu_seconds": 0.5, "peak_memory_bytes": 1 << 20,
+                                                          "wall_seconds": 2.0})
+    row = rec.table.get("k")
+    assert (row.state, row.exit_code, row.cpu_seconds, row.peak_memory_bytes) == ("failed", 3, 0.5, 1 << 20)
+    rec.close()
+
+
+def test_a_claim_of_a_held_or_cancelled_job_does_not_start_it(home, table, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    add(table, "h")
+    add(table, "c")
+    table.hold("h")
+    table.cancel("c")
+    rec = RunnerRecord(home, "slot-0")
+    assert rec.claim(claimed("h", tmp_path), "h") == "held"
+    assert rec.claim(claimed("c", tmp_path), "c") == "cancelled"
+    assert table.get("h").state == "held" and table.get("c").state == "cancelled"
+    table.release("h")
+    assert rec.claim(claimed("h", tmp_path), "h") == "run"
+
+
+def test_an_array_runs_at_most_its_bound_at_once(home, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    env = lambda i: {"APPLIANCE_ARRAY_BASE": "B", "APPLIANCE_ARRAY_INDEX": str(i), "APPLIANCE_ARRAY_LIMIT": "2"}
+    recs = [RunnerRecord(home, f"slot-{i}") for i in range(3)]
+    assert recs[0].claim(claimed("B-0", tmp_path, env(0)), "B-0") == "run"
+    assert recs[1].claim(claimed("B-1", tmp_path, env(1)), "B-1") == "run"
+    assert recs[2].claim(claimed("B-2", tmp_path, env(2)), "B-2") == "held"
+    recs[0].ended("B-0", "success", "success", 0)
+    assert recs[2].claim(claimed("B-2", tmp_path, env(2)), "B-2") == "run"
+
+
+def test_a_running_job_sees_its_cancel(home, table, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    rec = RunnerRecord(home, "slot-0", poll_s=0.0)
+    assert rec.claim(claimed("r", tmp_path), "r") == "run"
+    assert not rec.cancel_requested("r")
+    control.cancel(ROOT, table, home, ["r"])
+    assert rec.cancel_requested("r")
+    rec.ended("r", "cancelled", "cancelled", -15)
+    assert table.get("r").state == "cancelled"
+    assert control.wait_codes(ROOT, table, home, ["r"]) == {"r": 143}
+
+
+def test_a_broken_table_never_stops_a_claim(tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    bad = SimpleNamespace(root=tmp_path / "no" / "such" / "folder")
+    rec = RunnerRecord(bad, "slot-0")
+    assert rec.claim(claimed("k", tmp_path), "k") == "run"
+    assert not rec.cancel_requested("k")
+    rec.ended("k", "success", "success", 0)

@@ -44,3 +44,30 @@ def _here(home: Home, method: str, path: str, body: dict | None) -> dict:
 
 def quote(key: str) -> str:
     return urllib.parse.quote(key, safe="")
+
+
+def job_state(home: Home, key: str, wait: float = 0) -> dict | None:
+    """What the job table says of `key` (a job or an array): {"key", "jobs": [...], "code"}; None
+    when it does not know it (a job from before the table, another member's) or nothing answers."""
+    from appliance.api.client import ApiClientError
+
+    try:
+        return call(home, "GET", f"/v1/jobs/{quote(key)}" + (f"?wait={wait:g}" if wait else ""),
+                    timeout=wait + 30)
+    except ApiClientError:
+        return None
+    except Exception:  # noqa: BLE001 - the table is an addition to logs/results, never their failure
+        return None
+
+
+def ended_line(state: dict) -> str | None:
+    """One line for a job that failed or never ran (dead-lettered: with the reason); None for success."""
+    job = state["jobs"][0] if len(state["jobs"]) == 1 else None
+    if job is None or state["code"] in (None, 0):
+        return None
+    if job["state"] == "cancelled":
+        return f"{job['key']} was cancelled ({job.get('reason') or 'appliance cancel'})"
+    if job.get("exit_code") is None and job.get("class") not in ("oom", "timeout", "hung"):
+        return f"{job['key']} was dead-lettered, it never ran to the end: {job.get('reason') or job.get('class')}"
+    return (f"{job['key']} failed [class: {job.get('class')}]" + (f": {job['reason']}" if job.get("reason") else "")
+            + f" (exit code {state['code']})")

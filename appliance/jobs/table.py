@@ -204,12 +204,18 @@ class JobTable:
         return added
 
     def started(self, key: str, slot: str, attempt: Optional[int] = None, now: Optional[float] = None) -> bool:
-        """queued/held -> running on `slot`; False if the row is not waiting (finished, cancelled)."""
+        """queued -> running on `slot`; False if it is not queued (held, running, finished, cancelled)."""
         now = now or time.time()
         return self._write(
             "UPDATE jobs SET state = 'running', slot = ?, started = ?, updated = ?, "
             "attempts = COALESCE(?, attempts + 1), ended = NULL, class = NULL, reason = NULL "
-            "WHERE key = ? AND state IN ('queued', 'held')", (slot, now, now, attempt, key)) == 1
+            "WHERE key = ? AND state = 'queued'", (slot, now, now, attempt, key)) == 1
+
+    def restarted(self, key: str, slot: str, attempt: Optional[int] = None) -> None:
+        """A running job's message came back (its runner died): it runs again on `slot`."""
+        now = time.time()
+        self._write("UPDATE jobs SET slot = ?, started = ?, updated = ?, attempts = COALESCE(?, attempts + 1) "
+                    "WHERE key = ? AND state = 'running'", (slot, now, now, attempt, key))
 
     def ended(self, key: str, state: str, *, cls: Optional[str] = None, reason: Optional[str] = None,
               exit_code: Optional[int] = None, peak_memory_bytes: Optional[int] = None,

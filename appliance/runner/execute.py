@@ -34,6 +34,7 @@ INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run aga
 OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 ENV_FAILED = "environment failed"  # the Python environment could not be built
 HUNG = "hung"  # no CPU progress and no new output for runner.hang_after
+CANCELLED = "cancelled"  # its owner or an admin cancelled it (`appliance cancel`): SIGTERM, then SIGKILL
 
 
 @dataclass
@@ -331,6 +332,7 @@ class Supervision:
     tick_s: float = 1.0
     term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
     check: Callable[[], Optional[str]] = lambda: None  # a reason to stop the job now (GPU share)
+    cancelled: Callable[[], bool] = lambda: False  # someone cancelled it: stop it like a timeout
     stopped_reason: str = ""  # what `check` said, once it said something
     hang_after_s: float = 0.0  # no progress this long -> HUNG (0: never)
     progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
@@ -357,6 +359,8 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
                 stopped_for = TIMED_OUT
             elif drain_at is not None and now >= drain_at:
                 stopped_for = INTERRUPTED
+            elif sv.cancelled():
+                stopped_for = CANCELLED
             elif sv.hang_after_s > 0:
                 now_seen = sv.progress()
                 if now_seen != seen:
@@ -580,6 +584,8 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
         return Result(HUNG, rc, "no CPU progress and no new output for runner.hang_after; stopped")
     if stopped_for == INTERRUPTED:
         return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
+    if stopped_for == CANCELLED:
+        return Result(CANCELLED, rc, "cancelled (appliance cancel): stopped with SIGTERM")
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before

@@ -274,3 +274,22 @@ def test_a_broken_table_never_stops_a_claim(tmp_path):
     assert rec.claim(claimed("k", tmp_path), "k") == "run"
     assert not rec.cancel_requested("k")
     rec.ended("k", "success", "success", 0)
+
+
+def test_a_message_dead_lettered_before_it_ran_ends_failed_with_the_reason(home, table):
+    from appliance.jobs.intake import note_dead_letters
+
+    q = home.queue_root / "local_appliance"
+    q.mkdir()
+    (q / "m-1").write_bytes(body("bad"))
+    scan_local_queues(table, home.queue_root)
+    assert note_dead_letters(table, home.queue_root) == 0  # still waiting
+    dead = home.queue_root / ".dead" / "local_appliance"
+    dead.mkdir(parents=True)
+    (q / "m-1").rename(dead / "m-1")
+    (dead / "m-1.reason").write_text("no slot of this appliance can run it: needs 2 GPUs\n")
+    assert note_dead_letters(table, home.queue_root) == 1
+    job = table.get("bad")
+    assert (job.state, job.class_) == ("failed", "unrunnable")
+    assert job.reason == "dead-lettered: no slot of this appliance can run it: needs 2 GPUs"
+    assert control.wait_codes(ROOT, table, home, ["bad"]) == {"bad": 125}

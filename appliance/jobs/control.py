@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from appliance.jobs import policy
-from appliance.jobs.intake import job_from_request, scan_local_queues
+from appliance.jobs.intake import job_from_request, note_dead_letters, scan_local_queues
 from appliance.jobs.table import CANCELLED, FINISHED, HELD, QUEUED, RUNNING, Job, JobTable
 
 
@@ -61,6 +61,7 @@ def _targets(caller, table: JobTable, key: str) -> list[Job]:
 def refresh(table: JobTable, home) -> None:
     """Rows for what waits in the local queue folders that the table has not seen yet."""
     scan_local_queues(table, Path(home.queue_root))
+    note_dead_letters(table, Path(home.queue_root))
 
 
 # ---------------------------------------------------------------------------- reads

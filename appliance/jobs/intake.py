@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -102,3 +103,33 @@ def scan_local_queues(table: JobTable, queue_root: Path, source: str = "local") 
             if job is not None and table.add(job, body):
                 added += 1
     return added
+
+
+def _dead_class(reason: str) -> str:
+    m = re.search(r"\[class: ([a-z]+)\]", reason)
+    return m.group(1) if m else "unrunnable"
+
+
+def note_dead_letters(table: JobTable, queue_root: Path) -> int:
+    """Queued rows of local messages that a runner dead-lettered before they ran (a bad request,
+    no slot can run it, too many attempts): failed, with the reason the queue kept. Returns how
+    many rows changed."""
+    changed = 0
+    for job in table.active():
+        if job.state != QUEUED or not job.message_id or job.source != "local" or not job.queue:
+            continue
+        if "/" in job.message_id or "/" in job.queue or job.message_id.startswith("."):
+            continue
+        if (queue_root / job.queue / job.message_id).exists():
+            continue  # still waiting
+        dead = queue_root / ".dead" / job.queue / job.message_id
+        if not dead.exists():
+            continue  # claimed: a runner has it
+        try:
+            reason = (dead.parent / f"{job.message_id}.reason").read_text(errors="replace")[:2000].strip()
+        except OSError:
+            reason = ""
+        reason = reason or "dead-lettered"
+        if table.ended(job.key, "failed", cls=_dead_class(reason), reason=f"dead-lettered: {reason}"):
+            changed += 1
+    return changed

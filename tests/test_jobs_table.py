@@ -293,3 +293,28 @@ def test_a_message_dead_lettered_before_it_ran_ends_failed_with_the_reason(home,
     assert (job.state, job.class_) == ("failed", "unrunnable")
     assert job.reason == "dead-lettered: no slot of this appliance can run it: needs 2 GPUs"
     assert control.wait_codes(ROOT, table, home, ["bad"]) == {"bad": 125}
+
+
+def test_a_members_one_job_goes_before_another_members_many(home, table, tmp_path):
+    """Fair share at the claim: the local queue hands out the job the table's order puts first."""
+    from appliance.jobs.record import RunnerRecord
+    from appliance.queues.local import LocalQueueSource, enqueue
+
+    for i in range(40):  # alice's many, first in the folder
+        mid = enqueue(home.queue_root, "local_appliance", body(f"a{i}"))
+        os.utime(home.queue_root / "local_appliance" / mid, (1000 + i, 1000 + i))
+        os.chown(home.queue_root / "local_appliance" / mid, ALICE.uid, 0)
+    mid = enqueue(home.queue_root, "local_appliance", body("b0"))
+    os.chown(home.queue_root / "local_appliance" / mid, BOB.uid, 0)
+    rec = RunnerRecord(home, "slot-0")
+    src = LocalQueueSource(home.queue_root)
+    keys = []
+    for _ in range(3):
+        scan_local_queues(table, home.queue_root)
+        msg = src.claim("local_appliance", prefer=rec.fair_first("local_appliance"))
+        key = json.loads(msg.body)["experiment"]["key"]
+        assert rec.claim(msg, key) == "run"
+        keys.append(key)
+        rec.ended(key, "success", "success", 0)
+        src.ack(msg)
+    assert keys == ["a0", "b0", "a1"]

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Optional
 
+from appliance.jobs import policy
 from appliance.jobs.intake import job_from_request
 from appliance.jobs.table import CANCELLED, DONE, FAILED, FINISHED, HELD, RUNNING, JobTable
 
@@ -104,6 +105,23 @@ class RunnerRecord:
         if row.state == RUNNING:  # its runner died mid-job and the message came back: run it here
             t.restarted(key, self.slot, attempt)
         return RUN  # finished before: the result record in the store decides (never runs twice)
+
+    def fair_first(self, queue: str, n: int = 8) -> tuple:
+        """Message ids of `queue`'s waiting local jobs in fair-share order (policy.fair_order),
+        the first `n`; () when one owner or none waits there (FIFO is then the fair order)."""
+        try:
+            t = self.table
+            owners = t.waiting_owners(queue)
+            if len(owners) < 2:
+                return ()
+            waiting = [j for j in t.waiting_in(queue) if j.message_id]
+            last = t.last_started_by_owner(owners)
+            order = policy.fair_order([policy.Waiting(j.key, j.owner_uid, j.submitted or 0) for j in waiting], last)
+            ids = {j.key: j.message_id for j in waiting}
+            return tuple(ids[k] for k in order[:n])
+        except Exception:  # noqa: BLE001 - FIFO, as before the table
+            log.exception("job table: fair-share order of %s", queue)
+            return ()
 
     def cancel_requested(self, key: str) -> bool:
         """Whether the running job `key` was cancelled (asked at most once a second)."""

@@ -295,6 +295,18 @@ class JobTable:
                                "ORDER BY queue, submitted", args)
         return [_row(r) for r in rows]
 
+    def waiting_owners(self, queue: str) -> set:
+        rows = self.db.execute("SELECT DISTINCT owner_uid FROM jobs INDEXED BY jobs_active "
+                               "WHERE state IN ('queued', 'held', 'running') AND queue = ? AND state = 'queued'",
+                               (queue,))
+        return {r[0] for r in rows}
+
+    def waiting_in(self, queue: str) -> list[Job]:
+        rows = self.db.execute(f"SELECT {_SQL_COLUMNS} FROM jobs INDEXED BY jobs_active "
+                               "WHERE state IN ('queued', 'held', 'running') AND queue = ? AND state = 'queued' "
+                               "ORDER BY submitted", (queue,))
+        return [_row(r) for r in rows]
+
     def finished(self, owner_uid: Optional[int] = None, state: Optional[str] = None,
                  since: Optional[float] = None, limit: int = 100) -> list[Job]:
         """Finished jobs, the latest first."""

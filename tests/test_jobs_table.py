@@ -318,3 +318,15 @@ def test_a_members_one_job_goes_before_another_members_many(home, table, tmp_pat
         rec.ended(key, "success", "success", 0)
         src.ack(msg)
     assert keys == ["a0", "b0", "a1"]
+
+
+def test_a_second_message_with_a_known_key_does_not_take_over_its_row(home, table, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    add(table, "k", ALICE, message_id="m-k")
+    rec = RunnerRecord(home, "slot-0")
+    other = claimed("k", tmp_path, uid=BOB.uid)
+    other.message_id = "m-other"
+    assert rec.claim(other, "k") == "duplicate"
+    assert table.get("k").state == "queued"
+    assert rec.claim(claimed("k", tmp_path), "k") == "run"

@@ -4,7 +4,9 @@ and what it records as the job goes on. The runner calls these at a few places o
 
 - `claim`: before a claimed request starts. "run" (its row is now `running` on this slot),
   "held" (held, or its array is at its `%N` bound: give the message back uncounted),
-  "cancelled" (cancelled while it waited, here or in the ledger: settle it unrun).
+  "cancelled" (cancelled while it waited, here or in the ledger: settle it unrun),
+  "duplicate" (another local message already holds this key on this box, e.g. a member
+  reusing another member's key to take over its row: dead-letter it).
 - `cancel_requested`: asked each supervision tick of a running job (one indexed SELECT, at
   most once a second); true once someone ran `appliance cancel` on it.
 - `ended`, `given_back`: how it ended (done, failed, cancelled with the report's figures), or
@@ -27,7 +29,7 @@ from appliance.jobs.table import CANCELLED, DONE, FAILED, FINISHED, HELD, RUNNIN
 
 log = logging.getLogger(__name__)
 
-RUN, HOLD, CANCEL = "run", "held", "cancelled"
+RUN, HOLD, CANCEL, DUPLICATE = "run", "held", "cancelled", "duplicate"
 CANCEL_POLL_S = 1.0
 
 
@@ -87,6 +89,8 @@ class RunnerRecord:
                 return RUN  # no usable key: triage already settles such a message
             t.add(job, msg.body if msg.source == "local" else None)
             row = t.get(key)
+        elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id:
+            return DUPLICATE
         if row.state in (CANCELLED,):
             return CANCEL
         if row.state == HELD:

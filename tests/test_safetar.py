@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runner.safetar import UnsafeArchive, safe_extract
+from appliance.studioml.safetar import UnsafeArchive, safe_extract
 
 MB = 2**20
 

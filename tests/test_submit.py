@@ -21,8 +21,8 @@ from appliance.actions.submit import DEFAULT_QUEUE, freeze
 from appliance.cli import main
 from appliance.paths import Home
 from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
-from appliance.runner.request import parse_request
-from appliance.runner.safetar import safe_extract
+from appliance.studioml.request import parse_request
+from appliance.studioml.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
 from appliance.workspace import pack_directory, workspace_key
 from tests.realparts import full_filesystem

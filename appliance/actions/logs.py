@@ -35,8 +35,8 @@ def output_from_tar(data: bytes) -> bytes:
 
 def stored_output(home, key: str) -> bytes | None:
     from appliance.actions.results import experiment_artifacts
-    from appliance.runner import artifacts as arts
-    from appliance.runner.artifacts import client_for
+    from appliance.studioml import transfer as arts
+    from appliance.studioml.transfer import client_for
 
     (art,) = experiment_artifacts(home, key, names=("output",))
     c = client_for(art)
@@ -107,7 +107,7 @@ def exit_code(home, key: str, wait: float = 0) -> int:
 
 
 def run(args) -> int:
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
     key = args.experiment

@@ -30,7 +30,7 @@ from appliance.config import load_config
 from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
 from appliance.jobs.policy import SpecError, array_plan, member_key
 from appliance.queues.local import enqueue, is_local_queue, no_access
-from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
 from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url

@@ -4,6 +4,7 @@ import json
 import time
 import urllib.parse
 
+from appliance.actions import UserError
 from appliance.api.jobs_client import call
 from appliance.jobs.format import format_history
 from appliance.units import parse_duration
@@ -31,8 +32,6 @@ def run(args) -> int:
         try:
             query["since"] = str(time.time() - parse_duration(args.since))
         except ValueError as e:
-            from appliance.cli import UserError
-
             raise UserError(f"--since {args.since}: {e} (e.g. 2h, 3d, 30m)") from None
     jobs = call(args.home, "GET", "/v1/history?" + urllib.parse.urlencode(query))["jobs"]
     print(json.dumps(jobs, indent=2) if args.json else format_history(jobs))

@@ -154,6 +154,15 @@ class RunnerRecord:
         except Exception:  # noqa: BLE001
             log.exception("job table: end of %s", key)
 
+    def finished(self, key: str, outcome: str, cls: Optional[str], exit_code: Optional[int], reason: str = "",
+                 report: Optional[dict] = None) -> None:
+        """What the runner says at the end of each try: given back (released, drained: it runs
+        again) or ended."""
+        if outcome in ("released", "interrupted"):
+            self.given_back(key, reason)
+        else:
+            self.ended(key, outcome, cls, exit_code, reason, report)
+
     def given_back(self, key: str, reason: str = "") -> None:
         self._cancelled.discard(key)
         try:

@@ -166,3 +166,28 @@ def test_the_table_survives_down_and_up(lab):
     assert {j["key"]: j["state"] for j in history_json(appliance, "--limit", "1000")} == before  # root, no API
     appliance.cli("up", "--timeout", "120")
     assert {j["key"]: j["state"] for j in history_json(appliance, "--limit", "1000")} == before
+
+
+def test_a_cancel_in_the_ledger_settles_the_request_unrun_wherever_it_is_claimed(lab, workspace):
+    """The cancel of a job still on a shared broker is written in the exactly-once ledger (its
+    result record): whichever box claims a copy of that request settles it without running it."""
+    from appliance.jobs.control import rekeyed
+    from appliance.queues.local import enqueue
+    from appliance.runner.ledger import record_cancel
+
+    appliance, _ = lab
+    key = submit(appliance, workspace, "ok.py")
+    assert appliance.cli("wait", key, timeout=300).returncode == 0
+    table = JobTable.of(appliance.home)
+    queue, body = table.request_body(key)
+    table.close()
+    copy_key = f"{key}-shared"
+    copy = rekeyed(body, key, copy_key)
+    assert record_cancel(copy, "root")
+    assert not record_cancel(copy, "root")  # a record is there: left alone
+    enqueue(appliance.home.queue_root, queue, copy)  # the copy reaches a box
+    r = appliance.cli("wait", copy_key, check=False, timeout=300)
+    assert r.returncode == 143, r.stderr
+    row = next(j for j in history_json(appliance) if j["key"] == copy_key)
+    assert row["state"] == "cancelled" and "before it ran" in (row["reason"] or "")
+    assert "ok" not in (appliance.cli("logs", copy_key, check=False).stdout or "").split()

@@ -32,7 +32,7 @@ def run(args) -> int:
         try:
             query["since"] = str(time.time() - parse_duration(args.since))
         except ValueError as e:
-            raise UserError(f"--since {args.since}: {e} (e.g. 2h, 3d, 30m)") from None
+            raise UserError(f"--since {args.since}: {e}") from None
     jobs = call(args.home, "GET", "/v1/history?" + urllib.parse.urlencode(query))["jobs"]
     print(json.dumps(jobs, indent=2) if args.json else format_history(jobs))
     return 0

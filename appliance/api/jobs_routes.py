@@ -50,14 +50,18 @@ def _table(req: Request):
         table.close()
 
 
-def _ledger(req: Request):
-    """Records a cancel in the exactly-once ledger, so a box that claims the request from a shared
-    queue settles it unrun; None where this appliance has no ledger writer."""
-    try:
-        from appliance.jobs.cancels import ledger_writer
-    except ImportError:
-        return None
-    return ledger_writer(req.home)
+def _ledger(req: Request, table: JobTable):
+    """Records the cancel of a waiting job from a shared queue (RabbitMQ, SQS) in the
+    exactly-once ledger, so whichever box claims that request settles it unrun. A local queue's
+    job needs no more than the table: only this box's runners claim it."""
+    def record(key: str) -> None:
+        job, stored = table.get(key), table.request_body(key)
+        if job is None or job.source == "local" or stored is None:
+            return
+        from appliance.runner.ledger import record_cancel
+
+        record_cancel(stored[1], req.caller.name)
+    return record
 
 
 @route("GET", "/v1/jobs", who="member")
@@ -106,7 +110,7 @@ def _keys(req: Request) -> list[str]:
 def cancel(req: Request):
     keys = _keys(req)
     with _table(req) as table:
-        return {"results": control.cancel(req.caller, table, req.home, keys, ledger=_ledger(req))}
+        return {"results": control.cancel(req.caller, table, req.home, keys, ledger=_ledger(req, table))}
 
 
 @route("POST", "/v1/jobs/hold", who="member")

@@ -170,7 +170,7 @@ def cancel(caller, table: JobTable, home, keys: Sequence[str], ledger=None) -> l
                 out.append({"key": job.key, "state": job.state, "done": False,
                             "message": f"{job.key} already {job.state}"})
                 continue
-            if ledger is not None:
+            if ledger is not None and was != RUNNING:  # a running job's runner records how it ended
                 ledger(job.key)
             out.append({"key": job.key, "state": CANCELLED if was != RUNNING else RUNNING, "done": True,
                         "message": f"{job.key} cancelled" if was != RUNNING
@@ -205,23 +205,8 @@ def requeue_key(key: str, attempt: int) -> str:
     return f"{base}.r{attempt}"
 
 
-def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
-    """Run a finished job again as a new attempt: the same request (same workspace, script,
-    arguments) under a new key KEY.rN, its row pointing back at KEY (`requeued_from`).
-    `enqueue(queue, body) -> message id` puts the body on the job's local queue."""
-    job = _own(caller, table, key)
-    if job.state not in FINISHED:
-        raise JobError(409, f"{key} is {job.state}: requeue runs a finished job again "
-                            f"(appliance cancel {key} first)")
-    stored = table.request_body(key)
-    if stored is None:
-        raise JobError(409, f"{key}: its request is not kept on this box (it came from a shared "
-                            f"queue): submit it again")
-    queue, body = stored
-    attempt = 2
-    while table.get(requeue_key(key, attempt)) is not None:
-        attempt += 1
-    new_key = requeue_key(key, attempt)
+def rekeyed(body: bytes, key: str, new_key: str) -> bytes:
+    """The request `body` under `new_key`: its key and its outputs' places (experiments/KEY/...)."""
     data = json.loads(body)
     data["experiment"]["key"] = new_key
     for art in (data["experiment"].get("artifacts") or {}).values():
@@ -232,7 +217,27 @@ def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
         if isinstance(art, dict) and isinstance(art.get("local"), str):
             art["local"] = art["local"].replace(f"/experiments/{key}/", f"/experiments/{new_key}/")
     data["experiment"]["time_added"] = time.time()
-    new_body = json.dumps(data).encode()
+    return json.dumps(data).encode()
+
+
+def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
+    """Run a finished job again as a new attempt: the same request (same workspace, script,
+    arguments) under a new key KEY.rN, its row pointing back at KEY (`requeued_from`).
+    `enqueue(queue, body) -> message id` puts the body on the job's local queue."""
+    job = _own(caller, table, key)
+    if job.state not in FINISHED:
+        raise JobError(409, f"{key} is {job.state}: requeue runs a finished job again "
+                            f"(appliance cancel {key} first)")
+    stored = table.request_body(key)
+    if stored is None or job.source != "local":
+        raise JobError(409, f"{key}: its request is not kept on this box (it came from a shared "
+                            f"queue): submit it again")
+    queue, body = stored
+    attempt = 2
+    while table.get(requeue_key(key, attempt)) is not None:
+        attempt += 1
+    new_key = requeue_key(key, attempt)
+    new_body = rekeyed(body, key, new_key)
     row = job_from_request(new_body, owner_uid=job.owner_uid, queue=queue, source=job.source or "local")
     row.requeued_from = key
     table.add(row, new_body)  # before the message exists: a scan of the queue must not claim it first

@@ -87,7 +87,7 @@ class RunnerRecord:
                                    message_id=msg.message_id)
             if job is None:
                 return RUN  # no usable key: triage already settles such a message
-            t.add(job, msg.body if msg.source == "local" else None)
+            t.add(job, msg.body)  # kept for requeue, and for a cancel to reach the ledger
             row = t.get(key)
         elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id:
             return DUPLICATE

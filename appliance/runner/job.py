@@ -213,7 +213,7 @@ class Job:
         outcome, reason = record.get("outcome"), record.get("reason", "")
         if seen == ledger.DONE:
             log.info("%s already ran (%s): settling without running it again", self.req.key, outcome)
-            if outcome == execute.SUCCESS:
+            if outcome in (execute.SUCCESS, execute.CANCELLED):
                 self.settle_msg("ack")
             else:
                 cls = record.get("class") or classes.classify(outcome or "failed", record.get("exit_code"), reason)

@@ -4,7 +4,8 @@ one state change costs, each beside a baseline in the same run.
     sudo .venv/bin/python bench/bench_jobs.py [--rows 100000] [--n 30]
 
 It fills a fresh table (a temp folder) with ROWS jobs of 50 owners: all but ~1% finished
-(done, failed, cancelled), 600 queued, 100 held, 8 running; then times, N times each:
+(done, failed, cancelled), 600 queued (their messages in the local queue folder), 100 held,
+8 running; then times, N times each:
   - jobs:         appliance/jobs/control.list_jobs as an admin (every waiting job placed in
                   fair-share order with its reason) and as one member
   - history:      control.history as an admin (latest 100), one member's, --state failed,
@@ -12,6 +13,9 @@ It fills a fresh table (a temp folder) with ROWS jobs of 50 owners: all but ~1% 
   - sqlite3 CLI:  the baseline: the `sqlite3` program running the same SELECTs on the same
                   file (a fresh process each time, so it includes its start: ~1-2 ms)
   - state change: table.started + table.ended of a queued job (two changes, one commit each),
+                  what a runner adds to a job's start, RunnerRecord.claim (read the row, the
+                  array bound, queued -> running), and the fair-share order it asks for on each
+                  claim pass of a local queue where several owners wait (50 owners, 600 waiting)
                   beside the runner's existing per-step cost, an atomic status-file write
                   (appliance/files.write_atomic, as runner/status.py does at every step)
 It prints the median and p90 of each in milliseconds. Goals: jobs and history ≤ 100 ms; a state
@@ -99,6 +103,10 @@ def main() -> int:
         table = JobTable(tmp / "jobs.db")
         t = time.perf_counter()
         fill(table, a.rows)
+        folder = home.queue_root / "local_appliance"  # the waiting jobs' messages, as a runner sees them
+        folder.mkdir()
+        for key, queue, message_id in table.queued_local():
+            (folder / message_id).write_text("{}")
         print(f"{a.rows} rows filled in {time.perf_counter() - t:.1f} s ({(tmp / 'jobs.db').stat().st_size >> 20} MiB)")
         admin = SimpleNamespace(uid=0, name="root", admin=True)
         member = SimpleNamespace(uid=OWNERS[3], name="m", admin=False)
@@ -137,6 +145,20 @@ def main() -> int:
             table.ended(k, "done", cls="success", exit_code=0, cpu_seconds=1.0, peak_memory_bytes=1)
         per_two = timed(change, min(len(keys), a.n * 5))
         show("one state change (started+ended / 2)", [x / 2 for x in per_two])
+        from appliance.jobs.record import RunnerRecord
+
+        rec = RunnerRecord(home, "slot-1")
+        claims = [j for j in table.active() if j.state == "queued"][: a.n * 5]
+
+        def claim():
+            j = claims.pop()
+            msg = SimpleNamespace(source="local", queue=j.queue, message_id=j.message_id, body=b"{}",
+                                  handle=None, attempt=1)
+            assert rec.claim(msg, j.key) == "run"
+        show("a runner's claim (check + queued -> running)", timed(claim, min(len(claims), a.n * 5)))
+        show("fair-share order of a queue (600 waiting, 50 owners)",
+             timed(lambda: rec.fair_first("local_appliance"), a.n * 5))
+        rec.close()
         status = tmp / "status.json"
         show("baseline: atomic status-file write", timed(lambda: write_atomic(status, '{"state": "running"}'),
                                                          a.n * 5))

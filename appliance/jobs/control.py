@@ -60,8 +60,9 @@ def _targets(caller, table: JobTable, key: str) -> list[Job]:
 
 def refresh(table: JobTable, home) -> None:
     """Rows for what waits in the local queue folders that the table has not seen yet."""
-    scan_local_queues(table, Path(home.queue_root))
-    note_dead_letters(table, Path(home.queue_root))
+    present: set = set()
+    scan_local_queues(table, Path(home.queue_root), present=present)
+    note_dead_letters(table, Path(home.queue_root), present)
 
 
 # ---------------------------------------------------------------------------- reads

@@ -69,16 +69,18 @@ def job_from_request(body: bytes, *, owner_uid: Optional[int], queue: str, sourc
                array_base=base, array_index=index, array_limit=limit)
 
 
-def scan_local_queues(table: JobTable, queue_root: Path, source: str = "local") -> int:
+def scan_local_queues(table: JobTable, queue_root: Path, source: str = "local", present: Optional[set] = None) -> int:
     """Add a row for every message waiting in a local queue folder that the table does not know
     (one a StudioML client or an older `submit` wrote straight into the folder): its owner is the
-    uid owning the file. Returns how many rows were added."""
+    uid owning the file. Returns how many rows were added; `present` gets (queue, message id)
+    of every message seen waiting."""
     added = 0
     try:
         queues = [e for e in os.scandir(queue_root) if e.is_dir(follow_symlinks=False)
                   and e.name.startswith("local")]
     except FileNotFoundError:
         return 0
+    waiting = {m for _, _, m in table.queued_local()} if queues else set()
     for q in queues:
         try:
             entries = list(os.scandir(q.path))
@@ -87,7 +89,9 @@ def scan_local_queues(table: JobTable, queue_root: Path, source: str = "local") 
         for e in entries:
             if e.name.startswith(".") or e.name == "lock.lock" or not e.is_file(follow_symlinks=False):
                 continue
-            if table.knows_message(e.name):
+            if present is not None:
+                present.add((q.name, e.name))
+            if e.name in waiting or table.knows_message(e.name):
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
@@ -110,26 +114,27 @@ def _dead_class(reason: str) -> str:
     return m.group(1) if m else "unrunnable"
 
 
-def note_dead_letters(table: JobTable, queue_root: Path) -> int:
+def note_dead_letters(table: JobTable, queue_root: Path, present: Optional[set] = None) -> int:
     """Queued rows of local messages that a runner dead-lettered before they ran (a bad request,
     no slot can run it, too many attempts): failed, with the reason the queue kept. Returns how
     many rows changed."""
     changed = 0
-    for job in table.active():
-        if job.state != QUEUED or not job.message_id or job.source != "local" or not job.queue:
+    root = str(queue_root)
+    for key, queue, message_id in table.queued_local():
+        if "/" in message_id or "/" in queue or message_id.startswith("."):
             continue
-        if "/" in job.message_id or "/" in job.queue or job.message_id.startswith("."):
-            continue
-        if (queue_root / job.queue / job.message_id).exists():
+        if ((queue, message_id) in present if present is not None
+                else os.path.exists(f"{root}/{queue}/{message_id}")):
             continue  # still waiting
-        dead = queue_root / ".dead" / job.queue / job.message_id
-        if not dead.exists():
+        dead = f"{root}/.dead/{queue}/{message_id}"
+        if not os.path.exists(dead):
             continue  # claimed: a runner has it
         try:
-            reason = (dead.parent / f"{job.message_id}.reason").read_text(errors="replace")[:2000].strip()
+            with open(f"{dead}.reason", errors="replace") as f:
+                reason = f.read(2000).strip()
         except OSError:
             reason = ""
         reason = reason or "dead-lettered"
-        if table.ended(job.key, "failed", cls=_dead_class(reason), reason=f"dead-lettered: {reason}"):
+        if table.ended(key, "failed", cls=_dead_class(reason), reason=f"dead-lettered: {reason}"):
             changed += 1
     return changed

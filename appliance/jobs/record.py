@@ -118,10 +118,10 @@ class RunnerRecord:
             owners = t.waiting_owners(queue)
             if len(owners) < 2:
                 return ()
-            waiting = [j for j in t.waiting_in(queue) if j.message_id]
+            waiting = [w for w in t.waiting_in(queue) if w[3]]
             last = t.last_started_by_owner(owners)
-            order = policy.fair_order([policy.Waiting(j.key, j.owner_uid, j.submitted or 0) for j in waiting], last)
-            ids = {j.key: j.message_id for j in waiting}
+            order = policy.fair_order([policy.Waiting(key, uid, at or 0) for key, uid, at, _ in waiting], last)
+            ids = {w[0]: w[3] for w in waiting}
             return tuple(ids[k] for k in order[:n])
         except Exception:  # noqa: BLE001 - FIFO, as before the table
             log.exception("job table: fair-share order of %s", queue)

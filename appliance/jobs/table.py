@@ -114,7 +114,8 @@ class Job:
     updated: Optional[float] = None
 
     def to_json(self) -> dict:
-        out = {f.name.rstrip("_"): getattr(self, f.name) for f in fields(self)}
+        out = dict(self.__dict__)
+        out["class"] = out.pop("class_")
         out.pop("message_id", None)  # the queue's own token: of no use to a user
         return out
 
@@ -295,17 +296,23 @@ class JobTable:
                                "ORDER BY queue, submitted", args)
         return [_row(r) for r in rows]
 
+    def queued_local(self) -> list[tuple]:
+        """(key, queue, message id) of the queued jobs of local queues."""
+        return self.db.execute("SELECT key, queue, message_id FROM jobs INDEXED BY jobs_active "
+                               "WHERE state IN ('queued', 'held', 'running') AND state = 'queued' "
+                               "AND source = 'local' AND message_id IS NOT NULL AND queue IS NOT NULL").fetchall()
+
     def waiting_owners(self, queue: str) -> set:
         rows = self.db.execute("SELECT DISTINCT owner_uid FROM jobs INDEXED BY jobs_active "
                                "WHERE state IN ('queued', 'held', 'running') AND queue = ? AND state = 'queued'",
                                (queue,))
         return {r[0] for r in rows}
 
-    def waiting_in(self, queue: str) -> list[Job]:
-        rows = self.db.execute(f"SELECT {_SQL_COLUMNS} FROM jobs INDEXED BY jobs_active "
+    def waiting_in(self, queue: str) -> list[tuple]:
+        """(key, owner_uid, submitted, message_id) of the queued jobs of `queue`, oldest first."""
+        return self.db.execute("SELECT key, owner_uid, submitted, message_id FROM jobs INDEXED BY jobs_active "
                                "WHERE state IN ('queued', 'held', 'running') AND queue = ? AND state = 'queued' "
-                               "ORDER BY submitted", (queue,))
-        return [_row(r) for r in rows]
+                               "ORDER BY submitted", (queue,)).fetchall()
 
     def finished(self, owner_uid: Optional[int] = None, state: Optional[str] = None,
                  since: Optional[float] = None, limit: int = 100) -> list[Job]:
@@ -338,8 +345,8 @@ class JobTable:
     def last_started_by_owner(self, owner_uids: Iterable[int]) -> dict[int, float]:
         """When each owner's latest job started (owners who never started one are left out)."""
         out = {}
-        for uid in set(owner_uids):
-            row = self.db.execute("SELECT max(started) FROM jobs WHERE owner_uid IS ?", (uid,)).fetchone()
+        for uid in {u for u in owner_uids if u is not None}:  # one index seek each (max() of an index)
+            row = self.db.execute("SELECT max(started) FROM jobs WHERE owner_uid = ?", (uid,)).fetchone()
             if row and row[0] is not None:
                 out[uid] = row[0]
         return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -112,6 +114,9 @@ def test_held_jobs_wait_in_line_and_a_member_sees_and_acts_on_their_own_only(lab
     waiting = submit(appliance, workspace, "ok.py")
     row = until(lambda: next((j for j in jobs_json(appliance) if j["key"] == waiting), None))
     assert row["state"] == "queued" and row["why"].startswith("1st in local_appliance;") and "busy" in row["why"]
+    follow = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(appliance.root), "logs", "-f",
+                               waiting], env=appliance.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert follow.stderr.readline().startswith(f"appliance: {waiting} waits: 1st in local_appliance;")
     for field in ("key", "state", "owner", "queue", "slot"):
         assert field in row
 
@@ -140,6 +145,8 @@ def test_held_jobs_wait_in_line_and_a_member_sees_and_acts_on_their_own_only(lab
     assert alice.cli("cancel", mine).returncode == 0  # a waiting job: it never starts
     assert appliance.cli("cancel", *busy).returncode == 0
     assert appliance.cli("wait", waiting, timeout=300).returncode == 0
+    out, _ = follow.communicate(timeout=120)
+    assert follow.returncode == 0 and "ok" in out.split()  # it waited, then streamed the job's output
     r = alice.cli("wait", mine)
     assert r.returncode == 143, r.stderr
     assert bob.cli("history", "--json").returncode == 0 and json.loads(bob.cli("history", "--json").stdout) == []

@@ -266,6 +266,18 @@ def test_a_running_job_sees_its_cancel(home, table, tmp_path):
     assert control.wait_codes(ROOT, table, home, ["r"]) == {"r": 143}
 
 
+def test_a_job_cancelled_while_its_runner_was_gone_is_not_run_again(home, table, tmp_path):
+    from appliance.jobs.record import RunnerRecord
+
+    rec = RunnerRecord(home, "slot-0")
+    assert rec.claim(claimed("r", tmp_path), "r") == "run"
+    assert rec.claim(claimed("r", tmp_path, attempt=2), "r") == "run"  # its runner died: runs again
+    assert table.get("r").attempts == 2
+    control.cancel(ROOT, table, home, ["r"])  # ... and the runner dies again before it sees this
+    assert rec.claim(claimed("r", tmp_path, attempt=3), "r") == "cancelled"
+    assert table.get("r").state == "cancelled"
+
+
 def test_a_broken_table_never_stops_a_claim(tmp_path):
     from appliance.jobs.record import RunnerRecord
 

@@ -106,6 +106,9 @@ class RunnerRecord:
             return CANCEL
         if row.state == HELD:
             return HOLD
+        if row.state == RUNNING and row.cancel_requested:  # cancelled while its runner was gone
+            t.ended(key, CANCELLED, cls="cancelled", reason="cancelled while its runner was gone")
+            return CANCEL
         if row.state == RUNNING:  # its runner died mid-job and the message came back: run it here
             t.restarted(key, self.slot, attempt)
         return RUN  # finished before: the result record in the store decides (never runs twice)

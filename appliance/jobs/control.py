@@ -150,7 +150,12 @@ def show(caller, table: JobTable, home, key: str) -> dict:
     refresh(table, home)
     jobs = _targets(caller, table, key)
     codes = [policy.wait_code(j.state, j.class_, j.exit_code) for j in jobs]
-    out = {"key": key, "jobs": [j.to_json() for j in jobs],
+    rows = [j.to_json() for j in jobs]
+    if any(j.state in (QUEUED, HELD) for j in jobs):  # where they stand, as `appliance jobs` says
+        placed = {r["key"]: r for r in list_jobs(caller, table, home)}
+        for r in rows:
+            r.update({k: placed.get(r["key"], {}).get(k) for k in ("position", "why")})
+    out = {"key": key, "jobs": rows,
            "code": policy.array_code(codes) if len(jobs) > 1 or jobs[0].key != key else codes[0]}
     return out
 

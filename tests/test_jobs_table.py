@@ -342,3 +342,16 @@ def test_a_second_message_with_a_known_key_does_not_take_over_its_row(home, tabl
     assert rec.claim(other, "k") == "duplicate"
     assert table.get("k").state == "queued"
     assert rec.claim(claimed("k", tmp_path), "k") == "run"
+
+
+def test_a_job_queued_for_a_caller_is_theirs_though_root_writes_its_file(home, table):
+    from appliance.queues.local import enqueue
+
+    put = lambda queue, b: enqueue(home.queue_root, queue, b)  # noqa: E731 - as the API (root) writes it
+    assert control.queued(table, body("s1"), owner_uid=ALICE.uid, queue="local_appliance", enqueue=put) == "s1"
+    control.refresh(table, home)  # a scan of the folder does not make root its owner
+    assert table.get("s1").owner_uid == ALICE.uid and table.get("s1").message_id
+    assert [j["key"] for j in control.list_jobs(ALICE, table, home)] == ["s1"]
+    with pytest.raises(control.JobError, match="already a job"):
+        control.queued(table, body("s1"), owner_uid=BOB.uid, queue="local_appliance", enqueue=put)
+    assert len(list((home.queue_root / "local_appliance").iterdir())) == 1

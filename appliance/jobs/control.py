@@ -226,6 +226,26 @@ def rekeyed(body: bytes, key: str, new_key: str) -> bytes:
     return json.dumps(data).encode()
 
 
+def queued(table: JobTable, body: bytes, *, owner_uid: int, queue: str, enqueue,
+           requeued_from: Optional[str] = None) -> str:
+    """Queue `body` on the local `queue` for `owner_uid` (the caller the kernel named): its row
+    first, then the message (`enqueue(queue, body) -> message id`), so the queue file's owner
+    (root, when the API writes it) never stands for the job's. Returns the key. What the API's
+    submit uses; an OSError of the queue leaves the row failed and is raised."""
+    row = job_from_request(body, owner_uid=owner_uid, queue=queue, source="local")
+    if row is None:
+        raise JobError(400, "the request has no usable experiment key")
+    row.requeued_from = requeued_from
+    if not table.add(row, body):
+        raise JobError(409, f"experiment key {row.key} is already a job on this appliance; use a new key")
+    try:
+        table.set_message_id(row.key, enqueue(queue, body))
+    except OSError as e:
+        table.ended(row.key, "failed", cls="infrastructure", reason=f"could not queue it: {e}")
+        raise
+    return row.key
+
+
 def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
     """Run a finished job again as a new attempt: the same request (same workspace, script,
     arguments) under a new key KEY.rN, its row pointing back at KEY (`requeued_from`).
@@ -244,13 +264,9 @@ def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
         attempt += 1
     new_key = requeue_key(key, attempt)
     new_body = rekeyed(body, key, new_key)
-    row = job_from_request(new_body, owner_uid=job.owner_uid, queue=queue, source=job.source or "local")
-    row.requeued_from = key
-    table.add(row, new_body)  # before the message exists: a scan of the queue must not claim it first
     try:
-        table.set_message_id(new_key, enqueue(queue, new_body))
+        queued(table, new_body, owner_uid=job.owner_uid, queue=queue, enqueue=enqueue, requeued_from=key)
     except OSError as e:
-        table.ended(new_key, "failed", cls="infrastructure", reason=f"could not queue it: {e}")
         raise JobError(503, f"requeue {key}: could not write to the queue {queue}: {e}") from None
     return {"key": new_key, "requeued_from": key, "queue": queue}
 

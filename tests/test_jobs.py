@@ -106,6 +106,18 @@ def test_an_array_of_5_waited_on_by_its_base_key(lab, workspace):
         assert f"index {i}" in appliance.cli("logs", f"{base}-{i}").stdout
 
 
+def test_a_sweep_is_an_array_over_the_cross_product(lab, workspace):
+    appliance, _ = lab
+    r = appliance.cli("submit", "--no-freeze", "--ram", "256mb", "--sweep", "lr=0.1,0.01", "--sweep", "depth=2,4",
+                      "--dir", str(workspace), "index.py")
+    base = r.stdout.split()[-1]
+    assert appliance.cli("wait", base, timeout=400).returncode == 0
+    logs = sorted(appliance.cli("logs", f"{base}-{i}").stdout.split("\n")[0] for i in range(4))
+    assert logs == ["index 0 0.1", "index 1 0.1", "index 2 0.01", "index 3 0.01"]
+    bad = appliance.cli("submit", "--no-freeze", "--sweep", "lr", "--dir", str(workspace), "index.py", check=False)
+    assert bad.returncode == 2 and "NAME=V1,V2" in bad.stderr
+
+
 def test_held_jobs_wait_in_line_and_a_member_sees_and_acts_on_their_own_only(lab, workspace):
     appliance, users = lab
     alice, bob = users["alice"], users["bob"]

@@ -137,3 +137,10 @@ WHY = [
 @pytest.mark.parametrize("kw,line", WHY)
 def test_why_a_job_waits(kw, line):
     assert policy.why_waiting(key="K", queue="local_appliance", **kw) == line
+
+
+@pytest.mark.parametrize("code,text", [(None, "-"), (0, "0"), (3, "3"), (-15, "SIGTERM"), (-9, "SIGKILL"), (-99, "signal 99")])
+def test_history_shows_a_signal_by_name(code, text):
+    from appliance.jobs.format import exit_text
+
+    assert exit_text(code) == text

@@ -5,6 +5,7 @@ import sys
 
 from appliance.api.jobs_client import call, quote
 from appliance.jobs import policy
+from appliance.jobs.format import exit_text
 
 POLL_S = 30  # each call waits up to this long on the API side
 
@@ -21,6 +22,19 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def ended(job: dict) -> str:
+    """How a job ended, in a few words: `done`, `failed [user] exit code 3`, `cancelled`."""
+    text = job["state"]
+    if job["state"] == "failed":
+        text += f" [{job.get('class')}]"
+        code = job.get("exit_code")
+        if code is not None:
+            text += " " + (exit_text(code) if code < 0 else f"exit code {code}")
+        elif job.get("reason"):
+            text += f": {job['reason']}"
+    return text
+
+
 def run(args) -> int:
     codes, records = [], []
     for key in args.keys:
@@ -31,10 +45,8 @@ def run(args) -> int:
         codes.append(out["code"])
         records.append(out)
         if not args.json:
-            ends = ", ".join(f"{j['key']} {j['state']}" + (f" ({j['exit_code']})" if j.get("exit_code") else "")
-                             for j in out["jobs"])
-            print(f"{key}: {ends}" if len(out["jobs"]) > 1 or out["jobs"][0]["key"] != key else ends,
-                  file=sys.stderr)
+            for j in out["jobs"]:
+                print(f"{j['key']}: {ended(j)}", file=sys.stderr)
     if args.json:
         print(json.dumps(records, indent=2))
     return policy.array_code(codes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Optional
 
@@ -39,6 +40,18 @@ def format_jobs(jobs: list[dict], now: Optional[float] = None) -> str:
     return _table(["KEY", "STATE", "OWNER", "QUEUE", "SLOT", "TIME", "WHERE / WHY"], rows)
 
 
+def exit_text(code: Optional[int]) -> str:
+    """An exit code as history shows it: the number, or the signal that killed it (SIGTERM)."""
+    if code is None:
+        return "-"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return str(code)
+
+
 def format_history(jobs: list[dict]) -> str:
     if not jobs:
         return "no finished jobs"
@@ -49,7 +62,7 @@ def format_history(jobs: list[dict]) -> str:
             wall = j["ended"] - j["started"]
         cpu = j.get("cpu_seconds")
         code = j.get("exit_code")
-        rows.append([j["key"], j["state"], j.get("class") or "-", "-" if code is None else str(code),
+        rows.append([j["key"], j["state"], j.get("class") or "-", exit_text(code),
                      age(wall) if wall is not None else "-", f"{cpu:.1f}s" if cpu is not None else "-",
                      format_size(j["peak_memory_bytes"]) if j.get("peak_memory_bytes") else "-",
                      time.strftime("%m-%d %H:%M", time.localtime(j["ended"])) if j.get("ended") else "-",

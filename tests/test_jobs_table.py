@@ -355,3 +355,14 @@ def test_a_job_queued_for_a_caller_is_theirs_though_root_writes_its_file(home, t
     with pytest.raises(control.JobError, match="already a job"):
         control.queued(table, body("s1"), owner_uid=BOB.uid, queue="local_appliance", enqueue=put)
     assert len(list((home.queue_root / "local_appliance").iterdir())) == 1
+
+
+def test_requests_of_long_finished_jobs_are_forgotten_their_rows_kept(table):
+    add(table, "old")
+    add(table, "new")
+    add(table, "waiting")
+    table.ended("old", "done", now=1000.0)
+    table.ended("new", "done")
+    assert table.forget_requests(5000.0) == 1
+    assert table.request_body("old") is None and table.get("old").state == "done"
+    assert table.request_body("new") and table.request_body("waiting")

@@ -58,8 +58,20 @@ def _targets(caller, table: JobTable, key: str) -> list[Job]:
     return [_own(caller, table, key)]  # raises the one line
 
 
+KEEP_REQUESTS_S = 30 * 86400.0  # requeue works on jobs that finished in the last 30 days
+_FORGET_EVERY_S = 3600.0
+_forgot_at = 0.0
+
+
 def refresh(table: JobTable, home) -> None:
-    """Rows for what waits in the local queue folders that the table has not seen yet."""
+    """Rows for what waits in the local queue folders that the table has not seen yet, and rows
+    of local messages dead-lettered before they ran; once an hour, requests kept past
+    KEEP_REQUESTS_S are dropped."""
+    global _forgot_at
+    now = time.time()
+    if now - _forgot_at > _FORGET_EVERY_S:
+        _forgot_at = now
+        table.forget_requests(now - KEEP_REQUESTS_S)
     present: set = set()
     scan_local_queues(table, Path(home.queue_root), present=present)
     note_dead_letters(table, Path(home.queue_root), present)
@@ -256,8 +268,8 @@ def requeue(caller, table: JobTable, home, key: str, enqueue) -> dict:
                             f"(appliance cancel {key} first)")
     stored = table.request_body(key)
     if stored is None or job.source != "local":
-        raise JobError(409, f"{key}: its request is not kept on this box (it came from a shared "
-                            f"queue): submit it again")
+        raise JobError(409, f"{key}: its request is not kept on this box (it came from a shared queue, "
+                            f"or finished over {KEEP_REQUESTS_S / 86400:.0f} days ago): submit it again")
     queue, body = stored
     attempt = 2
     while table.get(requeue_key(key, attempt)) is not None:

@@ -270,6 +270,12 @@ class JobTable:
             raise
         return state
 
+    def forget_requests(self, ended_before: float) -> int:
+        """Drop the kept requests of jobs that finished before `ended_before` (their rows stay):
+        requeue then says to submit again. Bounds the table's size (a request is ~2-50 KiB)."""
+        return self._write("DELETE FROM requests WHERE key IN (SELECT key FROM jobs WHERE state IN "
+                           "('done', 'failed', 'cancelled') AND ended < ?)", (ended_before,))
+
     def cancel_requested(self, key: str) -> bool:
         """Whether someone asked to cancel `key` (the running job's runner asks this each tick)."""
         row = self.db.execute("SELECT cancel_requested FROM jobs WHERE key = ?", (key,)).fetchone()

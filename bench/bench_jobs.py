@@ -18,6 +18,9 @@ It fills a fresh table (a temp folder) with ROWS jobs of 50 owners: all but ~1% 
                   claim pass of a local queue where several owners wait (50 owners, 600 waiting)
                   beside the runner's existing per-step cost, an atomic status-file write
                   (appliance/files.write_atomic, as runner/status.py does at every step)
+  - the whole command: `appliance jobs --json` and `history --json` as processes (root with no
+                  API running answers from the table in-process) beside `appliance jobs --help`
+                  (the interpreter's start and the imports, no query)
 It prints the median and p90 of each in milliseconds. Goals: jobs and history ≤ 100 ms; a state
 change ≤ 1 ms.
 """
@@ -163,6 +166,13 @@ def main() -> int:
         show("baseline: atomic status-file write", timed(lambda: write_atomic(status, '{"state": "running"}'),
                                                          a.n * 5))
         table.close()
+
+        print("the whole command, a process each (root without an API reads the table in-process):")
+        cli = [sys.executable, "-m", "appliance", "--home", str(tmp)]
+        for name, args in (("baseline: appliance jobs --help (start, imports)", ["jobs", "--help"]),
+                           ("appliance jobs --json", ["jobs", "--json"]),
+                           ("appliance history --json", ["history", "--json"])):
+            show(name, timed(lambda: subprocess.run(cli + args, stdout=subprocess.DEVNULL, check=True), max(5, a.n // 3)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -161,6 +161,8 @@ def test_held_jobs_wait_in_line_and_a_member_sees_and_acts_on_their_own_only(lab
     assert follow.returncode == 0 and "ok" in out.split()  # it waited, then streamed the job's output
     r = alice.cli("wait", mine)
     assert r.returncode == 143, r.stderr
+    r = bob.cli("requeue", mine)
+    assert r.returncode != 0 and f"no job {mine} of yours" in r.stderr
     assert bob.cli("history", "--json").returncode == 0 and json.loads(bob.cli("history", "--json").stdout) == []
     assert [j["key"] for j in json.loads(alice.cli("history", "--json").stdout)] == [mine]
 

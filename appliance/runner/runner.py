@@ -46,7 +46,8 @@ from appliance import events
 from appliance.jobs import record as jobs_record
 from appliance.jobs.record import RunnerRecord
 from appliance.queues.base import over_attempts
-from appliance.runner import execute, gpu, ledger, pyenv
+from appliance import pyenv
+from appliance.runner import execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job

@@ -75,6 +75,37 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def wait_to_start(home, key: str, poll_s: float = 1.0) -> None:
+    """While the job waits in its queue, say where it stands (again when that changes)."""
+    from appliance.api.jobs_client import job_state
+
+    said = None
+    while True:
+        state = job_state(home, key)
+        jobs = (state or {}).get("jobs") or []
+        if len(jobs) != 1 or jobs[0]["state"] not in ("queued", "held"):
+            return
+        why = jobs[0].get("why") or jobs[0]["state"]
+        if why != said:
+            print(f"appliance: {key} waits: {why}", file=sys.stderr, flush=True)
+            said = why
+        time.sleep(poll_s)
+
+
+def exit_code(home, key: str, wait: float = 0) -> int:
+    """The job's code (`appliance wait`'s), saying on stderr how a failed job ended; 0 when the
+    table does not know the job."""
+    from appliance.api.jobs_client import ended_line, job_state
+
+    state = job_state(home, key, wait)
+    if not state or state.get("code") is None:
+        return 0
+    line = ended_line(state)
+    if line:
+        print(f"appliance: {line}", file=sys.stderr)
+    return state["code"]
+
+
 def run(args) -> int:
     import os
 
@@ -84,13 +115,21 @@ def run(args) -> int:
     from appliance.runner.status import running_slot
 
     key = args.experiment
+    if args.follow:
+        wait_to_start(args.home, key)
     running = running_slot(args.home, key)
+    if running is None and args.follow:  # between its claim and its start: give it a moment
+        for _ in range(20):
+            time.sleep(0.5)
+            running = running_slot(args.home, key)
+            if running is not None or (exit_code_known(args.home, key)):
+                break
     if running and running.get("output") and Path(running["output"]).exists():
         path = Path(running["output"])
         if args.follow:
             follow(args.home, key, path)
-        else:
-            _write(path.read_bytes())
+            return exit_code(args.home, key, wait=10)
+        _write(path.read_bytes())
         return 0
     try:
         data = stored_output(args.home, key)
@@ -102,9 +141,10 @@ def run(args) -> int:
             "it has not started (or the key is wrong)"
         print(f"appliance logs: no output for experiment {key!r} yet: {where}",
               file=sys.stderr)
-        return 1
+        return exit_code(args.home, key) or 1
     _write(data)
-    return 0
+    code = exit_code(args.home, key)  # says how a failed or dead-lettered job ended
+    return code if args.follow else 0
 
 
 def run_as_member(args) -> int:
@@ -114,6 +154,8 @@ def run_as_member(args) -> int:
     from appliance.studioml import transfer as arts
 
     key, pos = args.experiment, 0
+    if args.follow:
+        wait_to_start(args.home, key)  # says where it stands in line
 
     def started(headers) -> None:
         if headers.get("X-Appliance-Job-State") == "queued":
@@ -126,6 +168,8 @@ def run_as_member(args) -> int:
             pos += len(chunk)
         if not args.follow:
             return 0
+        if pos:
+            return exit_code(args.home, key, wait=10)
     except ApiClientError as e:
         if e.status not in (404, 409):
             raise
@@ -140,6 +184,13 @@ def run_as_member(args) -> int:
     if data is None and not pos:
         print(f"appliance logs: no output for experiment {key!r} of yours: it has not started (or the key "
               "is wrong, or it is someone else's)", file=sys.stderr)
-        return 1
+        return exit_code(args.home, key) or 1
     _write((data or b"")[pos:])
-    return 0
+    return exit_code(args.home, key) if args.follow else 0
+
+
+def exit_code_known(home, key: str) -> bool:
+    from appliance.api.jobs_client import job_state
+
+    state = job_state(home, key)
+    return bool(state and state.get("code") is not None)

@@ -82,11 +82,14 @@ def run(args) -> int:
             return 1
     if found:
         print_record(artifacts, retry)
+    from appliance.actions.logs import exit_code
+
+    code = exit_code(args.home, args.experiment)  # a failed job's results exit non-zero, saying why
     if not found:
         print(f"appliance results: nothing stored for experiment {args.experiment!r} yet "
               f"(is the key right? `appliance status` shows what runs)", file=sys.stderr)
-        return 1
-    return 0
+        return code or 1
+    return code
 
 
 def print_record(artifacts: list, retry) -> None:

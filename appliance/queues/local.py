@@ -406,7 +406,9 @@ class LocalQueueSource:
 
     # -- QueueSource
 
-    def claim(self, queue: str) -> Optional[Claimed]:
+    def claim(self, queue: str, prefer: tuple = ()) -> Optional[Claimed]:
+        """The oldest message (FIFO), or the first of `prefer` (message ids, the job table's
+        fair-share order) still waiting."""
         if not is_local_queue(queue):
             raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
         now = time.monotonic()
@@ -424,6 +426,9 @@ class LocalQueueSource:
             self._blocked.add(queue)
             return None
         self._blocked.discard(queue)
+        if prefer:
+            rank = {name: i for i, name in enumerate(prefer)}
+            candidates.sort(key=lambda c: rank.get(c[1], len(rank)))  # stable: FIFO after them
         dest_dir = self.root / CLAIMED / queue
         _mkdir(dest_dir)
         now_ns = time.time_ns()

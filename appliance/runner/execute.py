@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from appliance.process import (HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision, base_env,
-                               signal_group, supervise)
+from appliance.process import (CANCELLED, HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision,  # noqa: F401
+                               base_env, signal_group, supervise)
 
 SUCCESS = "success"
 FAILED = "failed"
@@ -493,6 +493,8 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
         return Result(HUNG, rc, "no CPU progress and no new output for runner.hang_after; stopped")
     if stopped_for == INTERRUPTED:
         return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
+    if stopped_for == CANCELLED:
+        return Result(CANCELLED, rc, "cancelled (appliance cancel): stopped with SIGTERM")
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before

@@ -1,4 +1,4 @@
-"""Waiting for a workload's exit (appliance/runner/waiting.py): the exit code, a timeout as
+"""Waiting for a workload's exit (appliance/waiting.py): the exit code, a timeout as
 Popen.wait gives it, and a wait that ends when the process does, not when the timeout does."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from appliance.runner.waiting import pause, wait_exit
+from appliance.waiting import pause, wait_exit
 
 
 def test_the_exit_code_of_a_process_that_ends():

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from appliance.waiting import wait_exit
+
 TIMED_OUT = "timed out"
 INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
 OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
@@ -74,7 +76,7 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     seen, progressed = sv.progress(), time.time()
     while True:
         try:
-            rc = proc.wait(timeout=sv.tick_s)
+            rc = wait_exit(proc, sv.tick_s)  # woken by the exit itself, not by polling
             break
         except subprocess.TimeoutExpired:
             pass

@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
+
 
 # what pip takes for a local archive even when it parses as a name ("evil.tar.gz")
 _ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz",
@@ -40,6 +41,7 @@ class BadRequirement(ValueError):
 
 def _problem(line: str) -> tuple[Optional[Requirement], str]:
     """(the parsed requirement, "") or (None, what is wrong with it)."""
+    from packaging.requirements import InvalidRequirement, Requirement  # loaded by a job that has requirements
     if line.startswith("-"):
         return None, "is a pip option"
     try:
@@ -80,11 +82,17 @@ def _client_local(line: str) -> bool:
     """A line `pip freeze` writes for an install from the client's own disk."""
     if _EDITABLE.match(line):
         return True
+    from packaging.requirements import InvalidRequirement, Requirement
     try:
         url = Requirement(line).url
     except InvalidRequirement:
         return False
     return bool(url) and url.startswith("file:")
+
+
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+    return canonicalize_name(name)
 
 
 def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> RequirementSet:
@@ -101,7 +109,7 @@ def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> Requir
             req, why = _problem(line)
             if req is None:
                 bad.append(f"{where} line {line!r} {why}")
-            elif canonicalize_name(req.name) != "studioml":
+            elif _canonical(req.name) != "studioml":
                 lines.add(str(req))
     if bad:
         raise BadRequirement(bad)

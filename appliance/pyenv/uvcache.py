@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import IO, Iterable, Optional
 
-from packaging.utils import canonicalize_name
-
 from appliance.pyenv.locks import open_lock
 
 
@@ -121,6 +119,7 @@ class UvCache:
         return f
 
     def used(self, names: Iterable[str]) -> None:
+        from packaging.utils import canonicalize_name  # not in an idle runner
         now = time.time()
         for name in names:
             marker = self.used_dir / canonicalize_name(name)
@@ -137,6 +136,7 @@ class UvCache:
         lock = self.lock(fcntl.LOCK_EX, block=False)
         if lock is None:
             return []
+        from packaging.utils import canonicalize_name
         keep = {canonicalize_name(k) for k in keep}
         removed = []
         with lock:

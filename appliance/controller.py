@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import select
 import signal
 import sys
 import threading
@@ -48,6 +50,7 @@ from appliance.render import write_supervisord
 log = logging.getLogger("appliance.controller")
 
 TICK_S = 0.1
+IDLE_WAIT_S = 1.0  # the longest sleep of an idle loop (metrics retries, supervisord coming back)
 RECONCILE_EVERY_S = 5.0
 NVML_FAILURES_BEFORE_GIVING_UP = 3  # failed polls in a row, and at least NVML_GRACE_S long,
 NVML_GRACE_S = 30.0  # before a failing NVML counts as "no GPUs" (their slots drain)
@@ -113,6 +116,8 @@ class _Watch:
         self.observer = None
         self.creds_watch = None
         self._creds_existed = False
+        # a byte written here (by a change, or by stop() in a signal handler) ends the loop's sleep
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def start(self) -> None:
         try:
@@ -168,6 +173,31 @@ class _Watch:
                     self.config_changed_at = now
                 elif p == self.creds or self.creds in p.parents:
                     self.creds_changed_at = now
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # woken already
+
+    def due(self, debounce: float) -> float:
+        """When the oldest change not yet taken is quiet long enough (monotonic; inf: none)."""
+        with self.lock:
+            stamps = [t for t in (self.creds_changed_at, self.config_changed_at) if t is not None]
+        return min(stamps) + debounce if stamps else float("inf")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`; a change in a watched folder ends it at once."""
+        try:
+            select.select([self._wake_r], [], [], max(0.0, seconds))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def take(self, debounce: float) -> tuple[bool, bool]:
         """(credentials changed, config changed), each once quiet for `debounce` seconds."""
@@ -233,11 +263,21 @@ class Controller:
             except Exception:  # noqa: BLE001 - a bug or a surprise must not become a crash loop
                 log.exception("controller step failed; carrying on")
                 time.sleep(1.0)
-            time.sleep(TICK_S)
+            self.watch.wait(self.until_due())
         self.watch.stop()
         self.metrics.close()
         log.info("controller stopped")
         return 0
+
+    def until_due(self) -> float:
+        """How long the loop may sleep: until the GPU poll, the credentials check, a reconcile
+        or a debounced change is due (a watched change wakes it sooner), at most IDLE_WAIT_S;
+        TICK_S while slots are being changed."""
+        if self.pending or self.retiring:
+            return TICK_S
+        due = min(self.next_poll, self.next_creds_check, self.next_reconcile,
+                  self.watch.due(self.config.controller.debounce))
+        return min(IDLE_WAIT_S, max(TICK_S, due - time.monotonic()))
 
     def step(self) -> None:
         now = time.monotonic()
@@ -422,6 +462,7 @@ class Controller:
 
     def stop(self, *_args) -> None:
         self.stopping = True
+        self.watch.wake()
 
 
 def _local_queues(home: Home) -> list[str]:

@@ -9,9 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import jinja2
-import tomlkit
+from typing import TYPE_CHECKING
 
 from appliance.config import Config, describe
 from appliance.files import write_atomic
@@ -22,6 +20,9 @@ from appliance.singleton import lock_path
 from appliance.store.credentials import load_credentials
 from appliance.store.server import minio_environment, store_program
 from appliance.units import format_size
+
+if TYPE_CHECKING:
+    import jinja2
 
 
 def _templates_dir() -> Path:
@@ -54,10 +55,12 @@ def _toml(value) -> str:
         value = int(value)
     if isinstance(value, tuple):
         value = list(value)
+    import tomlkit
     return tomlkit.item(value).as_string()
 
 
 def _environment_jinja() -> jinja2.Environment:
+    import jinja2  # only while rendering: the controller that imports this module mostly does not
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_templates_dir())),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)

@@ -3,7 +3,11 @@
 `cd workspace; python <filename> <args>` with stdout and stderr appended to the file that
 becomes the `output` artifact. The runner already runs within the slot's cpuset and memory
 limit; the workload additionally joins the slot's `job` leaf cgroup (when the runner is in a
-slot) so an out-of-memory kill hits the workload, never the runner, and can be counted.
+slot) so an out-of-memory kill hits the workload, never the runner, and can be counted. That
+leaf is made anew for each workload (`fresh_job_cgroup`), with the request's `ram` as its
+memory limit: its peak memory and OOM count are the workload's own, not the environment
+build's or an earlier job's. After the workload, what it left goes: its processes, and
+everything in the slot's /dev/shm (`end_job`).
 
 The workload gets its own session (process group): a timeout or a drain stops the whole
 group, SIGTERM first (so it can checkpoint into `modeldir`), SIGKILL after a grace period.
@@ -17,6 +21,7 @@ timeout, calling back for keepalives and periodic uploads.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import signal
@@ -34,6 +39,8 @@ INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run aga
 OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 ENV_FAILED = "environment failed"  # the Python environment could not be built
 HUNG = "hung"  # no CPU progress and no new output for runner.hang_after
+
+log = logging.getLogger("appliance.runner.execute")
 
 
 @dataclass
@@ -207,6 +214,18 @@ def reset_job_peak(slot: Optional[str]) -> None:
         pass
 
 
+def _hwm(pid: int) -> Optional[int]:
+    """VmHWM of a live process, in bytes (None when gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _leader_ticks(pid: int) -> Optional[int]:
     """utime + stime of one process (no job cgroup to ask)."""
     try:
@@ -238,13 +257,141 @@ class Usage:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         return ru.ru_utime + ru.ru_stime - self.ru0
 
-    def report(self) -> dict:
+    def report(self, hwm: Optional[int] = None) -> dict:
+        """`hwm`: the largest VmHWM seen of the workload process while it ran (see `reap`).
+
+        The peak is the larger of the job cgroup's peak (every process of the job, its /dev/shm
+        pages, the page cache it filled) and the workload's VmHWM, which also counts the shared
+        libraries it maps (pages the cgroup charged to whoever read them first)."""
         import resource
         peak = job_peak_memory(self.slot)
-        if peak is None:  # largest child ever: an upper bound only when the runner had bigger ones
+        if peak is None and hwm is None:  # largest child ever: an upper bound only when the runner had bigger ones
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        elif hwm is not None:
+            peak = max(peak or 0, hwm)
         return {"cpu_seconds": round(self.cpu_now(), 3), "peak_memory_bytes": peak,
                 "wall_seconds": round(time.time() - self.started, 3)}
+
+
+def fresh_job_cgroup(slot: Optional[str], memory_bytes: Optional[int],
+                     launcher: Optional["Launcher"] = None) -> tuple[Optional[int], str]:
+    """Give the workload about to start a new job cgroup, limited to `memory_bytes` (the
+    request's `ram`; None or 0: the slot's limit). A waiting launcher process moves along.
+    Returns (the limit set when it is below the slot's, else None; a warning for the workload's
+    output when that failed, else "": also when there is no job cgroup, as on the docker backend)."""
+    if not slot:
+        return None, ""
+    keep = launcher.proc.pid if launcher is not None and launcher.proc is not None \
+        and launcher.proc.poll() is None else None
+    try:
+        from appliance.slot import cgroup
+        cg = cgroup.SlotCgroup(slot)
+        if not memory_bytes and not os.path.isdir(cg.memory_dir):
+            return None, ""  # no slot cgroup here: joining it will say so
+        if os.geteuid() != 0:
+            raise PermissionError("the runner is not root")
+        slot_limit = cg.memory_limit()
+        if memory_bytes and slot_limit and memory_bytes >= slot_limit:
+            memory_bytes = None  # the slot's limit is the tighter one
+        cg.fresh_job(memory_bytes or None, keep=keep)
+        return memory_bytes or None, ""
+    except Exception as e:  # the old leaf serves: its limits, its counts
+        if launcher is not None:
+            launcher._discard()  # it may sit in the runner's leaf now: fork the workload instead
+        limit = f" (so the request's ram {memory_bytes} bytes is not enforced)" if memory_bytes else ""
+        return None, f"appliance: warning: cannot make a fresh job cgroup in slot {slot}{limit}: {e}\n"
+
+
+def end_job(slot: Optional[str], user: Optional[tuple] = None) -> list[str]:
+    """Nothing of a job may outlive it: kill what it left in the job cgroup (or, in a container,
+    every process of the workload's account), then give the slot an empty /dev/shm of its
+    full size. Returns problems, one line each (the caller logs them)."""
+    from appliance.slot.shm import fresh_shm, in_slot_container
+    problems = []
+    if slot:
+        kill_job_leftovers(slot)
+    elif user and in_slot_container():
+        kill_user_processes(user[0])
+    try:
+        fresh_shm()
+    except Exception as e:
+        problems.append(f"/dev/shm of the last job left in place: {e}")
+        log.warning("slot %s: %s", slot, problems[-1])
+    return problems
+
+
+def kill_user_processes(uid: int, rounds: int = 20) -> int:
+    """SIGKILL every process of `uid` we can see (in a container: the container's own). Never
+    root's, never our own."""
+    killed = 0
+    if not uid:
+        return 0
+    for _ in range(rounds):
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != os.getpid():
+                try:
+                    if os.stat(f"/proc/{name}").st_uid == uid:
+                        pids.append(int(name))
+                except OSError:
+                    pass
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+    return killed
+
+
+class MemoryWatch:
+    """The request's `ram` where the job has no cgroup of its own (the docker backend, whose
+    container is the whole slot; a runner without slot cgroups): at every supervision tick, the
+    private memory (RssAnon) of the workload's processes (its session, and in a container every
+    process of its account) plus what /dev/shm holds. Over `ram_bytes`: `check` says so, and
+    the job is stopped. A burst between two looks can pass; the slot's limit holds anyway."""
+
+    def __init__(self, ram_bytes: int, leader: int, uid: Optional[int] = None):
+        self.ram_bytes, self.leader, self.uid = ram_bytes, leader, uid
+        self.peak = 0
+        self.tripped = False
+
+    def used(self) -> int:
+        total = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    sid = int(f.read().rsplit(")", 1)[1].split()[3])
+                if sid != self.leader and not (self.uid and os.stat(f"/proc/{name}").st_uid == self.uid):
+                    continue
+                with open(f"/proc/{name}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except (OSError, ValueError, IndexError):
+                continue
+        from appliance.slot.shm import is_the_slots
+        if is_the_slots():  # never the host's
+            try:
+                st = os.statvfs("/dev/shm")
+                total += (st.f_blocks - st.f_bfree) * st.f_frsize
+            except OSError:
+                pass
+        return total
+
+    def check(self) -> Optional[str]:
+        used = self.used()
+        self.peak = max(self.peak, used)
+        if used > self.ram_bytes and not self.tripped:
+            self.tripped = True
+            return f"the workload exceeded its memory limit (the request's ram, {_mib(self.ram_bytes)})"
+        return None
 
 
 def oom_kills(slot: Optional[str]) -> Optional[int]:
@@ -336,6 +483,28 @@ class Supervision:
     progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
 
 
+def reap(proc: subprocess.Popen, timeout: float) -> int:
+    """proc.wait(timeout), looking at the process's high-water mark (VmHWM) every few
+    milliseconds while it runs: the largest seen is kept as `proc.hwm` (bytes). (wait4's
+    ru_maxrss would not do: a child forked or vforked from the runner starts out with the
+    runner's own.) subprocess.TimeoutExpired when it still runs."""
+    if proc.returncode is not None:
+        return proc.returncode
+    end, delay = time.monotonic() + timeout, 0.0005
+    while True:
+        hwm = _hwm(proc.pid)
+        if hwm is not None:
+            proc.hwm = max(getattr(proc, "hwm", 0), hwm)
+        rc = proc.poll()
+        if rc is not None:
+            return rc
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        delay = min(delay * 2, remaining, 0.05)
+        time.sleep(delay)
+
+
 def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
     """Wait for `proc` (leader of its own process group) under `sv`.
 
@@ -346,7 +515,7 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     seen, progressed = sv.progress(), time.time()
     while True:
         try:
-            rc = proc.wait(timeout=sv.tick_s)
+            rc = reap(proc, sv.tick_s)
             break
         except subprocess.TimeoutExpired:
             pass
@@ -571,7 +740,8 @@ class Launcher:
 
 
 def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
-             oom_after: Optional[int], slot: Optional[str] = None, stopped_reason: str = "") -> Result:
+             oom_after: Optional[int], slot: Optional[str] = None, stopped_reason: str = "",
+             ram_bytes: Optional[int] = None) -> Result:
     if stopped_for == OVER_GPU_SHARE:
         return Result(OVER_GPU_SHARE, rc, stopped_reason or "over the slot's GPU memory share")
     if stopped_for == TIMED_OUT:
@@ -583,6 +753,9 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before
+    if oomed and ram_bytes:
+        return Result(OUT_OF_MEMORY, rc, f"the workload exceeded its memory limit (the request's ram, "
+                                         f"{_mib(ram_bytes)}) and was killed")
     if oomed:
         where = f" of slot {slot}" if slot else ""
         return Result(OUT_OF_MEMORY, rc, f"the workload exceeded the memory limit{where} "
@@ -596,19 +769,31 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
     return Result(FAILED, rc, f"exit code {rc}")
 
 
+def _first_of(*checks: Callable[[], Optional[str]]) -> Callable[[], Optional[str]]:
+    """A Supervision.check that asks each of `checks` in turn."""
+    return lambda: next((r for r in (c() for c in checks) if r), None)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Path,
                  sv: Supervision, slot: Optional[str] = None,
                  on_start: Callable[[subprocess.Popen], None] = lambda p: None,
                  container_slot: Optional[str] = None,
                  launcher: Optional[Launcher] = None, user: Optional[tuple] = None,
-                 on_end: Callable[[], None] = lambda: None) -> Result:
+                 on_end: Callable[[], None] = lambda: None, ram_bytes: Optional[int] = None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
     own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
     job cgroup the workload joins; `container_slot` the slot whose container we run in
     (docker backend), whose own cgroup then counts the OOM kills. `launcher`: start it
     through that Launcher's waiting process when it has one (see Launcher). `on_end` is called
-    when the workload's process has ended, before what it left in the job cgroup is killed."""
+    when the workload's process has ended, before what it left in the job cgroup is killed.
+    `ram_bytes` (the request's `ram`) limits the workload's memory: its job cgroup's limit
+    (never above the slot's, which bounds it too); None or 0: the slot's limit."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    limit, warning = fresh_job_cgroup(slot, ram_bytes, launcher)
     if container_slot and not slot:
         count_ooms, slot_name = container_oom_kills, container_slot
     else:
@@ -616,6 +801,8 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     before = count_ooms()
     usage = Usage(slot)
     with open(output, "ab") as out:
+        if warning:
+            out.write(warning.encode())
         try:
             proc = spawn(argv, cwd, env, out, slot, launcher, user)
         except (OSError, subprocess.SubprocessError) as e:
@@ -623,14 +810,25 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
             out.write(f"appliance: {msg}\n".encode())
             return Result(FAILED, None, msg)
         on_start(proc)
+        watch = None
+        if ram_bytes and (not slot or warning):  # no job cgroup to hold it: watch it
+            from appliance.slot.shm import in_slot_container
+            watch = MemoryWatch(ram_bytes, proc.pid, user[0] if user and in_slot_container() else None)
+            sv.check = _first_of(watch.check, sv.check)
         if sv.hang_after_s > 0:
             sv.progress = lambda: (usage.cpu_now() if usage.cpu0 is not None else _leader_ticks(proc.pid),
                                    output.stat().st_size)
         rc, stopped_for = supervise(proc, sv)
         on_end()
         kill_job_leftovers(slot)
-        result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason)
-        result.usage = usage.report()
+        result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason, limit)
+        if watch is not None and watch.tripped:
+            result = Result(OUT_OF_MEMORY, rc, sv.stopped_reason + " and was killed")
+        result.usage = usage.report(getattr(proc, "hwm", None))
+        if watch is not None:
+            result.usage["peak_memory_bytes"] = max(result.usage["peak_memory_bytes"] or 0, watch.peak)
+        for problem in end_job(slot, user):
+            out.write(f"appliance: warning: {problem}\n".encode())
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
     return result

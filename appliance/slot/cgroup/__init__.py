@@ -30,6 +30,7 @@ import os
 from appliance.slot.cgroup import v1, v2
 from appliance.slot.cgroup.base import (  # noqa: F401  (the package's surface)
     CGROUP_MOUNTINFO, DEFAULT_PARENT, FIX_NO_CGROUPS, FIX_PERMISSION, FIX_READ_ONLY, HOME_ENV, LEAVES, PARENT_ENV,
+    RUNNER_PIDS,
     PARENT_FILE, CgroupError, Hierarchy, _check_slot_name, _error, _read_or, _write, cgroup_parent,
     cgroup_version, current_hierarchy, enter_leaf, home_parent, systemd_delegated_cgroup, use_recorded_parent,
 )
@@ -67,16 +68,77 @@ class SlotCgroup:
 
     # ---- setup
 
-    def setup(self, cpus: list[int], mems: list[int], memory_bytes: int) -> "SlotCgroup":
-        """Create the slot and its leaves with these limits; on an existing slot, update them."""
+    def setup(self, cpus: list[int], mems: list[int], memory_bytes: int, pids_max: int | None = None) -> "SlotCgroup":
+        """Create the slot and its leaves with these limits; on an existing slot, update them.
+
+        `pids_max` bounds the processes and threads of a job (the slot gets RUNNER_PIDS more,
+        for its runner); None: no bound. Without the pids controller there is none either.
+        """
         if not cpus:
             raise ValueError("a slot needs at least one CPU")
         if not mems:
             raise ValueError("a slot needs at least one memory node (mems), e.g. [0]")
         if not isinstance(memory_bytes, int) or memory_bytes <= 0:
             raise ValueError(f"memory limit must be a positive number of bytes, not {memory_bytes!r}")
-        self._version().setup(self, cpus, mems, memory_bytes)
+        if pids_max is not None and (not isinstance(pids_max, int) or pids_max <= 0):
+            raise ValueError(f"the pids bound must be a positive number, not {pids_max!r}")
+        self._version().setup(self, cpus, mems, memory_bytes, pids_max)
         return self
+
+    def fresh_job(self, memory_bytes: int | None = None, keep: int | None = None) -> None:
+        """Replace the job leaf with a new, empty one, so what a job is charged (its peak memory,
+        its OOM kills, the page cache it touches) starts at zero and no earlier job's or
+        environment build's count comes along.
+
+        `memory_bytes` limits the new leaf (the request's `ram`; None: the slot's limit holds,
+        and it bounds any larger value too); the pids bound carries over. Whatever is left in the
+        old leaf is killed first, except `keep` (the waiting launcher process): it waits in the
+        runner leaf meanwhile (its memory stays charged to the slot) and joins the new leaf.
+        Needs root (rmdir and mkdir in the slot); CgroupError when that fails.
+        """
+        if memory_bytes is not None and (not isinstance(memory_bytes, int) or memory_bytes <= 0):
+            raise ValueError(f"memory limit must be a positive number of bytes, not {memory_bytes!r}")
+        version = self._version()
+        bound = version.pids_dir(self, "job")
+        pids_max = _read_or(os.path.join(bound, "pids.max"), "") if bound else ""
+        owner = _owner(os.path.join(self.path(self.hierarchy.cpuset, "job"), "cgroup.procs"))
+        if keep:
+            self.join("runner", keep)
+        self._remove_job()
+        version.make_job(self, memory_bytes, pids_max or None)
+        if owner:  # the leaf was handed to a runner that dropped root: hand the new one too
+            self.delegate_job(*owner)
+        if keep:
+            self.join("job", keep)
+
+    def _remove_job(self, tries: int = 200) -> None:
+        """Kill what is in the job leaf and rmdir it everywhere (a killed process takes a moment
+        to leave its cgroup: retried for about two seconds)."""
+        import time
+
+        paths = [self.path(root, "job") for root in self.hierarchy.roots()]
+        accounting = self._cpuacct_root()
+        for attempt in range(tries):
+            self.kill_leaf("job")
+            busy = []
+            for path in paths:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    if err.errno not in (errno.EBUSY, errno.ENOTEMPTY) or attempt == tries - 1:
+                        raise _error("remove cgroup", path, err) from None
+                    busy.append(path)
+            if not busy:
+                break
+            paths = busy
+            time.sleep(0.01)
+        if accounting:
+            try:
+                os.rmdir(self.path(accounting, "job"))
+            except OSError:
+                pass  # CPU accounting only
 
     def _version(self):
         """The module (v1 or v2) that knows this hierarchy's files."""
@@ -174,6 +236,11 @@ class SlotCgroup:
         text = _read_or(os.path.join(self.memory_dir, self._version().USAGE_FILE), "")
         return int(text) if text.isdigit() else None
 
+    def memory_limit(self) -> int | None:
+        """The slot's memory limit in bytes, or None when unknown or unlimited."""
+        text = _read_or(os.path.join(self.memory_dir, self._version().LIMIT_FILE), "")
+        return int(text) if text.isdigit() else None
+
     def cpu_seconds(self) -> float | None:
         """CPU time used by the slot since its cgroup was made (v2 cpu.stat, v1 cpuacct.usage), or None."""
         return self._version().cpu_seconds(self)
@@ -212,14 +279,24 @@ class SlotCgroup:
 
 
 
+def _owner(path: str) -> tuple[int, int] | None:
+    """(uid, gid) of a file when it is not root's, else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+
 # --------------------------------------------------------------------------- module API
 
 
 def setup_slot(
-    slot: str, cpus: list[int], mems: list[int], memory_bytes: int, hierarchy: Hierarchy | None = None
+    slot: str, cpus: list[int], mems: list[int], memory_bytes: int, hierarchy: Hierarchy | None = None,
+    pids_max: int | None = None,
 ) -> SlotCgroup:
     """Create (or update) the slot cgroup and its runner/job leaves with these limits."""
-    return SlotCgroup(slot, hierarchy).setup(cpus, mems, memory_bytes)
+    return SlotCgroup(slot, hierarchy).setup(cpus, mems, memory_bytes, pids_max)
 
 
 def join_runner(slot: str, hierarchy: Hierarchy | None = None) -> None:

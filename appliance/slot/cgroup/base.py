@@ -18,6 +18,7 @@ PARENT_FILE = "cgroup-parent"  # in HOME/run: the parent `up` chose, for every l
 HOME_ENV = "APPLIANCE_HOME"
 DEFAULT_PARENT = "appliance"  # with no home known (a slot tool run by hand)
 LEAVES = ("runner", "job")
+RUNNER_PIDS = 256  # what the slot may have beyond its job's pids bound: the runner's own threads
 
 FIX_PERMISSION = (
     "run as root (sudo ./install.sh) or give the appliance a delegated cgroup "
@@ -87,20 +88,24 @@ class Hierarchy:
 
     v1: one mount point per controller (the same path when they are co-mounted); `cpuacct`,
     when mounted, only counts the slot's CPU time (best effort: a slot works without it).
-    v2: one unified mount point (its cpu.stat counts CPU time). Tests build one on a fake tree.
+    `pids`, when mounted, bounds a slot's processes (a slot without it has no such bound).
+    v2: one unified mount point (its cpu.stat counts CPU time; the pids controller is used when
+    it is available there). Tests build one on a fake tree.
     """
 
-    __slots__ = ("version", "cpuset", "memory", "cpuacct")
+    __slots__ = ("version", "cpuset", "memory", "cpuacct", "pids")
 
-    def __init__(self, version: str, cpuset: str, memory: str, cpuacct: str | None = None):
+    def __init__(self, version: str, cpuset: str, memory: str, cpuacct: str | None = None,
+                 pids: str | None = None):
         self.version = version
         self.cpuset = cpuset
         self.memory = memory
         self.cpuacct = cpuacct
+        self.pids = pids
 
     @classmethod
-    def v1(cls, cpuset: str, memory: str, cpuacct: str | None = None) -> "Hierarchy":
-        return cls("v1", cpuset, memory, cpuacct)
+    def v1(cls, cpuset: str, memory: str, cpuacct: str | None = None, pids: str | None = None) -> "Hierarchy":
+        return cls("v1", cpuset, memory, cpuacct, pids)
 
     @classmethod
     def v2(cls, root: str) -> "Hierarchy":
@@ -111,7 +116,7 @@ class Hierarchy:
         """Prefer v1 cpuset+memory when mounted (hybrid hosts keep them there), else v2."""
         v1, v2 = _cgroup_mounts(mountinfo)
         if "cpuset" in v1 and "memory" in v1:
-            return cls.v1(v1["cpuset"], v1["memory"], v1.get("cpuacct"))
+            return cls.v1(v1["cpuset"], v1["memory"], v1.get("cpuacct"), v1.get("pids"))
         for root in sorted(v2, key=len):
             if {"cpuset", "memory"} <= set(_read_or(os.path.join(root, "cgroup.controllers"), "").split()):
                 return cls.v2(root)
@@ -123,13 +128,18 @@ class Hierarchy:
         raise CgroupError(f"no cgroup filesystem is mounted (see {mountinfo}); fix: {FIX_NO_CGROUPS}")
 
     def roots(self) -> list[str]:
-        """The distinct mount points we create slot directories in."""
-        return [self.cpuset] if self.cpuset == self.memory else [self.cpuset, self.memory]
+        """The distinct mount points we create slot directories in (and move processes in)."""
+        roots = [self.cpuset]
+        for root in (self.memory, self.pids):
+            if root and root not in roots:
+                roots.append(root)
+        return roots
 
     def __repr__(self) -> str:
         if self.version == "v2":
             return f"Hierarchy.v2({self.cpuset!r})"
-        return f"Hierarchy.v1(cpuset={self.cpuset!r}, memory={self.memory!r}, cpuacct={self.cpuacct!r})"
+        return (f"Hierarchy.v1(cpuset={self.cpuset!r}, memory={self.memory!r}, cpuacct={self.cpuacct!r}, "
+                f"pids={self.pids!r})")
 
 
 _detected: Hierarchy | None = None

@@ -9,18 +9,52 @@ from __future__ import annotations
 import os
 
 from appliance.slot.cgroup.base import (
-    LEAVES, CgroupError, _check_subset, _keyed_value, _mkdir, _read, _read_or, _write,
+    LEAVES, RUNNER_PIDS, CgroupError, _check_subset, _keyed_value, _mkdir, _read, _read_or, _write,
 )
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
 
 OOM_FILE = "memory.oom_control"  # its oom_kill line counts the kills
+LIMIT_FILE = "memory.limit_in_bytes"
 USAGE_FILE = "memory.usage_in_bytes"
 
 
-def setup(cg, cpus: list[int], mems: list[int], memory_bytes: int) -> None:
+def setup(cg, cpus: list[int], mems: list[int], memory_bytes: int, pids_max: int | None) -> None:
     _setup_cpuset(cg, cpus, mems)
     _setup_memory(cg, memory_bytes)
+    _setup_pids(cg, pids_max)
     _setup_cpuacct(cg)
+
+
+def make_job(cg, memory_bytes: int | None, pids_max: str | None) -> None:
+    """A new job leaf (the old one is gone): the slot's cpuset, its own memory limit (none: the
+    slot's holds), the pids bound the old leaf had."""
+    h = cg.hierarchy
+    job = cg.path(h.cpuset, "job")
+    _mkdir(job)
+    for name in ("cpuset.cpus", "cpuset.mems"):  # an empty cpuset refuses processes
+        _write(os.path.join(job, name), _read(os.path.join(cg.cpuset_dir, name)))
+    job = cg.path(h.memory, "job")
+    _mkdir(job)
+    if memory_bytes:
+        _write(os.path.join(job, "memory.limit_in_bytes"), str(memory_bytes))
+        memsw = os.path.join(job, "memory.memsw.limit_in_bytes")
+        if os.path.exists(memsw):  # no swap: over its limit, the job is killed, not swapped out
+            _write(memsw, str(memory_bytes))
+    if h.pids:
+        _mkdir(cg.path(h.pids, "job"))
+        if pids_max:
+            _write(os.path.join(cg.path(h.pids, "job"), "pids.max"), pids_max)
+    root = cpuacct_root(cg)
+    if root:
+        try:
+            _mkdir(cg.path(root, "job"))
+        except CgroupError:
+            pass  # CPU accounting only
+
+
+def pids_dir(cg, leaf: str | None) -> str | None:
+    """Where the pids bound of the slot (leaf None) or a leaf is, or None without the controller."""
+    return cg.path(cg.hierarchy.pids, leaf) if cg.hierarchy.pids else None
 
 
 def cpuacct_root(cg) -> str | None:
@@ -59,6 +93,18 @@ def _setup_cpuacct(cg) -> None:
             _mkdir(here)
     except CgroupError:
         pass
+
+
+def _setup_pids(cg, pids_max: int | None) -> None:
+    """The slot and its leaves in the pids hierarchy: the job may have pids_max processes and
+    threads, the slot RUNNER_PIDS more for its runner. Nothing without the controller."""
+    root = cg.hierarchy.pids
+    if not root:
+        return
+    for here in cg._parent_dirs(root)[1:] + [cg.path(root)] + [cg.path(root, leaf) for leaf in LEAVES]:
+        _mkdir(here)
+    _write(os.path.join(cg.path(root), "pids.max"), str(pids_max + RUNNER_PIDS) if pids_max else "max")
+    _write(os.path.join(cg.path(root, "job"), "pids.max"), str(pids_max) if pids_max else "max")
 
 
 def _setup_cpuset(cg, cpus: list[int], mems: list[int]) -> None:

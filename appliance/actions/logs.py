@@ -35,8 +35,8 @@ def output_from_tar(data: bytes) -> bytes:
 
 def stored_output(home, key: str) -> bytes | None:
     from appliance.actions.results import experiment_artifacts
-    from appliance.runner import artifacts as arts
-    from appliance.runner.artifacts import client_for
+    from appliance.studioml import transfer as arts
+    from appliance.studioml.transfer import client_for
 
     (art,) = experiment_artifacts(home, key, names=("output",))
     c = client_for(art)
@@ -76,7 +76,7 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
 
 
 def run(args) -> int:
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
     key = args.experiment

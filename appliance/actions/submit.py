@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from appliance.config import load_config
 from appliance.queues.local import enqueue, is_local_queue, no_access
-from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
 from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url
@@ -289,6 +289,8 @@ def run(args) -> int:
         enqueue(home.queue_root, args.queue, data)
     except PermissionError:
         return _fail(no_access(home.queue_root))
+    except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
+        return _fail(str(e))
     print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     print(key)
     return 0

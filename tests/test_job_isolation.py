@@ -218,6 +218,15 @@ def test_in_a_docker_slot_shm_is_emptied_without_following_links(tmp_path):
     (shm / "dir" / "deeper" / "more").write_text("x")
     (shm / "link").symlink_to(outside)
     (shm / "dir" / "link").symlink_to(outside / "keep")
+    os.mkfifo(shm / "fifo")
+    deep = os.open(shm, os.O_RDONLY)
+    for _ in range(3000):  # deeper than any recursion or path length allows
+        os.mkdir("d", dir_fd=deep)
+        inner = os.open("d", os.O_RDONLY, dir_fd=deep)
+        os.close(deep)
+        deep = inner
+    os.close(os.open("SECRET", os.O_CREAT | os.O_WRONLY, dir_fd=deep))
+    os.close(deep)
     docker = {"APPLIANCE_SLOT_SHM_BYTES": str(64 * MiB), "APPLIANCE_ISOLATION": "docker"}
     assert fresh_shm(docker, path=str(shm)) == "emptied"
     assert list(shm.iterdir()) == []

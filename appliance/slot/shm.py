@@ -13,6 +13,7 @@ mount (a docker container, whose /dev/shm is the container's own), deletes every
 
 from __future__ import annotations
 
+import errno
 import os
 
 CLONE_NEWNS = 0x00020000
@@ -128,20 +129,43 @@ def _remount(size_bytes: int, path: str) -> None:
 
 
 def _empty(path: str) -> None:
-    """Delete everything below path, following no link (a job may have planted any)."""
-    import shutil
-
+    """Delete everything below path, following no link (a job may have planted any), with a
+    few file descriptors and no recursion, however deep the job nested its folders: a folder
+    that is not empty has its entries moved up into path, a level per pass, until it is."""
     try:
-        entries = list(os.scandir(path))
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as err:
-        raise ShmError(f"cannot list {path}: {err.strerror}") from None
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise ShmError(f"cannot delete {entry.path}: {err.strerror}") from None
+        raise ShmError(f"cannot open {path}: {err.strerror}") from None
+    try:
+        moved = 0
+        while True:
+            with os.scandir(top) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            if not entries:
+                return
+            for name, is_dir in entries:
+                try:
+                    if not is_dir:
+                        os.unlink(name, dir_fd=top)
+                        continue
+                    try:
+                        os.rmdir(name, dir_fd=top)
+                        continue
+                    except OSError as err:
+                        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                    try:
+                        with os.scandir(inner) as it:
+                            for child in [e.name for e in it]:
+                                moved += 1
+                                gone = f".gone-{moved}-{os.urandom(8).hex()}"  # no name a job could have planted
+                                os.rename(child, gone, src_dir_fd=inner, dst_dir_fd=top)
+                    finally:
+                        os.close(inner)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    raise ShmError(f"cannot delete {os.path.join(path, name)}: {err.strerror}") from None
+    finally:
+        os.close(top)

@@ -99,7 +99,7 @@ def _existing(path: Path) -> Path:
 
 def _check_env_cache(home: Home) -> Finding:
     """uv links venvs to its cache (hard links or clones): both must be on one filesystem."""
-    from appliance.runner.pyenv import uv_binary
+    from appliance.pyenv import uv_binary
 
     if uv_binary() is None:
         return Finding(False, "env cache", "runner.installer is \"uv\" but uv is not installed: `pip install uv` "

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from appliance.files import write_atomic
-from appliance.runner import classes, execute, gpu, launch, ledger, pyenv
+from appliance import pyenv
+from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
 from appliance.runner.status import record_experiment

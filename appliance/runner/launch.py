@@ -9,7 +9,8 @@ import os
 import time
 from typing import Optional
 
-from appliance.runner import classes, execute, pyenv
+from appliance import pyenv
+from appliance.runner import classes, execute
 from appliance.runner.triage import env_cpus
 from appliance.slot import users
 

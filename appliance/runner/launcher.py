@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Optional
 
+from appliance.process import signal_group
+
 
 # The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
 # preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
@@ -167,7 +169,6 @@ class Launcher:
             except OSError:
                 pass
         if proc.poll() is None:
-            from appliance.runner.execute import signal_group
             signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
 

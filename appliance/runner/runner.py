@@ -44,7 +44,8 @@ from typing import Optional
 
 from appliance import events
 from appliance.queues.base import over_attempts
-from appliance.runner import execute, gpu, ledger, pyenv
+from appliance import pyenv
+from appliance.runner import execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job

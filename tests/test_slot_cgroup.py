@@ -174,6 +174,22 @@ def test_v2_setup_is_idempotent_and_updates(fake_v2):
     assert (slot / "memory.max").read_text() == str(128 * MiB)
 
 
+def test_v2_a_new_job_leaf_gets_its_own_limit_and_the_oom_group(fake_v2):
+    from appliance.slot.cgroup import v2
+
+    h = Hierarchy.v2(str(fake_v2))
+    cg = cgroup.setup_slot("slot-0", [0], [0], 512 * MiB, hierarchy=h, pids_max=100)
+    job = fake_v2 / "appliance" / "slot-0" / "job"
+    for f in job.iterdir():  # what fresh_job's rmdir leaves: nothing
+        f.unlink()
+    job.rmdir()
+    v2.make_job(cg, 256 * MiB, "100")
+    assert (job / "memory.max").read_text() == str(256 * MiB)  # the request's ram
+    assert (job / "memory.oom.group").read_text() == "1"  # an OOM takes the whole workload
+    v2.make_job(cg, None, None)  # no ram: the slot's limit holds, nothing written
+    assert (job / "memory.max").read_text() == str(256 * MiB)
+
+
 def test_v2_checks_cpus_against_parent_effective_set(fake_v2):
     h = Hierarchy.v2(str(fake_v2))
     cgroup.setup_slot("slot-0", [0], [0], 256 * MiB, hierarchy=h)

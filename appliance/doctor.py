@@ -32,6 +32,7 @@ def check(home: Home) -> list[Finding]:
         return [Finding(False, "config", str(e))]
 
     out += _check_permissions(home)
+    out.append(Finding(*_launcher_for_members()))
     out.append(_check_disk(home))
     if config.runner.installer == "uv" and not config.runner.python:
         out.append(_check_env_cache(home))
@@ -59,6 +60,13 @@ def check(home: Home) -> list[Finding]:
         problems = docker_problems(gpus_needed=bool(scan.gpus), image=config.isolation.docker_image)
         out.append(Finding(not problems, "docker", "; ".join(problems) or "daemon reachable"))
     return out
+
+
+def _launcher_for_members() -> tuple:
+    from appliance.everyone import launcher, runs_for_others
+
+    result = runs_for_others(launcher())
+    return result.ok, "launcher", result.detail
 
 
 def _check_permissions(home: Home) -> list[Finding]:

@@ -22,6 +22,7 @@ TIMED_OUT = "timed out"
 INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
 OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 HUNG = "hung"  # no CPU progress and no new output for runner.hang_after
+CANCELLED = "cancelled"  # its owner or an admin cancelled it (`appliance cancel`): SIGTERM, then SIGKILL
 
 # What a workload inherits from the runner. Everything else (AWS_* and APPLIANCE_* secrets of
 # the appliance, PYTHONPATH pointing into the appliance, ...) stays out.
@@ -58,6 +59,7 @@ class Supervision:
     tick_s: float = 1.0
     term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
     check: Callable[[], Optional[str]] = lambda: None  # a reason to stop the job now (GPU share)
+    cancelled: Callable[[], bool] = lambda: False  # someone cancelled it: stop it like a timeout
     stopped_reason: str = ""  # what `check` said, once it said something
     hang_after_s: float = 0.0  # no progress this long -> HUNG (0: never)
     progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
@@ -118,6 +120,8 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
                 stopped_for = TIMED_OUT
             elif drain_at is not None and now >= drain_at:
                 stopped_for = INTERRUPTED
+            elif sv.cancelled():
+                stopped_for = CANCELLED
             elif sv.hang_after_s > 0:
                 now_seen = sv.progress()
                 if now_seen != seen:

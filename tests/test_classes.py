@@ -46,6 +46,7 @@ TABLE = [
     (execute.ENV_FAILED, None, "building the Python environment failed\nWARNING: Retrying ... "
      "NewConnectionError: [Errno 111] Connection refused\nERROR: No matching distribution found for x",
      "infrastructure"),
+    (execute.CANCELLED, None, "cancelled (appliance cancel): stopped with SIGTERM", "cancelled"),
     ("something new", None, "", "infrastructure"),
 ]
 

@@ -9,6 +9,7 @@
 - hung: no CPU progress and no new output for runner.hang_after. Not retried.
 - environment: the request's requirement set cannot be built (a requirement no index has,
   versions that conflict, a line that is not a requirement). Not retried.
+- cancelled: its owner or an admin cancelled it (`appliance cancel`). Not retried.
 - infrastructure: the box's fault: store unreachable, environment build broken by something
   other than the request, runner or appliance killed or drained mid-job, GPU lost, disk full.
   The only class retried automatically (runner.retries).
@@ -21,14 +22,15 @@ from typing import Optional
 from appliance.units import format_size as _size
 
 SUCCESS, USER, OOM, TIMEOUT, HUNG = "success", "user", "oom", "timeout", "hung"
-ENVIRONMENT, INFRASTRUCTURE = "environment", "infrastructure"
-CLASSES = (SUCCESS, USER, OOM, TIMEOUT, HUNG, ENVIRONMENT, INFRASTRUCTURE)
+ENVIRONMENT, INFRASTRUCTURE, CANCELLED = "environment", "infrastructure", "cancelled"
+CLASSES = (SUCCESS, USER, OOM, TIMEOUT, HUNG, ENVIRONMENT, INFRASTRUCTURE, CANCELLED)
 
 _BY_OUTCOME = {
     "success": SUCCESS,
     "out of memory": OOM,
     "timed out": TIMEOUT,
     "hung": HUNG,
+    "cancelled": CANCELLED,
     "GPU memory over the slot's share": USER,
     "interrupted": INFRASTRUCTURE,
     "released": INFRASTRUCTURE,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from appliance.process import (  # noqa: F401  (importers find them here too)
-    HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision, base_env, reap, signal_group, supervise,
+    CANCELLED, HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision, base_env, reap, signal_group, supervise,
 )
 from appliance.runner.jobcgroup import (  # noqa: F401  (moved there; importers find them here too)
     MemoryWatch, Usage, _mib, container_oom_kills, end_job, fresh_job_cgroup, in_container, job_cgroup,
@@ -195,6 +195,8 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
         return Result(HUNG, rc, "no CPU progress and no new output for runner.hang_after; stopped")
     if stopped_for == INTERRUPTED:
         return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
+    if stopped_for == CANCELLED:
+        return Result(CANCELLED, rc, "cancelled (appliance cancel): stopped with SIGTERM")
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before

@@ -15,7 +15,7 @@ import pytest
 
 from appliance.inventory import format_cpu_list
 from appliance.plan import Plan
-from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL
+from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL, container_name
 from tests.appliance_fixtures import artifact_text, last_result, make_home, stop_home, submit
 from tests.realparts import wait_for
 
@@ -104,7 +104,7 @@ def test_every_slot_runs_as_a_container_with_the_plan_limits_inside(docker_appli
         assert facts["container_id"], facts  # status shows the container
         container = docker_client.containers.get(facts["container_id"])
         assert container.status == "running"
-        assert container.name == f"appliance-{slot.name}"
+        assert container.name == container_name(docker_appliance.root, slot.name)
         assert container.labels[SLOT_LABEL] == slot.name
         code, out = container.exec_run(["python", "-c", PROBE])
         assert code == 0, out

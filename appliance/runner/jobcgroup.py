@@ -14,7 +14,10 @@ import logging
 import os
 import signal
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from appliance.runner.launcher import Launcher
 
 log = logging.getLogger("appliance.runner.execute")
 

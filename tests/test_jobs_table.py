@@ -241,6 +241,27 @@ def test_a_claim_of_a_held_or_cancelled_job_does_not_start_it(home, table, tmp_p
     assert rec.claim(claimed("h", tmp_path), "h") == "run"
 
 
+def test_another_accounts_message_cannot_take_over_a_key_but_its_owners_copy_is_the_ledgers(home, tmp_path):
+    """A member's message reusing another member's key is dead-lettered ("duplicate"); the same
+    owner's request coming back under another message id (a copy, a redelivery) goes on, so the
+    exactly-once ledger settles it as it ended."""
+    from appliance.jobs.record import RunnerRecord
+
+    def message(name, uid):
+        msg = claimed("k", tmp_path, uid=uid)
+        msg.handle = msg.handle.rename(tmp_path / name)
+        msg.message_id = name
+        return msg
+
+    rec = RunnerRecord(home, "slot-0")
+    assert rec.claim(message("first", 4321), "k") == "run"
+    rec.ended("k", "success", "success", 0)
+    assert rec.claim(message("theirs", 9876), "k") == "duplicate"
+    assert rec.claim(message("again", 4321), "k") == "run"
+    assert rec.table.get("k").owner_uid == 4321
+    rec.close()
+
+
 def test_an_array_runs_at_most_its_bound_at_once(home, tmp_path):
     from appliance.jobs.record import RunnerRecord
 

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from appliance.actions.submit import DEFAULT_QUEUE, freeze
+from appliance.actions.submit import DEFAULT_QUEUE
+from appliance.freeze import freeze
 from appliance.cli import main
 from appliance.paths import Home
 from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree

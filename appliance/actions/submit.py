@@ -27,51 +27,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from appliance.config import load_config
+from appliance.freeze import finish_freeze, start_freeze
 from appliance.queues.local import enqueue, is_local_queue, no_access
 from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
-from appliance.store import sigv4
 from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url
-from appliance.workspace import pack_directory, workspace_key
+from appliance.workspace_upload import StoreProblem, send_workspace
 
 DEFAULT_QUEUE = "local_appliance"
 MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
-SINGLE_PUT_MAX = 64 * 2**20  # larger workspaces go with boto3, in parallel parts
-
-# What `pip freeze --all` prints, read with importlib.metadata in `--python`'s interpreter:
-# one short process instead of pip's ~0.5 s. Exit 3 (no importlib.metadata: Python < 3.8)
-# falls back to pip itself.
-FREEZE_SCRIPT = r"""
-import json, os, sys
-try:
-    from importlib import metadata
-except ImportError:
-    sys.exit(3)
-sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
-seen, lines = set(), []
-for dist in metadata.distributions():
-    name = dist.metadata["Name"]
-    key = (name or "").lower().replace("_", "-").replace(".", "-")
-    if not key or key in seen:
-        continue
-    seen.add(key)
-    try:
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    except ValueError:
-        direct = {}
-    url, vcs = direct.get("url"), direct.get("vcs_info")
-    if (direct.get("dir_info") or {}).get("editable"):
-        line = "-e " + url
-    elif vcs:
-        line = "%s @ %s+%s@%s" % (name, vcs.get("vcs"), url, vcs.get("commit_id"))
-    elif url:
-        line = "%s @ %s" % (name, url)
-    else:
-        line = "%s==%s" % (name, dist.version)
-    lines.append((key, line))
-print(json.dumps({"version": "%d.%d" % sys.version_info[:2], "lines": [x for _, x in sorted(lines)]}))
-"""
-
 
 def register(sub):
     p = sub.add_parser(
@@ -111,54 +75,6 @@ def register(sub):
 def _fail(msg: str) -> int:
     print(f"appliance submit: {msg}", file=sys.stderr)
     return 2
-
-
-def start_freeze(python: str) -> subprocess.Popen:
-    """Start reading `python`'s packages; `finish_freeze` collects them. OSError if it cannot run."""
-    return subprocess.Popen([python, "-c", FREEZE_SCRIPT], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-
-
-def finish_freeze(proc: subprocess.Popen, python: str) -> tuple:
-    """(pythonenv lines, "3.11", [skipped lines]) of `python`, as the StudioML client sends.
-    CalledProcessError if the interpreter failed."""
-    out, err = proc.communicate()
-    if proc.returncode == 3:
-        return _pip_freeze(python)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, python, out, err)
-    data = json.loads(out)
-    keep, skipped = _keep_portable(data["lines"])
-    return keep, data["version"], skipped
-
-
-def freeze(python: str) -> tuple:
-    """(pythonenv lines, "3.11", [skipped lines]) of `python`, waiting for them."""
-    return finish_freeze(start_freeze(python), python)
-
-
-def _pip_freeze(python: str) -> tuple:
-    ver = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    out = subprocess.run([python, "-m", "pip", "freeze", "--all"],
-                         capture_output=True, text=True, check=True).stdout
-    keep, skipped = _keep_portable(out.splitlines())
-    return keep, ver, skipped
-
-
-def _keep_portable(lines) -> tuple:
-    """(lines to send, lines that only make sense on this machine)."""
-    keep, skipped = [], []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        # editable installs and local paths only exist on this machine
-        if line.startswith("-e ") or " @ file:" in line:
-            skipped.append(line)
-        else:
-            keep.append(line)
-    return keep, skipped
 
 
 def build_request(*, key: str, script: str, script_args: list, workspace_key: str,
@@ -294,66 +210,6 @@ def run(args) -> int:
     return 0
 
 
-class StoreProblem(RuntimeError):
-    """The workspace could not be sent; the message says why and what to do."""
-
-
 def _freeze_problem(python: str, why) -> str:
     return (f"--python {python}: cannot read its packages ({why}); "
             "use --no-freeze with --pip, or point --python at your interpreter")
-
-
-def send_workspace(workdir: Path, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                   region: str) -> tuple:
-    """Pack `workdir` and put it at `blobstore/<sha256>.tar` unless the store holds it already
-    (same tree, same hash): one HEAD, then at most one upload. Returns (key, tar size).
-
-    A small workspace goes with two plain HTTP requests (appliance.store.sigv4); boto3 takes
-    over for a large one, and for anything the quick path did not expect (it retries, and
-    its errors say what is wrong)."""
-    def skipped_entry(rel, why):
-        print(f"appliance submit: left out {rel}: {why}", file=sys.stderr)
-
-    tar, sha = pack_directory(workdir, on_skip=skipped_entry)
-    try:
-        ws_key, size = workspace_key(sha), tar.stat().st_size
-        if size <= SINGLE_PUT_MAX:
-            try:
-                if not sigv4.exists(endpoint, access_key, secret_key, region, bucket, ws_key):
-                    sigv4.put_file(endpoint, access_key, secret_key, region, bucket, ws_key, tar, sha)
-                return ws_key, size
-            except sigv4.Unexpected:
-                pass
-        _send_with_boto3(tar, ws_key, endpoint, access_key, secret_key, bucket, region)
-        return ws_key, size
-    finally:
-        tar.unlink(missing_ok=True)
-
-
-def _send_with_boto3(tar: Path, ws_key: str, endpoint: str, access_key: str, secret_key: str,
-                     bucket: str, region: str) -> None:
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from appliance.store.client import check_store, s3_client
-
-    client = s3_client(endpoint, access_key, secret_key, region)
-    try:
-        if not _exists(client, bucket, ws_key):
-            client.upload_file(str(tar), bucket, ws_key)  # in parallel parts when large
-    except (BotoCoreError, ClientError, S3UploadFailedError) as e:
-        # say what is wrong with the store, if something is (it costs a request only now)
-        raise StoreProblem(check_store(endpoint, access_key, secret_key, bucket, region)
-                           or f"cannot upload the workspace to {endpoint}/{bucket}: {e}") from None
-
-
-def _exists(client, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as e:
-        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return False
-        raise

@@ -272,7 +272,7 @@ def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
 
 
 def test_submit_with_freeze(store_home, project, capsys):
-    assert submit(store_home, "--dir", str(project), "--python", sys.executable,
+    assert submit(store_home, "--dir", str(project), "--python", sys.executable, "--freeze",
                   "--queue", "local_frozen", "train.py") == 0
     src = LocalQueueSource(store_home.queue_root, watch=False)
     req = parse_request(src.claim("local_frozen").body)

@@ -6,11 +6,16 @@ What lands on the queue is a StudioML request of the same shape the `studioml` c
 studioml/queue folder; a StudioML user reaches the same queue with
 `STUDIOML_HOME=<home>/studioml studio run --queue local_appliance ...`).
 
+What is packed, with which environment, and what is refused before anything is sent is
+decided in appliance/packing.py (the project's own environment: appliance/project_env.py;
+ignore files: appliance/ignore.py); the upload is appliance/workspace_upload.py.
+
 A submit of a small folder takes ~0.1 s (bench/bench_submit.py): a small workspace goes with
-two plain signed HTTP requests (boto3 alone would cost ~0.2 s to import and set up), the
-interpreter's package list is read (importlib.metadata, not `pip freeze`) while the workspace
-is packed and sent, and a workspace the store already holds (same tree, same sha256, same
-`blobstore/<sha256>.tar` key) costs one HEAD and no upload.
+two plain signed HTTP requests (boto3 alone would cost ~0.2 s to import and set up), with
+`--freeze` the interpreter's package list is read (importlib.metadata, not `pip freeze`) while
+the workspace is packed and sent, and a workspace the store already holds (same tree, same
+sha256, same `blobstore/<sha256>.tar` key) costs one HEAD and no upload; a folder unchanged
+since it was last sent (sizes and mtimes) is not even packed again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from urllib.parse import urlsplit
 
 from appliance.config import load_config
 from appliance.freeze import finish_freeze, start_freeze
+from appliance.packing import SubmitRefused, pack_plan
 from appliance.queues.local import enqueue, is_local_queue, no_access
 from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store.credentials import load_client_credentials
@@ -40,8 +46,11 @@ MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadat
 def register(sub):
     p = sub.add_parser(
         "submit", help="pack this folder and queue `python SCRIPT ARGS...` to run in a slot",
-        description="Pack the current folder (without .git, __pycache__, .venv), upload it to "
-                    "the appliance's object store and queue a StudioML experiment request. "
+        description="Pack the current folder (without .git, __pycache__, .venv and what "
+                    ".applianceignore and .gitignore files name), upload it to the appliance's "
+                    "object store and queue a StudioML experiment request. The environment is "
+                    "the project's own: uv.lock, else pyproject.toml's dependencies, else "
+                    "requirements.txt, else the installed packages its files import. "
                     "Prints the experiment key.")
     p.add_argument("--queue", default=DEFAULT_QUEUE,
                    help=f"local queue to put it on (default: {DEFAULT_QUEUE})")
@@ -63,10 +72,16 @@ def register(sub):
     p.add_argument("--pip", action="append", default=[], metavar="PKG",
                    help="extra package to install; repeatable")
     p.add_argument("--python", default="python3",
-                   help="interpreter whose `pip freeze` and version the runner reproduces "
-                        "(default: python3 on PATH, i.e. your active virtualenv)")
+                   help="interpreter whose version the runner reproduces, and whose installed "
+                        "packages give the versions of what the files import (default: python3 "
+                        "on PATH, i.e. your active virtualenv)")
+    p.add_argument("--freeze", action="store_true",
+                   help="send --python's whole `pip freeze` instead of the project's own "
+                        "environment (uv.lock, pyproject.toml, requirements.txt or its imports)")
     p.add_argument("--no-freeze", action="store_true",
-                   help="send no pip freeze: the runner installs only --pip packages")
+                   help="send no environment: the runner installs only --pip packages")
+    p.add_argument("--no-gitignore", action="store_true",
+                   help="send what .gitignore files leave out (.applianceignore still counts)")
     p.add_argument("script", help="Python file to run, relative to the packed folder")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     p.set_defaults(func=run)
@@ -158,8 +173,12 @@ def run(args) -> int:
     except BadRequest as e:
         return _fail(str(e))
 
-    if not args.no_freeze and not shutil.which(args.python):
+    if not shutil.which(args.python) and not args.no_freeze:
         return _fail(_freeze_problem(args.python, "not found"))
+    try:
+        packing = pack_plan(home, args, workdir, script, resources)
+    except SubmitRefused as e:
+        return _fail(str(e))
 
     config = load_config(home.config_file)
     endpoint = endpoint_url(config)
@@ -168,16 +187,16 @@ def run(args) -> int:
 
     key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
 
-    pythonenv, pythonver = [], f"{sys.version_info[0]}.{sys.version_info[1]}"
+    pythonenv, pythonver = packing.pythonenv, packing.pythonver
     freezing = None
-    if not args.no_freeze:
+    if args.freeze:
         try:
             freezing = start_freeze(args.python)  # runs while the workspace is packed and sent
         except OSError as e:
             return _fail(_freeze_problem(args.python, e))
     try:
         ws_key, size = send_workspace(workdir, endpoint, creds.access_key, creds.secret_key,
-                                      bucket, region)
+                                      bucket, region, entries=packing.entries)
         if freezing:
             try:
                 pythonenv, pythonver, skipped = finish_freeze(freezing, args.python)
@@ -185,8 +204,13 @@ def run(args) -> int:
                 return _fail(_freeze_problem(args.python, e))
             for line in skipped:
                 print(f"appliance submit: not sent (only exists here): {line}", file=sys.stderr)
+            print(f"appliance submit: environment from pip freeze: {len(pythonenv)} packages",
+                  file=sys.stderr)
     except StoreProblem as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        print("appliance submit: interrupted; nothing queued", file=sys.stderr)
+        return 130
     finally:
         if freezing and freezing.returncode is None:
             freezing.kill()

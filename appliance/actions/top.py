@@ -105,7 +105,7 @@ class Sampler:
         return {u.index: u.__dict__ for u in gpu_usage(indexes)}
 
     def _queues(self) -> tuple[list, str]:
-        from appliance.actions.queue import queue_table
+        from appliance.queues.depths import queue_table
 
         try:
             return queue_table(self.home), ""

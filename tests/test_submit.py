@@ -300,10 +300,10 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "ls", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "refused": 0,
-         "cannot_run": []},
-        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "refused": 0,
-         "cannot_run": []},
+        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "problem": "",
+         "refused": 0, "cannot_run": []},
+        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "problem": "",
+         "refused": 0, "cannot_run": []},
     ]
     assert queue_cli(home, "ls") == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1,8 +1,9 @@
 """appliance queue: what is waiting, running and dead-lettered in the queues the appliance knows.
 
-The local directory queue (home/studioml/queue/local*) is counted here. RabbitMQ and SQS queues
-are not asked: they appear with what this box's runners recorded, the requests waiting there that
-no slot of this box can run (refused: left for other appliances), and why (status/refusals/).
+Every source: the local directory queue (home/studioml/queue/local*), and the RabbitMQ and SQS
+queues of the credentials directory, asked live (appliance/queues/depths.py), with the requests
+waiting there that no slot of this box can run (refused: left for other appliances), and why
+(status/refusals/).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def _run(args) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r.get("problem"):
+            print(f"{r['source']}" + (f"/{r['queue']}" if r["queue"] != "-" else "") + f": {r['problem']}")
     held = [(r, h) for r in rows for h in r["cannot_run"]]
     if held:
         print("\nwaiting, but no slot of this box can run them (left for other appliances):")

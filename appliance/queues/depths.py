@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import urllib.parse
 import urllib.request
 
@@ -112,23 +113,75 @@ def local_queue(home):
     return local
 
 
-def queue_table(home) -> list:
-    """One row per queue: source, queue, waiting, running, dead (None: not known here), and
-    `refused`: requests waiting there that no slot of this box can run, with `cannot_run` why."""
+def queue_table(home, config=None) -> list:
+    """One row per queue of every source: source, queue, waiting, running, dead (None: not
+    known here), `problem` (why not, "" when known), and `refused`: requests waiting there that
+    no slot of this box can run, with `cannot_run` why.
+
+    RabbitMQ and SQS queues are asked live, from the credentials directory as it is now (a new
+    entry shows at once); where that directory is not ours to read, the sources the controller
+    last found (run/sources.json) are listed with their depths unknown."""
     local = local_queue(home)
     waiting, running, dead = local.depths(), local.claimed_counts(), local.dead_counts()
     names = sorted(set(waiting) | set(running) | set(dead))
     rows = [{"source": local.name, "queue": q, "waiting": waiting.get(q, 0),
-             "running": running.get(q, 0), "dead": dead.get(q, 0)} for q in names]
+             "running": running.get(q, 0), "dead": dead.get(q, 0), "problem": ""} for q in names]
+    rows += _remote_rows(home, config)
     from appliance.queues import refusals
 
     refused = refusals.read_all(home)
     for (source, queue) in sorted(set(refused) - {(r["source"], r["queue"]) for r in rows}):
-        rows.append({"source": source, "queue": queue, "waiting": None, "running": None, "dead": None})
+        rows.append({"source": source, "queue": queue, "waiting": None, "running": None, "dead": None,
+                     "problem": ""})
     for row in rows:
         held = refused.get((row["source"], row["queue"]), {})
         row["refused"] = len(held)
         row["cannot_run"] = [{"experiment": h.get("experiment"), "reason": h.get("reason"),
                               "refused_by": h.get("refused_by", [])}
                              for h in sorted(held.values(), key=lambda h: str(h.get("experiment")))]
+    return rows
+
+
+def _remote_rows(home, config) -> list:
+    from appliance.queues import sources as qsources
+
+    if config is None:
+        from appliance.config import load_config
+
+        config = load_config(home.config_file)
+    root = qsources.credentials_dir(home, config)
+    rows: list = []
+
+    def unknown(source: str, queues, problem: str) -> None:
+        for q in queues or ["-"]:
+            rows.append({"source": source, "queue": q, "waiting": None, "running": None,
+                         "dead": None, "problem": problem})
+
+    if not os.access(root, os.R_OK | os.X_OK) and root.exists():
+        try:
+            known = json.loads(qsources.sources_file(home).read_text()).get("sources", [])
+        except (OSError, ValueError):
+            known = []
+        for src in known:
+            if src.get("name") != "local":
+                unknown(str(src.get("name")), src.get("queues"),
+                        f"depth unknown: {root} is not readable by you (see /metrics or run as root)")
+        return rows
+    for entry in qsources.read_entries(root):
+        if entry.error:
+            unknown(entry.source_name, [], f"{entry.name}: {entry.error}")
+            continue
+        try:
+            got = (rabbit_depths(entry.source_name, entry.spec) if entry.kind == "rabbitmq" else
+                   sqs_depths(entry.source_name, entry.spec))
+        except Exception as e:  # noqa: BLE001 - shown beside the source, the rest goes on
+            unknown(entry.source_name, [], f"cannot ask it: {type(e).__name__}: {e}")
+            continue
+        counts: dict = {}
+        for _source, queue, state, n in got:
+            counts.setdefault(queue, {"waiting": 0, "running": 0, "dead": 0})[state] += n
+        if not counts:
+            unknown(entry.source_name, [], "no queues yet")
+        for queue in sorted(counts):
+            rows.append({"source": entry.source_name, "queue": queue, **counts[queue], "problem": ""})
     return rows

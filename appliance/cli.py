@@ -13,7 +13,7 @@ from appliance.paths import Home
 
 # Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
 ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results",
-           "top"]
+           "top", "gc"]
 
 
 class UserError(Exception):

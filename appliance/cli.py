@@ -9,15 +9,12 @@ import select
 import sys
 
 from appliance import __version__
+from appliance.actions import UserError  # the actions raise it; main() prints it
 from appliance.paths import Home
 
 # Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
 ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results",
            "top", "gc"]
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one message, no traceback, exit code 2."""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -79,7 +79,7 @@ def _check_permissions(home: Home) -> list[Finding]:
 def _check_disk(home: Home) -> Finding:
     import shutil
 
-    from appliance.runner.loop import DISK_FULL_BYTES
+    from appliance.runner.settle import DISK_FULL_BYTES
     from appliance.units import format_size
 
     where = home.root if home.root.exists() else home.root.parent

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.project_env import ProjectEnvError, project_env
-from appliance.runner.request import Resources, parse_size
+from appliance.studioml.request import Resources, parse_size
 from appliance.submit_checks import bad_requirements, unrunnable
 from appliance.workspace import walk
 
@@ -71,7 +71,7 @@ def pack_plan(home, args, workdir: Path, script: Path, resources: dict) -> Packi
 def _check_resources(home, resources: dict) -> None:
     """A request no slot of this box can run is refused now (a local queue's only runners are
     this box's), as the runner would dead-letter it later."""
-    from appliance.runner.loop import slot_shapes
+    from appliance.runner.triage import slot_shapes
 
     want = Resources(cpus=int(resources["cpus"]), gpus=int(resources["gpus"]),
                      ram_bytes=parse_size(resources["ram"], "--ram") if resources["ram"] else 0,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from appliance.runner.request import Resources, unmet
+from appliance.studioml.request import Resources, unmet
 
 
 def unrunnable(resources: Resources, shapes: Iterable, disk_bytes: Optional[int]) -> Optional[str]:
-    """None when some slot shape (runner.loop.SlotShape: cpus, memory_bytes, gpus,
+    """None when some slot shape (runner.triage.SlotShape: cpus, memory_bytes, gpus,
     gpu_mem_bytes) can run `resources`, else why the closest one cannot; None too when there
     is no plan yet (nothing to judge by)."""
     shapes = sorted(shapes, key=lambda s: (s.gpus, s.memory_bytes, s.cpus), reverse=True)

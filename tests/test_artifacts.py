@@ -9,10 +9,11 @@ import uuid
 
 import pytest
 
-from appliance.runner import artifacts as arts
-from appliance.runner.artifacts import RetryPolicy, Uploader
+from appliance.studioml import transfer as arts
+from appliance.studioml import packing
+from appliance.studioml.transfer import RetryPolicy, Uploader
 from appliance.runner.cache import ArtifactCache
-from appliance.runner.request import Artifact
+from appliance.studioml.request import Artifact
 from tests.realparts import free_port
 
 
@@ -98,10 +99,10 @@ def test_pack_writes_what_the_studioml_client_writes(tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "weights.bin").write_bytes(b"w")
     (src / "sub" / "x.txt").write_text("x")
-    arts.pack(src, tmp_path / "m.tar")
+    packing.pack(src, tmp_path / "m.tar")
     with tarfile.open(tmp_path / "m.tar") as tar:  # plain tar, relative member names
         assert sorted(tar.getnames()) == ["sub", "sub/x.txt", "weights.bin"]
-    arts.unpack(tmp_path / "m.tar", tmp_path / "back", 1 << 20)
+    packing.unpack(tmp_path / "m.tar", tmp_path / "back", 1 << 20)
     assert (tmp_path / "back" / "sub" / "x.txt").read_text() == "x"
 
 

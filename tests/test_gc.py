@@ -32,16 +32,21 @@ def test_what_goes(objects, keys, exps, workspaces, experiments):
 
 
 def test_gc_against_the_store(store_home, store, capsys):
+    import uuid
+
+    bucket = f"gc-{uuid.uuid4().hex[:8]}"  # its own: the session's bucket holds other tests' objects
     s3 = store.client()
+    s3.create_bucket(Bucket=bucket)
+    store_home.config_file.write_text(store_home.config_file.read_text().replace(
+        f'bucket = "{store.bucket}"', f'bucket = "{bucket}"'))
     for key in ("blobstore/gc-unneeded.tar", "blobstore/gc-needed.tar", "experiments/gc-old/output.tar",
                 "experiments/gc-queued/output.tar"):
-        s3.put_object(Bucket=store.bucket, Key=key, Body=b"x" * 100)
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x" * 100)
     body = {"experiment": {"key": "gc-queued", "artifacts": {"workspace": {"key": "blobstore/gc-needed.tar"}}}}
     LocalQueueSource(store_home.queue_root, watch=False).enqueue("local_appliance", json.dumps(body).encode())
 
     def stored():
-        return {o["Key"] for o in s3.list_objects_v2(Bucket=store.bucket).get("Contents", [])
-                if "gc-" in o["Key"]}
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
 
     before = stored()
     assert main(["--home", str(store_home.root), "gc", "--dry-run", "--older-than", "1ms"]) == 0

@@ -18,8 +18,8 @@ import pytest
 
 from appliance.paths import Home
 from appliance.queues.local import CLAIMED, DEAD, LocalQueueSource
-from appliance.runner.artifacts import RetryPolicy
-from appliance.runner.loop import Runner, RunnerSettings
+from appliance.studioml.transfer import RetryPolicy
+from appliance.runner.runner import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port
 
@@ -258,7 +258,7 @@ def test_store_down_puts_the_message_back(store, home):
     assert pending(home) == [msgid] and claimed(home) == [] and dead_reasons(home) == []
     st = runner.status.data["last_result"]
     assert st["outcome"] == "released" and "store unavailable" in st["reason"]
-    assert runner.endpoint_pause[store_url] > time.time()  # and it does not hammer that store
+    assert runner.store_health.paused_until[store_url] > time.time()  # and it does not hammer that store
 
 
 def test_failing_workload_is_dead_lettered_with_its_output_uploaded(store, home):

@@ -17,7 +17,7 @@ import pytest
 from appliance.actions.submit import DEFAULT_QUEUE
 from appliance.cli import main
 from appliance.queues.local import LocalQueueSource
-from appliance.runner.request import parse_request
+from appliance.studioml.request import parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,8 +36,8 @@ def output_from_tar(data: bytes) -> bytes:
 
 def stored_output(home, key: str) -> bytes | None:
     from appliance.actions.results import experiment_artifacts
-    from appliance.runner import artifacts as arts
-    from appliance.runner.artifacts import client_for
+    from appliance.studioml import transfer as arts
+    from appliance.studioml.transfer import client_for
 
     (art,) = experiment_artifacts(home, key, names=("output",))
     c = client_for(art)
@@ -103,7 +103,7 @@ def _wait_for_output(home, key: str, running, poll_s: float = 0.5):
 
 
 def run(args) -> int:
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
     key = args.experiment

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from appliance.runner.artifacts import MUTABLE_DEFAULTS
+from appliance.studioml.artifacts import MUTABLE_DEFAULTS, result_record
 
 
 def register(sub):
@@ -30,10 +30,10 @@ def register(sub):
 
 
 def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS, endpoint: str | None = None) -> list:
-    """Artifact objects (see runner.request.Artifact) for `key`'s mutable artifacts at `endpoint`
+    """Artifact objects (see studioml.request.Artifact) for `key`'s mutable artifacts at `endpoint`
     (default: the configured store), with the appliance's client store credentials."""
     from appliance.config import load_config
-    from appliance.runner.request import Artifact
+    from appliance.studioml.request import Artifact
     from appliance.runner.status import find_experiment
     from appliance.store.credentials import load_client_credentials
     from appliance.store.server import endpoint_url
@@ -57,7 +57,7 @@ def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS, endpoint: str |
 
 
 def run(args) -> int:
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
 
     if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
         print(f"appliance results: --endpoint {args.endpoint!r}: give an http:// or https:// URL",
@@ -90,10 +90,10 @@ def run(args) -> int:
 def print_record(artifacts: list, retry) -> None:
     """How the job ended and, for a GPU job, its peak GPU memory and mean utilisation (the result
     record the runner keeps beside the output)."""
-    from appliance.runner import artifacts as arts
+    from appliance.studioml import transfer as arts
     from appliance.units import format_size
 
-    where = arts.result_record({a.name: a for a in artifacts})
+    where = result_record({a.name: a for a in artifacts})
     try:
         record = arts.read_record(where, retry) if where else None
     except arts.ArtifactError:

@@ -35,7 +35,7 @@ from appliance.config import load_config
 from appliance.freeze import finish_freeze, start_freeze
 from appliance.packing import SubmitRefused, pack_plan
 from appliance.queues.local import enqueue, is_local_queue, no_access
-from appliance.runner.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url
 from appliance.workspace_upload import StoreProblem, send_workspace
@@ -229,6 +229,8 @@ def run(args) -> int:
         enqueue(home.queue_root, args.queue, data)
     except PermissionError:
         return _fail(no_access(home.queue_root))
+    except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
+        return _fail(str(e))
     print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     print(key)
     return 0

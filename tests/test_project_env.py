@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.project_env import (ProjectEnvError, from_imports, from_project_files,
+from appliance.studioml.environment import (ProjectEnvError, from_imports, from_project_files,
                                    imported_modules, own_modules, parse_pyproject,
                                    parse_requirements, parse_uv_lock)
 

@@ -7,7 +7,7 @@ studioml/queue folder; a StudioML user reaches the same queue with
 `STUDIOML_HOME=<home>/studioml studio run --queue local_appliance ...`).
 
 What is packed, with which environment, and what is refused before anything is sent is
-decided in appliance/packing.py (the project's own environment: appliance/project_env.py;
+decided in appliance/submit_checks.py (the project's own environment: appliance/studioml/environment.py;
 ignore files: appliance/ignore.py); the upload is appliance/workspace_upload.py.
 
 A submit of a small folder takes ~0.1 s (bench/bench_submit.py): a small workspace goes with
@@ -33,11 +33,11 @@ from urllib.parse import urlsplit
 
 from appliance.config import load_config
 from appliance.freeze import finish_freeze, start_freeze
-from appliance.packing import SubmitRefused, pack_plan
 from appliance.queues.local import enqueue, is_local_queue, no_access
-from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store.credentials import load_client_credentials
 from appliance.store.server import endpoint_url
+from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
+from appliance.submit_checks import SubmitRefused, pack_plan
 from appliance.workspace_upload import StoreProblem, send_workspace
 
 DEFAULT_QUEUE = "local_appliance"

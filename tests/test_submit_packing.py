@@ -214,3 +214,13 @@ def test_ctrl_c_leaves_no_parts_in_the_store(store_home, store, project, tmp_pat
     assert "interrupted; nothing queued" in err
     assert client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
     assert queued(store_home) is None
+
+
+def test_a_big_folder_gets_a_hint(store_home, project, capsys, monkeypatch):
+    from appliance import workspace_upload
+
+    monkeypatch.setattr(workspace_upload, "WARN_BYTES", 1000)  # the threshold, not the 1 GiB folder
+    (project / "data.bin").write_bytes(b"x" * 2000)
+    assert submit(store_home, project, "train.py") == 0
+    err = capsys.readouterr().err
+    assert "the folder holds 2KiB" in err and ".applianceignore" in err

@@ -4,7 +4,6 @@ remove. Which objects go is appliance/retention.py's policy."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -21,25 +20,6 @@ def register(sub):
     p.add_argument("--older-than", metavar="DURATION",
                    help="the retention for this run (e.g. 7d), instead of object_store.retention")
     p.set_defaults(func=run)
-
-
-def pending_messages(home) -> list:
-    """The JSON bodies of the messages waiting in or claimed from the local queues."""
-    root = home.queue_root
-    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
-    claimed = root / ".claimed"
-    if claimed.is_dir():
-        folders += [p for p in claimed.iterdir() if p.is_dir()]
-    bodies = []
-    for folder in folders:
-        for f in folder.iterdir():
-            if f.name == "lock.lock" or not f.is_file():
-                continue
-            try:
-                bodies.append(json.loads(f.read_bytes()))
-            except (OSError, ValueError):
-                continue
-    return bodies
 
 
 def needed(bodies: list) -> tuple:
@@ -59,6 +39,7 @@ def needed(bodies: list) -> tuple:
 
 def run(args) -> int:
     from appliance.config import load_config
+    from appliance.queues.depths import pending_local_requests
     from appliance.retention import select
     from appliance.store.client import s3_client
     from appliance.store.credentials import load_credentials
@@ -82,7 +63,7 @@ def run(args) -> int:
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         objects += [(o["Key"], o["Size"], o["LastModified"].timestamp()) for o in page.get("Contents", [])]
-    keys, experiments = needed(pending_messages(home))
+    keys, experiments = needed(pending_local_requests(home))
     doomed = select(objects, keys, experiments, time.time() - retention)
     verb = "would remove" if args.dry_run else "removed"
     for key in doomed.workspaces:

@@ -78,10 +78,10 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
 
 def _waiting_locally(home, key: str) -> bool:
     """Whether a local queue holds `key`, waiting or claimed (a slot is preparing it)."""
-    from appliance.actions.gc import pending_messages
+    from appliance.queues.depths import pending_local_requests
 
     try:
-        return any((b.get("experiment") or {}).get("key") == key for b in pending_messages(home)
+        return any((b.get("experiment") or {}).get("key") == key for b in pending_local_requests(home)
                    if isinstance(b, dict))
     except OSError:
         return False

@@ -185,3 +185,22 @@ def _remote_rows(home, config) -> list:
         for queue in sorted(counts):
             rows.append({"source": entry.source_name, "queue": queue, **counts[queue], "problem": ""})
     return rows
+
+
+def pending_local_requests(home) -> list:
+    """The JSON bodies of the messages waiting in or claimed from the local queues."""
+    root = home.queue_root
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+    claimed = root / ".claimed"
+    if claimed.is_dir():
+        folders += [p for p in claimed.iterdir() if p.is_dir()]
+    bodies = []
+    for folder in folders:
+        for f in folder.iterdir():
+            if f.name == "lock.lock" or not f.is_file():
+                continue
+            try:
+                bodies.append(json.loads(f.read_bytes()))
+            except (OSError, ValueError):
+                continue
+    return bodies

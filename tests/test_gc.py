@@ -64,3 +64,22 @@ def test_zero_retention_keeps_everything(store_home, capsys):
     store_home.config_file.write_text(store_home.config_file.read_text() + '\nretention = "0"\n')
     assert main(["--home", str(store_home.root), "gc"]) == 0
     assert "nothing is removed" in capsys.readouterr().out
+
+
+def test_what_a_queue_member_plants_is_passed_over(tmp_path):
+    """gc runs as root over files any member of the queue's group may write."""
+    import os
+
+    from appliance.paths import Home
+    from appliance.queues.depths import pending_local_requests
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    good = {"experiment": {"key": "k1", "artifacts": {}}}
+    LocalQueueSource(home.queue_root, watch=False).enqueue("local_x", json.dumps(good).encode())
+    q = home.queue_root / "local_x"
+    os.mkfifo(q / "a-fifo")                                   # would block a plain read
+    os.symlink("/etc/passwd", q / "a-link")
+    (q / "deep").write_text("[" * 100000 + "]" * 100000)       # exhausts the parser
+    (q / "junk").write_text("not json")
+    assert pending_local_requests(home) == [good]

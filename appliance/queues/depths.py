@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import os
+import stat
 import urllib.parse
 import urllib.request
 
@@ -187,20 +188,36 @@ def _remote_rows(home, config) -> list:
     return rows
 
 
+MAX_MESSAGE_BYTES = 16 * 2**20  # a request is a few KiB; a bigger file is no request
+
+
 def pending_local_requests(home) -> list:
-    """The JSON bodies of the messages waiting in or claimed from the local queues."""
+    """The JSON bodies of the messages waiting in or claimed from the local queues. Any member
+    of the queue's group writes there: links, fifos, huge or hostile files are passed over."""
     root = home.queue_root
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
     claimed = root / ".claimed"
     if claimed.is_dir():
-        folders += [p for p in claimed.iterdir() if p.is_dir()]
+        folders += [p for p in claimed.iterdir() if p.is_dir() and not p.is_symlink()]
     bodies = []
     for folder in folders:
+        if folder.is_symlink():
+            continue
         for f in folder.iterdir():
-            if f.name == "lock.lock" or not f.is_file():
+            if f.name == "lock.lock" or f.name.startswith("."):
                 continue
             try:
-                bodies.append(json.loads(f.read_bytes()))
-            except (OSError, ValueError):
+                fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
                 continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MESSAGE_BYTES:
+                    continue
+                with os.fdopen(fd, "rb", closefd=False) as fh:
+                    bodies.append(json.loads(fh.read(MAX_MESSAGE_BYTES)))
+            except (OSError, ValueError, RecursionError):
+                continue
+            finally:
+                os.close(fd)
     return bodies

@@ -40,14 +40,6 @@ def _normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Entry:
     rel: str            # "pkg/model.py"
@@ -145,20 +137,37 @@ def pack_directory(path, out_dir=None,
     out = Path(tmp)
     tell = progress or (lambda n: None)
     try:
-        with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
-            for e in entries:
-                if e.path == out:
-                    continue  # packing into the directory being packed
-                info = _normalize(tf.gettarinfo(str(e.path), arcname=e.rel))
-                if e.kind == "file":
-                    with open(e.path, "rb") as fh:
-                        tf.addfile(info, _Counting(fh, tell))
-                else:
-                    tf.addfile(info)
-        return out, _sha256(out)
+        with open(out, "wb") as raw:
+            hashed = _Hashing(raw)  # the hash is taken as the tar is written: no second read
+            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for e in entries:
+                    if e.path == out:
+                        continue  # packing into the directory being packed
+                    info = _normalize(tf.gettarinfo(str(e.path), arcname=e.rel))
+                    if e.kind == "file":
+                        with open(e.path, "rb") as fh:
+                            tf.addfile(info, _Counting(fh, tell))
+                    else:
+                        tf.addfile(info)
+        return out, hashed.sha.hexdigest()
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+
+
+class _Hashing:
+    """A file written by tarfile whose sha256 is kept as it is written."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.pos = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.pos += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.pos
 
 
 class _Counting:

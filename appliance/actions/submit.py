@@ -75,10 +75,11 @@ def register(sub):
                    help="interpreter whose version the runner reproduces, and whose installed "
                         "packages give the versions of what the files import (default: python3 "
                         "on PATH, i.e. your active virtualenv)")
-    p.add_argument("--freeze", action="store_true",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--freeze", action="store_true",
                    help="send --python's whole `pip freeze` instead of the project's own "
                         "environment (uv.lock, pyproject.toml, requirements.txt or its imports)")
-    p.add_argument("--no-freeze", action="store_true",
+    which.add_argument("--no-freeze", action="store_true",
                    help="send no environment: the runner installs only --pip packages")
     p.add_argument("--no-gitignore", action="store_true",
                    help="send what .gitignore files leave out (.applianceignore still counts)")

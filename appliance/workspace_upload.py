@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,12 @@ def _send_with_boto3(tar: Path, ws_key: str, endpoint: str, access_key: str, sec
         try:
             client.upload_file(str(tar), bucket, ws_key, Callback=meter.add)
         except BaseException:
-            _abort_uploads(client, bucket, ws_key, since=began - 5)
+            # a second Ctrl-C (people press it twice) must not stop the clean-up half way
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                _abort_uploads(client, bucket, ws_key, since=began - 5)
+            finally:
+                signal.signal(signal.SIGINT, old)
             raise
         finally:
             meter.close()

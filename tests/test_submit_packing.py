@@ -192,8 +192,10 @@ def test_an_unchanged_folder_is_not_packed_again(store_home, store, project, cap
     capsys.readouterr()
 
 
-def test_ctrl_c_leaves_no_parts_in_the_store(store_home, store, project, tmp_path):
-    """An interrupted multipart upload is aborted: nothing is orphaned in the store."""
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_leaves_no_parts_in_the_store(store_home, store, project, tmp_path, presses):
+    """An interrupted multipart upload is aborted: nothing is orphaned in the store, however
+    often Ctrl-C is pressed."""
     with open(project / "big.bin", "wb") as fh:  # over the single-PUT size: multipart
         for _ in range(40):
             fh.write(os.urandom(2**20) * 4)
@@ -208,7 +210,9 @@ def test_ctrl_c_leaves_no_parts_in_the_store(store_home, store, project, tmp_pat
         uploads = client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
         time.sleep(0.02)
     assert uploads, "the upload ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted; nothing queued" in err

@@ -266,7 +266,9 @@ if std is None:
 else:
     def is_std(m):
         return m in std or m in sys.builtin_module_names
-if hasattr(metadata, "packages_distributions"):
+if not mods:
+    pd = {}  # only the version is asked: no need to read every distribution
+elif hasattr(metadata, "packages_distributions"):
     pd = metadata.packages_distributions()
 else:
     pd = {}

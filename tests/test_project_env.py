@@ -150,6 +150,13 @@ def test_imports_map_to_installed_distributions(modules, found, source, reqs, mi
     assert (env.source, env.requirements, env.missing) == (source, reqs, missing)
 
 
+def test_a_package_installed_from_a_local_folder_is_not_sent():
+    env = from_imports({"mylib", "numpy"}, set(), {"mylib": [["mylib", "0.1", True]],
+                                                   "numpy": [["numpy", "2.0", False]]})
+    assert env.requirements == ["numpy==2.0"]
+    assert env.skipped == [("mylib (imported as mylib)", "installed from a local folder: it only exists here")]
+
+
 def test_own_modules_are_not_looked_up():
     env = from_imports({"model", "numpy"}, {"model"}, {"numpy": [["numpy", "2.0"]],
                                                        "model": [["model", "9"]]})

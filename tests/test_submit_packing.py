@@ -83,11 +83,13 @@ def test_imports_become_the_installed_versions(store_home, project, capsys):
 
     (project / "pkg").mkdir()
     (project / "pkg" / "__init__.py").write_text("")
-    (project / "train.py").write_text("import os\nimport boto3\nimport pkg\nimport nosuchmodule_x\n")
+    (project / "train.py").write_text("import os\nimport boto3\nimport pkg\nimport nosuchmodule_x\n"
+                                      "import appliance  # this checkout, installed editable\n")
     assert submit(store_home, project, "train.py") == 0
     err = capsys.readouterr().err
     assert "environment from imports: 1 package" in err
     assert "not installed" in err and "nosuchmodule_x" in err
+    assert "not sent: appliance (imported as appliance) (installed from a local folder" in err
     assert queued(store_home).pythonenv == (f"boto3=={boto3.__version__}",)
 
 

@@ -226,21 +226,24 @@ def own_modules(relpaths: Iterable[str]) -> set:
 
 
 def from_imports(modules: set, own: set, found: dict) -> ProjectEnv:
-    """The environment for `modules`, given `found` from `imports_script` (module -> list of
-    [distribution, version] installed in the interpreter; absent: stdlib; [] not installed)."""
-    reqs, missing = {}, []
+    """The environment for `modules`, given `found` from IMPORTS_SCRIPT (module -> list of
+    [distribution, version, installed from a local folder] in the interpreter; absent: stdlib;
+    []: not installed)."""
+    reqs, missing, skipped = {}, [], []
     for mod in sorted(modules - own):
         if mod not in found:
             continue  # stdlib
         dists = found[mod]
         if not dists:
             missing.append(mod)
-        for dist, version in dists:
-            if _name_key(dist) != "studioml":
+        for dist, version, *local in dists:
+            if local and local[0]:
+                skipped.append((f"{dist} (imported as {mod})", "installed from a local folder: it only exists here"))
+            elif _name_key(dist) != "studioml":
                 reqs[_name_key(dist)] = f"{dist}=={version}"
     if not reqs and not missing:
-        return ProjectEnv("none")
-    return ProjectEnv("imports", [reqs[k] for k in sorted(reqs)], missing=missing)
+        return ProjectEnv("none", skipped=skipped)
+    return ProjectEnv("imports", [reqs[k] for k in sorted(reqs)], skipped=skipped, missing=missing)
 
 
 # Run in the submitting interpreter (`--python`), module names on stdin, one a line. Prints
@@ -285,7 +288,14 @@ for m in mods:
     out = []
     for name in sorted(set(pd.get(m, []))):
         try:
-            out.append([name, metadata.version(name)])
+            dist = metadata.distribution(name)
+            try:
+                direct = json.loads(dist.read_text("direct_url.json") or "{}")
+            except ValueError:
+                direct = {}
+            local = bool((direct.get("dir_info") or {}).get("editable")) or \
+                str(direct.get("url", "")).startswith("file:")
+            out.append([name, dist.version, local])
         except Exception:
             pass
     found[m] = out

@@ -78,7 +78,7 @@ def all_blocks() -> list:
 
 def test_the_skip_list_stays_short():
     skipped = [(p.values[0].name, p.values[3]) for p in all_blocks() if p.values[3]]
-    assert len(skipped) <= 4, skipped
+    assert len(skipped) <= 5, skipped  # README, "Tests and layout", names them
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,20 @@ def queue_rows(home, capsys) -> list:
 
 
 def test_an_sqs_queue_shows_once_its_entry_appears(home, sqs_endpoint, capsys):
-    from tests.test_sqs import sqs_client, write_entry
+    from tests.test_sqs import sqs_client
 
     client = sqs_client(sqs_endpoint)
     q = f"sqs_{uuid.uuid4().hex[:8]}"
     url = client.create_queue(QueueName=q)["QueueUrl"]
+    try:
+        sqs_queue_shows(home, capsys, client, url, q, sqs_endpoint)
+    finally:
+        client.delete_queue(QueueUrl=url)  # moto's queues outlive the server, in this process
+
+
+def sqs_queue_shows(home, capsys, client, url, q, sqs_endpoint):
+    from tests.test_sqs import write_entry
+
     for body in ("1", "2"):
         client.send_message(QueueUrl=url, MessageBody=body)
     assert {r["source"] for r in queue_rows(home, capsys)} == {"local"}

@@ -112,7 +112,7 @@ def unrunnable(resources: Resources, shapes: Iterable, disk_bytes: Optional[int]
 def bad_requirements(lines: Iterable[str], where: str) -> Optional[str]:
     """None, or what a runner would say about the requirement lines (it refuses the job);
     `where` names their source for the user ("requirements.txt", "--pip")."""
-    from appliance.runner.pyenv import BadRequirement, normalized
+    from appliance.pyenv.requirements import BadRequirement, normalized
 
     try:
         normalized(list(lines))

@@ -72,11 +72,12 @@ def test_a_source_that_does_not_answer_says_why(home, capsys):
     (home.credentials_dir / "lab.toml").write_text(
         f'url = "amqp://guest:guest@127.0.0.1:{free_port()}/%2f"\n'
         f'management = "http://127.0.0.1:{free_port()}"\n')
-    (home.credentials_dir / "broken.toml").write_text("url = 'nope'\n")
+    (home.credentials_dir / "broken.toml").write_text("url = 'http://u:secret@h/'\n")
     rows = {r["source"]: r for r in queue_rows(home, capsys)}
     assert rows["rabbitmq:lab"]["waiting"] is None
     assert "cannot ask it" in rows["rabbitmq:lab"]["problem"]
     assert "AMQP URL" in rows["rabbitmq:broken"]["problem"]
+    assert "secret" not in rows["rabbitmq:broken"]["problem"] and "u:***@" in rows["rabbitmq:broken"]["problem"]
     assert main(["--home", str(home.root), "queue", "ls"]) == 0
     assert "rabbitmq:lab: cannot ask it" in capsys.readouterr().out
 

@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import os
+import re
 import stat
 import urllib.parse
 import urllib.request
@@ -154,6 +155,7 @@ def _remote_rows(home, config) -> list:
     rows: list = []
 
     def unknown(source: str, queues, problem: str) -> None:
+        problem = re.sub(r"(\w+://[^:/\s@'\"]+):[^@\s'\"]+@", r"\1:***@", problem)  # no passwords shown
         for q in queues or ["-"]:
             rows.append({"source": source, "queue": q, "waiting": None, "running": None,
                          "dead": None, "problem": problem})

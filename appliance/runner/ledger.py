@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -103,3 +104,25 @@ def write_result(record_art, data: dict, retry: RetryPolicy, key: str) -> None:
             transfer.write_record(record_art, data, retry)
         except ArtifactError as e:
             log.warning("%s: result record: %s", key, e)
+
+
+def record_cancel(body: bytes, who: str, retry: Optional[RetryPolicy] = None) -> bool:
+    """Write in the ledger that this request was cancelled before it ran: its result record says
+    done, outcome cancelled, so whichever box claims it (a copy still on a shared broker) settles
+    it unrun (Job.already_ran). A record already there (it ran, or is running) is left alone.
+    False when the request has no place for a record, or the store did not take it."""
+    req = parse_request(body)
+    art = result_record(req.artifacts)
+    if art is None:
+        return False
+    retry = retry or RetryPolicy(attempts=2)
+    try:
+        if transfer.read_record(art, retry) is not None:
+            return False
+        transfer.write_record(art, {"state": "done", "outcome": "cancelled", "class": "cancelled", "exit_code": None,
+                                    "reason": f"cancelled by {who} before it ran", "finished": time.time(),
+                                    "experiment": req.key}, retry)
+        return True
+    except ArtifactError as e:
+        log.warning("%s: recording its cancel in the ledger: %s", req.key, e)
+        return False

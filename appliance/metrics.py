@@ -26,6 +26,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from appliance.files import write_atomic
 from appliance.inventory import format_cpu_list
+from appliance.jobs.table import active_counts
 from appliance.lifecycle import previous_plan
 from appliance.paths import Home
 from appliance.queues.depths import sample_depths
@@ -207,12 +208,22 @@ class Collector:
         self.home, self.sampler, self.backend = home, sampler, backend
         self.events = _Events(home.events_file)
 
+    def _jobs(self):
+        counts = active_counts(self.home)
+        if counts is not None:
+            jobs = GaugeMetricFamily("appliance_jobs", "Jobs of this box by state, from the job table "
+                                     "(queued, held, running)", labels=["state"])
+            for state, n in counts.items():
+                jobs.add_metric([state], n)
+            yield jobs
+
     def collect(self):
         plan = previous_plan(self.home)
         slots = list(plan.slots) if plan else []
         yield from self._slots(slots)
         yield from self._runner_counters()
         yield from self._queues()
+        yield from self._jobs()
         rebalances = CounterMetricFamily("appliance_rebalances", "Re-plans of the slots, by what caused them "
                                          "(gpus, config, startup, other)", labels=["cause"])
         for kind, n in sorted(self.events.read().items()):

@@ -11,6 +11,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
 from appliance.inventory import format_cpu_list
 from appliance.lifecycle import previous_plan
+from appliance.jobs.table import active_counts
 from appliance.paths import Home
 from appliance.runner.status import read_status
 from appliance.store.client import check_store
@@ -163,6 +164,7 @@ def gather(home: Home) -> dict:
         "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
+        "jobs": active_counts(home),
         "sources": _sources(home),
         **_queue_rows(home, config),
     }
@@ -291,6 +293,10 @@ def format_status(facts: dict) -> str:
                  f"credentials in {q['credentials_dir']}")
     for r in facts.get("queue_rows") or []:
         lines.append(f"  {queue_row_text(r)}")
+    jobs = facts.get("jobs")
+    if jobs:
+        lines.append(f"jobs: {jobs['queued']} queued, {jobs['held']} held, {jobs['running']} running "
+                     "(`appliance jobs` lists them, where each waits and why)")
     if facts.get("queue_problem"):
         lines.append(f"  {facts['queue_problem']}")
     src = facts.get("sources") or {}

@@ -387,3 +387,26 @@ def test_requests_of_long_finished_jobs_are_forgotten_their_rows_kept(table):
     assert table.forget_requests(5000.0) == 1
     assert table.request_body("old") is None and table.get("old").state == "done"
     assert table.request_body("new") and table.request_body("waiting")
+
+
+def test_status_and_metrics_count_the_waiting_held_and_running_jobs(tmp_path):
+    from appliance.jobs.table import active_counts
+    from appliance.metrics import Collector
+    from appliance.paths import Home
+    from appliance.status import format_status, gather
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    assert active_counts(home) is None and gather(home)["jobs"] is None  # no table yet
+    table = JobTable.of(home)
+    for key in ("q1", "q2", "h", "r"):
+        add(table, key)
+    table.hold("h")
+    table.started("r", "slot-0")
+    table.close()
+    assert active_counts(home) == {"queued": 2, "held": 1, "running": 1}
+    facts = gather(home)
+    assert facts["jobs"] == {"queued": 2, "held": 1, "running": 1}
+    assert "jobs: 2 queued, 1 held, 1 running" in format_status(facts)
+    [family] = [f for f in Collector(home).collect() if f.name == "appliance_jobs"]
+    assert {s.labels["state"]: s.value for s in family.samples} == {"queued": 2, "held": 1, "running": 1}

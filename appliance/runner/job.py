@@ -58,6 +58,7 @@ class Job:
             self._make_dirs()
 
     def close(self) -> None:
+        execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
         if self.env is not None:
             self.env.release()
         self.lock.close()
@@ -253,7 +254,7 @@ class Job:
             launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
-            on_end=self.gpu_end)
+            on_end=self.gpu_end, ram_bytes=self.req.resources.ram_bytes)
 
     def gpu_check(self) -> Optional[str]:
         """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job

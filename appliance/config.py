@@ -175,6 +175,9 @@ class IsolationConfig:
                     'who workloads run as: "auto" (an unprivileged account per slot, appliance-<slot>, made by '
                     'the appliance), a user name (every slot shares it), or "root" (not for untrusted requests)')
     docker_image: str = opt("appliance-runner:latest", _text, "runner image for the docker backend")
+    pids_limit: Auto = opt("auto", _auto_or(_int_at_least(16)),
+                           'processes and threads one job may have (a pids cgroup; docker pids_limit), so a fork '
+                           'bomb stays in its slot; "auto": 4096, at most an eighth of the host\'s pid_max')
     gpu_share: str = opt("none", _one_of("none", "mps"),
                          'how slots sharing a GPU are held to their GPU memory: "none" (the runner\'s NVML watch '
                          'stops a job over its share), "mps" (also CUDA MPS memory limits; needs the MPS control '
@@ -193,10 +196,17 @@ class ObjectStoreConfig:
     endpoint: str = opt("", _text, 'S3 endpoint URL when kind = "external"')
     minio_binary: str = opt("", _text, 'path to a MinIO server binary when kind = "minio"')
     memory_limit: int = opt(parse_size("256MiB"), _size, "soft memory limit of the bundled store (GOMEMLIMIT)")
+    retention: float = opt(30 * 86400.0, _duration, '`appliance gc` removes results and unneeded workspaces '
+                                                    'older than this (e.g. "30d"; 0 keeps everything)')
 
 
 @dataclass(frozen=True)
 class QueuesConfig:
+    submit: str = opt("group", _one_of("open", "group", "closed"),
+                      'who may submit through the API: "open" (any local user), "group" (members of the '
+                      'appliance group) or "closed" (admins only)')
+    admin_group: str = opt("", _text, "members of this group act on every member's jobs as root does "
+                                      "(empty: root alone)")
     credentials_dir: str = opt("", _text, "directory of queue credentials (empty: HOME/credentials)")
     dead_ttl: float = opt(30 * 86400.0, _duration,
                           'how long dead-lettered local messages are kept (e.g. "30d"; 0 keeps them forever)')

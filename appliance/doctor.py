@@ -31,6 +31,7 @@ def check(home: Home) -> list[Finding]:
         return [Finding(False, "config", str(e))]
 
     out += _check_permissions(home)
+    out.append(Finding(*_launcher_for_members()))
     out.append(_check_disk(home))
     if config.runner.installer == "uv" and not config.runner.python:
         out.append(_check_env_cache(home))
@@ -60,6 +61,13 @@ def check(home: Home) -> list[Finding]:
     return out
 
 
+def _launcher_for_members() -> tuple:
+    from appliance.everyone import launcher, runs_for_others
+
+    result = runs_for_others(launcher())
+    return result.ok, "launcher", result.detail
+
+
 def _check_permissions(home: Home) -> list[Finding]:
     out = []
     if home.root.exists() and not os.access(home.root, os.W_OK):
@@ -78,7 +86,7 @@ def _check_permissions(home: Home) -> list[Finding]:
 def _check_disk(home: Home) -> Finding:
     import shutil
 
-    from appliance.runner.loop import DISK_FULL_BYTES
+    from appliance.runner.settle import DISK_FULL_BYTES
     from appliance.units import format_size
 
     where = home.root if home.root.exists() else home.root.parent
@@ -98,7 +106,7 @@ def _existing(path: Path) -> Path:
 
 def _check_env_cache(home: Home) -> Finding:
     """uv links venvs to its cache (hard links or clones): both must be on one filesystem."""
-    from appliance.runner.pyenv import uv_binary
+    from appliance.pyenv import uv_binary
 
     if uv_binary() is None:
         return Finding(False, "env cache", "runner.installer is \"uv\" but uv is not installed: `pip install uv` "

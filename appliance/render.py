@@ -19,6 +19,7 @@ from appliance.inventory import Inventory, format_cpu_list
 from appliance.paths import Home
 from appliance.plan import Plan, Slot, describe_slot
 from appliance.singleton import lock_path
+from appliance.slot.limits import host_pid_max, pids_limit
 from appliance.store.credentials import load_credentials
 from appliance.store.server import minio_environment, store_program
 from appliance.units import format_size
@@ -91,6 +92,7 @@ def runner_settings_digest(config: Config) -> str:
 
 
 CONTROLLER_LOCK_WAIT_S = 20  # its stopwaitsecs (10) and some
+API_LOCK_WAIT_S = 15  # its stopwaitsecs (5) and some
 STORE_LOCK_WAIT_S = 30  # its stopwaitsecs (20) and some
 
 
@@ -109,10 +111,12 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
     """The supervisord program that runs `slot`'s runner inside its isolation."""
     env = {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1",
            "APPLIANCE_RUNNER_SETTINGS": runner_settings_digest(config)}
+    pids = pids_limit(config.isolation.pids_limit, host_pid_max())
     if config.isolation.backend == "docker":
         command = [python, "-m", "appliance.slot.docker_slot", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--memory-bytes", str(slot.memory_bytes),
-                   "--shm-bytes", str(slot.shm_bytes), "--image", config.isolation.docker_image,
+                   "--shm-bytes", str(slot.shm_bytes), "--pids-limit", str(pids),
+                   "--image", config.isolation.docker_image,
                    "--home", str(home.root), "--stop-timeout", str(int(config.runner.drain_timeout) + 30)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
@@ -125,7 +129,8 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
     else:
         command = [python, "-m", "appliance.slot.exec", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--mems", format_cpu_list(slot.mems),
-                   "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes)]
+                   "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes),
+                   "--pids-limit", str(pids)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
         if slot.gpus and slot.gpu_memory_bytes:
@@ -139,6 +144,13 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
 def controller_program(home: Home, python: str = sys.executable) -> Program:
     command = [python, "-m", "appliance.controller", "--home", str(home.root)]
     return Program("controller", singleton_command(home, "controller", CONTROLLER_LOCK_WAIT_S, command, python),
+                   {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"})
+
+
+def api_program(home: Home, python: str = sys.executable) -> Program:
+    """The API daemon (appliance/api/server.py): the one door members' clients use."""
+    command = [python, "-m", "appliance.api.server", "--home", str(home.root)]
+    return Program("api", singleton_command(home, "api", API_LOCK_WAIT_S, command, python),
                    {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"})
 
 
@@ -158,6 +170,7 @@ def render_supervisord(home: Home, config: Config, plan: Plan, python: str = sys
         store=store,
         slots=[slot_program(home, config, s, python) for s in plan.slots],
         controller=controller_program(home, python) if controller else None,
+        api=api_program(home, python),
         stop_wait=stop_wait_seconds(config),
     )
 

@@ -4,7 +4,7 @@
 
 Starts the bundled SeaweedFS store the way tests/store_fixtures.py does, writes a directory
 holding one file of each size (MiB, incompressible), then per size and best of --repeat:
-  upload    runner: artifacts.upload (the tar stream of the directory, _PackedStream into
+  upload    runner: transfer.upload (the tar stream of the directory, PackedStream into
             upload_fileobj, multipart in parallel)  vs  raw: client.upload_file of the file
   download  runner: artifacts.download of that tar  vs  raw: client.download_file
 and the runner's fetch (download + safe unpack) for reference. Ratios are raw time / runner
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.runner import artifacts as arts  # noqa: E402
-from appliance.runner.artifacts import RetryPolicy  # noqa: E402
-from appliance.runner.request import Artifact  # noqa: E402
+from appliance.studioml import transfer as arts  # noqa: E402
+from appliance.studioml.transfer import RetryPolicy  # noqa: E402
+from appliance.studioml.request import Artifact  # noqa: E402
 from tests.store_fixtures import start_store  # noqa: E402
 
 MiB = 1 << 20

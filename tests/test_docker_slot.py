@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.image import build_image
+from appliance.slot.cgroup import RUNNER_PIDS
 from appliance.slot.docker_slot import (
     HOME_LABEL, SLOT_LABEL, container_name, docker_problems, list_slot_containers, remove_stale)
 
@@ -58,6 +59,7 @@ PROBE = """
         "cpus": status["Cpus_allowed_list"].strip(),
         "memory": read("/sys/fs/cgroup/memory/memory.limit_in_bytes") or read("/sys/fs/cgroup/memory.max"),
         "memsw": read("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"),
+        "pids": read("/sys/fs/cgroup/pids/pids.max") or read("/sys/fs/cgroup/pids.max"),
         "shm": shm.f_blocks * shm.f_frsize,
         "env": {k: v for k, v in os.environ.items()
                 if k.startswith(("CUDA_", "APPLIANCE_", "FOO"))},
@@ -69,18 +71,21 @@ def test_slot_flags_are_the_limits_inside(docker_client, runner_image, tmp_path)
     slot = slot_name()
     cpus = "1" if os.cpu_count() > 1 else "0"
     done = run_slot(runner_image, tmp_path, slot, *python(PROBE), cpus=cpus,
-                    memory=256 * MiB, shm=64 * MiB, extra=["--env", "FOO=bar=baz"])
+                    memory=256 * MiB, shm=64 * MiB, extra=["--env", "FOO=bar=baz", "--pids-limit", "300"])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["cpus"] == cpus
     assert int(seen["memory"]) == 256 * MiB
     assert seen["memsw"] in (None, str(256 * MiB))
     assert seen["shm"] == 64 * MiB
+    assert seen["pids"] == str(300 + RUNNER_PIDS)  # a job's bound, and some for its runner
     account = pwd.getpwnam(f"appliance-{slot}")  # made on the host, handed in as numbers
     assert seen["env"] == {"FOO": "bar=baz", "CUDA_VISIBLE_DEVICES": "",
                            "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_GPU_MEMORY_BYTES": "0",
                            "APPLIANCE_SLOT": slot,
-                           "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}"}
+                           "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}",
+                           "APPLIANCE_SLOT_MEMORY_BYTES": str(256 * MiB), "APPLIANCE_SLOT_SHM_BYTES": str(64 * MiB),
+                           "APPLIANCE_ISOLATION": "docker"}
     assert no_containers(docker_client, tmp_path)
 
 
@@ -131,7 +136,7 @@ def test_sigterm_drains_the_workload_and_removes_the_container(docker_client, ru
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "draining\n"), err
     assert no_containers(docker_client, tmp_path)
-    assert docker_client.containers.list(all=True, filters={"name": container_name(slot)}) == []
+    assert docker_client.containers.list(all=True, filters={"name": container_name(tmp_path, slot)}) == []
 
 
 def test_a_workload_ignoring_sigterm_is_killed_after_the_stop_timeout(docker_client,
@@ -195,7 +200,7 @@ def test_an_unreachable_daemon_fails_clearly(tmp_path):
 
 
 def labelled_sleeper(client, image, home, slot):
-    return client.containers.run(image, ["sleep", "600"], name=container_name(slot),
+    return client.containers.run(image, ["sleep", "600"], name=container_name(home, slot),
                                  labels={HOME_LABEL: str(home), SLOT_LABEL: slot},
                                  detach=True, init=True)
 
@@ -208,6 +213,18 @@ def test_a_stale_container_of_the_slot_is_replaced(docker_client, runner_image, 
     assert docker_client.containers.list(all=True, filters={"id": stale.id}) == []
 
 
+def test_a_slot_of_another_home_keeps_its_container(docker_client, runner_image, tmp_path):
+    slot = slot_name()
+    theirs = labelled_sleeper(docker_client, runner_image, tmp_path / "theirs", slot)
+    try:
+        done = run_slot(runner_image, tmp_path / "mine", slot, "echo", "mine")
+        assert (done.returncode, done.stdout) == (0, "mine\n"), done.stderr
+        theirs.reload()
+        assert theirs.status == "running", "an up of one home replaced another home's container"
+    finally:
+        remove_stale(tmp_path / "theirs", docker_client)
+
+
 def test_list_and_remove_stale_see_only_their_home(docker_client, runner_image, tmp_path):
     home, other = tmp_path / "home", tmp_path / "other"
     slots = [slot_name(), slot_name()]
@@ -218,7 +235,7 @@ def test_list_and_remove_stale_see_only_their_home(docker_client, runner_image, 
         listed = list_slot_containers(home, docker_client)
         assert sorted(c["slot"] for c in listed) == sorted(slots)
         assert {c["status"] for c in listed} == {"running"}
-        assert sorted(remove_stale(home, docker_client)) == sorted(map(container_name, slots))
+        assert sorted(remove_stale(home, docker_client)) == sorted(container_name(home, s) for s in slots)
         assert list_slot_containers(home, docker_client) == []
         assert [c["id"] for c in list_slot_containers(other, docker_client)] == [kept.id]
     finally:

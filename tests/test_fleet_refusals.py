@@ -22,7 +22,7 @@ from appliance.paths import Home
 from appliance.queues import refusals
 from appliance.queues.local import LocalQueueSource
 from appliance.queues.rabbitmq import ATTEMPTS_HEADER, RabbitSource, RabbitSpec, publish
-from appliance.runner.loop import Runner, RunnerSettings
+from appliance.runner.runner import Runner, RunnerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

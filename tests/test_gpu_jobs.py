@@ -183,7 +183,7 @@ def test_a_foreign_gpu_process_holds_the_slot_back_and_gpu_leftovers_are_killed(
 def test_a_gpu_slot_without_nvml_runs_its_jobs_and_says_why_they_are_unwatched(store, home):
     from tests.test_runner_loop import HELLO, fast_settings
     from appliance.queues.local import LocalQueueSource
-    from appliance.runner.loop import Runner
+    from appliance.runner.runner import Runner
     key, body = request(store, HELLO)
     submit(home, body)
     env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_FAKE_NVML"}

@@ -1,4 +1,4 @@
-"""The GPU watch (appliance/gpu_watch.py) and the runner's GPU rules (appliance/runner/gpu.py)
+"""The GPU watch (appliance/gpu_sampling.py) and the runner's GPU rules (appliance/runner/gpu.py)
 against the fake NVML (tests/fake_nvml), real processes for who owns a pid."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pynvml
 import pytest
 
-from appliance.gpu_watch import GpuWatch, visible_devices
+from appliance.gpu_sampling import GpuWatch, visible_devices
 from appliance.runner import gpu
 from tests.fake_nvml import shim
 

@@ -180,7 +180,7 @@ def test_a_failed_cgroup_join_is_reported_in_the_output_alike(tmp_path, monkeypa
 
 def test_the_runner_prepares_one_while_idle_and_ends_it_when_it_stops(tmp_path):
     from appliance.paths import Home
-    from appliance.runner.loop import Runner
+    from appliance.runner.runner import Runner
 
     runner = Runner(Home.at(tmp_path / "home"), "dev", [], environ={"PATH": os.defpath})
     runner._idle(0.01)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runner.request import (BadRequest, Resources, parse_duration, parse_request,
+from appliance.studioml.request import (BadRequest, Resources, parse_duration, parse_request,
                                       parse_size, unmet)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "studioml-request.json"

@@ -18,10 +18,11 @@ import pytest
 
 from appliance.paths import Home
 from appliance.queues.local import CLAIMED, DEAD, LocalQueueSource
-from appliance.runner.artifacts import RetryPolicy
-from appliance.runner.loop import Runner, RunnerSettings
+from appliance.studioml.transfer import RetryPolicy
+from appliance.runner.runner import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port
+from tests.wheels import make_wheel, offline_env
 
 REPO = Path(__file__).resolve().parent.parent
 Q = "local_test"
@@ -258,7 +259,7 @@ def test_store_down_puts_the_message_back(store, home):
     assert pending(home) == [msgid] and claimed(home) == [] and dead_reasons(home) == []
     st = runner.status.data["last_result"]
     assert st["outcome"] == "released" and "store unavailable" in st["reason"]
-    assert runner.endpoint_pause[store_url] > time.time()  # and it does not hammer that store
+    assert runner.store_health.paused_until[store_url] > time.time()  # and it does not hammer that store
 
 
 def test_failing_workload_is_dead_lettered_with_its_output_uploaded(store, home):
@@ -611,8 +612,8 @@ def test_runner_under_the_slot_exec_wrapper_survives_an_oom_and_runs_on(store, h
         runner.kill()
         runner.wait()
     (reason,) = dead_reasons(home)
-    assert reason.startswith(f"out of memory: the workload exceeded the memory limit of slot "
-                             f"{slot_cgroup}")
+    # its ram (128mb) is its limit, below the slot's 400 MiB
+    assert reason.startswith("out of memory: the workload exceeded its memory limit (the request's ram, 128 MiB)")
     assert "allocating" in output_of(store, key)
     assert "hello from the workload" in output_of(store, key2)
     assert read_status(home, slot_cgroup)["last_result"]["outcome"] == "success"
@@ -648,6 +649,27 @@ def test_an_unresolvable_requirement_is_class_environment_and_not_retried(store,
     (reason,) = dead_reasons(home)
     assert reason.rstrip().endswith("[class: environment]")
     assert runner.status.data["last_result"]["class"] == "environment"
+
+
+@pytest.mark.parametrize("pythonenv", [["appliance-no-such-package==1.0"], ["demo==1.0", "demo==2.0"]],
+                         ids=["unknown", "conflict"])
+def test_a_set_the_index_cannot_resolve_is_class_environment_and_runs_once(store, home, monkeypatch,
+                                                                           tmp_path, pythonenv):
+    wheels = tmp_path / "wheels"  # the index: a folder of wheels (uv, then pip, see only it)
+    for version in ("1.0", "2.0"):
+        make_wheel(wheels, "demo", version, {"demo.py": f"VERSION = {version!r}\n"})
+    for name, value in offline_env(wheels).items():
+        if name != "PATH":
+            monkeypatch.setenv(name, value)
+    key, body = request(store, HELLO, pythonenv=pythonenv)
+    submit(home, body)
+    runner, _ = make_runner(home, python="", retries=2)
+    assert runner.run_once()
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("environment failed") and reason.rstrip().endswith("[class: environment]"), reason
+    assert "demo" in reason or "appliance-no-such-package" in reason
+    last = runner.status.data["last_result"]
+    assert last["class"] == "environment" and not last.get("retry") and pending(home) == []
 
 
 def test_classes_and_the_job_report_in_a_real_slot(store, home, slot_cgroup):

@@ -8,8 +8,8 @@ from appliance.gpus import Gpu, MigDevice
 from appliance.inventory import Inventory
 from appliance.paths import Home
 from appliance.plan import make_plan
-from appliance.runner.loop import UNKNOWN_GPU_MEMORY, slot_shapes, this_slot
-from appliance.runner.request import Resources, unmet
+from appliance.runner.triage import UNKNOWN_GPU_MEMORY, slot_shapes, this_slot
+from appliance.studioml.request import Resources, unmet
 
 GiB = 1024**3
 

@@ -15,7 +15,7 @@ from appliance.config import load_config
 from appliance.lifecycle import write_client_settings
 from appliance.paths import Home
 from appliance.queues.local import LocalQueueSource
-from appliance.runner.request import parse_request
+from appliance.studioml.request import parse_request
 from appliance.store.credentials import (STUDIOML_META_BUCKET, ensure_credentials, load_client_credentials,
                                          load_credentials)
 

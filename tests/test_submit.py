@@ -17,14 +17,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from appliance.actions.submit import DEFAULT_QUEUE, freeze
+from appliance.actions.submit import DEFAULT_QUEUE
+from appliance.freeze import freeze
 from appliance.cli import main
 from appliance.paths import Home
 from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
-from appliance.runner.request import parse_request
-from appliance.runner.safetar import safe_extract
+from appliance.studioml.request import parse_request
+from appliance.studioml.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
 from appliance.workspace import pack_directory, workspace_key
+from tests.realparts import full_filesystem
 
 
 @pytest.fixture
@@ -226,6 +228,17 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     src.close()
 
 
+def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # the store has it
+    capsys.readouterr()
+    with full_filesystem(store_home.queue_root, "256k"):
+        rc = submit(store_home, "--dir", str(project), "--no-freeze", "train.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "no space left on device" in err and "Traceback" not in err
+        assert not list(store_home.queue_root.rglob(".*.tmp"))
+
+
 def test_same_tree_same_workspace(store_home, project, capsys, monkeypatch):
     monkeypatch.chdir(project)  # --dir defaults to the current folder
     assert submit(store_home, "--no-freeze", "--queue", "local_twice", "train.py") == 0
@@ -253,7 +266,7 @@ def test_unchanged_folder_is_uploaded_once(store_home, project, store, capsys):
     capsys.readouterr()
 
 
-def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
+def test_submitted_message_is_its_senders_alone(store_home, project, capsys):
     from tests.realparts import need
 
     need(os.geteuid() == 0, "root (to hand the queue to a group)")
@@ -266,12 +279,12 @@ def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
         os.umask(old_umask)
     [msg] = [p for p in (store_home.queue_root / DEFAULT_QUEUE).iterdir() if p.name != "lock.lock"]
     st = msg.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group.gr_gid)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, group.gr_gid)  # it holds a store key
     capsys.readouterr()
 
 
 def test_submit_with_freeze(store_home, project, capsys):
-    assert submit(store_home, "--dir", str(project), "--python", sys.executable,
+    assert submit(store_home, "--dir", str(project), "--python", sys.executable, "--freeze",
                   "--queue", "local_frozen", "train.py") == 0
     src = LocalQueueSource(store_home.queue_root, watch=False)
     req = parse_request(src.claim("local_frozen").body)
@@ -299,10 +312,10 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "ls", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "refused": 0,
-         "cannot_run": []},
-        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "refused": 0,
-         "cannot_run": []},
+        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "problem": "",
+         "refused": 0, "cannot_run": []},
+        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "problem": "",
+         "refused": 0, "cannot_run": []},
     ]
     assert queue_cli(home, "ls") == 0
     lines = capsys.readouterr().out.splitlines()
@@ -312,6 +325,21 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "dead") == 0
     assert capsys.readouterr().out.strip() == f"local_b/{bad.message_id}: message: not JSON"
     src.close()
+
+
+def test_queue_dead_survives_whatever_a_submitter_sent(home, capsys):
+    src = LocalQueueSource(home.queue_root, runner_id="t")
+    deep = b'{"experiment": {"key": ' + b"[" * 200000 + b"]" * 200000 + b"}}"
+    escape = json.dumps({"experiment": {"key": "k\x1b]0;owned\x07"}}).encode()
+    for body in (deep, escape):
+        src.enqueue("local_a", body)
+        src.dead_letter(src.claim("local_a"), "message: not a request")
+    src.close()
+    assert queue_cli(home, "dead") == 0
+    out = capsys.readouterr().out
+    assert out.count("message: not a request") == 2 and "\x1b" not in out
+    assert queue_cli(home, "dead", "--json") == 0
+    assert [row["experiment"] for row in json.loads(capsys.readouterr().out)] == [None, None]
 
 
 @pytest.mark.parametrize("ttl, kept", [("1d", False), ("0", True)])

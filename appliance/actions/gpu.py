@@ -63,7 +63,7 @@ def run_list(args) -> int:
 
 
 def run(args) -> int:
-    from appliance.cli import UserError
+    from appliance.actions import UserError
 
     config_file = args.home.config_file
     disabled = [str(d) for d in load_config(config_file).gpus.disabled]

@@ -20,7 +20,7 @@ def run_build(args) -> int:
 
     problems = docker_problems()
     if problems:
-        from appliance.cli import UserError
+        from appliance.actions import UserError
 
         raise UserError("cannot build the image: " + "; ".join(problems))
     tag = args.tag or load_config(args.home.config_file).isolation.docker_image

@@ -1,4 +1,4 @@
-"""`python -m appliance.runner --home HOME --slot NAME`: one slot's runner (see loop.py).
+"""`python -m appliance.runner --home HOME --slot NAME`: one slot's runner (see runner.py).
 
 The slot exec wrapper starts this inside the slot's cgroup; supervisord keeps it running.
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.slot} %(levelname)s %(message)s")
     from appliance.queues.local import LocalQueueSource
-    from appliance.runner.loop import Runner, RunnerSettings
+    from appliance.runner.runner import Runner, RunnerSettings
 
     home = Home.at(args.home)
     settings = RunnerSettings()

@@ -1,4 +1,4 @@
-"""The GPU at job time, for one runner (NVML itself is in appliance/gpu_watch.py).
+"""The GPU at job time, for one runner (NVML itself is in appliance/gpu_sampling.py).
 
 - Free before a job: a compute process on the slot's GPUs that belongs to nothing of this
   appliance (a user's notebook, a crashed run of another tool) holds the slot back: it claims
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from appliance.gpu_watch import GpuProcess, GpuWatch, Sample
+from appliance.gpu_sampling import GpuProcess, GpuWatch, Sample
 
 log = logging.getLogger("appliance.runner")
 
@@ -313,7 +313,7 @@ class JobGpu:
 def slot_gpus(environ, cgroup_slot: Optional[str], workload_uid: Optional[int], mode: str,
               in_container: bool = False) -> SlotGpus:
     """The runner's SlotGpus from its environment (CUDA_VISIBLE_DEVICES of the slot)."""
-    from appliance.gpu_watch import visible_devices
+    from appliance.gpu_sampling import visible_devices
     visible = visible_devices(environ.get("CUDA_VISIBLE_DEVICES", ""))
     members = None if in_container else Membership(cgroup_slot, workload_uid=workload_uid)
     return SlotGpus(GpuWatch(visible), members, environ, mode)

@@ -18,16 +18,15 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
-from urllib.parse import urlsplit
+
+from appliance.studioml.keys import (ARTIFACT_NAME, MAX_KEY_CHARS, BadRequest, check_bucket,  # noqa: F401
+                                     check_endpoint, check_filename, check_key, endpoint_for_host,
+                                     storage_endpoint)
 
 MAX_CPUS = 1024
 MAX_GPUS = 256
 MAX_BYTES = 2**50  # 1 PiB: more than any box; larger numbers are typos or garbage
 MAX_DURATION_S = 366 * 24 * 3600.0
-
-
-class BadRequest(ValueError):
-    """The message can never run as written; the text names the field and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -214,36 +213,6 @@ def unmet(resources: Resources, cpus: int, memory_bytes: int, gpus: int, gpu_mem
 
 # ---------------------------------------------------------------- artifacts
 
-def _is_aws(host: str) -> bool:
-    return host == "amazonaws.com" or host.endswith(".amazonaws.com")
-
-
-def _check_key(key: Any, field: str) -> str:
-    if not isinstance(key, str) or not key:
-        raise BadRequest(f"{field}: expected a non-empty object key, got {key!r}")
-    if key.startswith("/"):
-        raise BadRequest(f"{field}: absolute key {key!r} is not allowed")
-    if ".." in key.split("/"):
-        raise BadRequest(f"{field}: key {key!r} has a '..' component")
-    if "\x00" in key:
-        raise BadRequest(f"{field}: key contains a NUL byte")
-    try:
-        if len(key.encode("utf-8")) > 1024:
-            raise BadRequest(f"{field}: key is longer than S3's 1024 bytes")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{field}: key is not valid unicode (a lone surrogate?)") from None
-    return key
-
-
-_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")  # what boto3 itself accepts
-
-
-def _check_bucket(bucket: Any, field: str) -> str:
-    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
-        raise BadRequest(f"{field}: {bucket!r} is not a bucket name (letters, digits, '.', '-', '_')")
-    return bucket
-
-
 def _credentials(d: Any, field: str) -> tuple:
     """StudioML: `credentials.aws.{access_key, secret_access_key, region[_name], session_token}`."""
     if d in (None, "none", {}):
@@ -264,37 +233,6 @@ def _credentials(d: Any, field: str) -> tuple:
     return tuple(out)
 
 
-def _storage_endpoint(config: dict) -> Optional[str]:
-    storage = config.get("storage")
-    if isinstance(storage, dict) and isinstance(storage.get("endpoint"), str):
-        ep = storage["endpoint"].rstrip("/")
-        return ep if "://" in ep else "http://" + ep
-    return None
-
-
-def _endpoint_for_host(host: str, config: dict) -> str:
-    """`qualified` lost the scheme: take it from config.storage.endpoint if that is the same
-    host, else https for AWS and plain http for anything else (a local SeaweedFS/MinIO)."""
-    storage = _storage_endpoint(config)
-    if storage and urlsplit(storage).netloc == host:
-        return storage
-    return f"https://{host}" if _is_aws(host.split(":")[0]) else f"http://{host}"
-
-
-def _check_endpoint(url: str, field: str) -> str:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise BadRequest(f"{field}: {url!r} is not an endpoint URL ({e})") from None
-    host = parts.hostname or ""
-    if parts.scheme not in ("http", "https") or not host or not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host):
-        raise BadRequest(f"{field}: {url!r} is not an http(s)://host[:port] endpoint")
-    if port == 0:
-        raise BadRequest(f"{field}: {url!r} has port 0")
-    return url
-
-
 def _artifact(name: str, d: Any, config: dict) -> Artifact:
     field = f"experiment.artifacts.{name}"
     if not isinstance(d, dict):
@@ -311,20 +249,20 @@ def _artifact(name: str, d: Any, config: dict) -> Artifact:
         if bucket is not None and parts[0] == bucket:
             # host-less form s3://bucket/key: the endpoint comes from the config
             q_bucket, q_key = parts[0], "/".join(parts[1:])
-            endpoint = _storage_endpoint(config) or "https://s3.amazonaws.com"
+            endpoint = storage_endpoint(config) or "https://s3.amazonaws.com"
         else:
             if len(parts) < 3 or not all(parts):
                 raise BadRequest(f"{field}.qualified: expected s3://host/bucket/key, "
                                  f"got {qualified!r}")
             host, q_bucket, q_key = parts
-            endpoint = _endpoint_for_host(host, config)
+            endpoint = endpoint_for_host(host, config)
         bucket = bucket or q_bucket
         key = key or q_key
     elif d.get("url") is not None:
         raise BadRequest(f"{field}: plain URL artifacts are not supported, only S3")
     if key is None:
         raise BadRequest(f"{field}: has neither 'key' nor 'qualified'")
-    key = _check_key(key, f"{field}.key")
+    key = check_key(key, f"{field}.key")
     if bucket is None:
         storage = config.get("storage") if isinstance(config.get("storage"), dict) else {}
         bucket = storage.get("bucket")
@@ -332,7 +270,7 @@ def _artifact(name: str, d: Any, config: dict) -> Artifact:
             raise BadRequest(f"{field}: no bucket (neither 'bucket', 'qualified' nor "
                              f"config.storage.bucket)")
     if endpoint is None:
-        endpoint = _storage_endpoint(config)
+        endpoint = storage_endpoint(config)
         if endpoint is None:
             raise BadRequest(f"{field}: no endpoint (neither 'qualified' nor "
                              f"config.storage.endpoint)")
@@ -343,8 +281,8 @@ def _artifact(name: str, d: Any, config: dict) -> Artifact:
     for flag in ("mutable", "unpack"):
         if d.get(flag) is not None and not isinstance(d.get(flag), bool):
             raise BadRequest(f"{field}.{flag}: expected true/false, got {d.get(flag)!r}")
-    bucket = _check_bucket(bucket, f"{field}.bucket")
-    endpoint = _check_endpoint(endpoint, f"{field}.endpoint")
+    bucket = check_bucket(bucket, f"{field}.bucket")
+    endpoint = check_endpoint(endpoint, f"{field}.endpoint")
     return Artifact(name=name, key=key, bucket=bucket, endpoint_url=endpoint,
                     mutable=bool(d.get("mutable", False)), unpack=bool(d.get("unpack", True)),
                     access_key=access, secret_key=secret, region=region, session_token=token)
@@ -366,30 +304,6 @@ def _optional_float(value: Any, field: str) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(f"{field}: expected a number, got {value!r}")
     return float(value)
-
-
-MAX_KEY_CHARS = 200  # the key names a directory and a status file: well under NAME_MAX
-_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def _check_filename(filename: str) -> str:
-    """`script.py`, `sub/dir/script.py` or `-m package.module`: a path inside the workspace
-    (never absolute, never through '..'), or a module name."""
-    fn = filename.strip()
-    if fn.startswith("-m"):
-        module = fn[2:].strip()
-        if not _MODULE.fullmatch(module):
-            raise BadRequest(f"experiment.filename: {filename!r}: after '-m' a module name like "
-                             f"'pkg.train' is expected")
-        return fn
-    if "\x00" in fn or fn.startswith("/") or fn.startswith("-"):
-        raise BadRequest(f"experiment.filename: {filename!r} must be a path inside the workspace "
-                         f"(relative, like 'train.py')")
-    if ".." in fn.split("/"):
-        raise BadRequest(f"experiment.filename: {filename!r} has a '..' component; name a file "
-                         f"inside the workspace")
-    return fn
 
 
 def parse_request(body: "bytes | str") -> Request:
@@ -435,7 +349,7 @@ def _parse_request(body: "bytes | str") -> Request:
     filename = exp.get("filename")
     if not isinstance(filename, str) or not filename.strip():
         raise BadRequest("experiment.filename: missing or empty")
-    filename = _check_filename(filename)
+    filename = check_filename(filename)
 
     arts = exp.get("artifacts")
     if not isinstance(arts, dict):
@@ -443,7 +357,7 @@ def _parse_request(body: "bytes | str") -> Request:
     if "workspace" not in arts:
         raise BadRequest("experiment.artifacts.workspace: missing")
     for name in arts:
-        if not isinstance(name, str) or not _ARTIFACT_NAME.fullmatch(name):
+        if not isinstance(name, str) or not ARTIFACT_NAME.fullmatch(name):
             raise BadRequest(f"experiment.artifacts: name {name!r} is not allowed: names are letters, "
                              f"digits, '_', '-' and '.', up to 100, not starting with '.' or '-' (they "
                              f"name folders of the job)")

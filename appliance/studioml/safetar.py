@@ -30,6 +30,7 @@ directory and remove it on failure.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -48,6 +49,10 @@ class UnsafeArchive(ValueError):
     def __init__(self, member: str, why: str):
         super().__init__(f"unsafe archive member {member!r}: {why}")
         self.member = member
+
+
+class TooBig(UnsafeArchive):
+    """The archive holds more file data than it may unpack to."""
 
 
 class _Missing(Exception):
@@ -207,7 +212,7 @@ def _extract_all(tf: tarfile.TarFile, tree: _Tree, max_bytes: int, max_members: 
             try:
                 if member.isreg():
                     if total + member.size > max_bytes:
-                        raise UnsafeArchive(name, f"archive unpacks to more than {max_bytes} bytes")
+                        raise TooBig(name, f"archive unpacks to more than {max_bytes} bytes")
                     total = _file(tf, member, parts, tree, total, max_bytes)
                 elif member.isdir():
                     _dir(member, parts, tree)
@@ -221,6 +226,9 @@ def _extract_all(tf: tarfile.TarFile, tree: _Tree, max_bytes: int, max_members: 
                     kind = _SPECIAL.get(member.type, f"type {member.type!r}")
                     raise UnsafeArchive(name, f"{kind} members are not allowed")
             except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:  # the archive's doing, not the disk's
+                    raise UnsafeArchive(name, "a name or link target longer than the filesystem "
+                                              "allows") from None
                 raise OSError(e.errno, f"{e.strerror} (unpacking archive member {name!r})") from e
             name = "?"  # a broken header after this member is not its fault
     except (tarfile.TarError, EOFError) as e:
@@ -248,7 +256,7 @@ def _file(tf: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], tree: 
                 break
             total += len(chunk)
             if total > max_bytes:
-                raise UnsafeArchive(member.name, f"archive unpacks to more than {max_bytes} bytes")
+                raise TooBig(member.name, f"archive unpacks to more than {max_bytes} bytes")
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]

@@ -1,8 +1,6 @@
 """Moving an experiment's artifacts between the S3 store and its job directory.
 
-Layout on disk, the one StudioML's workload helpers expect (`get_artifact(tag)` falls back to
-`cwd/../tag`): `JOB/<artifact name>/` for every artifact, the workload runs in
-`JOB/workspace/`, and its stdout+stderr go to `JOB/output/output`.
+The layout (what goes where) is artifacts.py's.
 
 Every artifact is a tar of a directory. We write what the `studioml` client writes: a plain
 (uncompressed) tar whose members are the directory's entries by relative name; we read any tar
@@ -25,16 +23,13 @@ bucket and key.
 
 from __future__ import annotations
 
-import errno
 import functools
 import io
 import os
 import shutil
-import stat
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +37,8 @@ from typing import Callable, Optional
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
-MUTABLE_DEFAULTS = ("output", "modeldir", "retval", "tb", "_metrics", "_metadata")
-OUTPUT_FILE = "output"  # JOB/output/output
-
+from appliance.studioml.artifacts import where
+from appliance.studioml.packing import PackedStream, fingerprint, unpack
 
 class ArtifactError(Exception):
     """An artifact could not be moved; permanent for this request."""
@@ -52,6 +46,10 @@ class ArtifactError(Exception):
 
 class AccessDenied(ArtifactError):
     pass
+
+
+class ArtifactTooBig(ArtifactError):
+    """An artifact holds more than the job may still write to its disk."""
 
 
 class ArtifactMissing(ArtifactError):
@@ -68,10 +66,6 @@ class RetryPolicy:
     first_delay_s: float = 1.0
     max_delay_s: float = 15.0
     sleep: Callable[[float], None] = time.sleep
-
-
-def where(art) -> str:
-    return f"artifact '{art.name}' at {art.endpoint_url}/{art.bucket}/{art.key}"
 
 
 _clients: dict = {}
@@ -276,29 +270,29 @@ def listed(arts: list, retry: RetryPolicy) -> dict[str, bool]:
     return out
 
 
-def unpack(tar_file, dest: Path, max_bytes: int) -> None:
-    """Extract a tar (a path or an open file; any compression) into `dest` through the safe
-    extractor; a hostile or broken archive raises UnsafeArchive."""
-    from appliance.runner.safetar import safe_extract
-    safe_extract(tar_file, dest, max_bytes)
-
-
-def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
-    """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false."""
+def place(art, obj: Path | object, dest: Path, max_bytes: int) -> int:
+    """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false; at
+    most `max_bytes` of it (ArtifactTooBig past that). Returns the bytes written."""
     if art.unpack:
-        from appliance.runner.safetar import UnsafeArchive
+        from appliance.studioml.safetar import TooBig, UnsafeArchive
         try:
-            unpack(obj, dest, max_bytes)
+            return unpack(obj, dest, max_bytes)
+        except TooBig as e:
+            raise ArtifactTooBig(f"unpacking {where(art)}: {e}") from None
         except (UnsafeArchive, tarfile.TarError) as e:
             raise ArtifactError(f"unpacking {where(art)}: {e}") from None
+    size = os.fstat(obj.fileno()).st_size if hasattr(obj, "fileno") else os.path.getsize(obj)
+    if size > max_bytes:
+        raise ArtifactTooBig(f"{where(art)} is {size} bytes, more than the {max_bytes} bytes the job may "
+                             "still write")
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / os.path.basename(art.key)
+    if hasattr(obj, "read"):
+        with open(target, "wb") as out:
+            shutil.copyfileobj(obj, out)
     else:
-        dest.mkdir(parents=True, exist_ok=True)
-        target = dest / os.path.basename(art.key)
-        if hasattr(obj, "read"):
-            with open(target, "wb") as out:
-                shutil.copyfileobj(obj, out)
-        else:
-            shutil.copyfile(obj, target)
+        shutil.copyfile(obj, target)
+    return size
 
 
 def cache_key(art, retry: RetryPolicy) -> str:
@@ -314,128 +308,28 @@ def cache_key(art, retry: RetryPolicy) -> str:
 
 
 def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
-          exists: Optional[bool] = None) -> bool:
+          exists: Optional[bool] = None) -> Optional[int]:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
     it. Mutable: downloaded if it exists, else `dest` stays empty (False); `exists=False`
-    (a listing did not show it, see `listed`) skips asking the store again."""
+    (a listing did not show it, see `listed`) skips asking the store again. At most `max_bytes`
+    are written (ArtifactTooBig). Returns the bytes written, None when a mutable artifact does
+    not exist."""
     dest.mkdir(parents=True, exist_ok=True)
     if art.mutable and exists is False:
-        return False
+        return None
     if not art.mutable and cache is not None:
         f = cache.fill(cache_key(art, retry), lambda tmp: download(art, tmp, retry))
         with f:
-            place(art, f, dest, max_bytes)
-        return True
+            return place(art, f, dest, max_bytes)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmpdir:
         tmp = Path(tmpdir) / "object"
         try:
             download(art, tmp, retry)
         except ArtifactMissing:
             if art.mutable:
-                return False
+                return None
             raise
-        place(art, tmp, dest, max_bytes)
-    return True
-
-
-def pack_into(src: Path, out, only_uid: Optional[int] = None) -> int:
-    """Write a plain tar of the directory `src` (members named relative to it, as the client
-    writes them) to the binary stream `out`; returns how many files were left out.
-
-    The directory may belong to a workload that is still running, and the runner reading it is
-    root: the walk goes through directory descriptors (os.fwalk) and opens every file with
-    O_NOFOLLOW, so a file or folder swapped for a symlink never makes it read outside `src`.
-    With `only_uid`, regular files owned by anyone else (a hard link to a file the workload
-    could not read itself) are left out."""
-    skipped = 0
-    with tarfile.open(fileobj=out, mode="w|") as tar:
-        try:
-            top = os.lstat(src)
-        except FileNotFoundError:
-            return 0
-        if not stat.S_ISDIR(top.st_mode):
-            return 0
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(src, follow_symlinks=False):
-            rel = os.path.relpath(dirpath, src)
-            for name in sorted(dirnames + filenames):
-                arcname = name if rel == "." else f"{rel}/{name}"
-                try:
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        ti = tarfile.TarInfo(arcname)
-                        ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, st.st_mode & 0o7777, int(st.st_mtime)
-                        tar.addfile(ti)
-                    elif stat.S_ISLNK(st.st_mode):
-                        ti = tarfile.TarInfo(arcname)
-                        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dirfd)
-                        ti.mode, ti.mtime = 0o777, int(st.st_mtime)
-                        tar.addfile(ti)
-                    elif stat.S_ISREG(st.st_mode):
-                        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
-                        with os.fdopen(fd, "rb") as f:
-                            fst = os.fstat(f.fileno())
-                            if not stat.S_ISREG(fst.st_mode) or (only_uid is not None and fst.st_uid != only_uid):
-                                skipped += 1
-                                continue
-                            ti = tar.gettarinfo(arcname=arcname, fileobj=f)
-                            ti.uid = ti.gid = 0
-                            ti.uname = ti.gname = ""
-                            tar.addfile(ti, f)
-                    else:
-                        skipped += 1  # fifo, socket, device: nothing to keep
-                except OSError as e:
-                    if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                        raise
-                    skipped += 1  # gone, or swapped for a link while we looked
-    return skipped
-
-
-class _PackedStream(io.RawIOBase):
-    """The read end of a pipe a thread packs `src` into; a failure of the packer surfaces as an
-    exception at the end of the stream (never as a short, truncated tar in the store)."""
-
-    def __init__(self, src: Path, only_uid: Optional[int]):
-        super().__init__()
-        r, w = os.pipe()
-        self._r = r
-        self._error: list = []
-        self.skipped = 0
-
-        def produce() -> None:
-            try:
-                with os.fdopen(w, "wb", buffering=1 << 20) as out:
-                    self.skipped = pack_into(src, out, only_uid)
-            except BrokenPipeError:
-                pass  # the reader gave up (the upload failed): it has its own error
-            except BaseException as e:  # noqa: B036 - handed to the reader
-                self._error.append(e)
-
-        self._thread = threading.Thread(target=produce, name="pack", daemon=True)
-        self._thread.start()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = os.read(self._r, len(buf))
-        if not data:
-            self._thread.join()
-            if self._error:
-                raise self._error[0]
-        buf[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._r)
-            self._thread.join()
-        super().close()
-
-
-def pack(src: Path, tar_path: Path, only_uid: Optional[int] = None) -> int:
-    """A tar of `src` in the file `tar_path` (see pack_into)."""
-    with open(tar_path, "wb") as out:
-        return pack_into(src, out, only_uid)
+        return place(art, tmp, dest, max_bytes)
 
 
 def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -> None:
@@ -445,26 +339,11 @@ def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -
     c = client_for(art)
 
     def once() -> None:
-        stream = _PackedStream(src, only_uid)
+        stream = PackedStream(src, only_uid)
         with io.BufferedReader(stream, 1 << 20) as body:
             c.upload_fileobj(body, art.bucket, art.key, Config=_transfer_config())
 
     with_retries(once, art, "uploading", retry)
-
-
-def fingerprint(src: Path) -> tuple:
-    """What changes when a directory's content changes (names, sizes, mtimes)."""
-    out = []
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            out.append((os.path.relpath(p, src), st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 class Uploader:
@@ -515,22 +394,6 @@ class Uploader:
 
 
 # ---------------------------------------------------------------- the job's result record
-
-RESULT_NAME = "appliance-result.json"
-
-
-def result_record(artifacts: dict):
-    """Where the appliance records that a job's workload ended and its outputs are in the store:
-    beside the `output` artifact (`experiments/<key>/appliance-result.json`), with the
-    request's own endpoint and credentials. None when the request has no mutable artifact."""
-    import dataclasses
-    out = artifacts.get("output") or next((a for a in artifacts.values() if a.mutable), None)
-    if out is None:
-        return None
-    folder = out.key.rsplit("/", 1)[0] + "/" if "/" in out.key else out.key + "."
-    return dataclasses.replace(out, name="_appliance_result", key=folder + RESULT_NAME,
-                               mutable=True, unpack=False)
-
 
 def read_record(art, retry: RetryPolicy) -> Optional[dict]:
     """The result record, or None if there is none (or it is not one of ours)."""

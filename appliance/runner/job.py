@@ -1,0 +1,414 @@
+"""One job's life: a claimed request from its fetch to its settled message.
+
+    fetch artifacts (settled from the ledger if it ran before) -> Python environment ->
+    run the workload (supervised: lifetime, drain, hang, GPU share) -> ledger: ended ->
+    upload mutable artifacts -> ledger: done -> settle the message (ack / dead letter)
+
+How each message is settled is told in runner.py; what makes a finished job never run again
+is ledger.py's.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from appliance.files import write_atomic
+from appliance import pyenv
+from appliance.runner import classes, execute, gpu, launch, ledger
+from appliance.runner.ledger import ENDED, LOCK, REQUEST
+from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
+from appliance.runner.status import record_experiment
+from appliance.runner.triage import slot_shapes
+from appliance.studioml import transfer
+from appliance.studioml.artifacts import OUTPUT_FILE, result_record
+from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable, Uploader
+from appliance.studioml.request import Request
+
+log = logging.getLogger("appliance.runner")
+
+
+class Job:
+    """One claimed request on its way through the runner (see module doc)."""
+
+    def __init__(self, runner, src, msg, req: Request, job_dir: Path, resumed: bool = False):
+        self.r, self.src, self.msg, self.req, self.dir = runner, src, msg, req, job_dir
+        self.s = runner.settings
+        self.status = runner.status
+        self.settle_msg = SettleOnce(src, msg)
+        self.output = job_dir / "output" / OUTPUT_FILE
+        self.uploader = Uploader(req.artifacts, job_dir, self.s.retry,
+                                 runner.user.uid if runner.user else None)
+        self.record = result_record(req.artifacts)
+        self.env: Optional[pyenv.PythonEnv] = None
+        self.gpu: Optional[gpu.JobGpu] = None  # the job's GPU watch while it runs
+        self.next_keepalive = time.time() + self.s.keepalive_s
+        self.started = time.time()
+        self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.lock = open(job_dir / LOCK, "a")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        if not resumed:
+            self._make_dirs()
+
+    def close(self) -> None:
+        execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
+        if self.env is not None:
+            self.env.release()
+        self.lock.close()
+
+    def _make_dirs(self) -> None:
+        """The job dir is the runner's (root, 0711); what the workload may write is its own."""
+        (self.dir / REQUEST).write_bytes(self.msg.body)
+        os.chmod(self.dir / REQUEST, 0o600)
+        out = self.output.parent
+        out.mkdir(mode=0o700)
+        for name in (".tmp", ".home"):
+            self._own(self.dir / name)
+
+    def _own(self, path: Path) -> None:
+        """`path` (made if missing, and everything in it) belongs to the workload's user, 0700."""
+        path.mkdir(mode=0o700, exist_ok=True)
+        user = self.r.user
+        if user is None:
+            return
+        for root, dirs, files in os.walk(path):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(path, 0o700)
+
+    # -- helpers
+
+    def tick(self) -> None:
+        now = time.time()
+        if now >= self.next_keepalive:
+            self.next_keepalive = now + self.s.keepalive_s
+            try:
+                self.src.keepalive(self.msg)
+            except Exception as e:
+                log.warning("keepalive %s: %s", self.req.key, e)
+        if self.r.stopping and self.status.data.get("state") != "draining":
+            self.status.update(state="draining")
+
+    def deadline(self) -> float:
+        lifetime = self.req.lifetime_s or self.s.default_lifetime_s
+        limits = [(self.req.time_added or self.started) + lifetime]
+        if self.req.max_duration_s:
+            limits.append(self.started + self.req.max_duration_s)
+        return min(limits)
+
+    def supervision(self, periodic_save: bool) -> execute.Supervision:
+        return execute.Supervision(
+            deadline=self.deadline(), stop_at=self.r.drain_deadline, tick=self.tick,
+            save_every_s=self.req.save_every_s if periodic_save else None,
+            save=self.save, tick_s=self.s.tick_s, term_grace_s=self.s.term_grace_s,
+            hang_after_s=self.s.hang_after_s if periodic_save else 0.0,
+            cancelled=lambda: self.r.jobs.cancel_requested(self.req.key))
+
+    def note(self, text: str) -> None:
+        """A line from the appliance in the experiment's output (a root-owned folder: no link
+        the workload planted can redirect it)."""
+        self.output.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"appliance: {text}\n")
+
+    def save(self) -> None:
+        """Periodic upload while the workload runs; a failure is logged and retried later."""
+        try:
+            if self.uploader.upload_changed():
+                self.status.update(last_upload=self.uploader.last_upload)
+        except ArtifactError as e:
+            log.warning("periodic upload of %s: %s", self.req.key, e)
+
+    def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None,
+               cls: Optional[str] = None, report: Optional[dict] = None) -> None:
+        cls = cls or classes.classify(outcome, exit_code, reason)
+        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
+        self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
+        log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
+
+    def unpack_limit(self) -> int:
+        """The most the job's artifacts may unpack to, all of them together: runner.max_unpack,
+        the request's hdd, and this slot's share of the work disk, whichever is smallest."""
+        disk = shutil.disk_usage(self.dir)
+        share = disk.total // max(1, len(slot_shapes(self.r.home)) or 1)
+        limits = [self.s.max_unpack_bytes, share]
+        if self.req.resources.hdd_bytes:
+            limits.append(self.req.resources.hdd_bytes)
+        return min(limits)
+
+    # -- the steps
+
+    def run(self) -> None:
+        req, msg = self.req, self.msg
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
+        record_experiment(self.r.home, req.key, {
+            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
+            "claimed": self.started, "output": str(self.output),
+            "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
+                              "mutable": a.mutable} for n, a in req.artifacts.items()}})
+        log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
+                 getattr(msg, "attempt", 1))
+
+        if not self.fetch():
+            return
+        self.status.update(state="preparing", output=str(self.output))
+        if self.output.exists() and self.output.stat().st_size:
+            self.note(f"running again on slot {self.r.slot} (an earlier attempt was cut short)")
+        result = launch.prepare_env(self)
+        if result is None:
+            busy = self.r.gpu_busy()
+            if busy:  # it came while we fetched: not started, not counted
+                self.give_back(busy)
+                return
+            result = self.execute()
+        self.settle(result)
+
+    def fetch(self) -> bool:
+        self.uploader.mark_current()  # nothing yet: a failure uploads only the output
+        order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
+        mutable = [a for a in order if a.mutable]
+        limit = left = self.unpack_limit()
+        try:
+            known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
+            for art in order:
+                self.tick()
+                if self.r.stopping:
+                    return self.give_back("runner stopping before the job started")
+                got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
+                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None)
+                left -= got or 0
+                if art.name != "output":
+                    self._own(self.dir / art.name)
+                if art.name == "workspace" and self.record is not None and known.get(self.record.name, True):
+                    done = transfer.read_record(self.record, self.s.retry)  # ran before? (the credentials work)
+                    if done is not None and self.already_ran(done):
+                        return False
+        except StoreUnavailable as e:
+            self.r.store_health.down(next(iter(self.req.artifacts.values())).endpoint_url)
+            return self.give_back(f"store unavailable: {e}")
+        except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
+            reason = str(e) if isinstance(e, ArtifactError) else \
+                f"fetching artifacts: {type(e).__name__}: {e}"
+            if isinstance(e, ArtifactTooBig):
+                reason += (f" (the job's artifacts may unpack to {limit} bytes in all: the request's hdd, "
+                           "runner.max_unpack and the slot's share of the disk, whichever is least)")
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise  # the disk's fault, not the request's: released and counted by process()
+            self.note(reason)
+            self.upload_quietly()
+            self.settle_msg("dead_letter", f"{reason} [class: {classes.classify('failed', None, reason)}]")
+            self.finish("failed", None, reason)
+            return False
+        self.r.store_health.up(next(iter(self.req.artifacts.values())).endpoint_url)
+        self.uploader.mark_current()  # what is on disk now is what the store has
+        return True
+
+    def already_ran(self, record: dict) -> bool:
+        """The result record in the store says this request ran before. Done: settle it as it
+        ended, without running it again. Ended but not done (uploads in flight elsewhere): hold
+        it back for a while; past that, its box is taken for dead and it runs again."""
+        seen = ledger.prior_run(record, self.s.store_wait_s, time.time())
+        outcome, reason = record.get("outcome"), record.get("reason", "")
+        if seen == ledger.DONE:
+            log.info("%s already ran (%s): settling without running it again", self.req.key, outcome)
+            if outcome in (execute.SUCCESS, execute.CANCELLED):
+                self.settle_msg("ack")
+            else:
+                cls = record.get("class") or classes.classify(outcome or "failed", record.get("exit_code"), reason)
+                self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
+            self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
+            return True
+        if seen == ledger.WAIT:
+            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads")
+            return True
+        return False
+
+    def give_back(self, reason: str) -> bool:
+        """Put the message back before its workload started (not counted as a try)."""
+        log.warning("releasing %s: %s", self.req.key, reason)
+        self.settle_msg.done = True
+        put_back(self.src, self.msg)
+        self.finish("released", None, reason)
+        return False
+
+    def execute(self) -> execute.Result:
+        self.status.update(state="draining" if self.r.stopping else "running")
+
+        def started(proc):
+            self.status.update(workload={"pid": proc.pid,
+                                         "start_ticks": execute.process_start_ticks(proc.pid)})
+
+        sv = self.supervision(True)
+        if self.r.gpus.active:
+            self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
+            sv.check = self.gpu_check
+        return execute.run_workload(
+            launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
+            sv, slot=self.r.cgroup_slot, on_start=started,
+            container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
+            on_end=self.gpu_end, ram_bytes=self.req.resources.ram_bytes)
+
+    def gpu_check(self) -> Optional[str]:
+        """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job
+        when it is over its slot's share; its memory and utilisation into `status`."""
+        try:
+            looked = self.gpu.next_look
+            reason = self.gpu.look()
+            if self.gpu.next_look != looked:
+                self.status.update(gpu=self.gpu.summary())
+            return reason
+        except Exception:  # noqa: BLE001 - a watch failure must not take the job down
+            log.exception("%s: GPU watch", self.req.key)
+            return None
+
+    def gpu_end(self) -> None:
+        """The workload ended: last look, then kill its GPU processes still alive."""
+        if self.gpu is None:
+            return
+        try:
+            self.gpu.look(force=True)
+            killed = self.r.gpus.kill_job_processes()
+        except Exception:  # noqa: BLE001
+            log.exception("%s: GPU leftovers", self.req.key)
+            return
+        if killed:
+            what = gpu.describe(killed)
+            log.warning("%s: killed GPU processes the job left running: %s", self.req.key, what)
+            self.note(f"killed GPU processes the job left running: {what}")
+
+    def upload_quietly(self) -> None:
+        try:
+            self.uploader.upload_changed()
+        except ArtifactError as e:
+            log.warning("uploading %s: %s", self.req.key, e)
+
+    def failed_inside(self, error: BaseException) -> None:
+        """process() caught an exception of the runner's own: settle the message (once)."""
+        if self.keep_dir or self.settle_msg.done:
+            return
+        self.settle_msg.done = True
+        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts)
+        what = "the disk is full" if isinstance(error, OSError) and error.errno == errno.ENOSPC \
+            else f"runner error: {type(error).__name__}: {error}"
+        self.status.job_finished("released", None, what)
+        self.r.jobs.given_back(self.req.key, what)
+
+    def settle(self, result: execute.Result) -> None:
+        self.status.update(state="uploading", workload=None)
+        if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
+            self.upload_quietly()
+            self.settle_msg.done = True
+            put_back(self.src, self.msg)
+            self.finish(result.outcome, result.exit_code, result.reason)
+            return
+        if result.outcome == execute.FAILED and disk_full(self.dir):
+            # the workload most likely failed for want of disk: the box's fault, not the user's
+            self.upload_quietly()
+            self.failed_inside(OSError(errno.ENOSPC, f"no space left while it ran ({result.reason})"))
+            return
+        cls = classes.classify(result.outcome, result.exit_code, f"{result.reason}\n{result.detail}")
+        if classes.retried(cls) and self.retry_later(result, cls):
+            return
+        ended = {"state": "ended", "outcome": result.outcome, "class": cls, "exit_code": result.exit_code,
+                 "reason": result.reason, "finished": time.time(), "slot": self.r.slot,
+                 "host": os.uname().nodename, "experiment": self.req.key}
+        if self.gpu is not None:
+            ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
+        ended["report"] = launch.report(self, result)
+        self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
+        write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
+        self.keep_dir = True
+        self._write_record(ended)
+        self.complete(ended)
+
+    def retry_later(self, result: execute.Result, cls: str) -> bool:
+        """An infrastructure failure with retries left: hold the message for a backoff, then
+        release it counted, so the next claim (any slot, any appliance) is attempt + 1. The
+        attempt count the message carries is the retry count (retry n = attempt n + 1): one
+        counter for both limits, so a job runs at most 1 + min(runner.retries,
+        runner.max_attempts - 1) times. False when no retry is left (then it is dead-lettered)."""
+        done = getattr(self.msg, "attempt", 1) - 1  # retries behind it
+        if done >= self.s.retries or done + 1 >= self.s.max_attempts:
+            return False
+        self.note(f"{result.outcome} ({cls}): {result.reason}; running it again "
+                  f"(retry {done + 1} of {self.s.retries})")
+        self.upload_quietly()
+        wait = min(self.s.retry_backoff_s * (2 ** done), self.s.retry_backoff_max_s)
+        end = time.time() + wait
+        while time.time() < end and not self.r.stopping:
+            self.tick()
+            time.sleep(min(1.0, self.s.tick_s, max(0.0, end - time.time())))
+        self.settle_msg.done = True
+        self.src.release(self.msg)
+        self.status.job_finished(result.outcome, result.exit_code, result.reason,
+                                 cls=cls, retry=done + 1)
+        self.r.jobs.given_back(self.req.key, f"{result.reason}; retry {done + 1}")
+        log.warning("%s: %s [%s] %s: retry %d of %d", self.req.key, result.outcome, cls, result.reason,
+                    done + 1, self.s.retries)
+        return True
+
+    def _write_record(self, data: dict) -> None:
+        ledger.write_result(self.record, data, self.s.retry, self.req.key)
+
+    def complete(self, ended: dict) -> None:
+        """The workload ended as `ended` says: upload its outputs, record that in the store, and
+        settle the message as the workload ended (never run again)."""
+        if not self.upload_until_done():
+            return
+        self._write_record({**ended, "state": "done"})
+        self.keep_dir = False
+        self.status.update(last_upload=self.uploader.last_upload)
+        outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")
+        cls = ended.get("class") or classes.classify(outcome, ended.get("exit_code"), reason)
+        if outcome in (execute.SUCCESS, execute.CANCELLED):  # done, or stopped as its owner asked
+            self.settle_msg("ack")
+        else:
+            self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
+        self.finish(outcome, ended.get("exit_code"), reason, ended.get("gpu"), cls=cls,
+                    report=ended.get("report"))
+
+    def upload_until_done(self) -> bool:
+        """Upload the finished job's outputs, holding its message while the store is down (up
+        to runner.store_wait). False if the message was settled otherwise: released with the
+        outputs kept here (resume_finished uploads them later), or dead-lettered."""
+        delay = self.s.store_backoff_s
+        give_up = time.time() + self.s.store_wait_s
+        while True:
+            try:
+                self.uploader.upload_changed()
+                return True
+            except StoreUnavailable as e:
+                if self.r.stopping or time.time() >= give_up:
+                    self.settle_msg.done = True
+                    put_back(self.src, self.msg)
+                    self.finish("released", None, f"finished, but the store did not take its outputs ({e}); "
+                                                  f"they are kept on this box and uploaded when it answers")
+                    return False
+                log.warning("%s: finished; uploads wait for the store: %s", self.req.key, e)
+                end = time.time() + delay
+                while time.time() < end and not self.r.stopping:
+                    self.tick()
+                    time.sleep(min(1.0, self.s.tick_s))
+                delay = min(delay * 2, self.s.store_backoff_max_s)
+            except ArtifactError as e:  # refused credentials, bad bucket: retrying cannot help
+                self.keep_dir = False
+                self.settle_msg("dead_letter", f"finished, but uploading failed: {e}")
+                self.finish("failed", None, f"uploading failed: {e}")
+                return False
+
+    def resume(self) -> None:
+        """This request's workload already ended on this box: upload what is left, then settle."""
+        ended = json.loads((self.dir / ENDED).read_text())
+        log.info("%s: its workload ended before (%s); finishing the uploads, not running it again",
+                 self.req.key, ended.get("outcome"))
+        self.status.job_started(self.req.key, self.msg.queue, self.msg.source, owner_uid=self.msg.owner_uid)
+        self.keep_dir = True
+        self.complete(ended)

@@ -51,6 +51,10 @@ class Job:
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.ledger = runner.ledger
+        self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
+        self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
+        self.interruptions = int((self.before or {}).get("interruptions") or 0)
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         if not resumed:
@@ -91,6 +95,8 @@ class Job:
                 self.src.keepalive(self.msg)
             except Exception as e:
                 log.warning("keepalive %s: %s", self.req.key, e)
+            if self.entry is not None:
+                self.entry = self.ledger.heartbeat(self.entry)
         if self.r.stopping and self.status.data.get("state") != "draining":
             self.status.update(state="draining")
 
@@ -152,6 +158,7 @@ class Job:
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
+        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
 
         if not self.fetch():
             return
@@ -182,13 +189,15 @@ class Job:
                            self.s.retry, limit, exists=known.get(art.name) if art.mutable else None)
                 if art.name != "output":
                     self._own(self.dir / art.name)
-                if art.name == "workspace" and self.record is not None and known.get(self.record.name, True):
-                    done = transfer.read_record(self.record, self.s.retry)  # ran before? (the credentials work)
-                    if done is not None and self.already_ran(done):
-                        return False
+            if self.before is None and self.record is not None and known.get(self.record.name):
+                log.warning("%s: ignoring the result record in the client's bucket (%s): the appliance's "
+                            "ledger has no run of this request", self.req.key, self.record.key)
         except StoreUnavailable as e:
-            self.r.store_health.down(next(iter(self.req.artifacts.values())).endpoint_url)
-            return self.give_back(f"store unavailable: {e}")
+            endpoint = next(iter(self.req.artifacts.values())).endpoint_url
+            self.r.store_health.down(endpoint)
+            if self.r.own_store(endpoint):  # the box's store is down: not the request's fault
+                return self.give_back(f"store unavailable: {e}")
+            return self.unreachable(f"store unavailable: {e}")
         except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
             reason = str(e) if isinstance(e, ArtifactError) else \
                 f"fetching artifacts: {type(e).__name__}: {e}"
@@ -196,6 +205,7 @@ class Job:
                 raise  # the disk's fault, not the request's: released and counted by process()
             self.note(reason)
             self.upload_quietly()
+            self.entry = self.ledger.released(self.entry, reason)  # not run: a fixed request may run
             self.settle_msg("dead_letter", f"{reason} [class: {classes.classify('failed', None, reason)}]")
             self.finish("failed", None, reason)
             return False
@@ -203,29 +213,26 @@ class Job:
         self.uploader.mark_current()  # what is on disk now is what the store has
         return True
 
-    def already_ran(self, record: dict) -> bool:
-        """The result record in the store says this request ran before. Done: settle it as it
-        ended, without running it again. Ended but not done (uploads in flight elsewhere): hold
-        it back for a while; past that, its box is taken for dead and it runs again."""
-        seen = ledger.prior_run(record, self.s.store_wait_s, time.time())
-        outcome, reason = record.get("outcome"), record.get("reason", "")
-        if seen == ledger.DONE:
-            log.info("%s already ran (%s): settling without running it again", self.req.key, outcome)
-            if outcome == execute.SUCCESS:
-                self.settle_msg("ack")
-            else:
-                cls = record.get("class") or classes.classify(outcome or "failed", record.get("exit_code"), reason)
-                self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
-            self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
-            return True
-        if seen == ledger.WAIT:
-            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads")
-            return True
+    def unreachable(self, reason: str) -> bool:
+        """A store the request names (not this box's own) did not answer: a counted attempt, so
+        a request naming an endpoint nobody can reach is dead-lettered within runner.max_attempts."""
+        self.entry = self.ledger.released(self.entry, reason)
+        self.settle_msg.done = True
+        if getattr(self.msg, "attempt", 1) - self.interruptions >= self.s.max_attempts:
+            why = f"{reason} (tried {self.s.max_attempts} times) [class: {classes.classify('failed', None, reason)}]"
+            log.warning("dead-lettering %s: %s", self.req.key, why)
+            self.src.dead_letter(self.msg, why)
+            self.finish("failed", None, reason)
+        else:
+            log.warning("releasing %s (a counted attempt): %s", self.req.key, reason)
+            self.src.release(self.msg)
+            self.finish("released", None, reason)
         return False
 
     def give_back(self, reason: str) -> bool:
         """Put the message back before its workload started (not counted as a try)."""
         log.warning("releasing %s: %s", self.req.key, reason)
+        self.entry = self.ledger.released(self.entry, reason)
         self.settle_msg.done = True
         put_back(self.src, self.msg)
         self.finish("released", None, reason)
@@ -287,7 +294,8 @@ class Job:
         if self.keep_dir or self.settle_msg.done:
             return
         self.settle_msg.done = True
-        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts)
+        self.entry = self.ledger.released(self.entry, f"runner error: {type(error).__name__}: {error}")
+        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts + self.interruptions)
         what = "the disk is full" if isinstance(error, OSError) and error.errno == errno.ENOSPC \
             else f"runner error: {type(error).__name__}: {error}"
         self.status.job_finished("released", None, what)
@@ -296,6 +304,7 @@ class Job:
         self.status.update(state="uploading", workload=None)
         if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
             self.upload_quietly()
+            self.entry = self.ledger.released(self.entry, result.reason)
             self.settle_msg.done = True
             put_back(self.src, self.msg)
             self.finish(result.outcome, result.exit_code, result.reason)
@@ -317,6 +326,7 @@ class Job:
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
         self.keep_dir = True
+        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)
         self._write_record(ended)
         self.complete(ended)
 
@@ -326,7 +336,7 @@ class Job:
         attempt count the message carries is the retry count (retry n = attempt n + 1): one
         counter for both limits, so a job runs at most 1 + min(runner.retries,
         runner.max_attempts - 1) times. False when no retry is left (then it is dead-lettered)."""
-        done = getattr(self.msg, "attempt", 1) - 1  # retries behind it
+        done = getattr(self.msg, "attempt", 1) - 1 - self.interruptions  # retries behind it
         if done >= self.s.retries or done + 1 >= self.s.max_attempts:
             return False
         self.note(f"{result.outcome} ({cls}): {result.reason}; running it again "
@@ -337,6 +347,7 @@ class Job:
         while time.time() < end and not self.r.stopping:
             self.tick()
             time.sleep(min(1.0, self.s.tick_s, max(0.0, end - time.time())))
+        self.entry = self.ledger.released(self.entry, f"retry: {result.reason}")
         self.settle_msg.done = True
         self.src.release(self.msg)
         self.status.job_finished(result.outcome, result.exit_code, result.reason,
@@ -346,13 +357,18 @@ class Job:
         return True
 
     def _write_record(self, data: dict) -> None:
-        ledger.write_result(self.record, data, self.s.retry, self.req.key)
+        ledger.write_result(self.record, data, self.s.retry, self.req.key)  # the users' copy
+
+    def ledger_entry(self) -> dict:
+        bucket, key = ledger.entry_of(self.req)
+        return self.ledger.read(bucket, key) or {"experiment": key, "bucket": bucket, "appliance": self.ledger.me}
 
     def complete(self, ended: dict) -> None:
         """The workload ended as `ended` says: upload its outputs, record that in the store, and
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
+        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended)
         self._write_record({**ended, "state": "done"})
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
@@ -390,6 +406,8 @@ class Job:
                 delay = min(delay * 2, self.s.store_backoff_max_s)
             except ArtifactError as e:  # refused credentials, bad bucket: retrying cannot help
                 self.keep_dir = False
+                self.entry = self.ledger.settled(self.entry or self.ledger_entry(),
+                                                 {"outcome": "failed", "reason": f"uploading failed: {e}"})
                 self.settle_msg("dead_letter", f"finished, but uploading failed: {e}")
                 self.finish("failed", None, f"uploading failed: {e}")
                 return False

@@ -1,12 +1,33 @@
 """The exactly-once ledger: everything that decides whether a request has run and is settled.
 
-A job's workload ends once. Before any upload the runner writes JOB/.ended.json (how it ended)
-and JOB/.request.json (the message body) in the job dir on this box; then it uploads the
-mutable artifacts, and records the result in the store (`appliance-result.json` beside the
-experiment's artifacts, state "ended" then "done"). A request claimed again (redelivered,
-released, a copy in another queue) is settled from that record without running again; a job
-dir whose workload ended but whose uploads did not all reach the store is finished later by
-whichever runner of this box finds it unlocked (`resume_finished`, `finished_job_dir`).
+Where it lives (ledger_stores.py): one record per request, named by (bucket of the request's
+workspace, experiment key), on this box (HOME/ledger, root's alone) and in the appliance's own
+store (bucket `appliance-ledger`, written and read with the appliance's admin identity, which no
+client key can write). The result record the runner also writes beside a job's outputs in the
+client's bucket (`experiments/<key>/appliance-result.json`) is a copy for users to read; it is
+never read back as truth, since every submitter can write there. A planted one changes nothing.
+
+States of a record:
+- running: appliance id, host, slot, attempt, started, and a heartbeat refreshed while it runs
+  (every runner.keepalive, ~1 min); `interruptions` counts the runs of it that a kill from
+  outside cut short (a runner SIGKILLed, a box that died).
+- ended: the workload ended (outcome, class, exit code, reason, report); its outputs are on
+  their way to the store. With JOB/.ended.json on this box, whoever finds the job dir unlocked
+  finishes the uploads (`resume_finished`); it never runs again.
+- done / failed: final. Its outputs are in the store; success is done, anything else failed.
+- released: the runner gave the message back itself (drained, retried, store down, runner
+  error); the next claim runs it, and it is no interruption.
+- cancel (a field beside the state, set by `record_cancel`): whichever box claims the request
+  next settles it unrun.
+
+The claim path (`decide`, pure; the runner's triage acts on it): a final record settles the
+message as it ended; a cancelled one is dead-lettered unrun; a request whose job runs now (on
+this box: its job folder's lock is held; on another box: a running record with a fresh
+heartbeat) is HELD (given back uncounted, looked at again later) until the running one settles:
+that is how a redelivery (a RabbitMQ restart, an SQS visibility timeout) never starts a second
+run. A running record whose runner is gone (this appliance's, lock free; another's, heartbeat
+stale) was interrupted: counted in `interruptions` (runner.max_interruptions), not in the
+attempts the job's own failures use (runner.max_attempts).
 """
 
 from __future__ import annotations
@@ -14,17 +35,197 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
+from appliance.runner import classes
+from appliance.runner.ledger_stores import LedgerUnavailable, LocalLedger, StoreLedger, entry_name
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import result_record
-from appliance.studioml.transfer import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 from appliance.studioml.keys import job_dir_name
 from appliance.studioml.request import parse_request
+from appliance.studioml.transfer import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
 
 log = logging.getLogger("appliance.runner")
+
+RUNNING, ENDED_STATE, DONE, FAILED, RELEASED = "running", "ended", "done", "failed", "released"
+FINAL = (DONE, FAILED)
+
+# what the claim path does with a request (decide)
+RUN, SETTLE, CANCEL, HOLD, INTERRUPTED = "run", "settle", "cancel", "hold", "interrupted"
+
+
+def decide(record: Optional[dict], *, running_here: bool, me: str, now: float, stale_s: float,
+           store_wait_s: float, finished_here: bool = False) -> str:
+    """What a claim does with a request whose ledger record is `record`."""
+    if record is None:
+        return RUN if not running_here else HOLD
+    state = record.get("state")
+    if state in FINAL:
+        return SETTLE
+    if record.get("cancel"):
+        return CANCEL
+    if running_here:
+        return HOLD
+    if state in (RUNNING, ENDED_STATE):
+        mine = record.get("appliance") == me
+        if not mine and now - float(record.get("heartbeat") or 0) < stale_s:
+            return HOLD  # it runs (or uploads) on another box
+        if state == ENDED_STATE and not mine and not finished_here \
+                and now - float(record.get("finished") or 0) < store_wait_s:
+            return HOLD  # its outputs wait on a box that went quiet: give it runner.store_wait
+        return INTERRUPTED
+    return RUN
+
+
+def over_limits(attempt: int, record: Optional[dict], max_attempts: int, max_interruptions: int) -> Optional[str]:
+    """The dead-letter reason when a claim (attempt `attempt`) is past the limits, else None.
+    Interruptions are counted apart from the attempts the job's own failures use."""
+    interruptions = int((record or {}).get("interruptions") or 0)
+    if interruptions > max_interruptions:
+        return (f"interrupted {interruptions} times: its runner was killed from outside each time "
+                f"(the limit is runner.max_interruptions = {max_interruptions}) [class: {classes.INFRASTRUCTURE}]")
+    attempts = attempt - interruptions
+    if attempts > max_attempts:
+        extra = f", besides {interruptions} interruption(s)" if interruptions else ""
+        return (f"claimed {attempts - 1} times without finishing{extra} (the limit is runner.max_attempts = "
+                f"{max_attempts}): it crashed or outlived its runner each time [class: {classes.INFRASTRUCTURE}]")
+    return None
+
+
+def settlement(record: dict) -> tuple:
+    """How a message whose request ended as `record` says is settled: ("ack",) or
+    ("dead_letter", reason with its class)."""
+    outcome, reason = record.get("outcome") or "failed", record.get("reason", "")
+    if outcome == "success":
+        return ("ack",)
+    cls = record.get("class") or classes.classify(outcome, record.get("exit_code"), reason)
+    return ("dead_letter", f"{outcome}: {reason} [class: {cls}]")
+
+
+def entry_of(req) -> tuple:
+    """(bucket, key) naming `req`'s record: the bucket of its workspace, its experiment key."""
+    arts = req.artifacts
+    ws = arts.get("workspace") or next(iter(arts.values()), None)
+    return (ws.bucket if ws is not None else ""), req.key
+
+
+def _newer(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+    if a is None or b is None:
+        return a or b
+    fa, fb = a.get("state") in FINAL, b.get("state") in FINAL
+    out = (a if fa else b) if fa != fb else (a if float(a.get("updated") or 0) >= float(b.get("updated") or 0) else b)
+    cancel = a.get("cancel") or b.get("cancel")
+    return {**out, "cancel": cancel} if cancel and not out.get("cancel") else out
+
+
+class Ledger:
+    """The records of one appliance: this box's, and its store's when it has one."""
+
+    def __init__(self, local: LocalLedger, store: Optional[StoreLedger] = None, me: str = "",
+                 stale_s: float = 180.0):
+        self.local, self.store, self.me, self.stale_s = local, store, me, stale_s
+
+    @classmethod
+    def for_home(cls, home, config=None, me: str = "", stale_s: float = 180.0) -> "Ledger":
+        if config is None:
+            from appliance.config import Config, ConfigError, load_config
+            try:
+                config = load_config(home.config_file) if Path(home.config_file).exists() else Config()
+            except ConfigError:
+                config = Config()
+        store = StoreLedger.for_home(home, config)
+        return cls(LocalLedger(Path(home.root) / "ledger"), store, me, stale_s)
+
+    def read(self, bucket: str, key: str) -> Optional[dict]:
+        name = entry_name(bucket, key)
+        record = self.local.read(name)
+        if self.store is not None and (record or {}).get("state") not in FINAL:
+            try:
+                record = _newer(record, self.store.read(name))
+            except LedgerUnavailable as e:
+                log.warning("%s: the store ledger did not answer (%s); going by this box's", key, e)
+        if record is not None and (record.get("experiment") != key or record.get("bucket") != bucket):
+            return None  # not this request's (cannot happen unless someone wrote it by hand)
+        return record
+
+    def write(self, record: dict) -> dict:
+        record = {**record, "updated": time.time()}
+        name = entry_name(record["bucket"], record["experiment"])
+        before = self.local.read(name)
+        if before and before.get("cancel") and not record.get("cancel"):
+            record["cancel"] = before["cancel"]
+        try:
+            self.local.write(name, record)
+        except OSError as e:  # a full disk: the store copy (and the job folder) still tell
+            log.warning("%s: ledger record not written on this box: %s", record["experiment"], e)
+        if self.store is not None:
+            try:
+                self.store.write(name, record)
+            except LedgerUnavailable as e:
+                log.warning("%s: the store ledger did not take the record (%s)", record["experiment"], e)
+        return record
+
+    # -- one job's records (job.py)
+
+    def running(self, req, slot: str, attempt: int, before: Optional[dict]) -> dict:
+        bucket, key = entry_of(req)
+        ws = req.artifacts.get("workspace")
+        now = time.time()
+        return self.write({
+            "experiment": key, "bucket": bucket, "state": RUNNING, "appliance": self.me,
+            "host": os.uname().nodename, "slot": slot, "attempt": attempt, "started": now, "heartbeat": now,
+            "owner": req.raw.get("experiment", {}).get("owner") if isinstance(req.raw.get("experiment"), dict) else None,
+            "identity": ws.access_key if ws is not None else None,
+            "interruptions": int((before or {}).get("interruptions") or 0)})
+
+    def heartbeat(self, record: dict) -> dict:
+        return self.write({**record, "heartbeat": time.time()})
+
+    def ended(self, record: dict, ended: dict) -> dict:
+        return self.write({**record, **ended, "state": ENDED_STATE, "heartbeat": time.time()})
+
+    def settled(self, record: dict, ended: dict) -> dict:
+        final = DONE if ended.get("outcome") == "success" else FAILED
+        return self.write({**record, **ended, "state": final})
+
+    def released(self, record: Optional[dict], why: str) -> Optional[dict]:
+        if record is None or record.get("state") in FINAL:
+            return record
+        return self.write({**record, "state": RELEASED, "reason": why})
+
+    def interrupted(self, record: dict) -> dict:
+        """Count the run `record` tells of as interrupted, once (a claim that looks again
+        finds it counted)."""
+        if record.get("interrupted_run") == record.get("attempt"):
+            return record
+        n = int(record.get("interruptions") or 0) + 1
+        log.warning("%s: its run (attempt %s on %s) was interrupted; interruption %d", record.get("experiment"),
+                    record.get("attempt"), record.get("slot"), n)
+        state = record.get("state") if record.get("state") == ENDED_STATE else RELEASED
+        return self.write({**record, "state": state, "interruptions": n, "interrupted_run": record.get("attempt")})
+
+
+def record_cancel(home, bucket: str, key: str, by: str, reason: str = "", config=None) -> dict:
+    """Record that the request (bucket, key) is cancelled: whichever box claims it next settles
+    it unrun. Returns the record (a final one is left as it is: that request already ended)."""
+    ledger = Ledger.for_home(home, config)
+    record = ledger.read(bucket, key) or {"experiment": key, "bucket": bucket, "state": "queued"}
+    if record.get("state") in FINAL:
+        return record
+    return ledger.write({**record, "cancel": {"by": by, "reason": reason, "at": time.time()}})
+
+
+def cancel_reason(record: dict) -> str:
+    c = record.get("cancel") or {}
+    why = f": {c['reason']}" if c.get("reason") else ""
+    return f"cancelled by {c.get('by') or '?'}{why} [class: cancelled]"
+
+
+# ---------------------------------------------------------------- job folders on this box
 
 ENDED = ".ended.json"  # JOB/.ended.json: the workload ended, how; written before any upload
 REQUEST = ".request.json"  # JOB/.request.json: the message body, to finish the uploads later
@@ -44,6 +245,12 @@ def finished_job_dir(home, key: str) -> Optional[Path]:
     return None
 
 
+def running_here(home, key: str) -> bool:
+    """A runner of this box holds the job folder of `key` now (its job runs or uploads)."""
+    return any(not _unlocked(d) for d in Path(home.work_dir).glob(f"*/{job_dir_name(key)}")
+               if (d / LOCK).exists())
+
+
 def _unlocked(job_dir: Path) -> bool:
     try:
         with open(job_dir / LOCK, "a") as f:
@@ -53,9 +260,10 @@ def _unlocked(job_dir: Path) -> bool:
         return False
 
 
-def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple]) -> dict:
-    """Upload every mutable artifact of a finished job dir, then mark it done in the store and
-    remove the dir. Returns the ended record. StoreUnavailable leaves everything in place."""
+def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple], ledger: Optional[Ledger] = None) -> dict:
+    """Upload every mutable artifact of a finished job dir, then record it done (the ledger, and
+    the copy in the client's bucket) and remove the dir. Returns the ended record.
+    StoreUnavailable leaves everything in place."""
     with open(job_dir / LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         ended = json.loads((job_dir / ENDED).read_text())
@@ -64,40 +272,32 @@ def finish_uploads(job_dir: Path, retry: RetryPolicy, user: Optional[tuple]) -> 
         record = result_record(req.artifacts)
         if record is not None:
             transfer.write_record(record, {**ended, "state": "done"}, retry)
+        if ledger is not None:
+            bucket, key = entry_of(req)
+            ledger.settled(ledger.read(bucket, key) or {"experiment": key, "bucket": bucket}, ended)
         shutil.rmtree(job_dir, ignore_errors=True)
     return ended
 
-def resume_finished(root: Path, retry: RetryPolicy, user: Optional[tuple], stopping) -> None:
+
+def resume_finished(root: Path, retry: RetryPolicy, user: Optional[tuple], stopping,
+                    ledger: Optional[Ledger] = None) -> None:
     """Finish the uploads of jobs whose workload ended in `root` (one slot's work folder) but
     whose outputs did not all reach the store (runner killed while uploading, store down): the
-    result record then tells whoever claims the message next that it is done."""
+    ledger then tells whoever claims the message next that it is done."""
     for d in sorted(root.iterdir()):
         if not (d / ENDED).is_file() or stopping():
             continue
         try:
-            finish_uploads(d, retry, user)
+            finish_uploads(d, retry, user, ledger)
         except StoreUnavailable as e:
             log.info("finished job %s: uploads wait for the store: %s", d.name, e)
         except Exception as e:  # noqa: BLE001 - one broken leftover must not stop the runner
             log.warning("finished job %s: cannot complete its uploads: %s", d.name, e)
 
 
-DONE = "done"  # the request ran and its outputs are in the store: settle it as it ended
-WAIT = "wait"  # its workload ended elsewhere, uploads in flight: hold it back
-
-
-def prior_run(record: dict, store_wait_s: float, now: float) -> Optional[str]:
-    """What the result record of a request says about running it now: DONE, WAIT (ended but
-    not done, recently), or None (its box is taken for dead after store_wait_s: run again)."""
-    if record.get("state") == "done":
-        return DONE
-    if now - float(record.get("finished") or 0) < store_wait_s:
-        return WAIT
-    return None
-
-
 def write_result(record_art, data: dict, retry: RetryPolicy, key: str) -> None:
-    """Write the result record (a failure is logged: the job dir still holds the truth)."""
+    """Write the copy of the result record users read beside the outputs (in the client's
+    bucket: never read back as truth). A failure is logged."""
     if record_art is not None:
         try:
             transfer.write_record(record_art, data, retry)

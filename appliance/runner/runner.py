@@ -43,12 +43,11 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import events
-from appliance.queues.base import over_attempts
 from appliance.runner import execute, gpu, ledger, pyenv
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
-from appliance.runner.ledger import ENDED, finished_job_dir
+from appliance.runner.ledger import ENDED, Ledger, finished_job_dir
 from appliance.runner.refusing import FleetRefusals
 from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner: what callers make)
 from appliance.runner.settle import put_back, release_or_quarantine
@@ -106,6 +105,9 @@ class Runner:
                                   self.settings.gpu_share, in_container=bool(self.container_slot))
         self.gpu_held: Optional[dict] = None
         self.fleet = FleetRefusals(home, slot, self.settings)  # shared queues: what this slot refused
+        self.ledger = Ledger.for_home(home, me=self.fleet.appliance_id,
+                                      stale_s=max(3 * self.settings.keepalive_s, 30.0))
+        self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
 
     def _workload_user(self):
@@ -297,11 +299,6 @@ class Runner:
     def triage(self, src, msg):
         """A Request to run now, "held" (give back: not here or not now), "waiting"/"refused"
         (a shared queue's message no slot here can run), or "settled"."""
-        too_often = over_attempts(msg, self.settings.max_attempts)
-        if too_often:
-            log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
-            src.dead_letter(msg, too_often)
-            return "settled"
         if getattr(msg, "shared", False) and self.fleet.waiting(msg, time.time()):
             return "waiting"  # refused here a moment ago: give it back untouched
         try:
@@ -309,6 +306,15 @@ class Runner:
         except BadRequest as e:
             log.warning("dead-lettering %s/%s: bad request: %s", msg.queue, msg.message_id, e)
             src.dead_letter(msg, f"bad request: {e}")
+            return "settled"
+        verdict, record = self.ledger_verdict(req)
+        if verdict != ledger.RUN:
+            return self.settle_from_ledger(src, msg, req, verdict, record)
+        too_often = ledger.over_limits(getattr(msg, "attempt", 1), record, self.settings.max_attempts,
+                                       self.settings.max_interruptions)
+        if too_often:
+            log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
+            src.dead_letter(msg, too_often)
             return "settled"
         too_late = expired(req, self.settings.default_lifetime_s, time.time())
         if too_late:
@@ -321,6 +327,7 @@ class Runner:
         others = [s for s in slot_shapes(self.home) if s.name != self.slot]
         verdict, here = fit(req, me, others, disk.total, disk.free)
         if verdict == RUN:
+            self.ledger_seen = {req.key: record}
             return req
         if verdict in (LATER, ELSEWHERE):
             return "held"  # not now (the disk may free up), or another slot can
@@ -329,6 +336,41 @@ class Runner:
         src.dead_letter(msg, f"no slot of this appliance can run it: {here}")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
         return "settled"
+
+    def ledger_verdict(self, req: Request) -> tuple:
+        """(ledger.RUN, record) or what else to do with `req`: its ledger record says it ended,
+        was cancelled, or runs now (here or on another box); an interrupted run is counted."""
+        bucket, key = ledger.entry_of(req)
+        record = self.ledger.read(bucket, key)
+        verdict = ledger.decide(record, running_here=ledger.running_here(self.home, key), me=self.ledger.me,
+                                now=time.time(), stale_s=self.ledger.stale_s, store_wait_s=self.settings.store_wait_s,
+                                finished_here=record is not None and finished_job_dir(self.home, key) is not None)
+        if verdict == ledger.INTERRUPTED:
+            return ledger.RUN, self.ledger.interrupted(record)
+        return verdict, record
+
+    def settle_from_ledger(self, src, msg, req: Request, verdict: str, record: Optional[dict]) -> str:
+        if verdict == ledger.HOLD:  # it runs now: this copy waits (uncounted) until that run settles
+            log.info("holding %s/%s: %s runs it now", msg.queue, req.key,
+                     f"{record.get('host')}/{record.get('slot')}" if record else "this box")
+            return "held"
+        if verdict == ledger.CANCEL:
+            why = ledger.cancel_reason(record)
+            src.dead_letter(msg, why)
+            self.status.job_finished("cancelled", None, why)
+            return "settled"
+        how = ledger.settlement(record)  # SETTLE: it ran before; settle it as it ended
+        log.info("%s already ran (%s): settling without running it again", req.key, record.get("outcome"))
+        getattr(src, how[0])(msg, *how[1:])
+        self.status.job_finished(record.get("outcome") or "failed", record.get("exit_code"),
+                                 f"already ran: {record.get('reason', '')}".strip())
+        return "settled"
+
+    def own_store(self, endpoint: str) -> bool:
+        """`endpoint` is this appliance's own store (its outage is the box's, not a request's)."""
+        from urllib.parse import urlsplit
+        own = self.settings.own_store
+        return bool(own) and urlsplit(own).netloc == urlsplit(endpoint).netloc
 
     # ------------------------------------------------------------------ one job
 
@@ -376,4 +418,5 @@ class Runner:
         not all reach the store (runner killed while uploading, store down): the result record
         then tells whoever claims the message next that it is done."""
         self.next_resume = time.time() + self.settings.resume_every_s
-        ledger.resume_finished(self._work_root(), self.settings.retry, self.user_ids, lambda: self.stopping)
+        ledger.resume_finished(self._work_root(), self.settings.retry, self.user_ids, lambda: self.stopping,
+                               self.ledger)

@@ -94,9 +94,16 @@ def is_slack(url: str) -> bool:
     return (urlsplit(url).hostname or "").lower() == "hooks.slack.com"
 
 
+def slack_escaped(text: str) -> str:
+    """Text as Slack shows it literally: its control characters `&`, `<` and `>` escaped, so a
+    submitter's `<!channel>` or `<https://evil|click>` in a key or reason is shown, not acted on."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def body_for(url: str, event: dict) -> bytes:
     if is_slack(url):
-        return json.dumps({"text": f"[{event.get('host', '?')}] {event.get('text', '')}"}).encode()
+        text = f"[{event.get('host', '?')}] {event.get('text', '')}"
+        return json.dumps({"text": slack_escaped(text)}).encode()
     return json.dumps(event).encode()
 
 

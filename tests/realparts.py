@@ -37,3 +37,45 @@ def wait_for(what: str, predicate, timeout: float = 180.0, every: float = 0.1):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class full_filesystem:
+    """A real, small filesystem (tmpfs of `size`) mounted at `path`, filled to its last byte on
+    entry; `free()` gives the space back, as an operator deleting a big file would. Unmounted
+    on exit."""
+
+    def __init__(self, path, size: str = "1m"):
+        self.path = os.fspath(path)
+        self.size = size
+        self.filler = os.path.join(self.path, ".filler")
+
+    def __enter__(self):
+        import subprocess
+        os.makedirs(self.path, exist_ok=True)
+        need(os.geteuid() == 0, "root (to mount a small tmpfs)")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0755", "tmpfs",
+                        self.path], check=True)
+        self.fill()
+        return self
+
+    def fill(self) -> None:
+        with open(self.filler, "ab") as f:
+            chunk = b"\0" * 65536
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError:
+                pass
+            try:  # the page the buffer could not take
+                while True:
+                    os.write(f.fileno(), b"\0")
+            except OSError:
+                pass
+
+    def free(self) -> None:
+        os.unlink(self.filler)
+
+    def __exit__(self, *exc):
+        import subprocess
+        subprocess.run(["umount", "-l", self.path], check=False)

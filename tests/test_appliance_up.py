@@ -44,9 +44,27 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+def _secret_values(data) -> list[str]:
+    """Every string under a key that names a secret, in the store's secrets file."""
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if isinstance(v, str) and "secret" in k.lower() and len(v) >= 8:
+                found.append(v)
+            else:
+                found += _secret_values(v)
+    elif isinstance(data, list):
+        for v in data:
+            found += _secret_values(v)
+    return found
+
+
 def test_up_runs_every_slot_as_planned_and_down_leaves_nothing(appliance_home):
     out = appliance_home.cli("up", "--timeout", "90")
-    assert "export AWS_ACCESS_KEY_ID=" in out.stdout
+    assert "s3.env" in out.stdout and "AWS_ACCESS_KEY_ID" in out.stdout
+    secrets = json.loads((appliance_home.home.secrets_dir / "store.json").read_text())
+    for value in _secret_values(secrets):
+        assert value not in out.stdout + out.stderr, "up printed a secret"
 
     facts = appliance_home.status()
     plan = json.loads(appliance_home.home.plan_file.read_text())

@@ -131,7 +131,7 @@ def test_sigterm_drains_the_workload_and_removes_the_container(docker_client, ru
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out) == (0, "draining\n"), err
     assert no_containers(docker_client, tmp_path)
-    assert docker_client.containers.list(all=True, filters={"name": container_name(slot)}) == []
+    assert docker_client.containers.list(all=True, filters={"name": container_name(tmp_path, slot)}) == []
 
 
 def test_a_workload_ignoring_sigterm_is_killed_after_the_stop_timeout(docker_client,
@@ -195,7 +195,7 @@ def test_an_unreachable_daemon_fails_clearly(tmp_path):
 
 
 def labelled_sleeper(client, image, home, slot):
-    return client.containers.run(image, ["sleep", "600"], name=container_name(slot),
+    return client.containers.run(image, ["sleep", "600"], name=container_name(home, slot),
                                  labels={HOME_LABEL: str(home), SLOT_LABEL: slot},
                                  detach=True, init=True)
 
@@ -208,6 +208,18 @@ def test_a_stale_container_of_the_slot_is_replaced(docker_client, runner_image, 
     assert docker_client.containers.list(all=True, filters={"id": stale.id}) == []
 
 
+def test_a_slot_of_another_home_keeps_its_container(docker_client, runner_image, tmp_path):
+    slot = slot_name()
+    theirs = labelled_sleeper(docker_client, runner_image, tmp_path / "theirs", slot)
+    try:
+        done = run_slot(runner_image, tmp_path / "mine", slot, "echo", "mine")
+        assert (done.returncode, done.stdout) == (0, "mine\n"), done.stderr
+        theirs.reload()
+        assert theirs.status == "running", "an up of one home replaced another home's container"
+    finally:
+        remove_stale(tmp_path / "theirs", docker_client)
+
+
 def test_list_and_remove_stale_see_only_their_home(docker_client, runner_image, tmp_path):
     home, other = tmp_path / "home", tmp_path / "other"
     slots = [slot_name(), slot_name()]
@@ -218,7 +230,7 @@ def test_list_and_remove_stale_see_only_their_home(docker_client, runner_image, 
         listed = list_slot_containers(home, docker_client)
         assert sorted(c["slot"] for c in listed) == sorted(slots)
         assert {c["status"] for c in listed} == {"running"}
-        assert sorted(remove_stale(home, docker_client)) == sorted(map(container_name, slots))
+        assert sorted(remove_stale(home, docker_client)) == sorted(container_name(home, s) for s in slots)
         assert list_slot_containers(home, docker_client) == []
         assert [c["id"] for c in list_slot_containers(other, docker_client)] == [kept.id]
     finally:

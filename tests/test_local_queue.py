@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout, enqueue,
-                                    share_queue_tree, soft_lock)
+from appliance.queues.local import (CLAIMED, DEAD, LOCK_NAME, LocalQueueSource, LockTimeout,
+                                    QueueWriteError, enqueue, share_queue_tree, soft_lock)
+from tests.realparts import full_filesystem
 
 Q = "local_test"
 
@@ -151,7 +152,7 @@ def test_reader_without_watch_creates_nothing(tmp_path):
 
 
 def test_bad_queue_name(src):
-    for name in ("rmq_x", "../local", "local/x", ""):
+    for name in ("rmq_x", "../local", "local/x", "", "local\n", "local_q\n"):
         with pytest.raises(ValueError):
             src.claim(name)
         with pytest.raises(ValueError):
@@ -592,3 +593,13 @@ def test_the_source_set_passes_attempts_through(tmp_path):
         assert sources.claim(f"local/{Q}").attempt == 2
     finally:
         sources.close()
+
+
+def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing(root):
+    with full_filesystem(root, "256k") as disk:
+        with pytest.raises(QueueWriteError, match="no space left on device; free space there"):
+            enqueue(root, Q, b"x" * 300)
+        assert [p.name for p in (root / Q).iterdir()] == []  # no .tmp, no lock left behind
+        disk.free()
+        msgid = enqueue(root, Q, b"x" * 300)
+        assert (root / Q / msgid).read_bytes() == b"x" * 300

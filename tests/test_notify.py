@@ -95,6 +95,14 @@ def test_a_slack_webhook_gets_a_slack_message():
     assert json.loads(notify.body_for("https://example.com/hook", event)) == event
 
 
+def test_a_slack_message_shows_a_submitters_markup_literally():
+    event = {"event": "job_failed", "host": "box1",
+             "text": "experiment <!channel> & <https://evil.example|login> FAILED"}
+    text = json.loads(notify.body_for("https://hooks.slack.com/services/T0/B0/xyz", event))["text"]
+    assert text == "[box1] experiment &lt;!channel&gt; &amp; &lt;https://evil.example|login&gt; FAILED"
+    assert "<" not in text and ">" not in text
+
+
 # ------------------------------------------------------------------ the controller's delivery
 
 

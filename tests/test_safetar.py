@@ -105,6 +105,9 @@ def test_dot_root_entry_is_fine(box):
     ([member("sda", tarfile.BLKTYPE)], "sda", "block device"),
     ([member("pipe", tarfile.FIFOTYPE)], "pipe", "fifo"),
     ([member("big", data=b"x" * 700), member("big2", data=b"x" * 400)], "big2", "more than"),
+    ([member("n" * 300, data=b"x")], "n" * 300, "longer than the filesystem allows"),
+    ([member("d/" + "n" * 300, tarfile.DIRTYPE)], "d/" + "n" * 300, "longer than the filesystem allows"),
+    ([member("l", tarfile.SYMTYPE, linkname="t" * 5000)], "l", "longer than the filesystem allows"),
 ])
 def test_rejects(box, members, culprit, why):
     tar = build(box / "bad.tar", *members)

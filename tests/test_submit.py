@@ -25,6 +25,7 @@ from appliance.studioml.request import parse_request
 from appliance.studioml.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
 from appliance.workspace import pack_directory, workspace_key
+from tests.realparts import full_filesystem
 
 
 @pytest.fixture
@@ -226,6 +227,17 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     src.close()
 
 
+def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # the store has it
+    capsys.readouterr()
+    with full_filesystem(store_home.queue_root, "256k"):
+        rc = submit(store_home, "--dir", str(project), "--no-freeze", "train.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "no space left on device" in err and "Traceback" not in err
+        assert not list(store_home.queue_root.rglob(".*.tmp"))
+
+
 def test_same_tree_same_workspace(store_home, project, capsys, monkeypatch):
     monkeypatch.chdir(project)  # --dir defaults to the current folder
     assert submit(store_home, "--no-freeze", "--queue", "local_twice", "train.py") == 0
@@ -312,6 +324,21 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "dead") == 0
     assert capsys.readouterr().out.strip() == f"local_b/{bad.message_id}: message: not JSON"
     src.close()
+
+
+def test_queue_dead_survives_whatever_a_submitter_sent(home, capsys):
+    src = LocalQueueSource(home.queue_root, runner_id="t")
+    deep = b'{"experiment": {"key": ' + b"[" * 200000 + b"]" * 200000 + b"}}"
+    escape = json.dumps({"experiment": {"key": "k\x1b]0;owned\x07"}}).encode()
+    for body in (deep, escape):
+        src.enqueue("local_a", body)
+        src.dead_letter(src.claim("local_a"), "message: not a request")
+    src.close()
+    assert queue_cli(home, "dead") == 0
+    out = capsys.readouterr().out
+    assert out.count("message: not a request") == 2 and "\x1b" not in out
+    assert queue_cli(home, "dead", "--json") == 0
+    assert [row["experiment"] for row in json.loads(capsys.readouterr().out)] == [None, None]
 
 
 @pytest.mark.parametrize("ttl, kept", [("1d", False), ("0", True)])

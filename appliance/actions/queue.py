@@ -57,11 +57,14 @@ def queue_table(home) -> list:
 
 
 def _experiment_key(path) -> str | None:
-    """The experiment key inside a message file, if it is readable JSON that has one."""
+    """The experiment key inside a message file, if it is readable JSON that has one, as a
+    printable string. A dead letter is whatever a submitter sent: nesting deep enough to exhaust
+    the parser's recursion, a key that is no string or carries terminal escapes are not shown."""
     try:
-        return json.loads(path.read_bytes())["experiment"]["key"]
-    except (OSError, ValueError, KeyError, TypeError):
+        key = json.loads(path.read_bytes())["experiment"]["key"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 500 else None
 
 
 def run(args) -> int:

@@ -289,6 +289,8 @@ def run(args) -> int:
         enqueue(home.queue_root, args.queue, data)
     except PermissionError:
         return _fail(no_access(home.queue_root))
+    except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
+        return _fail(str(e))
     print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     print(key)
     return 0

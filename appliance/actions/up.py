@@ -23,7 +23,8 @@ def run(args) -> int:
           f"store {endpoint_url(config)} bucket {config.object_store.bucket}")
     print(f"submit experiments: STUDIOML_HOME={args.home.studioml_home} (local queue at {args.home.queue_root}),"
           " or `appliance submit SCRIPT`")
-    print("store: `mc ls appliance/` (alias written to ~/.mc/config.json); for boto3 and `aws s3`:")
-    for key, value in client_environment(args.home, config).items():
-        print(f"  export {key}={value}")
+    # the keys themselves stay in their 0600 file: a terminal's scrollback, a CI log or a
+    # screen share is no place for them
+    print("store: `mc ls appliance/` (alias written to ~/.mc/config.json); for boto3 and `aws s3`: "
+          f". {args.home.secrets_dir / 's3.env'}  (as root; sets {', '.join(client_environment(args.home, config))})")
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 import select
@@ -58,12 +59,12 @@ RECOVER_EVERY_S = 30.0
 DEAD_TTL_S = 30 * 86400.0
 SWEEP_DEAD_EVERY_S = 600.0
 
-_QUEUE_NAME = re.compile(r"^local[A-Za-z0-9_.\-]*$")
+_QUEUE_NAME = re.compile(r"local[A-Za-z0-9_.\-]*")
 
 
 def is_local_queue(name: str) -> bool:
     """StudioML routes a queue name starting with `local` to the directory queue."""
-    return bool(_QUEUE_NAME.match(name))
+    return isinstance(name, str) and _QUEUE_NAME.fullmatch(name) is not None
 
 
 # ---------------------------------------------------------------- who may read the queue
@@ -593,16 +594,31 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
     mode = _file_mode(where.st_mode)
     msgid = str(uuid.uuid4())
     tmp = folder / f".{msgid}.tmp"
-    with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with open(fd, "wb") as fh:
-            os.fchmod(fd, mode)  # 0660 (or 0600), whatever the umask
-            _same_owner(tmp, where)
-            fh.write(body)
-            fh.flush()
-            os.fsync(fd)
-        os.rename(tmp, folder / msgid)
+    try:
+        with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                with open(fd, "wb") as fh:
+                    os.fchmod(fd, mode)  # 0660 (or 0600), whatever the umask
+                    _same_owner(tmp, where)
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fd)
+                os.rename(tmp, folder / msgid)
+            except BaseException:  # a full disk, Ctrl-C: no half message stays behind
+                tmp.unlink(missing_ok=True)
+                raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise QueueWriteError(f"cannot write to the queue at {folder}: "
+                                  f"{os.strerror(e.errno).lower()}; free space there "
+                                  f"(df -h {folder}) and submit again") from None
+        raise
     return msgid
+
+
+class QueueWriteError(OSError):
+    """The queue's filesystem refused a new message (full, over quota); nothing was left."""
 
 
 def _same_owner(path: Path, owner: os.stat_result) -> None:

@@ -42,8 +42,11 @@ class SlotError(Exception):
     """A problem with a clear cause and fix: printed as one line, exit 2, no traceback."""
 
 
-def container_name(slot: str) -> str:
-    return f"appliance-{slot}"
+def container_name(home: str | os.PathLike, slot: str) -> str:
+    """`appliance-<hash of the home>-<slot>`: two appliances on one host never share a name, so
+    one home's `up` never replaces the other's container (the same id as its cgroup parent)."""
+    from appliance.slot.cgroup import home_parent  # noqa: PLC0415
+    return f"{home_parent(str(home))}-{slot}"
 
 
 def _home_label(home: str | os.PathLike) -> str:
@@ -211,7 +214,7 @@ def slot_mounts(home: str, slot: str) -> dict:
 def create_container(client, args):
     """Create (not start) the slot's container, replacing a stale one of the same name."""
     import docker  # noqa: PLC0415
-    name = container_name(args.slot)
+    name = container_name(args.home, args.slot)
     _remove_by_name(client, name)
     home = _home_label(args.home)
     device_requests = []
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_slot(args)
     except SlotError as e:
-        print(f"{container_name(args.slot)}: {e}", file=sys.stderr, flush=True)
+        print(f"{container_name(args.home, args.slot)}: {e}", file=sys.stderr, flush=True)
         return EXIT_SETUP_FAILED
 
 

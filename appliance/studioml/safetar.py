@@ -30,6 +30,7 @@ directory and remove it on failure.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -221,6 +222,9 @@ def _extract_all(tf: tarfile.TarFile, tree: _Tree, max_bytes: int, max_members: 
                     kind = _SPECIAL.get(member.type, f"type {member.type!r}")
                     raise UnsafeArchive(name, f"{kind} members are not allowed")
             except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:  # the archive's doing, not the disk's
+                    raise UnsafeArchive(name, "a name or link target longer than the filesystem "
+                                              "allows") from None
                 raise OSError(e.errno, f"{e.strerror} (unpacking archive member {name!r})") from e
             name = "?"  # a broken header after this member is not its fault
     except (tarfile.TarError, EOFError) as e:

@@ -195,7 +195,7 @@ class Job:
         except StoreUnavailable as e:
             endpoint = next(iter(self.req.artifacts.values())).endpoint_url
             self.r.store_health.down(endpoint)
-            if self.r.own_store(endpoint):  # the box's store is down: not the request's fault
+            if self.r.store_health.own(endpoint):  # the box's store is down: not the request's fault
                 return self.give_back(f"store unavailable: {e}")
             return self.unreachable(f"store unavailable: {e}")
         except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
@@ -248,40 +248,12 @@ class Job:
         sv = self.supervision(True)
         if self.r.gpus.active:
             self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
-            sv.check = self.gpu_check
+            sv.check = lambda: launch.gpu_check(self)
         return execute.run_workload(
             launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
-            on_end=self.gpu_end)
-
-    def gpu_check(self) -> Optional[str]:
-        """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job
-        when it is over its slot's share; its memory and utilisation into `status`."""
-        try:
-            looked = self.gpu.next_look
-            reason = self.gpu.look()
-            if self.gpu.next_look != looked:
-                self.status.update(gpu=self.gpu.summary())
-            return reason
-        except Exception:  # noqa: BLE001 - a watch failure must not take the job down
-            log.exception("%s: GPU watch", self.req.key)
-            return None
-
-    def gpu_end(self) -> None:
-        """The workload ended: last look, then kill its GPU processes still alive."""
-        if self.gpu is None:
-            return
-        try:
-            self.gpu.look(force=True)
-            killed = self.r.gpus.kill_job_processes()
-        except Exception:  # noqa: BLE001
-            log.exception("%s: GPU leftovers", self.req.key)
-            return
-        if killed:
-            what = gpu.describe(killed)
-            log.warning("%s: killed GPU processes the job left running: %s", self.req.key, what)
-            self.note(f"killed GPU processes the job left running: {what}")
+            on_end=lambda: launch.gpu_end(self))
 
     def upload_quietly(self) -> None:
         try:
@@ -408,7 +380,8 @@ class Job:
                 self.keep_dir = False
                 self.entry = self.ledger.settled(self.entry or self.ledger_entry(),
                                                  {"outcome": "failed", "reason": f"uploading failed: {e}"})
-                self.settle_msg("dead_letter", f"finished, but uploading failed: {e}")
+                self.settle_msg("dead_letter", f"finished, but uploading failed: {e} "
+                                               f"[class: {classes.classify('failed', None, str(e))}]")
                 self.finish("failed", None, f"uploading failed: {e}")
                 return False
 

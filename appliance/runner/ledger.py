@@ -169,6 +169,18 @@ class Ledger:
                 log.warning("%s: the store ledger did not take the record (%s)", record["experiment"], e)
         return record
 
+    def look(self, home, req, store_wait_s: float) -> tuple:
+        """The claim path: (RUN, record) or (SETTLE | CANCEL | HOLD, record) for `req`; an
+        interrupted run is counted here, once."""
+        bucket, key = entry_of(req)
+        record = self.read(bucket, key)
+        verdict = decide(record, running_here=running_here(home, key), me=self.me, now=time.time(),
+                         stale_s=self.stale_s, store_wait_s=store_wait_s,
+                         finished_here=record is not None and finished_job_dir(home, key) is not None)
+        if verdict == INTERRUPTED:
+            return RUN, self.interrupted(record)
+        return verdict, record
+
     # -- one job's records (job.py)
 
     def running(self, req, slot: str, attempt: int, before: Optional[dict]) -> dict:

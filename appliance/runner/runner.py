@@ -43,14 +43,14 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import events
-from appliance.runner import execute, gpu, ledger, pyenv
+from appliance.runner import classes, execute, gpu, ledger, pyenv
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
 from appliance.runner.ledger import ENDED, Ledger, finished_job_dir
 from appliance.runner.refusing import FleetRefusals
 from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner: what callers make)
-from appliance.runner.settle import put_back, release_or_quarantine
+from appliance.runner.settle import put_back, release_or_quarantine, settle_broken
 from appliance.runner.status import StatusFile
 from appliance.runner.store_health import StoreHealth
 from appliance.runner.triage import ELSEWHERE, LATER, RUN, expired, fit, slot_shapes, this_slot
@@ -96,7 +96,8 @@ class Runner:
                                             store_errors=transfer.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
         self.cursor = 0
-        self.store_health = StoreHealth(self.settings.store_backoff_s, self.settings.store_backoff_max_s)
+        self.store_health = StoreHealth(self.settings.store_backoff_s, self.settings.store_backoff_max_s,
+                                        own=self.settings.own_store)
         self.held_back = False  # the last pass put back messages this slot cannot run now
         self.next_resume = 0.0
         # NVML for this slot's GPUs, opened once (no GPUs: nothing is asked)
@@ -269,7 +270,7 @@ class Runner:
                         verdict = self.triage(src, msg)
                     except Exception as e:  # whatever it is, this message caused it: settle it
                         log.exception("triage of %s/%s", msg.queue, msg.message_id)
-                        verdict = self._settle_broken(src, msg, f"{type(e).__name__}: {e}")
+                        verdict = settle_broken(src, msg, f"{type(e).__name__}: {e}")
                     if isinstance(verdict, Request):
                         self.cursor = idx + 1
                         found = True
@@ -289,13 +290,6 @@ class Runner:
                     self.fleet.go_quiet(src, queue, [m for m, _ in waiting])
         return None
 
-    def _settle_broken(self, src, msg, what: str) -> str:
-        try:
-            src.dead_letter(msg, f"the runner cannot handle this request ({what})")
-        except Exception:
-            log.exception("dead-lettering %s", msg.message_id)
-        return "settled"
-
     def triage(self, src, msg):
         """A Request to run now, "held" (give back: not here or not now), "waiting"/"refused"
         (a shared queue's message no slot here can run), or "settled"."""
@@ -305,9 +299,9 @@ class Runner:
             req = parse_request(msg.body)
         except BadRequest as e:
             log.warning("dead-lettering %s/%s: bad request: %s", msg.queue, msg.message_id, e)
-            src.dead_letter(msg, f"bad request: {e}")
+            src.dead_letter(msg, f"bad request: {e} [class: {classes.USER}]")
             return "settled"
-        verdict, record = self.ledger_verdict(req)
+        verdict, record = self.ledger.look(self.home, req, self.settings.store_wait_s)
         if verdict != ledger.RUN:
             return self.settle_from_ledger(src, msg, req, verdict, record)
         too_often = ledger.over_limits(getattr(msg, "attempt", 1), record, self.settings.max_attempts,
@@ -318,7 +312,7 @@ class Runner:
             return "settled"
         too_late = expired(req, self.settings.default_lifetime_s, time.time())
         if too_late:
-            src.dead_letter(msg, too_late)
+            src.dead_letter(msg, f"{too_late} [class: {classes.TIMEOUT}]")
             return "settled"
         if self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()):
             return "held"  # its store did not answer a moment ago: other queues first
@@ -333,21 +327,9 @@ class Runner:
             return "held"  # not now (the disk may free up), or another slot can
         if getattr(msg, "shared", False):
             return self.fleet.refuse(src, msg, req, here)
-        src.dead_letter(msg, f"no slot of this appliance can run it: {here}")
+        src.dead_letter(msg, f"no slot of this appliance can run it: {here} [class: {classes.USER}]")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
         return "settled"
-
-    def ledger_verdict(self, req: Request) -> tuple:
-        """(ledger.RUN, record) or what else to do with `req`: its ledger record says it ended,
-        was cancelled, or runs now (here or on another box); an interrupted run is counted."""
-        bucket, key = ledger.entry_of(req)
-        record = self.ledger.read(bucket, key)
-        verdict = ledger.decide(record, running_here=ledger.running_here(self.home, key), me=self.ledger.me,
-                                now=time.time(), stale_s=self.ledger.stale_s, store_wait_s=self.settings.store_wait_s,
-                                finished_here=record is not None and finished_job_dir(self.home, key) is not None)
-        if verdict == ledger.INTERRUPTED:
-            return ledger.RUN, self.ledger.interrupted(record)
-        return verdict, record
 
     def settle_from_ledger(self, src, msg, req: Request, verdict: str, record: Optional[dict]) -> str:
         if verdict == ledger.HOLD:  # it runs now: this copy waits (uncounted) until that run settles
@@ -365,12 +347,6 @@ class Runner:
         self.status.job_finished(record.get("outcome") or "failed", record.get("exit_code"),
                                  f"already ran: {record.get('reason', '')}".strip())
         return "settled"
-
-    def own_store(self, endpoint: str) -> bool:
-        """`endpoint` is this appliance's own store (its outage is the box's, not a request's)."""
-        from urllib.parse import urlsplit
-        own = self.settings.own_store
-        return bool(own) and urlsplit(own).netloc == urlsplit(endpoint).netloc
 
     # ------------------------------------------------------------------ one job
 

@@ -7,6 +7,7 @@ naming an unreachable store is dead-lettered within its attempts."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -256,3 +257,59 @@ def test_record_cancel_leaves_a_finished_request_as_it_ended(tmp_path):
     led.write({"experiment": "k", "bucket": "b", "state": "done", "outcome": "success"})
     assert ledger.record_cancel(h, "b", "k", by="ann")["state"] == "done"
     assert "cancel" not in led.read("b", "k")
+
+
+# ------------------------------------------------------------------ an SQS visibility timeout (issue 19.3)
+
+def test_a_message_visible_again_mid_job_is_held_not_run_twice(store, home, sqs_endpoint):
+    """SQS hands the message out again when its visibility ends while the job still runs (here
+    after 2 s; the keepalive would come after a minute): the second slot holds it until the first
+    run settles, then it is settled from the ledger. One run."""
+    import threading
+
+    from appliance.queues.sqs import SqsSource, SqsSpec
+    from appliance.runner.runner import Runner
+    from tests.test_runner_loop import fast_settings
+    from tests.test_sqs import sqs_client
+
+    runs = scratch(home) / "runs"
+    runs.touch()
+    runs.chmod(0o666)  # each slot's workload runs as its own account
+    key, body = request(store, {"train.py": f"""
+        import time
+        open({str(runs)!r}, "a").write("start\\n")
+        time.sleep(12)
+        print("finished", flush=True)
+        """})
+    client = sqs_client(sqs_endpoint)
+    url = client.create_queue(QueueName="sqs_visibility")["QueueUrl"]
+    client.send_message(QueueUrl=url, MessageBody=body.decode())
+    spec = SqsSpec(access_key="testing", secret_key="testing", region="us-east-1", endpoint_url=sqs_endpoint,
+                   queues=("sqs_visibility",), visibility_s=2)
+    runners = [Runner(home, slot, [SqsSource(f"sqs:{slot}", spec)], fast_settings(), environ=dict(os.environ))
+               for slot in ("slot-a", "slot-b")]
+    threads = [threading.Thread(target=r.run_forever) for r in runners]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: "finished" in (runs.exists() and output_of_or_none(store, key) or ""), "the job to finish",
+                 timeout=120)
+
+        def settled():
+            attrs = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+            return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"]) == 0
+        wait_for(settled, "the message to be settled", timeout=60)
+    finally:
+        for r in runners:
+            r.request_stop()
+        for t in threads:
+            t.join(60)
+    assert runs.read_text() == "start\n"  # 0 duplicate runs
+    assert "sqs_visibility_dead" not in " ".join(client.list_queues().get("QueueUrls", []))
+
+
+def output_of_or_none(store, key):
+    try:
+        return output_of(store, key)
+    except Exception:  # noqa: BLE001 - not uploaded yet
+        return None

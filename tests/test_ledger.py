@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -282,10 +283,11 @@ def test_a_message_visible_again_mid_job_is_held_not_run_twice(store, home, sqs_
         print("finished", flush=True)
         """})
     client = sqs_client(sqs_endpoint)
-    url = client.create_queue(QueueName="sqs_visibility")["QueueUrl"]
+    name = f"ledger-visibility-{uuid.uuid4().hex[:6]}"  # not sqs_*: other tests' runners list those
+    url = client.create_queue(QueueName=name)["QueueUrl"]
     client.send_message(QueueUrl=url, MessageBody=body.decode())
     spec = SqsSpec(access_key="testing", secret_key="testing", region="us-east-1", endpoint_url=sqs_endpoint,
-                   queues=("sqs_visibility",), visibility_s=2)
+                   queues=(name,), visibility_s=2)
     runners = [Runner(home, slot, [SqsSource(f"sqs:{slot}", spec)], fast_settings(), environ=dict(os.environ))
                for slot in ("slot-a", "slot-b")]
     threads = [threading.Thread(target=r.run_forever) for r in runners]
@@ -304,8 +306,12 @@ def test_a_message_visible_again_mid_job_is_held_not_run_twice(store, home, sqs_
             r.request_stop()
         for t in threads:
             t.join(60)
+        queues = client.list_queues().get("QueueUrls", [])
+        for q in queues:
+            if name in q:
+                client.delete_queue(QueueUrl=q)
     assert runs.read_text() == "start\n"  # 0 duplicate runs
-    assert "sqs_visibility_dead" not in " ".join(client.list_queues().get("QueueUrls", []))
+    assert not [q for q in queues if q.endswith(f"{name}_dead")]
 
 
 def output_of_or_none(store, key):

@@ -186,7 +186,7 @@ class Job:
                 if self.r.stopping:
                     return self.give_back("runner stopping before the job started")
                 transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                           self.s.retry, limit, exists=known.get(art.name) if art.mutable else None)
+                               self.s.retry, limit, exists=known.get(art.name) if art.mutable else None)
                 if art.name != "output":
                     self._own(self.dir / art.name)
             if self.before is None and self.record is not None and known.get(self.record.name):
@@ -217,15 +217,14 @@ class Job:
         """A store the request names (not this box's own) did not answer: a counted attempt, so
         a request naming an endpoint nobody can reach is dead-lettered within runner.max_attempts."""
         self.entry = self.ledger.released(self.entry, reason)
-        self.settle_msg.done = True
         if getattr(self.msg, "attempt", 1) - self.interruptions >= self.s.max_attempts:
             why = f"{reason} (tried {self.s.max_attempts} times) [class: {classes.classify('failed', None, reason)}]"
             log.warning("dead-lettering %s: %s", self.req.key, why)
-            self.src.dead_letter(self.msg, why)
+            self.settle_msg("dead_letter", why)
             self.finish("failed", None, reason)
         else:
             log.warning("releasing %s (a counted attempt): %s", self.req.key, reason)
-            self.src.release(self.msg)
+            self.settle_msg("release")
             self.finish("released", None, reason)
         return False
 

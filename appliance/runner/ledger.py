@@ -195,6 +195,14 @@ class Ledger:
             "interruptions": int((before or {}).get("interruptions") or 0)})
 
     def heartbeat(self, record: dict) -> dict:
+        """Still running; a cancel another box recorded in the store meanwhile is kept."""
+        if self.store is not None and not record.get("cancel"):
+            try:
+                theirs = self.store.read(entry_name(record["bucket"], record["experiment"]))
+                if theirs and theirs.get("cancel"):
+                    record = {**record, "cancel": theirs["cancel"]}
+            except LedgerUnavailable:
+                pass
         return self.write({**record, "heartbeat": time.time()})
 
     def ended(self, record: dict, ended: dict) -> dict:

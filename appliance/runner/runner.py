@@ -3,25 +3,23 @@
 This module is the claim loop; what a slot may run is triage.py, one job's life job.py, the
 exactly-once ledger ledger.py, store health store_health.py, shared-queue refusals refusing.py.
 
-    claim (round-robin over sources and queues) -> parse -> fits this slot? -> fetch artifacts
-    -> Python environment -> run the workload -> upload mutable artifacts -> settle message
+    claim (round-robin over sources and queues) -> parse -> ledger: ran? runs now? -> fits this
+    slot? -> fetch artifacts -> Python environment -> run the workload -> upload -> settle
 
 How each message is settled:
-- ack: the workload succeeded and its results are in the store.
-- release (back to the queue, runs again): another slot can run it but this one cannot; the
-  store did not answer (after retries; this runner then pauses claiming, with backoff); the
-  runner was stopped (drain) before the job finished.
+- ack: the workload succeeded and its results are in the store (now, or by the ledger before).
+- give back uncounted: another slot can run it but this one cannot; its job runs now (on this
+  box or another: the ledger), until that run settles; its store did not answer (this runner
+  then pauses that store, with backoff); the runner was stopped (drain) before the job finished.
+- release counted: a store the request names did not answer; the box's own failure (retries).
 - refuse (on a queue other appliances share: RabbitMQ, SQS): no slot of this appliance could
   ever run it. Back to the queue for the others, uncounted, with this appliance added to its
-  refusal record; this runner leaves it alone for a while (per message, 30 s doubling to 10
-  min), and a queue holding nothing else is not claimed from until a message arrives or a
-  wait ends (see appliance/queues/refusals.py).
-- dead_letter with the reason: malformed (BadRequest), no slot of this appliance could ever
-  run it (local queue; shared queues: once queues.unrunnable_after_refusals appliances refused
-  it or it has been refused for queues.unrunnable_after), expired before it started,
-  credentials refused / workspace missing, or the job failed for good (exit code, out of
-  memory, timed out, environment build failed). Its `output` is uploaded first, so the user
-  sees why.
+  refusal record; this runner leaves it alone for a while, and a queue holding nothing else is
+  not claimed from until a message arrives or a wait ends (refusing.py, queues/refusals.py).
+- dead_letter with the reason and its [class: ...]: malformed (BadRequest), no slot could ever
+  run it (shared queues: once the fleet refused it), expired before it started, cancelled,
+  credentials refused / workspace missing, past runner.max_attempts or max_interruptions, or
+  the job failed for good. Its `output` is uploaded first, so the user sees why.
 
 SIGTERM/SIGINT: drain. Idle: exit at once. Busy: the job may finish within
 `drain_timeout_s`; after that it gets SIGTERM (to checkpoint), SIGKILL after `term_grace_s`,
@@ -29,9 +27,9 @@ its artifacts are uploaded and its message released, and the runner exits 0. sup
 `stopwaitsecs` must therefore exceed drain_timeout_s + term_grace_s + an upload.
 
 A runner killed with SIGKILL takes its workload with it (PDEATHSIG); the queue source gives
-the orphaned claim back (`recover_orphans`) and the job runs again from its last upload.
+the orphaned claim back (`recover_orphans`) and the job runs again from its last upload (an
+interruption in the ledger, not one of the job's attempts).
 """
-
 from __future__ import annotations
 
 import logging
@@ -109,6 +107,7 @@ class Runner:
         self.ledger = Ledger.for_home(home, me=self.fleet.appliance_id,
                                       stale_s=max(3 * self.settings.keepalive_s, 30.0))
         self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
+        self.held_logged: dict[str, float] = {}  # experiment -> when its hold was last logged
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
 
     def _workload_user(self):
@@ -333,8 +332,10 @@ class Runner:
 
     def settle_from_ledger(self, src, msg, req: Request, verdict: str, record: Optional[dict]) -> str:
         if verdict == ledger.HOLD:  # it runs now: this copy waits (uncounted) until that run settles
-            log.info("holding %s/%s: %s runs it now", msg.queue, req.key,
-                     f"{record.get('host')}/{record.get('slot')}" if record else "this box")
+            if time.time() - self.held_logged.get(req.key, 0) > 60:
+                self.held_logged = {req.key: time.time()}
+                log.info("holding %s/%s: %s runs it now", msg.queue, req.key,
+                         f"{record.get('host')}/{record.get('slot')}" if record else "this box")
             return "held"
         if verdict == ledger.CANCEL:
             why = ledger.cancel_reason(record)

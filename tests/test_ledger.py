@@ -135,11 +135,15 @@ def test_a_cancelled_request_is_settled_unrun(store, home):
     configure_store(home, store)
     runs = scratch(home) / "runs"
     key, body = request(store, {"train.py": f"open({str(runs)!r}, 'a').write('ran\\n')"})
-    ledger.record_cancel(home, store.bucket, key, by="ann", reason="wrong data set")
+    assert ledger.record_cancel(body, "ann", home=home)
+    assert not ledger.record_cancel(body, "ann", home=home)  # recorded already: left alone
     submit(home, body)
-    make_runner(home)[0].run_forever(exit_when_idle=True)
+    runner, _ = make_runner(home)
+    runner.run_forever(exit_when_idle=True)
     assert not runs.exists()
-    assert dead_reasons(home) == ["cancelled by ann: wrong data set [class: cancelled]\n"]
+    assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []  # settled unrun, acked
+    last = runner.status.data["last_result"]
+    assert last["outcome"] == "cancelled" and last["reason"] == "cancelled by ann before it ran"
 
 
 # ------------------------------------------------------------------ an unreachable endpoint (issue 18.7)
@@ -256,7 +260,7 @@ def test_record_cancel_leaves_a_finished_request_as_it_ended(tmp_path):
     h.ensure()
     led = ledger.Ledger.for_home(h)
     led.write({"experiment": "k", "bucket": "b", "state": "done", "outcome": "success"})
-    assert ledger.record_cancel(h, "b", "k", by="ann")["state"] == "done"
+    assert ledger.cancel(h, "b", "k", by="ann") is None
     assert "cancel" not in led.read("b", "k")
 
 

@@ -18,10 +18,10 @@ States of a record:
 - released: the runner gave the message back itself (drained, retried, store down, runner
   error); the next claim runs it, and it is no interruption.
 - cancel (a field beside the state, set by `record_cancel`): whichever box claims the request
-  next settles it unrun.
+  next settles it unrun (acked, outcome cancelled). Only a request not yet run can be cancelled.
 
 The claim path (`decide`, pure; the runner's triage acts on it): a final record settles the
-message as it ended; a cancelled one is dead-lettered unrun; a request whose job runs now (on
+message as it ended; a cancelled one is acked unrun; a request whose job runs now (on
 this box: its job folder's lock is held; on another box: a running record with a fresh
 heartbeat) is HELD (given back uncounted, looked at again later) until the running one settles:
 that is how a redelivery (a RabbitMQ restart, an SQS visibility timeout) never starts a second
@@ -229,20 +229,35 @@ class Ledger:
         return self.write({**record, "state": state, "interruptions": n, "interrupted_run": record.get("attempt")})
 
 
-def record_cancel(home, bucket: str, key: str, by: str, reason: str = "", config=None) -> dict:
-    """Record that the request (bucket, key) is cancelled: whichever box claims it next settles
-    it unrun. Returns the record (a final one is left as it is: that request already ended)."""
+def record_cancel(body: bytes, who: str, retry: Optional[RetryPolicy] = None, home=None) -> bool:
+    """Record that the request `body` was cancelled before it ran: whichever box claims it next
+    (a copy still on a shared broker) settles it unrun, acked. A request that ran, runs now or was
+    cancelled already is left alone (False); so is one without a workspace bucket to key it by.
+    `home`: the appliance's home (default: $APPLIANCE_HOME, else the default home); `retry` is
+    accepted for callers of the older ledger and not needed (the store ledger retries itself)."""
+    from appliance.paths import Home
+    req = parse_request(body)
+    bucket, key = entry_of(req)
+    if not bucket:
+        return False
+    return cancel(home if home is not None else Home.at(None), bucket, key, who) is not None
+
+
+def cancel(home, bucket: str, key: str, by: str, reason: str = "", config=None) -> Optional[dict]:
+    """Record a cancel for (bucket, key) unless a run of it is recorded (running, ended, final)
+    or a cancel is there already; the record written, else None."""
     ledger = Ledger.for_home(home, config)
-    record = ledger.read(bucket, key) or {"experiment": key, "bucket": bucket, "state": "queued"}
-    if record.get("state") in FINAL:
-        return record
+    record = ledger.read(bucket, key)
+    if record is not None and (record.get("cancel") or record.get("state") in (RUNNING, ENDED_STATE) + FINAL):
+        return None
+    record = record or {"experiment": key, "bucket": bucket, "state": "queued"}
     return ledger.write({**record, "cancel": {"by": by, "reason": reason, "at": time.time()}})
 
 
 def cancel_reason(record: dict) -> str:
     c = record.get("cancel") or {}
     why = f": {c['reason']}" if c.get("reason") else ""
-    return f"cancelled by {c.get('by') or '?'}{why} [class: cancelled]"
+    return f"cancelled by {c.get('by') or '?'} before it ran{why}"
 
 
 # ---------------------------------------------------------------- job folders on this box

@@ -337,10 +337,11 @@ class Runner:
                 log.info("holding %s/%s: %s runs it now", msg.queue, req.key,
                          f"{record.get('host')}/{record.get('slot')}" if record else "this box")
             return "held"
-        if verdict == ledger.CANCEL:
+        if verdict == ledger.CANCEL:  # cancelled before it ran: settled unrun, acked
             why = ledger.cancel_reason(record)
-            src.dead_letter(msg, why)
-            self.status.job_finished("cancelled", None, why)
+            log.info("%s: %s; settling it unrun", req.key, why)
+            src.ack(msg)
+            self.status.job_finished("cancelled", None, why, cls="cancelled")
             return "settled"
         how = ledger.settlement(record)  # SETTLE: it ran before; settle it as it ended
         log.info("%s already ran (%s): settling without running it again", req.key, record.get("outcome"))

@@ -297,8 +297,7 @@ class Job:
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
         self.keep_dir = True
-        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)
-        self._write_record(ended)
+        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
         self.complete(ended)
 
     def retry_later(self, result: execute.Result, cls: str) -> bool:

@@ -159,7 +159,7 @@ class Ledger:
         if before and before.get("cancel") and not record.get("cancel"):
             record["cancel"] = before["cancel"]
         try:
-            self.local.write(name, record)
+            self.local.write(name, record, durable=record.get("state") in FINAL or bool(record.get("cancel")))
         except OSError as e:  # a full disk: the store copy (and the job folder) still tell
             log.warning("%s: ledger record not written on this box: %s", record["experiment"], e)
         if self.store is not None:

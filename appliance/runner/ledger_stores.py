@@ -55,9 +55,11 @@ class LocalLedger:
             return None
         return data if isinstance(data, dict) else None
 
-    def write(self, name: str, record: dict) -> None:
+    def write(self, name: str, record: dict, durable: bool = True) -> None:
+        """`durable`: the record survives a power cut (final records, cancels); a running one
+        need not (lost, its job is taken for interrupted, which it then was)."""
         self._ensure()
-        write_atomic(self.root / name, json.dumps(record, sort_keys=True), mode=0o600, durable=True)
+        write_atomic(self.root / name, json.dumps(record, sort_keys=True), mode=0o600, durable=durable)
 
 
 class StoreLedger:

@@ -117,9 +117,9 @@ def test_fetch_workspace_once_then_from_the_cache(store, tmp_path, monkeypatch):
     downloads = []
     real_download = arts.download
     monkeypatch.setattr(arts, "download", lambda *a: downloads.append(a[0].key) or real_download(*a))
-    assert arts.fetch(art, tmp_path / "j1" / "workspace", cache, retry, 1 << 20)
+    assert arts.fetch(art, tmp_path / "j1" / "workspace", cache, retry, 1 << 20) is not None
     assert (tmp_path / "j1" / "workspace" / "train.py").read_text() == "print('hi')\n"
-    assert arts.fetch(art, tmp_path / "j2" / "workspace", cache, retry, 1 << 20)
+    assert arts.fetch(art, tmp_path / "j2" / "workspace", cache, retry, 1 << 20) is not None
     assert (tmp_path / "j2" / "workspace" / "data" / "a.txt").read_text() == "a"
     assert downloads == [key]  # the second came from the cache
 
@@ -131,7 +131,7 @@ def test_the_cache_never_serves_an_object_the_request_cannot_read(store, tmp_pat
     put(store, key, make_tar({"secret.txt": b"another tenant's data"}))
     cache = ArtifactCache(tmp_path / "cache", 1 << 30)
     retry, _ = policy(attempts=1)
-    assert arts.fetch(artifact(store, "workspace", key), tmp_path / "owner", cache, retry, 1 << 20)
+    assert arts.fetch(artifact(store, "workspace", key), tmp_path / "owner", cache, retry, 1 << 20) is not None
     thief = artifact(store, "workspace", key, secret="wrong-secret")
     with pytest.raises(arts.AccessDenied):
         arts.fetch(thief, tmp_path / "thief", cache, retry, 1 << 20)
@@ -170,7 +170,7 @@ def test_compressed_tars_are_read_too(store, tmp_path):
 def test_missing_mutable_artifact_is_an_empty_directory(store, tmp_path):
     retry, sleeps = policy()
     art = artifact(store, "modeldir", f"experiments/{uuid.uuid4().hex}/modeldir.tar", mutable=True)
-    assert arts.fetch(art, tmp_path / "modeldir", None, retry, 1 << 20) is False
+    assert arts.fetch(art, tmp_path / "modeldir", None, retry, 1 << 20) is None
     assert (tmp_path / "modeldir").is_dir() and not list((tmp_path / "modeldir").iterdir())
     assert sleeps == []
 
@@ -382,7 +382,7 @@ def test_a_big_output_goes_up_and_down_in_parallel_parts_in_bounded_memory(store
         up_parallel, most[0] = most[0], 0
         up_growth, base = max(peak) - base, _rss()  # each transfer against the RSS it started from
         del peak[:]
-        assert arts.fetch(art, tmp_path / "back" / "output", None, RetryPolicy(attempts=1), 1 << 30)
+        assert arts.fetch(art, tmp_path / "back" / "output", None, RetryPolicy(attempts=1), 1 << 30) is not None
         down_parallel = most[0]
     finally:
         stop.set()

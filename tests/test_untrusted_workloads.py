@@ -217,6 +217,26 @@ def test_a_workspace_that_unpacks_past_the_request_s_disk_is_refused(store, home
     assert not list((home.work_dir / "slot-0").glob("*/workspace/zeros.bin"))
 
 
+def test_the_request_s_disk_bounds_all_its_artifacts_together(store, home):
+    """`hdd` bounds everything the job unpacks, not each artifact: two data artifacts of 5 MiB
+    each fit an 8mb request one by one, not together."""
+    key, body = request(store, {"train.py": "print('never')"})
+    raw = json.loads(body)
+    raw["experiment"]["resources_needed"]["hdd"] = "8mb"
+    workspace = raw["experiment"]["artifacts"]["workspace"]
+    for name in ("data1", "data2"):
+        blob = f"blobstore/{name}-{key}.tar.gz"
+        store.client().put_object(Bucket=store.bucket, Key=blob, Body=_zero_bomb(5 << 20))
+        raw["experiment"]["artifacts"][name] = dict(workspace, key=blob, local=f"/home/user/{name}")
+    submit(home, json.dumps(raw).encode())
+    runner, _ = make_runner(home, max_unpack_bytes=20 << 30)
+    assert runner.run_once()
+    [reason] = dead_reasons(home)
+    assert "more than" in reason and "in all" in reason and "class: user" in reason, reason
+    unpacked = sum(f.stat().st_size for f in (home.work_dir / "slot-0").rglob("zeros.bin"))
+    assert unpacked <= 8 * 10**6
+
+
 def test_a_full_disk_costs_a_bounded_number_of_tries_and_never_the_runner(store, home):
     """The job's disk fills up: an infrastructure failure of that job, put back and tried again
     up to runner.max_attempts, then dead-lettered saying the disk is full; the runner lives on."""

@@ -70,7 +70,7 @@ def run(args) -> int:
     for art in artifacts:
         target = dest / art.name
         try:
-            if arts.fetch(art, target, None, retry, 1 << 40):
+            if arts.fetch(art, target, None, retry, 1 << 40) is not None:
                 found += 1
                 print(f"{art.name:10} -> {target}")
             else:

@@ -28,7 +28,7 @@ from appliance.runner.status import record_experiment
 from appliance.runner.triage import slot_shapes
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
-from appliance.studioml.transfer import ArtifactError, StoreUnavailable, Uploader
+from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable, Uploader
 from appliance.studioml.request import Request
 
 log = logging.getLogger("appliance.runner")
@@ -137,8 +137,8 @@ class Job:
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
     def unpack_limit(self) -> int:
-        """The most an artifact may unpack to: runner.max_unpack, the request's hdd, and this
-        slot's share of the work disk, whichever is smallest."""
+        """The most the job's artifacts may unpack to, all of them together: runner.max_unpack,
+        the request's hdd, and this slot's share of the work disk, whichever is smallest."""
         disk = shutil.disk_usage(self.dir)
         share = disk.total // max(1, len(slot_shapes(self.r.home)) or 1)
         limits = [self.s.max_unpack_bytes, share]
@@ -178,15 +178,16 @@ class Job:
         self.uploader.mark_current()  # nothing yet: a failure uploads only the output
         order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
         mutable = [a for a in order if a.mutable]
-        limit = self.unpack_limit()
+        limit = left = self.unpack_limit()
         try:
             known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
             for art in order:
                 self.tick()
                 if self.r.stopping:
                     return self.give_back("runner stopping before the job started")
-                transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                               self.s.retry, limit, exists=known.get(art.name) if art.mutable else None)
+                got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
+                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None)
+                left -= got or 0
                 if art.name != "output":
                     self._own(self.dir / art.name)
             if self.before is None and self.record is not None and known.get(self.record.name):
@@ -201,6 +202,9 @@ class Job:
         except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
             reason = str(e) if isinstance(e, ArtifactError) else \
                 f"fetching artifacts: {type(e).__name__}: {e}"
+            if isinstance(e, ArtifactTooBig):
+                reason += (f" (the job's artifacts may unpack to {limit} bytes in all: the request's hdd, "
+                           "runner.max_unpack and the slot's share of the disk, whichever is least)")
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise  # the disk's fault, not the request's: released and counted by process()
             self.note(reason)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 
-def unpack(tar_file, dest: Path, max_bytes: int) -> None:
+def unpack(tar_file, dest: Path, max_bytes: int) -> int:
     """Extract a tar (a path or an open file; any compression) into `dest` through the safe
-    extractor; a hostile or broken archive raises UnsafeArchive."""
+    extractor; a hostile or broken archive raises UnsafeArchive. Returns the bytes written."""
     from appliance.studioml.safetar import safe_extract
-    safe_extract(tar_file, dest, max_bytes)
+    return safe_extract(tar_file, dest, max_bytes)
 
 
 def pack_into(src: Path, out, only_uid: Optional[int] = None) -> int:

@@ -51,6 +51,10 @@ class UnsafeArchive(ValueError):
         self.member = member
 
 
+class TooBig(UnsafeArchive):
+    """The archive holds more file data than it may unpack to."""
+
+
 class _Missing(Exception):
     """A folder on a path to look up (not to make) does not exist."""
 
@@ -208,7 +212,7 @@ def _extract_all(tf: tarfile.TarFile, tree: _Tree, max_bytes: int, max_members: 
             try:
                 if member.isreg():
                     if total + member.size > max_bytes:
-                        raise UnsafeArchive(name, f"archive unpacks to more than {max_bytes} bytes")
+                        raise TooBig(name, f"archive unpacks to more than {max_bytes} bytes")
                     total = _file(tf, member, parts, tree, total, max_bytes)
                 elif member.isdir():
                     _dir(member, parts, tree)
@@ -252,7 +256,7 @@ def _file(tf: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], tree: 
                 break
             total += len(chunk)
             if total > max_bytes:
-                raise UnsafeArchive(member.name, f"archive unpacks to more than {max_bytes} bytes")
+                raise TooBig(member.name, f"archive unpacks to more than {max_bytes} bytes")
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]

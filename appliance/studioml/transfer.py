@@ -48,6 +48,10 @@ class AccessDenied(ArtifactError):
     pass
 
 
+class ArtifactTooBig(ArtifactError):
+    """An artifact holds more than the job may still write to its disk."""
+
+
 class ArtifactMissing(ArtifactError):
     pass
 
@@ -266,22 +270,29 @@ def listed(arts: list, retry: RetryPolicy) -> dict[str, bool]:
     return out
 
 
-def place(art, obj: Path | object, dest: Path, max_bytes: int) -> None:
-    """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false."""
+def place(art, obj: Path | object, dest: Path, max_bytes: int) -> int:
+    """Put a downloaded object into `dest/`: unpacked, or as a file when `unpack` is false; at
+    most `max_bytes` of it (ArtifactTooBig past that). Returns the bytes written."""
     if art.unpack:
-        from appliance.studioml.safetar import UnsafeArchive
+        from appliance.studioml.safetar import TooBig, UnsafeArchive
         try:
-            unpack(obj, dest, max_bytes)
+            return unpack(obj, dest, max_bytes)
+        except TooBig as e:
+            raise ArtifactTooBig(f"unpacking {where(art)}: {e}") from None
         except (UnsafeArchive, tarfile.TarError) as e:
             raise ArtifactError(f"unpacking {where(art)}: {e}") from None
+    size = os.fstat(obj.fileno()).st_size if hasattr(obj, "fileno") else os.path.getsize(obj)
+    if size > max_bytes:
+        raise ArtifactTooBig(f"{where(art)} is {size} bytes, more than the {max_bytes} bytes the job may "
+                             "still write")
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / os.path.basename(art.key)
+    if hasattr(obj, "read"):
+        with open(target, "wb") as out:
+            shutil.copyfileobj(obj, out)
     else:
-        dest.mkdir(parents=True, exist_ok=True)
-        target = dest / os.path.basename(art.key)
-        if hasattr(obj, "read"):
-            with open(target, "wb") as out:
-                shutil.copyfileobj(obj, out)
-        else:
-            shutil.copyfile(obj, target)
+        shutil.copyfile(obj, target)
+    return size
 
 
 def cache_key(art, retry: RetryPolicy) -> str:
@@ -297,28 +308,28 @@ def cache_key(art, retry: RetryPolicy) -> str:
 
 
 def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
-          exists: Optional[bool] = None) -> bool:
+          exists: Optional[bool] = None) -> Optional[int]:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
     it. Mutable: downloaded if it exists, else `dest` stays empty (False); `exists=False`
-    (a listing did not show it, see `listed`) skips asking the store again."""
+    (a listing did not show it, see `listed`) skips asking the store again. At most `max_bytes`
+    are written (ArtifactTooBig). Returns the bytes written, None when a mutable artifact does
+    not exist."""
     dest.mkdir(parents=True, exist_ok=True)
     if art.mutable and exists is False:
-        return False
+        return None
     if not art.mutable and cache is not None:
         f = cache.fill(cache_key(art, retry), lambda tmp: download(art, tmp, retry))
         with f:
-            place(art, f, dest, max_bytes)
-        return True
+            return place(art, f, dest, max_bytes)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmpdir:
         tmp = Path(tmpdir) / "object"
         try:
             download(art, tmp, retry)
         except ArtifactMissing:
             if art.mutable:
-                return False
+                return None
             raise
-        place(art, tmp, dest, max_bytes)
-    return True
+        return place(art, tmp, dest, max_bytes)
 
 
 def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -> None:

@@ -66,12 +66,12 @@ def install(path) -> None:
     def nvmlDeviceGetName(handle):
         return handle.get("name", "Fake GPU")
 
-    class _Memory:
-        def __init__(self, total):
-            self.total, self.free, self.used = total, total, 0
+    class _Memory:  # "memory_used": what the driver and processes hold (a real idle card holds some)
+        def __init__(self, total, used):
+            self.total, self.free, self.used = total, total - used, used
 
     def nvmlDeviceGetMemoryInfo(handle):
-        return _Memory(int(handle.get("memory", 8 << 30)))
+        return _Memory(int(handle.get("memory", 8 << 30)), int(handle.get("memory_used", 0)))
 
     def nvmlDeviceGetTotalEccErrors(handle, _kind, _counter):
         return int(handle.get("ecc", 0))

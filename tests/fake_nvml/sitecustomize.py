@@ -3,7 +3,7 @@ under supervisord, `appliance status`): put this folder first on PYTHONPATH and 
 APPLIANCE_FAKE_NVML at a JSON file, which is re-read on every nvmlInit:
 
     {"gpus": [{"uuid": "GPU-1", "name": "Fake", "memory": 8589934592, "ecc": 0,
-               "lost": false}],
+               "lost": false, "memory_used": 0}],   # memory_used (optional): bytes in use
      "fail": ""}          # non-empty: nvmlDeviceGetCount raises NVMLError (NVML failing mid-poll)
 
 Topology and MIG, optional fields of a GPU (all absent: topology calls raise NOT_SUPPORTED,

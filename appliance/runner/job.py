@@ -28,7 +28,8 @@ from appliance.runner.status import record_experiment
 from appliance.runner.triage import slot_shapes
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
-from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable, Uploader
+from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable
+from appliance.studioml.uploader import Uploader
 from appliance.studioml.request import Request
 
 log = logging.getLogger("appliance.runner")

@@ -47,7 +47,8 @@ from appliance.studioml import transfer
 from appliance.studioml.artifacts import result_record
 from appliance.studioml.keys import job_dir_name
 from appliance.studioml.request import parse_request
-from appliance.studioml.transfer import ArtifactError, RetryPolicy, StoreUnavailable, Uploader
+from appliance.studioml.transfer import ArtifactError, RetryPolicy, StoreUnavailable
+from appliance.studioml.uploader import Uploader
 
 log = logging.getLogger("appliance.runner")
 

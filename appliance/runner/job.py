@@ -277,8 +277,9 @@ class Job:
         self.status.job_finished("released", None, what)
 
     def settle(self, result: execute.Result) -> None:
-        self.status.update(state="uploading", workload=None)
+        self.status.update(workload=None)
         if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
+            self.status.update(state="uploading")
             self.upload_quietly()
             self.entry = self.ledger.released(self.entry, result.reason)
             self.settle_msg.done = True
@@ -287,6 +288,7 @@ class Job:
             return
         if result.outcome == execute.FAILED and disk_full(self.dir):
             # the workload most likely failed for want of disk: the box's fault, not the user's
+            self.status.update(state="uploading")
             self.upload_quietly()
             self.failed_inside(OSError(errno.ENOSPC, f"no space left while it ran ({result.reason})"))
             return
@@ -301,6 +303,7 @@ class Job:
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
+        self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
         self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
         self.complete(ended)
@@ -316,6 +319,7 @@ class Job:
             return False
         self.note(f"{result.outcome} ({cls}): {result.reason}; running it again "
                   f"(retry {done + 1} of {self.s.retries})")
+        self.status.update(state="uploading")
         self.upload_quietly()
         wait = min(self.s.retry_backoff_s * (2 ** done), self.s.retry_backoff_max_s)
         end = time.time() + wait

@@ -6,6 +6,7 @@ store (bucket `appliance-ledger`, written and read with the appliance's admin id
 client key can write). The result record the runner also writes beside a job's outputs in the
 client's bucket (`experiments/<key>/appliance-result.json`) is a copy for users to read; it is
 never read back as truth, since every submitter can write there. A planted one changes nothing.
+A job's folder on the box is named by the same (bucket, key) (`job_folder`).
 
 States of a record:
 - running: appliance id, host, slot, attempt, started, and a heartbeat refreshed while it runs
@@ -175,9 +176,9 @@ class Ledger:
         interrupted run is counted here, once."""
         bucket, key = entry_of(req)
         record = self.read(bucket, key)
-        verdict = decide(record, running_here=running_here(home, key), me=self.me, now=time.time(),
+        verdict = decide(record, running_here=running_here(home, req), me=self.me, now=time.time(),
                          stale_s=self.stale_s, store_wait_s=store_wait_s,
-                         finished_here=record is not None and finished_job_dir(home, key) is not None)
+                         finished_here=record is not None and finished_job_dir(home, req) is not None)
         if verdict == INTERRUPTED:
             return RUN, self.interrupted(record)
         return verdict, record
@@ -268,22 +269,29 @@ REQUEST = ".request.json"  # JOB/.request.json: the message body, to finish the 
 LOCK = ".lock"  # held by the runner working on JOB
 
 
-def finished_job_dir(home, key: str) -> Optional[Path]:
-    """A job dir on this box (any slot) whose workload ended but whose uploads are not known to
-    be done, and that no live runner holds; None if there is none."""
-    for d in Path(home.work_dir).glob(f"*/{job_dir_name(key)}"):
+def job_folder(req) -> str:
+    """The name of `req`'s job folder (in its slot's work folder): named by the same (bucket,
+    key) as its ledger record, so two members' requests with one key never share a folder."""
+    bucket, key = entry_of(req)
+    return job_dir_name(f"{bucket}/{key}")
+
+
+def finished_job_dir(home, req) -> Optional[Path]:
+    """A job dir of `req` on this box (any slot) whose workload ended but whose uploads are not
+    known to be done, and that no live runner holds; None if there is none."""
+    for d in Path(home.work_dir).glob(f"*/{job_folder(req)}"):
         try:
             ended = json.loads((d / ENDED).read_text())
         except (OSError, ValueError):
             continue
-        if ended.get("experiment") == key and _unlocked(d):
+        if ended.get("experiment") == req.key and _unlocked(d):
             return d
     return None
 
 
-def running_here(home, key: str) -> bool:
-    """A runner of this box holds the job folder of `key` now (its job runs or uploads)."""
-    return any(not _unlocked(d) for d in Path(home.work_dir).glob(f"*/{job_dir_name(key)}")
+def running_here(home, req) -> bool:
+    """A runner of this box holds `req`'s job folder now (its job runs or uploads)."""
+    return any(not _unlocked(d) for d in Path(home.work_dir).glob(f"*/{job_folder(req)}")
                if (d / LOCK).exists())
 
 

@@ -54,7 +54,7 @@ from appliance.runner.store_health import StoreHealth
 from appliance.runner.triage import ELSEWHERE, LATER, RUN, expired, fit, slot_shapes, this_slot
 from appliance.slot import users
 from appliance.studioml import transfer
-from appliance.studioml.keys import job_dir_name, safe_name
+from appliance.studioml.keys import safe_name
 from appliance.studioml.request import BadRequest, Request, parse_request
 
 log = logging.getLogger("appliance.runner")
@@ -366,8 +366,8 @@ class Runner:
             if old.is_dir() and not old.is_symlink() and (old / ENDED).exists():
                 continue
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
-        job_dir = root / job_dir_name(req.key)
-        finished = finished_job_dir(self.home, req.key)
+        job_dir = root / ledger.job_folder(req)
+        finished = finished_job_dir(self.home, req)
         job = None
         try:
             if finished is not None:  # the workload ended here before: finish its uploads

@@ -73,9 +73,25 @@ if [ "$UNINSTALL" -eq 1 ]; then
     exit 0
 fi
 
-# 1. Python with venv (Debian/Ubuntu split venv out of python3)
-PYTHON=${PYTHON:-python3}
+# 1. Python with venv (Debian/Ubuntu split venv out of python3), one every user can run: members
+#    run the launcher without sudo, so not an interpreter under /root (pyenv, conda). The system's
+#    /usr/bin/python3 when there is one; PYTHON=/path/to/python3 ./install.sh picks another.
+runs_for_everyone() {  # whether an unprivileged user (nobody) can run the interpreter "$1"
+    [ "$(id -u)" -eq 0 ] && command -v runuser >/dev/null && getent passwd nobody >/dev/null || return 0
+    (cd / && runuser -u nobody -- "$1" -c 'pass' </dev/null >/dev/null 2>&1)
+}
+PYTHON_GIVEN=${PYTHON:+1}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x /usr/bin/python3 ] && PYTHON=/usr/bin/python3
+fi
 command -v "$PYTHON" >/dev/null || { say "installing python3"; $SUDO apt-get update -qq; $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv; }
+if ! runs_for_everyone "$PYTHON"; then
+    [ -z "$PYTHON_GIVEN" ] || die "PYTHON=$PYTHON cannot be run by other users (it lives where only its owner may enter): members could not use the appliance; use an interpreter every user can run, e.g. PYTHON=/usr/bin/python3"
+    say "$PYTHON cannot be run by other users: installing the system's python3"
+    $SUDO apt-get update -qq; $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv
+    PYTHON=/usr/bin/python3
+fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$PYTHON is older than 3.9; install a newer python3"
 if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     say "installing python3-venv"
@@ -85,6 +101,11 @@ fi
 
 # 2. The virtualenv with the appliance and its dependencies
 say "installing the appliance into $VENV"
+# a venv whose interpreter is gone or that other users cannot run is made again (a re-run repairs it)
+if [ -e "$VENV" ] && ! { "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 && runs_for_everyone "$VENV/bin/python"; }; then
+    say "the virtualenv $VENV is broken or not usable by other users: making it again with $PYTHON"
+    rm -rf "$VENV"
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 # pip builds in the tree it installs from (egg-info, build/): build from a copy, so the checkout

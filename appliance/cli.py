@@ -14,7 +14,8 @@ from appliance.paths import Home
 
 # Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
 ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results",
-           "top"]
+           "jobs", "history", "cancel", "hold", "release", "requeue", "wait",
+           "top", "user"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -109,6 +110,7 @@ def _action_named(argv: list[str]) -> str | None:
 
 def _is_user_error(e: Exception) -> bool:
     """Errors whose message already says what is wrong and how to fix it."""
+    from appliance.api.client import ApiClientError
     from appliance.config import ConfigError
     from appliance.lifecycle import StartError
     from appliance.paths import HomeError
@@ -118,7 +120,7 @@ def _is_user_error(e: Exception) -> bool:
     from appliance.supervisor import SupervisorError
 
     return isinstance(e, (UserError, ConfigError, PlanError, StartError, StoreError, CredentialsError,
-                          SupervisorError, HomeError, PermissionError))
+                          SupervisorError, HomeError, PermissionError, ApiClientError))
 
 
 if __name__ == "__main__":

@@ -197,6 +197,11 @@ class ObjectStoreConfig:
 
 @dataclass(frozen=True)
 class QueuesConfig:
+    submit: str = opt("group", _one_of("open", "group", "closed"),
+                      'who may submit through the API: "open" (any local user), "group" (members of the '
+                      'appliance group) or "closed" (admins only)')
+    admin_group: str = opt("", _text, "members of this group act on every member's jobs as root does "
+                                      "(empty: root alone)")
     credentials_dir: str = opt("", _text, "directory of queue credentials (empty: HOME/credentials)")
     dead_ttl: float = opt(30 * 86400.0, _duration,
                           'how long dead-lettered local messages are kept (e.g. "30d"; 0 keeps them forever)')

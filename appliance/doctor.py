@@ -32,6 +32,7 @@ def check(home: Home) -> list[Finding]:
         return [Finding(False, "config", str(e))]
 
     out += _check_permissions(home)
+    out.append(Finding(*_launcher_for_members()))
     out.append(_check_disk(home))
     if config.runner.installer == "uv" and not config.runner.python:
         out.append(_check_env_cache(home))
@@ -59,6 +60,13 @@ def check(home: Home) -> list[Finding]:
         problems = docker_problems(gpus_needed=bool(scan.gpus), image=config.isolation.docker_image)
         out.append(Finding(not problems, "docker", "; ".join(problems) or "daemon reachable"))
     return out
+
+
+def _launcher_for_members() -> tuple:
+    from appliance.everyone import launcher, runs_for_others
+
+    result = runs_for_others(launcher())
+    return result.ok, "launcher", result.detail
 
 
 def _check_permissions(home: Home) -> list[Finding]:
@@ -99,7 +107,7 @@ def _existing(path: Path) -> Path:
 
 def _check_env_cache(home: Home) -> Finding:
     """uv links venvs to its cache (hard links or clones): both must be on one filesystem."""
-    from appliance.runner.pyenv import uv_binary
+    from appliance.pyenv import uv_binary
 
     if uv_binary() is None:
         return Finding(False, "env cache", "runner.installer is \"uv\" but uv is not installed: `pip install uv` "

@@ -57,7 +57,7 @@ def find(home: Home, slots: list[str] = ()) -> Leftovers:
         pids = singleton.holders(str(lock)) if singleton.is_held(str(lock)) else []  # the probe is cheap
         if pids:
             found.holders[lock.stem] = pids
-    for name in sorted(names - {"controller", "store"}):
+    for name in sorted(names - {"controller", "store", "api"}):
         pids = _cgroup_pids(home, name)
         if pids:
             found.cgroup[name] = pids
@@ -86,10 +86,10 @@ def stop(home: Home, leftovers: Leftovers, drain_wait: float, say=print) -> None
     """Stop `leftovers` gently, in order (see the module doc). PermissionError if not ours to signal."""
     if not leftovers:
         return
-    slots = [n for n in leftovers.names() if n not in ("controller", "store")]
+    slots = [n for n in leftovers.names() if n not in ("controller", "store", "api")]
     say(f"supervisord is gone, but these still run: {leftovers.describe()}; stopping them "
         f"(runners drain first, up to {drain_wait:.0f}s)")
-    _term_and_wait(leftovers.holders.get("controller", []), CONTROLLER_WAIT_S)
+    _term_and_wait(leftovers.holders.get("controller", []) + leftovers.holders.get("api", []), CONTROLLER_WAIT_S)
     runners = []
     for name in slots:
         # the lock holder is the runner (or its docker wrapper); without one, a runner from

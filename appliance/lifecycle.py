@@ -105,7 +105,7 @@ def wait_healthy(home: Home, config: Config, plan: Plan, timeout: float) -> list
     """Wait until the store answers and every slot is RUNNING; return what is still wrong."""
     creds = load_credentials(home)
     buckets_made = False
-    expected = [s.name for s in plan.slots] + ["controller"] + (["store"] if store_program(home, config) else [])
+    expected = [s.name for s in plan.slots] + ["controller", "api"] + (["store"] if store_program(home, config) else [])
     deadline = time.monotonic() + timeout
     while True:
         problems = []
@@ -248,6 +248,7 @@ def down(home: Home, timeout: float | None = None, say=print) -> None:
     if supervisor.is_running(home) or supervisor.supervisord_pid(home):
         supervisor.shutdown(home, timeout or stop_wait_seconds(config) + 60)
     stop_leftovers(home, config, say)
+    (home.run_dir / "api.sock").unlink(missing_ok=True)  # clients then say "not running" at once
     if config.isolation.backend == "docker":
         try:
             from appliance.slot.docker_slot import remove_stale

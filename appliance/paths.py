@@ -165,8 +165,9 @@ class Home:
             d.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_cache.mkdir(parents=True, exist_ok=True)
-        # workloads run as other users: keys, broker passwords, logs and other tenants' cached
-        # workspaces are the appliance's alone; venvs and job folders stay reachable (0711 or
-        # sealed read-only), each job's own content is its workload's
-        for d in (self.secrets_dir, self.credentials_dir, self.logs_dir, self.artifact_cache):
+        # workloads run as other users: keys, broker passwords, logs, the slots' status (every
+        # running job's key and owner) and other tenants' cached workspaces are the appliance's
+        # alone (members read status through the API); venvs and job folders stay reachable
+        # (0711 or sealed read-only), each job's own content is its workload's
+        for d in (self.secrets_dir, self.credentials_dir, self.logs_dir, self.status_dir, self.artifact_cache):
             os.chmod(d, 0o700)

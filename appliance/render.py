@@ -91,6 +91,7 @@ def runner_settings_digest(config: Config) -> str:
 
 
 CONTROLLER_LOCK_WAIT_S = 20  # its stopwaitsecs (10) and some
+API_LOCK_WAIT_S = 15  # its stopwaitsecs (5) and some
 STORE_LOCK_WAIT_S = 30  # its stopwaitsecs (20) and some
 
 
@@ -142,6 +143,13 @@ def controller_program(home: Home, python: str = sys.executable) -> Program:
                    {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"})
 
 
+def api_program(home: Home, python: str = sys.executable) -> Program:
+    """The API daemon (appliance/api/server.py): the one door members' clients use."""
+    command = [python, "-m", "appliance.api.server", "--home", str(home.root)]
+    return Program("api", singleton_command(home, "api", API_LOCK_WAIT_S, command, python),
+                   {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1"})
+
+
 def render_supervisord(home: Home, config: Config, plan: Plan, python: str = sys.executable,
                        controller: bool = True) -> str:
     store = store_program(home, config)
@@ -158,6 +166,7 @@ def render_supervisord(home: Home, config: Config, plan: Plan, python: str = sys
         store=store,
         slots=[slot_program(home, config, s, python) for s in plan.slots],
         controller=controller_program(home, python) if controller else None,
+        api=api_program(home, python),
         stop_wait=stop_wait_seconds(config),
     )
 

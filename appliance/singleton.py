@@ -53,9 +53,16 @@ def hold(path: str, name: str, wait_s: float = DEFAULT_WAIT_S, say=None, inherit
     """Take the exclusive lock on `path`, waiting up to `wait_s` for a holder to go; the fd.
 
     The fd is left open (and inheritable, so it survives exec): the lock lasts as long as the
-    process. Raises Busy when the wait ran out, OSError when the lock file cannot be made."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    process. Raises Busy when the wait ran out, OSError when the lock file cannot be made.
+
+    The folder is its owner's alone (0700) and the file 0600: flock needs no write access, so a
+    lock anybody could open is a lock any workload could take first and stall a runner with."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_mode & 0o077 and os.stat(folder).st_uid == os.geteuid():
+        os.chmod(folder, 0o700)  # made open by an earlier version
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
     deadline = time.monotonic() + max(0.0, wait_s)
     delay, said = 0.1, False
     while True:

@@ -131,6 +131,7 @@ def gather(home: Home) -> dict:
             "container_id": containers.get(slot.name),
             "runner_state": runner.get("step") or runner.get("state"),
             "experiment": runner.get("experiment"),
+            "owner_uid": runner.get("owner_uid"),  # who submitted it (the kernel's word), None: unknown
             "queue": runner.get("queue"),
             "job_started": runner.get("started"),
             "output": runner.get("output"),  # the job's local output file while it runs

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.paths import Home  # noqa: E402
-from appliance.runner import pyenv  # noqa: E402
+from appliance import pyenv  # noqa: E402
 from bench.bench_runner import Bench, cli  # noqa: E402
 
 BIG = ["cloudpickle==3.1.3", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0", "joblib==1.6.0",

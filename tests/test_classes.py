@@ -24,12 +24,29 @@ TABLE = [
      "found for nosuchpkg==9", "environment"),
     (execute.ENV_FAILED, None, "building the Python environment failed\n  × No solution found when "
      "resolving dependencies", "environment"),
+    # a set that cannot be resolved, in the words of pip and uv: the request's, not retried
+    (execute.ENV_FAILED, None, "building the Python environment failed: ERROR: Cannot install six==1.16.0 and "
+     "six==1.17.0 because these package versions have conflicting dependencies. ERROR: ResolutionImpossible: "
+     "for help visit https://pip.pypa.io/en/latest/topics/dependency-resolution/", "environment"),
+    (execute.ENV_FAILED, None, "building the Python environment failed: error: Because demo was not found in "
+     "the package registry and you require demo, we can conclude that your requirements are unsatisfiable.",
+     "environment"),
+    (execute.ENV_FAILED, None, "building the Python environment failed: error: Because demo was not found in "
+     "the provided package locations and you require demo, ...", "environment"),
+    (execute.ENV_FAILED, None, "building the Python environment failed: ERROR: Could not find a version that "
+     "satisfies the requirement six==99 (from versions: 1.16.0, 1.17.0)", "environment"),
+    (execute.ENV_FAILED, None, "building the Python environment failed: error: Failed to fetch: "
+     "`https://pypi.org/simple/six/` cause: Request failed after 3 retries cause: error sending request",
+     "infrastructure"),
+    (execute.ENV_FAILED, None, "building the Python environment failed: ERROR: Could not install packages due "
+     "to an OSError: [Errno 28] No space left on device", "infrastructure"),
     (execute.ENV_FAILED, None, "building the Python environment failed\nConnection refused "
      "(pypi.org:443)", "infrastructure"),
     (execute.ENV_FAILED, None, "environment: PermissionError: /var/lib", "infrastructure"),
     (execute.ENV_FAILED, None, "building the Python environment failed\nWARNING: Retrying ... "
      "NewConnectionError: [Errno 111] Connection refused\nERROR: No matching distribution found for x",
      "infrastructure"),
+    (execute.CANCELLED, None, "cancelled (appliance cancel): stopped with SIGTERM", "cancelled"),
     ("something new", None, "", "infrastructure"),
 ]
 

@@ -106,3 +106,36 @@ def test_install_refuses_bad_options(args, message):
     result = run([str(REPO / "install.sh"), *args], dict(os.environ), check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_install_refuses_an_interpreter_other_users_cannot_run(tmp_path):
+    """A pyenv or conda python under /root would leave a launcher that fails for every member."""
+    need(os.geteuid() == 0 and shutil.which("runuser") is not None, "root and runuser (to try it as nobody)")
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "python3").symlink_to(shutil.which("python3"))
+    env = {**os.environ, "PYTHON": str(private / "python3")}
+    result = run([str(REPO / "install.sh"), "--home", str(tmp_path / "home"), "--no-start"], env, check=False)
+    assert result.returncode != 0
+    assert f"PYTHON={private / 'python3'} cannot be run by other users" in result.stderr
+    assert not (tmp_path / "home" / "venv").exists()
+
+
+def test_the_launcher_runs_for_every_user_and_a_rerun_repairs_a_broken_venv(install_env, tmp_path):
+    need(shutil.which("runuser") is not None, "runuser (to run the launcher as nobody)")
+    home, env = install_env
+    home.mkdir()
+    os.chmod(tmp_path, 0o755)  # the home must be reachable by other users, as /var/lib/appliance is
+    checkout = checkout_copy(tmp_path / "checkout")
+    run([str(checkout / "install.sh"), "--home", str(home), "--no-start"], env)
+    as_nobody = ["runuser", "-u", "nobody", "--", str(LAUNCHER), "--version"]
+    assert subprocess.run(as_nobody, capture_output=True, text=True, cwd="/").returncode == 0
+    assert os.path.realpath(home / "venv" / "bin" / "python").startswith("/usr/")  # not an interpreter under /root
+
+    python = home / "venv" / "bin" / "python"
+    python.unlink()
+    python.symlink_to("/nonexistent/python3")  # its interpreter is gone, as after removing a pyenv
+    out = run([str(checkout / "install.sh"), "--home", str(home), "--no-start"], env)
+    assert "is broken or not usable by other users: making it again" in out.stdout
+    done = subprocess.run(as_nobody, capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr

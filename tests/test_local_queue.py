@@ -386,45 +386,54 @@ def as_nobody(cmd: str, groups=()) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def test_group_members_use_the_queue_and_others_cannot(open_dir, shared_group):
+def test_group_members_drop_messages_but_read_or_remove_only_their_own(open_dir, shared_group):
     top = open_dir / "studioml"
     root = top / "queue"
     enqueue(root, "local_old", b'{"keys": "secret"}')  # a home from before: umask modes
     old = next((root / "local_old").glob("*-*"))
-    old.chmod(0o644)
+    old.chmod(0o664)
 
     said = share_queue_tree(top, group=shared_group.gr_name)
     assert said and shared_group.gr_name in said
     for d in (top, root, root / "local_old", top / "experiments"):
-        assert (mode(d), d.stat().st_gid) == (0o2770, shared_group.gr_gid), d
-    assert (mode(old), old.stat().st_gid) == (0o660, shared_group.gr_gid)
+        assert (mode(d), d.stat().st_gid) == (0o3770, shared_group.gr_gid), d
+    assert (mode(old), old.stat().st_gid) == (0o600, shared_group.gr_gid)  # no longer the group's to read
 
-    # what root (`sudo appliance submit`, a runner) writes now is the group's, 0660
+    # what root (`sudo appliance submit`, a runner) writes is root's alone, 0600
     msgid = enqueue(root, "local_new", b'{"keys": "secret"}')
     new = root / "local_new" / msgid
-    assert (mode(new), new.stat().st_gid) == (0o660, shared_group.gr_gid)
-    assert mode(root / "local_new") == 0o2770
+    assert (mode(new), new.stat().st_gid) == (0o600, shared_group.gr_gid)
+    assert mode(root / "local_new") == 0o3770
 
-    # a member reads and writes messages without sudo; what it makes takes the group
-    member = as_nobody(f"cat {new} && echo '{{}}' > {root}/local_new/by-member && "
-                       f"mkdir {root}/local_member", groups=[shared_group.gr_gid])
+    # a member (a StudioML client) drops a message without sudo; what it makes takes the group
+    member = as_nobody(f"echo '{{}}' > {root}/local_new/by-member && mkdir {root}/local_member",
+                       groups=[shared_group.gr_gid])
     assert member.returncode == 0, member.stderr
     assert (root / "local_new" / "by-member").stat().st_gid == shared_group.gr_gid
     assert (root / "local_member").stat().st_gid == shared_group.gr_gid
+    # whatever its umask, its message is its own (the folders' default ACL): the group reads none
+    by_member = as_nobody(f"umask 000 && echo '{{}}' > {root}/local_new/open-umask", groups=[shared_group.gr_gid])
+    assert by_member.returncode == 0, by_member.stderr
+    assert mode(root / "local_new" / "open-umask") & 0o077 == 0
+    # ... but reads, replaces and removes no message of another (sticky folder, 0600 files)
+    for cmd in (f"cat {new}", f"rm -f {new}", f"mv {new} {root}/local_new/mine", f"echo x > {new}"):
+        other = as_nobody(cmd, groups=[shared_group.gr_gid])
+        assert other.returncode != 0, cmd
+    assert new.read_bytes() == b'{"keys": "secret"}'
 
     # anyone else can neither read nor write
     for cmd in (f"cat {new}", f"ls {root}", f"echo x > {root}/local_new/intruder"):
         other = as_nobody(cmd)
         assert other.returncode != 0 and "Permission denied" in other.stderr, cmd
 
-    # dead letters and their reasons stay the group's
+    # a dead letter and its reason are its sender's alone
     src = LocalQueueSource(root, runner_id="t", watch=False)
     msg = src.claim("local_new")
     src.dead_letter(msg, "poison")
     dead = root / DEAD / "local_new"
-    assert mode(dead) == 0o2770
+    assert mode(dead) == 0o3770
     for f in (dead / msg.message_id, dead / f"{msg.message_id}.reason"):
-        assert (mode(f), f.stat().st_gid) == (0o660, shared_group.gr_gid), f
+        assert (mode(f), f.stat().st_gid) == (0o600, shared_group.gr_gid), f
     src.close()
 
 
@@ -440,7 +449,7 @@ def test_sharing_again_fixes_new_client_folders_without_a_walk(open_dir, shared_
     deep.mkdir()
     deep.chmod(0o2755)
     assert share_queue_tree(top, group=shared_group.gr_name)
-    assert mode(top / "queue" / "local_client") == 0o2770
+    assert mode(top / "queue" / "local_client") == 0o3770
     assert mode(deep) == 0o2755
 
 
@@ -603,3 +612,39 @@ def test_enqueue_on_a_full_disk_says_so_and_leaves_nothing(root):
         disk.free()
         msgid = enqueue(root, Q, b"x" * 300)
         assert (root / Q / msgid).read_bytes() == b"x" * 300
+
+
+def test_a_message_swapped_for_a_link_is_neither_read_nor_owned_through_it(tmp_path):
+    """A writer who replaces their message by a symlink after the listing (to another's message,
+    to a root-only file) gets nothing read through it, nor its target's owner."""
+    root = tmp_path / "queue"
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"keys": "someone else\'s"}')
+    os.chmod(secret, 0o600)
+    enqueue(root, "local_q", b"{}")
+    [name] = [p.name for p in (root / "local_q").iterdir() if p.name != "lock.lock"]
+    src = LocalQueueSource(root, runner_id="t", watch=False)
+    listed = src._messages
+    def swap_after_listing(folder, dead=False):
+        found = listed(folder, dead)
+        if found and not dead:
+            (folder / name).unlink()
+            (folder / name).symlink_to(secret)
+        return found
+    src._messages = swap_after_listing
+    assert src.claim("local_q") is None
+    assert not any((root / ".claimed" / "local_q").iterdir())  # the link is gone, the target untouched
+    assert secret.read_text() == '{"keys": "someone else\'s"}'
+    src.close()
+
+
+def test_a_claimed_message_carries_the_uid_of_its_file(tmp_path):
+    from tests.realparts import need
+
+    need(os.geteuid() == 0, "root (to give a message to another uid)")
+    root = tmp_path / "queue"
+    enqueue(root, "local_q", b"{}", owner_uid=65534)
+    src = LocalQueueSource(root, runner_id="t", watch=False)
+    msg = src.claim("local_q")
+    assert msg.owner_uid == 65534
+    src.close()

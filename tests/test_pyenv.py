@@ -1,4 +1,4 @@
-"""pyenv.py: requirement sets, the venv cache (built once, reused by many at once, evicted),
+"""appliance/pyenv: requirement sets, the venv cache (built once, reused by many at once, evicted),
 builds as the workload's user and pip failures."""
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runner import pyenv
-from appliance.runner.execute import Supervision
-from appliance.runner.pyenv import VenvCache
+from appliance import pyenv
+from appliance.process import Supervision
+from appliance.pyenv import VenvCache
+from appliance.pyenv import bytecode
+from appliance.pyenv.build import seal
+from appliance.pyenv.interpreter import python_version
+from appliance.pyenv.requirements import env_key
 
 PYTHON = pyenv.interpreter_for("3.11")
 NOBODY = 65534
@@ -66,11 +70,11 @@ def test_a_pip_option_never_reaches_pip(tmp_path):
 
 
 def test_key_depends_on_the_set_not_its_order():
-    a = pyenv.env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.11.7")
-    b = pyenv.env_key(pyenv.requirement_set(["a==2", "b==1", "studioml==0.0.49"]), "3.11.7")
+    a = env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.11.7")
+    b = env_key(pyenv.requirement_set(["a==2", "b==1", "studioml==0.0.49"]), "3.11.7")
     assert a == b
-    assert a != pyenv.env_key(["a==2"], "3.11.7")
-    assert a != pyenv.env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.12.1")
+    assert a != env_key(["a==2"], "3.11.7")
+    assert a != env_key(pyenv.requirement_set(["b==1", "a==2"]), "3.12.1")
 
 
 def test_interpreter_for_falls_back_to_the_runner_python():
@@ -133,7 +137,7 @@ def test_a_stopped_build_leaves_nothing_behind(tmp_path):
 
 def _key(reqs, python=PYTHON):
     """The cache key of already normalized requirement lines."""
-    return pyenv.env_key(sorted(reqs), pyenv.python_version(python))
+    return env_key(sorted(reqs), python_version(python))
 
 
 def test_leftovers_of_a_build_that_died_are_removed(tmp_path):
@@ -148,7 +152,7 @@ def test_leftovers_of_a_build_that_died_are_removed(tmp_path):
 
 HOLD = """
 import pathlib, sys, time
-from appliance.runner.pyenv import VenvCache
+from appliance.pyenv import VenvCache
 root, python, me, other = sys.argv[1:5]
 env = VenvCache(pathlib.Path(root)).prepare(["six==1.17.0"], python)
 pathlib.Path(me + ".start").write_text(repr(time.time()))
@@ -177,8 +181,8 @@ def test_jobs_with_the_same_environment_use_it_at_the_same_time(tmp_path):
 
 WAIT = """
 import pathlib, sys, time
-from appliance.runner.execute import Supervision
-from appliance.runner.pyenv import Interrupted, VenvCache
+from appliance.process import Supervision
+from appliance.pyenv import Interrupted, VenvCache
 root, python, how = sys.argv[1:4]
 ticks = []
 limit = time.time() + 1
@@ -196,7 +200,8 @@ except Interrupted as e:
 def test_a_runner_waiting_for_another_build_keeps_alive_and_gives_up_in_time(tmp_path, how, why):
     root = tmp_path / "venvs"
     root.mkdir()
-    with open(root / f"{_key(['six==1.17.0'])}.lock", "a") as building:  # another runner builds it
+    (tmp_path / "locks").mkdir(mode=0o700)  # the cache's lock folder, beside it
+    with open(tmp_path / "locks" / f"{_key(['six==1.17.0'])}.lock", "a") as building:  # another runner builds it
         fcntl.flock(building, fcntl.LOCK_EX)
         out = subprocess.run([sys.executable, "-c", WAIT, str(root), PYTHON, how],
                              capture_output=True, text=True, timeout=60).stdout.strip().split(maxsplit=2)
@@ -266,7 +271,7 @@ def test_seal_takes_the_tree_from_the_build_user(tmp_path):
         os.chown(p, NOBODY, NOBODY)
     os.lchown(top / "lib" / "link", NOBODY, NOBODY)
     passwd = os.stat("/etc/passwd")
-    pyenv.seal(top, NOBODY)
+    seal(top, NOBODY)
     for p in (top, top / "lib", top / "lib" / "mod.py", top / "lib" / "link"):
         assert os.lstat(p).st_uid == os.geteuid()
     assert stat.S_IMODE(os.stat(top / "lib").st_mode) == 0o755
@@ -277,7 +282,7 @@ def test_seal_takes_the_tree_from_the_build_user(tmp_path):
 def test_two_runners_build_the_same_set_once(tmp_path):
     prog = textwrap.dedent(f"""
         import sys
-        from appliance.runner.pyenv import VenvCache
+        from appliance.pyenv import VenvCache
         env = VenvCache(__import__("pathlib").Path({str(tmp_path / "venvs")!r})).prepare(
             ["six==1.17.0"], {PYTHON!r})
         print("reused" if env.reused else "built")
@@ -300,3 +305,34 @@ def test_lru_eviction_spares_venvs_in_use(tmp_path):
     assert c.reused
     assert [k for _, _, k in cache.entries()] == [b.key]
     assert not (tmp_path / "venvs" / a.key).exists()
+
+
+def test_root_copies_in_only_bytecode_of_the_venvs_own_sources(tmp_path):
+    """What the build user left in its stage is copied only as NAME.TAG.pyc beside the venv's
+    own NAME.py: not a symlink, not a hard link, not into the stage, not for a missing source."""
+    build = tmp_path / "venv"
+    (build / "lib").mkdir(parents=True)
+    for name in ("good", "linked", "hard", "nosource_ok"):
+        (build / "lib" / f"{name}.py").write_text("")
+    (build / "lib" / "nosource_ok.py").unlink()
+    stage = build / ".bytecode.x"
+    mirror = stage / str(build.resolve()).lstrip("/")
+    (mirror / "lib").mkdir(parents=True)
+    tag = sys.implementation.cache_tag
+    (mirror / "lib" / f"good.{tag}.pyc").write_bytes(b"good")
+    os.symlink("/etc/hostname", mirror / "lib" / f"linked.{tag}.pyc")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    os.link(secret, mirror / "lib" / f"hard.{tag}.pyc")
+    (mirror / "lib" / f"nosource_ok.{tag}.pyc").write_bytes(b"x")
+    inner = stage / str(stage.resolve()).lstrip("/")  # "sources" in the stage itself
+    inner.mkdir(parents=True)
+    (stage / "evil.py").write_text("")
+    (inner / f"evil.{tag}.pyc").write_bytes(b"evil")
+    for dirpath, dirnames, filenames in os.walk(stage):
+        for n in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            os.lchown(n, NOBODY, NOBODY)
+    assert bytecode.place(stage, build, NOBODY) == 1
+    assert (build / "lib" / "__pycache__" / f"good.{tag}.pyc").read_bytes() == b"good"
+    assert sorted(p.name for p in (build / "lib" / "__pycache__").iterdir()) == [f"good.{tag}.pyc"]
+    assert not (stage / "__pycache__").exists()

@@ -44,7 +44,7 @@ def test_one_program_per_slot_each_its_own_group(tmp_path):
     assert "numprocs" not in text  # an update would restart every slot
     groups = supervisord_reads(tmp_path, text, home)
     slot_names = [s.name for s in plan.slots]
-    assert sorted(groups) == sorted(slot_names + ["store", "controller"])
+    assert sorted(groups) == sorted(slot_names + ["store", "controller", "api"])
     for slot in plan.slots:
         [program] = groups[slot.name]
         argv = shlex.split(program.command)

@@ -22,6 +22,7 @@ from appliance.studioml.transfer import RetryPolicy
 from appliance.runner.runner import Runner, RunnerSettings
 from appliance.runner.status import find_experiment, read_status
 from tests.realparts import free_port
+from tests.wheels import make_wheel, offline_env
 
 REPO = Path(__file__).resolve().parent.parent
 Q = "local_test"
@@ -648,6 +649,27 @@ def test_an_unresolvable_requirement_is_class_environment_and_not_retried(store,
     (reason,) = dead_reasons(home)
     assert reason.rstrip().endswith("[class: environment]")
     assert runner.status.data["last_result"]["class"] == "environment"
+
+
+@pytest.mark.parametrize("pythonenv", [["appliance-no-such-package==1.0"], ["demo==1.0", "demo==2.0"]],
+                         ids=["unknown", "conflict"])
+def test_a_set_the_index_cannot_resolve_is_class_environment_and_runs_once(store, home, monkeypatch,
+                                                                           tmp_path, pythonenv):
+    wheels = tmp_path / "wheels"  # the index: a folder of wheels (uv, then pip, see only it)
+    for version in ("1.0", "2.0"):
+        make_wheel(wheels, "demo", version, {"demo.py": f"VERSION = {version!r}\n"})
+    for name, value in offline_env(wheels).items():
+        if name != "PATH":
+            monkeypatch.setenv(name, value)
+    key, body = request(store, HELLO, pythonenv=pythonenv)
+    submit(home, body)
+    runner, _ = make_runner(home, python="", retries=2)
+    assert runner.run_once()
+    (reason,) = dead_reasons(home)
+    assert reason.startswith("environment failed") and reason.rstrip().endswith("[class: environment]"), reason
+    assert "demo" in reason or "appliance-no-such-package" in reason
+    last = runner.status.data["last_result"]
+    assert last["class"] == "environment" and not last.get("retry") and pending(home) == []
 
 
 def test_classes_and_the_job_report_in_a_real_slot(store, home, slot_cgroup):

@@ -84,3 +84,27 @@ def test_a_workload_started_by_the_program_does_not_hold_the_lock(tmp_path):
         proc.kill()
         proc.wait()
         os.kill(child, signal.SIGKILL)
+
+
+def test_no_workload_can_open_a_lock_to_take_it_first(tmp_path):
+    """flock needs no write access: a lock file others may open is one a workload could hold to
+    stall a restarting runner. Locks are their owner's alone, also those an older version left."""
+    locks = tmp_path / "run" / "locks"
+    locks.mkdir(parents=True, mode=0o755)
+    old = locks / "slot-1.lock"
+    old.write_text("")
+    old.chmod(0o644)
+    for name in ("slot-0", "slot-1"):
+        fd = singleton.hold(str(locks / f"{name}.lock"), name, wait_s=0)
+        os.close(fd)
+    probe = ("import fcntl, os, sys\n"
+             "for p in sys.argv[1:]:\n"
+             "    try:\n"
+             "        fcntl.flock(os.open(p, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "        print('took', p)\n"
+             "    except OSError as e:\n"
+             "        print(e.strerror)\n")
+    out = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c", probe,
+                          str(locks / "slot-0.lock"), str(old)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.splitlines() == ["Permission denied"] * 2, out
+    assert oct(locks.stat().st_mode & 0o777) == "0o700"

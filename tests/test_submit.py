@@ -265,7 +265,7 @@ def test_unchanged_folder_is_uploaded_once(store_home, project, store, capsys):
     capsys.readouterr()
 
 
-def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
+def test_submitted_message_is_its_senders_alone(store_home, project, capsys):
     from tests.realparts import need
 
     need(os.geteuid() == 0, "root (to hand the queue to a group)")
@@ -278,7 +278,7 @@ def test_submitted_message_is_the_groups_alone(store_home, project, capsys):
         os.umask(old_umask)
     [msg] = [p for p in (store_home.queue_root / DEFAULT_QUEUE).iterdir() if p.name != "lock.lock"]
     st = msg.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group.gr_gid)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o600, group.gr_gid)  # it holds a store key
     capsys.readouterr()
 
 

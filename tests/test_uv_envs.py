@@ -1,4 +1,4 @@
-"""pyenv.py with uv: one shared, root-written cache linked into sealed venvs; pip as the fallback;
+"""appliance/pyenv with uv: one shared, root-written cache linked into sealed venvs; pip as the fallback;
 progress while a set builds; bad input (unresolvable, unreachable index, full disk); the bound."""
 
 from __future__ import annotations
@@ -9,14 +9,17 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from appliance.doctor import _check_env_cache
 from appliance.paths import Home
-from appliance.runner import pyenv
-from appliance.runner.pyenv import UvCache, VenvCache
+from appliance import pyenv
+from appliance.pyenv import UvCache, VenvCache
+from appliance.process import Supervision
+from tests.wheels import make_wheel, marker_wheel, offline_env
 
 NOBODY = 65534
 PYTHON = shutil.which("python3", path="/usr/bin:/bin")  # one the workload user may run
@@ -187,3 +190,128 @@ def test_doctor_fails_when_cache_and_venvs_are_on_different_filesystems(home):
     finally:
         subprocess.run(["umount", str(home.uv_cache)], check=True)
     assert not found.ok and "different filesystems" in found.detail and "one filesystem" in found.detail
+
+
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_no_root_process_runs_code_from_a_requirement_set(home, installer):
+    """A wheel's one-line .pth runs in every interpreter that starts in its venv: neither the
+    build nor byte-compiling may start one as root. The job still gets the package, compiled."""
+    wheels, marker = home.root / "wheels", home.root / "uids"
+    marker_wheel(wheels, marker)
+    uvc = UvCache(home.uv_cache) if installer == "uv" else None
+    venvs = VenvCache(home.venv_cache, uv_cache=uvc, build_env=offline_env(wheels))
+    env = venvs.prepare(["uidmark==1.0"], PYTHON, build_as=pyenv.BuildUser(NOBODY, NOBODY))
+    env.release()
+    package = _site(env) / "uidmark_mod"
+    waited = time.monotonic() + 120  # (bytecode once came from a background process)
+    while not list(package.glob("__pycache__/__init__.*.pyc")) and time.monotonic() < waited:
+        time.sleep(0.1)
+    assert list(package.glob("__pycache__/__init__.*.pyc")), "the venv has no bytecode"
+    out = _as_nobody([env.python, "-c", "import uidmark_mod; print(uidmark_mod.VERSION)"])
+    assert out.stdout.strip() == "1.0", out.stderr
+    uids = marker.read_text().split()
+    assert str(NOBODY) in uids and "0" not in uids, uids
+
+
+HOLD = """
+import fcntl, os, sys
+held = []
+for path in sys.argv[1:]:
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        continue
+    fcntl.flock(f, fcntl.LOCK_EX)
+    held.append(f)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_workload_can_neither_open_nor_hold_the_locks_of_builds_and_jobs(home):
+    uvc, venvs = caches(home)
+    venvs.prepare(["six==1.17.0"], PYTHON).release()
+    locks = [str(p) for p in home.root.rglob("*.lock") if p.name != ".lock"]  # (uv's own, in a venv)
+    assert locks
+    probe = "import sys\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb'); print('opened', p)\n" \
+            "    except PermissionError:\n        pass\n"
+    out = _as_nobody([PYTHON, "-c", probe, *locks])
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+    # a workload that takes every lock it can open stalls neither a job nor a build
+    holder = subprocess.Popen([PYTHON, "-c", HOLD, *locks], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        done = []
+        job = threading.Thread(target=lambda: done.append(venvs.prepare(
+            ["six==1.17.0"], PYTHON, Supervision(deadline=time.time() + 60))))
+        build = threading.Thread(target=lambda: done.append(VenvCache(home.venv_cache, uv_cache=UvCache(
+            home.uv_cache)).prepare(["packaging==24.0"], PYTHON, Supervision(deadline=time.time() + 60))))
+        for t in (job, build):
+            t.start()
+        for t in (job, build):
+            t.join(120)
+        assert sorted(env.reused for env in done) == [False, True], done
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+PLANT = """
+import os, sys, time
+root, stop, lib = sys.argv[1:4]
+planted = denied = 0
+while not os.path.exists(stop):
+    try:
+        names = os.listdir(root)
+    except PermissionError:
+        denied, names = denied + 1, []
+    for name in names:
+        site = os.path.join(root, name, "lib", lib, "site-packages")
+        try:
+            os.makedirs(site, exist_ok=True)
+            with open(os.path.join(site, "planted.pth"), "w") as f:
+                f.write("import os\\n")
+            planted += 1
+        except OSError:
+            pass
+    time.sleep(0.002)
+print(planted, denied)
+"""
+
+
+def test_a_build_directory_is_private_to_its_builder_even_with_one_shared_account(home):
+    """isolation.user = one account for every slot: another slot's workload (the same uid as
+    the pip build) looks for build directories to plant a .pth in, and finds none."""
+    wheels = home.root / "wheels"
+    make_wheel(wheels, "plain", "1.0", {"plain.py": "VALUE = 1\n"})
+    home.venv_cache.mkdir(parents=True)
+    stop = home.root / "stop"
+    lib = "python%d.%d" % tuple(map(int, pyenv.interpreter.python_version(PYTHON).split(".")[:2]))
+    attacker = subprocess.Popen([PYTHON, "-c", PLANT, str(home.venv_cache), str(stop), lib],
+                                stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY, extra_groups=[],
+                                cwd="/")
+    try:
+        venvs = VenvCache(home.venv_cache, build_env=offline_env(wheels))  # pip, as the shared account
+        env = venvs.prepare(["plain==1.0"], PYTHON, build_as=pyenv.BuildUser(NOBODY, NOBODY))
+        env.release()
+    finally:
+        stop.touch()
+        planted, denied = map(int, attacker.communicate(timeout=60)[0].split())
+    assert planted == 0 and denied > 0
+    assert not list(Path(os.path.realpath(home.venv_cache / env.key)).rglob("planted.pth"))
+    out = _as_nobody([env.python, "-c", "import plain; print(plain.VALUE)"])
+    assert out.stdout.strip() == "1", out.stderr
+
+
+def test_uv_reads_the_admins_settings_not_a_uv_toml_above_the_venvs(home, tmp_path):
+    home.root.joinpath("uv.toml").write_text("this is = not toml =\n")  # e.g. in a folder workloads write
+    home.root.joinpath("pyproject.toml").write_text("[tool.uv]\nindex-url = 'http://127.0.0.1:9/planted'\n")
+    _, venvs = caches(home)
+    venvs.prepare(["six==1.17.0"], PYTHON).release()
+    admin = tmp_path / "uv.toml"  # what /etc/uv/uv.toml says is still obeyed
+    admin.write_text("index-url = 'http://127.0.0.1:9/admins'\n")
+    uvc = UvCache(home.uv_cache, system_config=admin)
+    with pytest.raises(pyenv.EnvBuildFailed) as e:
+        VenvCache(home.venv_cache, uv_cache=uvc).prepare(["packaging==24.0"], PYTHON)
+    assert "127.0.0.1:9/admins" in str(e.value) and "planted" not in str(e.value), e.value.summary

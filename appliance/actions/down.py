@@ -1,5 +1,7 @@
 """appliance down: stop everything gracefully; running jobs drain first."""
 
+import sys
+
 from appliance.lifecycle import down
 
 
@@ -14,6 +16,12 @@ def register(sub):
 
 
 def run(args) -> int:
+    from appliance.api.access import owner_only
+
+    refused = owner_only(args.home, "down")
+    if refused:
+        print(f"appliance: {refused}", file=sys.stderr)
+        return 2
     down(args.home, timeout=args.timeout)
     print(f"appliance at {args.home.root} is down")
     return 0

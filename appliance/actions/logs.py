@@ -75,18 +75,61 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def wait_to_start(home, key: str, poll_s: float = 1.0) -> None:
+    """While the job waits in its queue, say where it stands (again when that changes)."""
+    from appliance.api.jobs_client import job_state
+
+    said = None
+    while True:
+        state = job_state(home, key)
+        jobs = (state or {}).get("jobs") or []
+        if len(jobs) != 1 or jobs[0]["state"] not in ("queued", "held"):
+            return
+        why = jobs[0].get("why") or jobs[0]["state"]
+        if why != said:
+            print(f"appliance: {key} waits: {why}", file=sys.stderr, flush=True)
+            said = why
+        time.sleep(poll_s)
+
+
+def exit_code(home, key: str, wait: float = 0) -> int:
+    """The job's code (`appliance wait`'s), saying on stderr how a failed job ended; 0 when the
+    table does not know the job."""
+    from appliance.api.jobs_client import ended_line, job_state
+
+    state = job_state(home, key, wait)
+    if not state or state.get("code") is None:
+        return 0
+    line = ended_line(state)
+    if line:
+        print(f"appliance: {line}", file=sys.stderr)
+    return state["code"]
+
+
 def run(args) -> int:
+    import os
+
+    if os.geteuid() != 0:
+        return run_as_member(args)
     from appliance.studioml import transfer as arts
     from appliance.runner.status import running_slot
 
     key = args.experiment
+    if args.follow:
+        wait_to_start(args.home, key)
     running = running_slot(args.home, key)
+    if running is None and args.follow:  # between its claim and its start: give it a moment
+        for _ in range(20):
+            time.sleep(0.5)
+            running = running_slot(args.home, key)
+            if running is not None or (exit_code_known(args.home, key)):
+                break
     if running and running.get("output") and Path(running["output"]).exists():
         path = Path(running["output"])
         if args.follow:
             follow(args.home, key, path)
-        else:
-            _write(path.read_bytes())
+            return exit_code(args.home, key, wait=10)
+        _write(path.read_bytes())
         return 0
     try:
         data = stored_output(args.home, key)
@@ -98,6 +141,56 @@ def run(args) -> int:
             "it has not started (or the key is wrong)"
         print(f"appliance logs: no output for experiment {key!r} yet: {where}",
               file=sys.stderr)
-        return 1
+        return exit_code(args.home, key) or 1
     _write(data)
-    return 0
+    code = exit_code(args.home, key)  # says how a failed or dead-lettered job ended
+    return code if args.follow else 0
+
+
+def run_as_member(args) -> int:
+    """A member's logs: live through the API while their job runs, else from their own bucket
+    with their own key (appliance/api/logs_routes.py)."""
+    from appliance.api.client import ApiClientError, Client
+    from appliance.studioml import transfer as arts
+
+    key, pos = args.experiment, 0
+    if args.follow:
+        wait_to_start(args.home, key)  # says where it stands in line
+
+    def started(headers) -> None:
+        if headers.get("X-Appliance-Job-State") == "queued":
+            print(f"appliance logs: {key} is queued; waiting for it to start", file=sys.stderr, flush=True)
+
+    client = Client(args.home, timeout=None if args.follow else 300.0)
+    try:
+        for chunk in client.stream("GET", f"/v1/logs/{key}?follow={int(args.follow)}", on_start=started):
+            _write(chunk)
+            pos += len(chunk)
+        if not args.follow:
+            return 0
+        if pos:
+            return exit_code(args.home, key, wait=10)
+    except ApiClientError as e:
+        if e.status not in (404, 409):
+            raise
+        if e.status == 409:
+            print(f"appliance logs: {e}", file=sys.stderr)
+            return 1
+    try:
+        data = stored_output(args.home, key)
+    except arts.ArtifactError as e:
+        print(f"appliance logs: {e}", file=sys.stderr)
+        return 1
+    if data is None and not pos:
+        print(f"appliance logs: no output for experiment {key!r} of yours: it has not started (or the key "
+              "is wrong, or it is someone else's)", file=sys.stderr)
+        return exit_code(args.home, key) or 1
+    _write((data or b"")[pos:])
+    return exit_code(args.home, key) if args.follow else 0
+
+
+def exit_code_known(home, key: str) -> bool:
+    from appliance.api.jobs_client import job_state
+
+    state = job_state(home, key)
+    return bool(state and state.get("code") is not None)

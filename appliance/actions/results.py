@@ -5,7 +5,9 @@ appliance's configured store, or from `--endpoint URL` when given, and from nowh
 endpoint a request named (and the runner recorded in HOME/status/experiments/<key>.json) is
 anyone's choice, so it never decides where the appliance's keys are sent. The recorded bucket
 and key are used when the record names that same endpoint, else `experiments/<key>/<tag>.tar`
-in the configured bucket. Reads use the client identity. Each artifact lands in DEST/<tag>/
+in the caller's bucket. A member reads with their own key from their own bucket (another's job
+is not there, and their key opens nothing else); root reads with the client identity, or the
+admin's for a member's bucket. Each artifact lands in DEST/<tag>/
 through the same safe extractor the runners use.
 """
 
@@ -32,27 +34,27 @@ def register(sub):
 def experiment_artifacts(home, key: str, names=MUTABLE_DEFAULTS, endpoint: str | None = None) -> list:
     """Artifact objects (see studioml.request.Artifact) for `key`'s mutable artifacts at `endpoint`
     (default: the configured store), with the appliance's client store credentials."""
-    from appliance.config import load_config
+    from appliance.api.submit_client import results_store
     from appliance.studioml.request import Artifact
     from appliance.runner.status import find_experiment
-    from appliance.store.credentials import load_client_credentials
-    from appliance.store.server import endpoint_url
 
-    config = load_config(home.config_file)
-    creds = load_client_credentials(home)
-    store = (endpoint or endpoint_url(config)).rstrip("/")
-    record = find_experiment(home, key) or {}
+    try:
+        record = find_experiment(home, key) or {}
+    except PermissionError:
+        record = {}  # not in the appliance group: a member reads their own bucket
+    creds = results_store(home, record)
+    store = (endpoint or creds.endpoint).rstrip("/")
     recorded = record.get("artifacts", {})
     out = []
     for name in names:
         r = recorded.get(name) or {}
         here = str(r.get("endpoint_url") or "").rstrip("/") == store
+        here = here and (not creds.private or r.get("bucket") == creds.bucket)  # a member: their bucket only
         out.append(Artifact(
             name=name, key=(here and r.get("key")) or f"experiments/{key}/{name}.tar",
-            bucket=(here and r.get("bucket")) or config.object_store.bucket,
+            bucket=(here and r.get("bucket")) or creds.bucket,
             endpoint_url=store, mutable=True, unpack=True, access_key=creds.access_key,
-            secret_key=creds.secret_key, region=config.object_store.region,
-            session_token=None))
+            secret_key=creds.secret_key, region=creds.region, session_token=None))
     return out
 
 
@@ -80,11 +82,14 @@ def run(args) -> int:
             return 1
     if found:
         print_record(artifacts, retry)
+    from appliance.actions.logs import exit_code
+
+    code = exit_code(args.home, args.experiment)  # a failed job's results exit non-zero, saying why
     if not found:
         print(f"appliance results: nothing stored for experiment {args.experiment!r} yet "
               f"(is the key right? `appliance status` shows what runs)", file=sys.stderr)
-        return 1
-    return 0
+        return code or 1
+    return code
 
 
 def print_record(artifacts: list, retry) -> None:

@@ -2,7 +2,8 @@
 
 import json
 
-from appliance.status import format_status, gather
+from appliance.api.status_client import status_facts
+from appliance.status import format_status
 
 
 def register(sub):
@@ -17,7 +18,7 @@ def run(args) -> int:
     if args.watch and not args.json:
         from appliance.actions.top import live, render_status
 
-        return live(lambda: gather(args.home), render_status)
-    facts = gather(args.home)
+        return live(lambda: status_facts(args.home), render_status)
+    facts = status_facts(args.home)
     print(json.dumps(facts, indent=2) if args.json else format_status(facts))
     return 0

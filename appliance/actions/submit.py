@@ -26,12 +26,12 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.config import load_config
-from appliance.queues.local import enqueue, is_local_queue, no_access
+from appliance.api.submit_client import enqueue_request, submit_store
+from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
+from appliance.jobs.policy import SpecError, array_plan, member_key
+from appliance.queues.local import is_local_queue, no_access
 from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.store import sigv4
-from appliance.store.credentials import load_client_credentials
-from appliance.store.server import endpoint_url
 from appliance.workspace import pack_directory, workspace_key
 
 DEFAULT_QUEUE = "local_appliance"
@@ -103,6 +103,14 @@ def register(sub):
                         "(default: python3 on PATH, i.e. your active virtualenv)")
     p.add_argument("--no-freeze", action="store_true",
                    help="send no pip freeze: the runner installs only --pip packages")
+    p.add_argument("--array", metavar="SPEC",
+                   help="queue one job per index, e.g. 0-99 or 0-99%%4 (at most 4 run at once), 1,3,5, "
+                        "0-20:5; each gets APPLIANCE_ARRAY_INDEX in its environment and the key "
+                        "BASE-<index>; the base key, printed last, names them all (like sbatch --array)")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                   help="one job per combination of the swept values (the cross product of every "
+                        "--sweep), NAME=value in each job's environment; repeatable; with --array "
+                        "%%N at most N run at once")
     p.add_argument("script", help="Python file to run, relative to the packed folder")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
     p.set_defaults(func=run)
@@ -241,14 +249,16 @@ def run(args) -> int:
             parse_duration(value, flag)
     except BadRequest as e:
         return _fail(str(e))
+    try:
+        array = array_plan(args.array, args.sweep)
+    except SpecError as e:
+        return _fail(str(e))
 
     if not args.no_freeze and not shutil.which(args.python):
         return _fail(_freeze_problem(args.python, "not found"))
 
-    config = load_config(home.config_file)
-    endpoint = endpoint_url(config)
-    bucket, region = config.object_store.bucket, config.object_store.region
-    creds = load_client_credentials(home)  # it travels in the message: never the admin identity
+    creds = submit_store(home)  # the caller's own identity; it travels in the message: never the admin's
+    endpoint, bucket, region = creds.endpoint, creds.bucket, creds.region
 
     key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
 
@@ -276,22 +286,35 @@ def run(args) -> int:
             freezing.kill()
             freezing.communicate()
 
-    body = build_request(
-        key=key, script=script.as_posix(), script_args=args.script_args, workspace_key=ws_key,
-        workspace_dir=str(workdir), endpoint=endpoint, bucket=bucket,
-        access_key=creds.access_key, secret_key=creds.secret_key, region=region,
-        resources=resources, max_duration=args.max_duration, lifetime=args.lifetime,
-        save_every=args.save_every, env=env, pip=args.pip, pythonenv=pythonenv,
-        pythonver=pythonver, studioml_home=home.studioml_home, now=time.time())
-    data = json.dumps(body).encode()
-    parse_request(data)  # what a runner will accept; a failure here is our bug
-    try:
-        enqueue(home.queue_root, args.queue, data)
-    except PermissionError:
-        return _fail(no_access(home.queue_root))
-    except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
-        return _fail(str(e))
-    print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
+    base = key
+    members = [(key, env)] if array is None else [
+        (member_key(base, i), {**env, **extra, ARRAY_BASE: base, ARRAY_INDEX: str(i),
+                               **({ARRAY_LIMIT: str(array[1])} if array[1] else {})})
+        for i, extra in array[0]]
+    for member, member_env in members:
+        body = build_request(
+            key=member, script=script.as_posix(), script_args=args.script_args, workspace_key=ws_key,
+            workspace_dir=str(workdir), endpoint=endpoint, bucket=bucket,
+            access_key=creds.access_key, secret_key=creds.secret_key, region=region,
+            resources=resources, max_duration=args.max_duration, lifetime=args.lifetime,
+            save_every=args.save_every, env=member_env, pip=args.pip, pythonenv=pythonenv,
+            pythonver=pythonver, studioml_home=home.studioml_home, now=time.time())
+        data = json.dumps(body).encode()
+        parse_request(data)  # what a runner will accept; a failure here is our bug
+        try:
+            enqueue_request(home, args.queue, data)
+        except PermissionError:
+            return _fail(no_access(home.queue_root))
+        except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
+            return _fail(str(e))
+    if array is None:
+        print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
+    else:
+        for member, _ in members:
+            print(member)
+        bound = f", at most {array[1]} at once" if array[1] else ""
+        print(f"queued {len(members)} jobs {members[0][0]} .. {members[-1][0]} on {args.queue}{bound} "
+              f"(workspace {size / 2**20:.1f} MiB); wait for all: appliance wait {base}", file=sys.stderr)
     print(key)
     return 0
 

@@ -17,7 +17,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from appliance.status import format_status, gather
+from appliance.api.status_client import status_facts
+from appliance.status import format_status
 from appliance.units import format_size
 
 REFRESH_S = 1.0
@@ -71,7 +72,7 @@ class Sampler:
         time.sleep(0.5)
 
     def sample(self) -> dict:
-        facts = gather(self.home)
+        facts = status_facts(self.home)  # through the API: members see their own jobs
         for s in facts["slots"]:
             s["cpu_used"] = self._cpu(s)
             s["last_line"] = last_line(s.get("output")) if s.get("experiment") else ""

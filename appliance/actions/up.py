@@ -17,6 +17,14 @@ def register(sub):
 
 
 def run(args) -> int:
+    import sys
+
+    from appliance.api.access import owner_only
+
+    refused = owner_only(args.home, "up")
+    if refused:
+        print(f"appliance: {refused}", file=sys.stderr)
+        return 2
     prepared = up(args.home, foreground=args.foreground, timeout=args.timeout)
     config = prepared.config
     print(f"appliance up at {args.home.root}: {len(prepared.plan.slots)} slot(s) running; "

@@ -36,6 +36,7 @@ class Claimed:
     attempt: int = 1  # which claim of this message this is, 1 for the first (see the module doc)
     shared: bool = False  # other appliances may serve this queue too (RabbitMQ, SQS)
     refusals: dict = field(default_factory=dict)  # the refusal record it came with (refusals.py)
+    owner_uid: Optional[int] = None  # who submitted it, as the kernel says (a local file's uid); None: unknown
 
 
 def over_attempts(msg: Claimed, max_attempts: int) -> Optional[str]:

@@ -23,10 +23,12 @@ has not been touched by `keepalive` for `lease_s`.
 
 Waiting uses inotify directly (a few ctypes calls, no thread): `wait()` is a `select` on one fd.
 
-Messages hold store keys, so the tree is not for everyone: `share_queue_tree` gives it to the
-`appliance` group (folders 2770, setgid so what is made inside takes the group; files 0660), or,
-without that group, to its owner alone (0700, 0600). Folders and files made here take their
-parent folder's group access and never give others any. Dead letters older than `dead_ttl_s`
+Messages hold store keys, so the tree is not for everyone: `share_queue_tree` gives its folders
+to the `appliance` group (3770: setgid, so what is made inside takes the group; sticky, so a
+member deletes or renames only their own messages), or, without that group, to its owner alone
+(0700). Every file in it is its owner's alone (0600): a member's message carries their own store
+key, and its owner (the job's) is the file's uid. Folders made here take their parent folder's
+group access and never give others any. Dead letters older than `dead_ttl_s`
 are deleted by a sweep that runs at most every `SWEEP_DEAD_EVERY_S`.
 """
 
@@ -69,7 +71,7 @@ def is_local_queue(name: str) -> bool:
 
 # ---------------------------------------------------------------- who may read the queue
 
-SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o2770, 0o700
+SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o3770, 0o700
 CLIENT_DIRS = ("queue", "experiments", "blobcache", "artifact_mappings")  # what the client makes
 
 
@@ -80,7 +82,7 @@ def no_access(path: Path, group: str = SHARED_GROUP) -> str:
 
 
 def _mkdir(path: Path) -> None:
-    """`mkdir -p` whose new folders take their parent's group access (setgid too), never others'."""
+    """`mkdir -p` whose new folders take their parent's group access (setgid, sticky), never others'."""
     if path.is_dir():
         return
     _mkdir(path.parent)
@@ -88,19 +90,38 @@ def _mkdir(path: Path) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         return
-    os.chmod(path, 0o700 | (os.stat(path.parent).st_mode & 0o2070))
+    mode = 0o700 | (os.stat(path.parent).st_mode & 0o3070)
+    os.chmod(path, mode)
+    if mode & 0o070:
+        _files_stay_their_owners(path)
+
+
+# A default ACL of owner, group and others with no bits for the group or others: a file made in
+# the folder (a StudioML client's message, written with its umask: 0644) is its maker's alone.
+_OWNER_ONLY_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((0x01, 7), (0x04, 0), (0x20, 0)))
+
+
+def _files_stay_their_owners(folder) -> None:
+    """Give the shared `folder` the default ACL above (no ACLs on this filesystem: files keep
+    their maker's umask, and `share_queue_tree` closes them at the next `up`)."""
+    try:
+        os.setxattr(folder, "system.posix_acl_default", _OWNER_ONLY_DEFAULT_ACL, follow_symlinks=False)
+    except OSError:
+        pass
 
 
 def _file_mode(folder_mode: int) -> int:
-    """A file in a folder its group may use is the group's too (0660), else the owner's (0600)."""
-    return 0o600 | (folder_mode & 0o060)
+    """Every file in the queue tree is its owner's alone (0600), whoever may use the folder: a
+    message carries its sender's store key."""
+    return 0o600
 
 
 def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
     """Give `top` (HOME/studioml: the queue, and what the StudioML client writes beside it) to
-    `group`: folders 2770, files their owner's bits for the group too (0660), nothing for others,
-    so members submit without sudo and nobody else reads the store keys in messages. Without
-    the group everything is the owner's alone (0700, 0600).
+    `group`: folders 3770 (setgid, sticky), files their owner's alone (0600), nothing for others:
+    a StudioML client of the group drops its message there (its own file), no member reads,
+    replaces or deletes another's. Without the group everything is the owner's alone (0700, 0600).
 
     Walks the tree only when `top` is not right yet (a first `up`, an older home); otherwise it
     looks at the folders directly in `top` and in its queue root, which a client may have made
@@ -127,7 +148,7 @@ def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
     if gid is None:
         return (f"{top}: no group '{group}', so the queue is root's alone (0700/0600; "
                 f"`groupadd --system {group}` or ./install.sh lets its members submit without sudo)")
-    return f"{top}: queue folders 2770 and files 0660, group '{group}' ({changed} entries changed)"
+    return f"{top}: queue folders 3770 and files 0600, group '{group}' ({changed} entries changed)"
 
 
 def _wrong(path: Path, gid: Optional[int]) -> bool:
@@ -147,9 +168,10 @@ def _fix_tree(top: Path, gid: Optional[int]) -> int:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     mode = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
+                    if gid is not None:
+                        _files_stay_their_owners(path)
                 else:
-                    owner = st.st_mode & 0o700
-                    mode = owner | (owner >> 3 if gid is not None else 0)
+                    mode = st.st_mode & 0o700  # a message is its sender's alone (it holds their key)
                 if gid is not None and st.st_gid != gid:
                     os.chown(path, -1, gid, follow_symlinks=False)
                 elif (st.st_mode & 0o7777) == mode:
@@ -368,6 +390,8 @@ class LocalQueueSource:
                     reason = (dead / q / f"{name}.reason").read_text().strip()
                 except FileNotFoundError:
                     reason = "(no reason recorded)"
+                except PermissionError:
+                    reason = "(someone else's)"
                 out.append((q, name, reason))
         return out
 
@@ -382,7 +406,9 @@ class LocalQueueSource:
 
     # -- QueueSource
 
-    def claim(self, queue: str) -> Optional[Claimed]:
+    def claim(self, queue: str, prefer: tuple = ()) -> Optional[Claimed]:
+        """The oldest message (FIFO), or the first of `prefer` (message ids, the job table's
+        fair-share order) still waiting."""
         if not is_local_queue(queue):
             raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
         now = time.monotonic()
@@ -400,6 +426,9 @@ class LocalQueueSource:
             self._blocked.add(queue)
             return None
         self._blocked.discard(queue)
+        if prefer:
+            rank = {name: i for i, name in enumerate(prefer)}
+            candidates.sort(key=lambda c: rank.get(c[1], len(rank)))  # stable: FIFO after them
         dest_dir = self.root / CLAIMED / queue
         _mkdir(dest_dir)
         now_ns = time.time_ns()
@@ -411,15 +440,24 @@ class LocalQueueSource:
                 os.rename(folder / name, dest)
             except FileNotFoundError:
                 continue  # another runner was faster
+            st = os.lstat(dest)
+            if not stat.S_ISREG(st.st_mode):
+                # a file its writer swapped for a link (or a folder) after the listing: it would read,
+                # and take the owner of, whatever it points at; it is nobody's message
+                if stat.S_ISDIR(st.st_mode):
+                    os.rename(dest, folder / name)
+                else:
+                    os.unlink(dest)
+                continue
             try:
-                body = dest.read_bytes()
+                body = _read_no_follow(dest)
                 attempt = self._attempts(queue, name) + 1
                 self._set_attempts(queue, name, attempt)  # counted before anyone works on it
             except OSError:
                 os.rename(dest, folder / name)  # not readable or countable by us: leave it for others
                 raise
             msg = Claimed(source=self.name, queue=queue, message_id=name, body=body, handle=dest,
-                          attempt=attempt)
+                          attempt=attempt, owner_uid=st.st_uid)  # who wrote it (the kernel's word): its owner
             self._held[dest] = msg
             return msg
         return None
@@ -486,6 +524,8 @@ class LocalQueueSource:
         with open(fd, "w") as fh:
             os.fchmod(fd, mode)  # not the umask's
             fh.write(reason.rstrip("\n") + "\n")
+        if msg.owner_uid is not None and os.geteuid() == 0:
+            os.chown(tmp, msg.owner_uid, -1)  # the sender reads why (`queue dead`), no one else
         os.replace(tmp, reason_file)
         dest = folder / msg.message_id
         try:
@@ -580,10 +620,18 @@ class LocalQueueSource:
         return enqueue(self.root, queue, body, timeout=timeout, stale_s=self.stale_lock_s)
 
 
+def _read_no_follow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as fh:
+        return fh.read()
+
+
 def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
-            stale_s: float = STALE_LOCK_S) -> str:
+            stale_s: float = STALE_LOCK_S, owner_uid: Optional[int] = None) -> str:
     """Put a message on `queue` like the StudioML client does, but atomically (temp file then
-    rename) and under the same soft lock; returns the message id (a uuid4, as the client's)."""
+    rename) and under the same soft lock; returns the message id (a uuid4, as the client's).
+    `owner_uid` (root only: the API for a member): the file is that user's, 0600, so the
+    job is theirs (its owner is the file's uid) and no one else in the group reads it."""
     if not is_local_queue(queue):
         raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
     folder = Path(root) / queue
@@ -591,7 +639,7 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
         _mkdir(folder)
         _same_owner(folder, os.stat(root))
     where = os.stat(folder)
-    mode = _file_mode(where.st_mode)
+    mode = _file_mode(where.st_mode) if owner_uid is None else 0o600
     msgid = str(uuid.uuid4())
     tmp = folder / f".{msgid}.tmp"
     try:
@@ -599,8 +647,11 @@ def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             try:
                 with open(fd, "wb") as fh:
-                    os.fchmod(fd, mode)  # 0660 (or 0600), whatever the umask
-                    _same_owner(tmp, where)
+                    os.fchmod(fd, mode)  # 0600, whatever the umask
+                    if owner_uid is None:
+                        _same_owner(tmp, where)
+                    else:
+                        os.chown(tmp, owner_uid, -1)
                     fh.write(body)
                     fh.flush()
                     os.fsync(fd)

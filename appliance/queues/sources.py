@@ -372,11 +372,11 @@ class SourceSet:
         self._note_serving(served)
         return keys
 
-    def claim(self, key: str) -> Optional[Claimed]:
+    def claim(self, key: str, prefer: tuple = ()) -> Optional[Claimed]:
         source_name, queue = key.split("/", 1)
         for src in self._sources():
             if src.name == source_name:
-                return src.claim(queue)
+                return src.claim(queue, prefer=prefer) if prefer else src.claim(queue)
         return None  # its entry went away since queues() listed it
 
     def keepalive(self, msg: Claimed) -> None:

@@ -7,7 +7,9 @@
 - oom: killed for memory over the slot's limit. Not retried.
 - timeout: past its lifetime. Not retried.
 - hung: no CPU progress and no new output for runner.hang_after. Not retried.
-- environment: the request's requirement set cannot be built (an unresolvable requirement).
+- environment: the request's requirement set cannot be built (a requirement no index has,
+  versions that conflict, a line that is not a requirement). Not retried.
+- cancelled: its owner or an admin cancelled it (`appliance cancel`). Not retried.
 - infrastructure: the box's fault: store unreachable, environment build broken by something
   other than the request, runner or appliance killed or drained mid-job, GPU lost, disk full.
   The only class retried automatically (runner.retries).
@@ -20,24 +22,30 @@ from typing import Optional
 from appliance.units import format_size as _size
 
 SUCCESS, USER, OOM, TIMEOUT, HUNG = "success", "user", "oom", "timeout", "hung"
-ENVIRONMENT, INFRASTRUCTURE = "environment", "infrastructure"
-CLASSES = (SUCCESS, USER, OOM, TIMEOUT, HUNG, ENVIRONMENT, INFRASTRUCTURE)
+ENVIRONMENT, INFRASTRUCTURE, CANCELLED = "environment", "infrastructure", "cancelled"
+CLASSES = (SUCCESS, USER, OOM, TIMEOUT, HUNG, ENVIRONMENT, INFRASTRUCTURE, CANCELLED)
 
 _BY_OUTCOME = {
     "success": SUCCESS,
     "out of memory": OOM,
     "timed out": TIMEOUT,
     "hung": HUNG,
+    "cancelled": CANCELLED,
     "GPU memory over the slot's share": USER,
     "interrupted": INFRASTRUCTURE,
     "released": INFRASTRUCTURE,
 }
 
-# ENV_FAILED reasons that name something in the request itself (pyenv.BadRequirement, or pip
-# saying no version matches); any other environment failure is the box's.
+# ENV_FAILED reasons that name something in the request itself: pyenv.BadRequirement, or a set
+# that cannot be resolved, in pip's words (no version matches, versions that conflict) or uv's
+# (its resolver's "No solution found": a package not in the registry or the find-links folders,
+# requirements that are unsatisfiable). Any other environment failure is the box's.
 _REQUEST_ENV = ("no matching distribution", "could not find a version", "no solution found",
                 "because there is no version", "not a valid requirement", "invalid requirement",
-                "bad requirement", "only requirement specifiers", "unsupported python", "requires a different python")
+                "bad requirement", "only requirement specifiers", "unsupported python", "requires a different python",
+                "resolutionimpossible", "conflicting dependencies", "the conflict is caused by",
+                "not found in the package registry", "not found in the provided package locations",
+                "requirements are unsatisfiable")
 
 # Network trouble reaching an index or the store: the box's, even when pip then says it found
 # no matching version (it says that when the index did not answer too).

@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from appliance.process import (CANCELLED, HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision,  # noqa: F401
+                               base_env, signal_group, supervise)
+
 SUCCESS = "success"
 FAILED = "failed"
 OUT_OF_MEMORY = "out of memory"
-TIMED_OUT = "timed out"
-INTERRUPTED = "interrupted"  # drained: stopped before it finished, will run again
-OVER_GPU_SHARE = "GPU memory over the slot's share"  # stopped by the runner's NVML watch
 ENV_FAILED = "environment failed"  # the Python environment could not be built
-HUNG = "hung"  # no CPU progress and no new output for runner.hang_after
 
 
 @dataclass
@@ -51,22 +50,7 @@ class Result:
 
 # --- environment -------------------------------------------------------------------------
 
-# What a workload inherits from the runner. Everything else (AWS_* and APPLIANCE_* secrets of
-# the appliance, PYTHONPATH pointing into the appliance, ...) stays out.
-KEEP_NAMES = {
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
-    "LD_LIBRARY_PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-    "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CUDA_VISIBLE_DEVICES",
-}
-KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "PIP_", "UV_")
-
 _VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
-
-
-def base_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The part of the runner's environment a workload may see."""
-    return {k: v for k, v in environ.items()
-            if k in KEEP_NAMES or k.startswith(KEEP_PREFIXES)}
 
 
 def expand(value: str, env: Mapping[str, str]) -> str:
@@ -290,13 +274,6 @@ def in_container() -> bool:
     return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def process_start_ticks(pid: int) -> Optional[int]:
     """Start time of `pid` (clock ticks since boot): with the pid, names a process uniquely."""
     try:
@@ -317,70 +294,6 @@ def kill_leftover(workload: Optional[dict]) -> bool:
         return False  # gone, or the pid now belongs to someone else
     signal_group(pid, signal.SIGKILL)
     return True
-
-
-@dataclass
-class Supervision:
-    """How a process is watched. All times are epoch seconds."""
-
-    deadline: Optional[float] = None  # kill at this time -> TIMED_OUT
-    stop_at: Callable[[], Optional[float]] = lambda: None  # drain: stop the job at this time
-    tick: Callable[[], None] = lambda: None  # called about every tick_s (keepalive, status)
-    save_every_s: Optional[float] = None
-    save: Callable[[], None] = lambda: None  # periodic upload
-    tick_s: float = 1.0
-    term_grace_s: float = 10.0  # SIGTERM -> SIGKILL
-    check: Callable[[], Optional[str]] = lambda: None  # a reason to stop the job now (GPU share)
-    stopped_reason: str = ""  # what `check` said, once it said something
-    hang_after_s: float = 0.0  # no progress this long -> HUNG (0: never)
-    progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
-
-
-def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
-    """Wait for `proc` (leader of its own process group) under `sv`.
-
-    Returns (returncode, why we stopped it: TIMED_OUT / INTERRUPTED / None)."""
-    stopped_for: Optional[str] = None
-    kill_at = None
-    next_save = time.time() + sv.save_every_s if sv.save_every_s else None
-    seen, progressed = sv.progress(), time.time()
-    while True:
-        try:
-            rc = proc.wait(timeout=sv.tick_s)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        drain_at = sv.stop_at() if stopped_for is None else None
-        now = time.time()
-        if stopped_for is None:
-            if sv.deadline is not None and now >= sv.deadline:
-                stopped_for = TIMED_OUT
-            elif drain_at is not None and now >= drain_at:
-                stopped_for = INTERRUPTED
-            elif sv.hang_after_s > 0:
-                now_seen = sv.progress()
-                if now_seen != seen:
-                    seen, progressed = now_seen, now
-                elif now - progressed >= sv.hang_after_s:
-                    stopped_for = HUNG
-            if stopped_for:
-                signal_group(proc.pid, signal.SIGTERM)
-                kill_at = now + sv.term_grace_s
-            else:
-                reason = sv.check()
-                if reason:  # over its GPU memory share: the neighbours' memory is at stake, no grace
-                    stopped_for, sv.stopped_reason = OVER_GPU_SHARE, reason
-                    signal_group(proc.pid, signal.SIGKILL)
-                    kill_at = now
-        elif now >= kill_at:
-            signal_group(proc.pid, signal.SIGKILL)
-        sv.tick()
-        if next_save is not None and now >= next_save and stopped_for is None:
-            sv.save()
-            next_save = time.time() + sv.save_every_s
-    # the leader is gone; children it left in its group go too
-    signal_group(proc.pid, signal.SIGKILL)
-    return rc, stopped_for
 
 
 def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optional[str],
@@ -580,6 +493,8 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
         return Result(HUNG, rc, "no CPU progress and no new output for runner.hang_after; stopped")
     if stopped_for == INTERRUPTED:
         return Result(INTERRUPTED, rc, "runner stopping (drain); the job will run again")
+    if stopped_for == CANCELLED:
+        return Result(CANCELLED, rc, "cancelled (appliance cancel): stopped with SIGTERM")
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from appliance.files import write_atomic
-from appliance.runner import classes, execute, gpu, launch, ledger, pyenv
+from appliance import pyenv
+from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
 from appliance.runner.status import record_experiment
@@ -113,7 +114,8 @@ class Job:
             deadline=self.deadline(), stop_at=self.r.drain_deadline, tick=self.tick,
             save_every_s=self.req.save_every_s if periodic_save else None,
             save=self.save, tick_s=self.s.tick_s, term_grace_s=self.s.term_grace_s,
-            hang_after_s=self.s.hang_after_s if periodic_save else 0.0)
+            hang_after_s=self.s.hang_after_s if periodic_save else 0.0,
+            cancelled=lambda: self.r.jobs.cancel_requested(self.req.key))
 
     def note(self, text: str) -> None:
         """A line from the appliance in the experiment's output (a root-owned folder: no link
@@ -135,6 +137,7 @@ class Job:
                cls: Optional[str] = None, report: Optional[dict] = None) -> None:
         cls = cls or classes.classify(outcome, exit_code, reason)
         self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
+        self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
     def unpack_limit(self) -> int:
@@ -151,9 +154,9 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added)
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
         record_experiment(self.r.home, req.key, {
-            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue,
+            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
             "claimed": self.started, "output": str(self.output),
             "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
@@ -275,6 +278,7 @@ class Job:
         what = "the disk is full" if isinstance(error, OSError) and error.errno == errno.ENOSPC \
             else f"runner error: {type(error).__name__}: {error}"
         self.status.job_finished("released", None, what)
+        self.r.jobs.given_back(self.req.key, what)
 
     def settle(self, result: execute.Result) -> None:
         self.status.update(workload=None)
@@ -331,6 +335,7 @@ class Job:
         self.src.release(self.msg)
         self.status.job_finished(result.outcome, result.exit_code, result.reason,
                                  cls=cls, retry=done + 1)
+        self.r.jobs.given_back(self.req.key, f"{result.reason}; retry {done + 1}")
         log.warning("%s: %s [%s] %s: retry %d of %d", self.req.key, result.outcome, cls, result.reason,
                     done + 1, self.s.retries)
         return True
@@ -353,7 +358,7 @@ class Job:
         self.status.update(last_upload=self.uploader.last_upload)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")
         cls = ended.get("class") or classes.classify(outcome, ended.get("exit_code"), reason)
-        if outcome == execute.SUCCESS:
+        if outcome in (execute.SUCCESS, execute.CANCELLED):  # done, or stopped as its owner asked
             self.settle_msg("ack")
         else:
             self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
@@ -397,6 +402,6 @@ class Job:
         ended = json.loads((self.dir / ENDED).read_text())
         log.info("%s: its workload ended before (%s); finishing the uploads, not running it again",
                  self.req.key, ended.get("outcome"))
-        self.status.job_started(self.req.key, self.msg.queue, self.msg.source)
+        self.status.job_started(self.req.key, self.msg.queue, self.msg.source, owner_uid=self.msg.owner_uid)
         self.keep_dir = True
         self.complete(ended)

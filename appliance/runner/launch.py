@@ -9,7 +9,8 @@ import os
 import time
 from typing import Optional
 
-from appliance.runner import classes, execute, gpu, pyenv
+from appliance import pyenv
+from appliance.runner import classes, execute, gpu
 from appliance.runner.triage import env_cpus
 from appliance.slot import users
 
@@ -54,6 +55,8 @@ def prepare_env(job) -> Optional[execute.Result]:
     except pyenv.Interrupted:
         if job.r.stopping:
             return execute.Result(execute.INTERRUPTED, None, "runner stopping (drain)")
+        if job.r.jobs.cancel_requested(job.req.key):
+            return execute.Result(execute.CANCELLED, None, "cancelled (appliance cancel) while its environment was built")
         return execute.Result(execute.TIMED_OUT, None,
                               "lifetime exceeded while building the environment")
     except Exception as e:

@@ -41,7 +41,10 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import events
-from appliance.runner import classes, execute, gpu, ledger, pyenv
+from appliance import pyenv
+from appliance.jobs import record as jobs_record
+from appliance.jobs.record import RunnerRecord
+from appliance.runner import classes, execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
@@ -109,6 +112,7 @@ class Runner:
         self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
         self.held_logged: dict[str, float] = {}  # experiment -> when its hold was last logged
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
+        self.jobs = RunnerRecord(home, slot)  # the job table: each state change, held and cancelled jobs
 
     def _workload_user(self):
         if os.geteuid() != 0:
@@ -168,6 +172,7 @@ class Runner:
         finally:
             self.launcher.close()
             self.gpus.close()
+            self.jobs.close()
             for src in self.sources:
                 try:
                     src.close()
@@ -259,7 +264,8 @@ class Runner:
             try:
                 for _ in range(32):  # look past messages only other slots can run
                     try:
-                        msg = src.claim(queue)
+                        prefer = self.jobs.fair_first(queue.rsplit("/", 1)[-1]) if "local" in queue else ()
+                        msg = src.claim(queue, prefer=prefer) if prefer else src.claim(queue)
                     except Exception as e:
                         log.warning("claim from %s/%s: %s", src.name, queue, e)
                         break
@@ -270,6 +276,8 @@ class Runner:
                     except Exception as e:  # whatever it is, this message caused it: settle it
                         log.exception("triage of %s/%s", msg.queue, msg.message_id)
                         verdict = settle_broken(src, msg, f"{type(e).__name__}: {e}")
+                    if isinstance(verdict, Request):
+                        verdict = self.jobs_verdict(src, msg, verdict)
                     if isinstance(verdict, Request):
                         self.cursor = idx + 1
                         found = True
@@ -288,6 +296,22 @@ class Runner:
                 elif waiting and not found:
                     self.fleet.go_quiet(src, queue, [m for m, _ in waiting])
         return None
+
+    def jobs_verdict(self, src, msg, req: Request):
+        """What the job table says of a request triage would run: `req` to run it, "held" (held,
+        or its array at its %N bound), "settled" (cancelled while it waited: settled unrun)."""
+        said = self.jobs.claim(msg, req.key)
+        if said == jobs_record.HOLD:
+            return "held"
+        if said == jobs_record.CANCEL:
+            log.info("%s was cancelled before it started: settled unrun", req.key)
+            src.ack(msg)
+            return "settled"
+        if said == jobs_record.DUPLICATE:
+            src.dead_letter(msg, f"experiment key {req.key} is already another job's on this appliance; "
+                                 f"submit it with a new key [class: {classes.USER}]")
+            return "settled"
+        return req
 
     def triage(self, src, msg):
         """A Request to run now, "held" (give back: not here or not now), "waiting"/"refused"
@@ -385,6 +409,7 @@ class Runner:
             else:
                 release_or_quarantine(src, msg, e, self.settings.max_attempts)
                 self.status.job_finished("released", None, f"runner error: {type(e).__name__}: {e}")
+                self.jobs.given_back(req.key, f"runner error: {type(e).__name__}: {e}")
         finally:
             if job is not None:
                 job.close()

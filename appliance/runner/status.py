@@ -4,7 +4,8 @@
 
     {"state": "idle|fetching|preparing|running|uploading|draining|stopped",
      "slot": ..., "pid": <runner pid>, "updated": <epoch>,
-     "experiment": <key or null>, "queue": ..., "source": ..., "started": <epoch or null>,
+     "experiment": <key or null>, "owner_uid": <its submitter's uid or null>, "queue": ...,
+     "source": ..., "started": <epoch or null>,
      "last_upload": <epoch or null>, "output": <local output file while running or null>,
      "workload": {"pid": .., "start_ticks": ..} or null,
      "gpu": the running job's GPU use (runner/gpu.py JobGpu.summary) or null,
@@ -15,9 +16,8 @@
 
 `HOME/status/experiments/<key>.json` records where an experiment's mutable artifacts live in
 the store (endpoint, bucket, key per artifact; never credentials), so `appliance logs` and
-`appliance results` find them without guessing the bucket. Records are for the `appliance`
-group's members and root only: their folder is 2750 with that group (0700 without it), the
-files 0640 (0600).
+`appliance results` find them without guessing the bucket. Records are root's alone (folder
+0700, files 0600): they name every member's jobs.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from appliance.paths import shared_gid
 
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
@@ -78,9 +78,11 @@ class StatusFile:
         self.data["updated"] = time.time()
         write_json_atomic(self.path, self.data)
 
-    def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None) -> None:
+    def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None,
+                    owner_uid: Optional[int] = None) -> None:
+        """`owner_uid`: who submitted it, as the kernel said (the queue file's uid); None: unknown."""
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
-                    started=time.time(), last_upload=None, output=None, workload=None)
+                    started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid)
         if self.counters is not None:
             self.counters.job_started(queue, enqueued)
 
@@ -93,7 +95,8 @@ class StatusFile:
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
             self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
-        result = {"experiment": self.data.get("experiment"), "outcome": outcome, "class": cls,
+        result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
+                  "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
         if gpu:
             result["gpu"] = gpu
@@ -129,24 +132,18 @@ def experiment_record_path(home, key: str) -> Path:
 
 
 def _records_dir(home) -> Path:
-    """HOME/status/experiments, made 2750 for the `appliance` group (0700 without it)."""
+    """HOME/status/experiments, root's alone (0700): it names every member's jobs, and a member
+    finds their own results in their own bucket (an older home's 2750 folder is closed here)."""
     folder = Path(home.status_dir) / "experiments"
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        gid = shared_gid()
-        try:
-            if gid is None:
-                raise PermissionError("no appliance group")
-            os.chown(folder, -1, gid)
-            os.chmod(folder, 0o2750)  # setgid: records made inside take the group
-        except PermissionError:
-            os.chmod(folder, 0o700)
+    folder.mkdir(parents=True, exist_ok=True)
+    if stat.S_IMODE(os.stat(folder).st_mode) != 0o700:
+        os.chmod(folder, 0o700)
     return folder
 
 
 def record_experiment(home, key: str, record: dict) -> None:
-    group_reads = os.stat(_records_dir(home)).st_mode & 0o040
-    write_json_atomic(experiment_record_path(home, key), record, mode=0o600 | group_reads)
+    _records_dir(home)
+    write_json_atomic(experiment_record_path(home, key), record, mode=0o600)
 
 
 def find_experiment(home, key: str) -> Optional[dict]:

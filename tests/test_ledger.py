@@ -325,29 +325,20 @@ def output_of_or_none(store, key):
         return None
 
 
-def test_one_key_in_two_members_buckets_is_two_requests(store, home):
-    """Per-member buckets: the ledger and the job folder are keyed by (bucket, key), so member
-    B's request is not settled by member A's run of the same experiment key."""
-    from appliance.store.client import ensure_bucket
-    from tests.test_runner_loop import workspace_tar
+def test_one_key_in_two_members_buckets_is_two_requests(tmp_path):
+    """Per-member buckets: the ledger record and the job folder are keyed by (bucket, key), so
+    member B's request is not settled by member A's run of the same experiment key."""
+    import dataclasses
 
-    configure_store(home, store)
-    key, body = request(store, HELLO)
-    submit(home, body)
-    runner, _ = make_runner(home)
-    runner.run_forever(exit_when_idle=True)
-    other = f"member-b-{uuid.uuid4().hex[:6]}"
-    ensure_bucket(store.endpoint_url, store.access_key, store.secret_key, other)
-    data = json.loads(body)
-    for art in data["experiment"]["artifacts"].values():
-        art["bucket"] = other
-        art["qualified"] = art["qualified"].replace(f"/{store.bucket}/", f"/{other}/")
-    ws = data["experiment"]["artifacts"]["workspace"]["key"]
-    store.client().put_object(Bucket=other, Key=ws, Body=workspace_tar(HELLO))
-    submit(home, json.dumps(data).encode())
-    runner.run_forever(exit_when_idle=True)
-    assert runner.status.data["last_result"]["outcome"] == "success"
-    assert not runner.status.data["last_result"]["reason"].startswith("already ran")
-    out = store.client().get_object(Bucket=other, Key=f"experiments/{key}/output.tar")["Body"].read()
-    assert b"hello from the workload" in out
-    assert dead_reasons(home) == [] and pending(home) == []
+    from appliance.paths import Home
+    from appliance.studioml.request import parse_request
+
+    h = Home.at(tmp_path / "h")
+    h.ensure()
+    a = parse_request((Path(__file__).parent / "fixtures" / "studioml-request.json").read_bytes())
+    b = dataclasses.replace(a, artifacts={n: dataclasses.replace(x, bucket="member-b") for n, x in a.artifacts.items()})
+    led = ledger.Ledger.for_home(h, me=ME)
+    led.settled(led.running(a, "slot-0", 1, None), {"outcome": "success", "reason": ""})
+    assert led.look(h, a, 1800)[0] == ledger.SETTLE
+    assert led.look(h, b, 1800) == (ledger.RUN, None)
+    assert ledger.job_folder(a) != ledger.job_folder(b)

@@ -15,7 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,6 @@ from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
 from appliance.runner.status import record_experiment
-from appliance.runner.triage import slot_shapes
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
 from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable
@@ -140,16 +138,6 @@ class Job:
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
-    def unpack_limit(self) -> int:
-        """The most the job's artifacts may unpack to, all of them together: runner.max_unpack,
-        the request's hdd, and this slot's share of the work disk, whichever is smallest."""
-        disk = shutil.disk_usage(self.dir)
-        share = disk.total // max(1, len(slot_shapes(self.r.home)) or 1)
-        limits = [self.s.max_unpack_bytes, share]
-        if self.req.resources.hdd_bytes:
-            limits.append(self.req.resources.hdd_bytes)
-        return min(limits)
-
     # -- the steps
 
     def run(self) -> None:
@@ -182,7 +170,7 @@ class Job:
         self.uploader.mark_current()  # nothing yet: a failure uploads only the output
         order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
         mutable = [a for a in order if a.mutable]
-        limit = left = self.unpack_limit()
+        limit = left = launch.unpack_limit(self)
         try:
             known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
             for art in order:

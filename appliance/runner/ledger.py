@@ -108,6 +108,37 @@ def settlement(record: dict) -> tuple:
     return ("dead_letter", f"{outcome}: {reason} [class: {cls}]")
 
 
+def settle_from(verdict: str, record: Optional[dict], src, msg, key: str, status, held_logged: dict,
+                ended=None) -> str:
+    """Act on a claim-path verdict other than RUN: "held" (HOLD: give it back uncounted, logged
+    once a minute per request in `held_logged`) or "settled" (CANCEL: acked unrun; SETTLE: as
+    the record says it ended). `status` is the slot's StatusFile; `ended(outcome, cls,
+    exit_code, reason)` tells the job table."""
+    if verdict == HOLD:  # it runs now: this copy waits (uncounted) until that run settles
+        if time.time() - held_logged.get(key, 0) > 60:
+            held_logged.clear()
+            held_logged[key] = time.time()
+            log.info("holding %s/%s: %s runs it now", msg.queue, key,
+                     f"{record.get('host')}/{record.get('slot')}" if record else "this box")
+        return "held"
+    if verdict == CANCEL:  # cancelled before it ran: settled unrun, acked
+        why = cancel_reason(record)
+        log.info("%s: %s; settling it unrun", key, why)
+        src.ack(msg)
+        status.job_finished("cancelled", None, why, cls="cancelled")
+        if ended:
+            ended("cancelled", "cancelled", None, why)
+        return "settled"
+    how = settlement(record)  # SETTLE: it ran before; settle it as it ended
+    log.info("%s already ran (%s): settling without running it again", key, record.get("outcome"))
+    getattr(src, how[0])(msg, *how[1:])
+    outcome, why = record.get("outcome") or "failed", f"already ran: {record.get('reason', '')}".strip()
+    status.job_finished(outcome, record.get("exit_code"), why)
+    if ended:
+        ended(outcome, record.get("class"), record.get("exit_code"), why)
+    return "settled"
+
+
 def entry_of(req) -> tuple:
     """(bucket, key) naming `req`'s record: the bucket of its workspace, its experiment key."""
     arts = req.artifacts

@@ -222,19 +222,7 @@ class Runner:
     def gpu_busy(self) -> Optional[str]:
         """Why this slot's GPUs cannot take a job now (a foreign process on them, MPS missing),
         kept in `status` as gpu_held; None when they can."""
-        held = None
-        if self.gpus.blocked:
-            held = {"reason": self.gpus.blocked, "processes": []}
-        else:
-            try:
-                foreign = self.gpus.foreign()
-            except Exception:  # noqa: BLE001 - a watch failure must not stop the runner
-                log.exception("slot %s: looking for foreign GPU processes", self.slot)
-                foreign = []
-            if foreign:
-                held = {"reason": f"GPU in use by a process outside this appliance: {gpu.describe(foreign)}",
-                        "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes}
-                                      for p in foreign]}
+        held = gpu.hold_of(self.gpus, self.slot)
         before = self.gpu_held
         if held != (before and {k: before[k] for k in ("reason", "processes")}):
             if held:
@@ -313,6 +301,12 @@ class Runner:
             return "settled"
         return req
 
+    def table_ended(self, msg, key: str, outcome: str, cls, exit_code, reason: str) -> None:
+        """The ledger settled `key` unrun: the job table records how (a row first, if none)."""
+        if not self.jobs.is_finished(key):
+            self.jobs.claim(msg, key)
+            self.jobs.ended(key, outcome, cls, exit_code, reason)
+
     def triage(self, src, msg):
         """A Request to run now, "held" (give back: not here or not now), "waiting"/"refused"
         (a shared queue's message no slot here can run), or "settled"."""
@@ -326,7 +320,8 @@ class Runner:
             return "settled"
         verdict, record = self.ledger.look(self.home, req, self.settings.store_wait_s)
         if verdict != ledger.RUN:
-            return self.settle_from_ledger(src, msg, req, verdict, record)
+            return ledger.settle_from(verdict, record, src, msg, req.key, self.status, self.held_logged,
+                                      ended=lambda *how: self.table_ended(msg, req.key, *how))
         too_often = ledger.over_limits(getattr(msg, "attempt", 1), record, self.settings.max_attempts,
                                        self.settings.max_interruptions)
         if too_often:
@@ -352,26 +347,6 @@ class Runner:
             return self.fleet.refuse(src, msg, req, here)
         src.dead_letter(msg, f"no slot of this appliance can run it: {here} [class: {classes.USER}]")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
-        return "settled"
-
-    def settle_from_ledger(self, src, msg, req: Request, verdict: str, record: Optional[dict]) -> str:
-        if verdict == ledger.HOLD:  # it runs now: this copy waits (uncounted) until that run settles
-            if time.time() - self.held_logged.get(req.key, 0) > 60:
-                self.held_logged = {req.key: time.time()}
-                log.info("holding %s/%s: %s runs it now", msg.queue, req.key,
-                         f"{record.get('host')}/{record.get('slot')}" if record else "this box")
-            return "held"
-        if verdict == ledger.CANCEL:  # cancelled before it ran: settled unrun, acked
-            why = ledger.cancel_reason(record)
-            log.info("%s: %s; settling it unrun", req.key, why)
-            src.ack(msg)
-            self.status.job_finished("cancelled", None, why, cls="cancelled")
-            return "settled"
-        how = ledger.settlement(record)  # SETTLE: it ran before; settle it as it ended
-        log.info("%s already ran (%s): settling without running it again", req.key, record.get("outcome"))
-        getattr(src, how[0])(msg, *how[1:])
-        self.status.job_finished(record.get("outcome") or "failed", record.get("exit_code"),
-                                 f"already ran: {record.get('reason', '')}".strip())
         return "settled"
 
     # ------------------------------------------------------------------ one job

@@ -175,6 +175,9 @@ class IsolationConfig:
                     'who workloads run as: "auto" (an unprivileged account per slot, appliance-<slot>, made by '
                     'the appliance), a user name (every slot shares it), or "root" (not for untrusted requests)')
     docker_image: str = opt("appliance-runner:latest", _text, "runner image for the docker backend")
+    pids_limit: Auto = opt("auto", _auto_or(_int_at_least(16)),
+                           'processes and threads one job may have (a pids cgroup; docker pids_limit), so a fork '
+                           'bomb stays in its slot; "auto": 4096, at most an eighth of the host\'s pid_max')
     gpu_share: str = opt("none", _one_of("none", "mps"),
                          'how slots sharing a GPU are held to their GPU memory: "none" (the runner\'s NVML watch '
                          'stops a job over its share), "mps" (also CUDA MPS memory limits; needs the MPS control '

@@ -4,7 +4,8 @@
 environment build). `supervise` waits for a child that leads its own process group under a
 `Supervision`: keepalives every tick, a deadline (TIMED_OUT), a drain (INTERRUPTED), no
 progress for too long (HUNG), a check that stops it at once (OVER_GPU_SHARE); SIGTERM to the
-group first, SIGKILL after a grace period. Below the runner and the environment builder
+group first, SIGKILL after a grace period. While it waits it keeps the child's high-water mark
+(VmHWM) as `proc.hwm`. Below the runner and the environment builder
 (`appliance/pyenv/`), which both use it; it imports neither.
 """
 
@@ -64,6 +65,40 @@ class Supervision:
     progress: Callable[[], object] = lambda: None  # changes while the job makes progress (CPU, output)
 
 
+def _hwm(pid: int) -> Optional[int]:
+    """VmHWM of a live process, in bytes (None when gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reap(proc: subprocess.Popen, timeout: float) -> int:
+    """proc.wait(timeout), looking at the process's high-water mark (VmHWM) every few
+    milliseconds while it runs: the largest seen is kept as `proc.hwm` (bytes). (wait4's
+    ru_maxrss would not do: a child forked or vforked from the runner starts out with the
+    runner's own.) subprocess.TimeoutExpired when it still runs."""
+    if proc.returncode is not None:
+        return proc.returncode
+    end, delay = time.monotonic() + timeout, 0.0005
+    while True:
+        hwm = _hwm(proc.pid)
+        if hwm is not None:
+            proc.hwm = max(getattr(proc, "hwm", 0), hwm)
+        rc = proc.poll()
+        if rc is not None:
+            return rc
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        delay = min(delay * 2, remaining, 0.05)
+        time.sleep(delay)
+
+
 def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[str]]:
     """Wait for `proc` (leader of its own process group) under `sv`.
 
@@ -74,7 +109,7 @@ def supervise(proc: subprocess.Popen, sv: Supervision) -> tuple[int, Optional[st
     seen, progressed = sv.progress(), time.time()
     while True:
         try:
-            rc = proc.wait(timeout=sv.tick_s)
+            rc = reap(proc, sv.tick_s)
             break
         except subprocess.TimeoutExpired:
             pass

@@ -19,6 +19,7 @@ from appliance.inventory import Inventory, format_cpu_list
 from appliance.paths import Home
 from appliance.plan import Plan, Slot, describe_slot
 from appliance.singleton import lock_path
+from appliance.slot.limits import host_pid_max, pids_limit
 from appliance.store.credentials import load_credentials
 from appliance.store.server import minio_environment, store_program
 from appliance.units import format_size
@@ -110,10 +111,12 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
     """The supervisord program that runs `slot`'s runner inside its isolation."""
     env = {"APPLIANCE_HOME": str(home.root), "PYTHONUNBUFFERED": "1",
            "APPLIANCE_RUNNER_SETTINGS": runner_settings_digest(config)}
+    pids = pids_limit(config.isolation.pids_limit, host_pid_max())
     if config.isolation.backend == "docker":
         command = [python, "-m", "appliance.slot.docker_slot", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--memory-bytes", str(slot.memory_bytes),
-                   "--shm-bytes", str(slot.shm_bytes), "--image", config.isolation.docker_image,
+                   "--shm-bytes", str(slot.shm_bytes), "--pids-limit", str(pids),
+                   "--image", config.isolation.docker_image,
                    "--home", str(home.root), "--stop-timeout", str(int(config.runner.drain_timeout) + 30)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
@@ -126,7 +129,8 @@ def slot_program(home: Home, config: Config, slot: Slot, python: str = sys.execu
     else:
         command = [python, "-m", "appliance.slot.exec", "--slot", slot.name,
                    "--cpus", format_cpu_list(slot.cpus), "--mems", format_cpu_list(slot.mems),
-                   "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes)]
+                   "--memory-bytes", str(slot.memory_bytes), "--shm-bytes", str(slot.shm_bytes),
+                   "--pids-limit", str(pids)]
         if slot.gpus:
             command += ["--gpus", ",".join(slot.gpus)]
         if slot.gpus and slot.gpu_memory_bytes:

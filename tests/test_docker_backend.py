@@ -15,7 +15,7 @@ import pytest
 
 from appliance.inventory import format_cpu_list
 from appliance.plan import Plan
-from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL
+from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL, container_name
 from tests.appliance_fixtures import artifact_text, last_result, make_home, stop_home, submit
 from tests.realparts import wait_for
 
@@ -104,7 +104,7 @@ def test_every_slot_runs_as_a_container_with_the_plan_limits_inside(docker_appli
         assert facts["container_id"], facts  # status shows the container
         container = docker_client.containers.get(facts["container_id"])
         assert container.status == "running"
-        assert container.name == f"appliance-{slot.name}"
+        assert container.name == container_name(docker_appliance.root, slot.name)
         assert container.labels[SLOT_LABEL] == slot.name
         code, out = container.exec_run(["python", "-c", PROBE])
         assert code == 0, out
@@ -144,11 +144,73 @@ def test_a_memory_hog_fails_as_out_of_memory_and_the_slot_keeps_running(docker_a
     key = submit(docker_appliance, ws, "hog.py")
     result = wait_for("the hog to be stopped", lambda: last_result(docker_appliance, key), timeout=240)
     assert result["outcome"] == "out of memory", result
-    assert "memory limit of slot" in result["reason"], result  # counted, not guessed
+    # counted, not guessed: over the slot's limit, or over its ram (256mb) at the runner's look
+    assert "memory limit" in result["reason"], result
     after = docker_appliance.status()["slots"]
     # the runner survived: same containers, all still running
     assert {s["name"]: s["container_id"] for s in after} == before
     assert all(s["state"] == "RUNNING" for s in after), after
+
+
+SHM_WRITE = (
+    "import os\n"
+    "open('/dev/shm/secret', 'w').write('SECRET-IN-MY-PRIVATE-SHM')\n"
+    "os.chmod('/dev/shm/secret', 0o644)\n"
+    "open('/dev/shm/fill', 'wb').write(b'x' * (32 << 20))\n"
+    "print('wrote', flush=True)\n")
+
+SHM_LOOK = (
+    "import os\n"
+    "st = os.statvfs('/dev/shm')\n"
+    "print('seen', sorted(os.listdir('/dev/shm')), 'free', st.f_bavail * st.f_frsize, flush=True)\n")
+
+
+def _slot_of(home, key) -> str | None:
+    for slot in home.status()["slots"]:
+        if (slot.get("last_result") or {}).get("experiment") == key:
+            return slot["name"]
+    return None
+
+
+def test_the_next_job_in_a_container_finds_dev_shm_empty(docker_appliance, tmp_path):
+    ws = tmp_path / "shm"
+    ws.mkdir()
+    (ws / "write.py").write_text(SHM_WRITE)
+    (ws / "look.py").write_text(SHM_LOOK)
+    writer = submit(docker_appliance, ws, "write.py")
+    assert wait_for("the writer", lambda: last_result(docker_appliance, writer), timeout=240)["outcome"] == "success"
+    slot = _slot_of(docker_appliance, writer)
+    for _ in range(8):  # until a look runs on the writer's slot (the scheduler picks the slot)
+        look = submit(docker_appliance, ws, "look.py")
+        assert wait_for("the look", lambda: last_result(docker_appliance, look), timeout=240)["outcome"] == "success"
+        if _slot_of(docker_appliance, look) == slot:
+            break
+    else:
+        pytest.fail(f"no job ran on {slot} again")
+    text = wait_for("its output", lambda: artifact_text(docker_appliance, look))
+    assert "seen [] free" in text, text
+    free = int(text.split(" free ")[1].split()[0])
+    assert free == next(s.shm_bytes for s in plan_of(docker_appliance).slots if s.name == slot)
+
+
+# under the slot's 512MiB, over its ram
+TOUCH_300 = (
+    "import time\n"
+    "b = bytearray(300 << 20)\n"
+    "for i in range(0, len(b), 4096):\n"
+    "    b[i] = 1\n"
+    "time.sleep(5)\n"
+    "print('survived', flush=True)\n")
+
+
+def test_a_requests_ram_is_its_limit_in_a_container_too(docker_appliance, tmp_path):
+    ws = tmp_path / "ram"
+    ws.mkdir()
+    (ws / "touch.py").write_text(TOUCH_300)
+    key = submit(docker_appliance, ws, "touch.py", ram="128mb")
+    result = wait_for("the job to be stopped", lambda: last_result(docker_appliance, key), timeout=240)
+    assert result["outcome"] == "out of memory", result
+    assert "the request's ram, 128 MiB" in result["reason"], result
 
 
 def test_down_leaves_no_container(docker_appliance, docker_client):
@@ -231,3 +293,4 @@ def test_a_gpu_slot_without_the_nvidia_runtime_is_refused_by_doctor_and_up(tmp_p
         assert home_containers(docker_client, home) == []
     finally:
         stop_home(home)
+

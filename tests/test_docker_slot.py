@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.image import build_image
+from appliance.slot.cgroup import RUNNER_PIDS
 from appliance.slot.docker_slot import (
     HOME_LABEL, SLOT_LABEL, container_name, docker_problems, list_slot_containers, remove_stale)
 
@@ -58,6 +59,7 @@ PROBE = """
         "cpus": status["Cpus_allowed_list"].strip(),
         "memory": read("/sys/fs/cgroup/memory/memory.limit_in_bytes") or read("/sys/fs/cgroup/memory.max"),
         "memsw": read("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"),
+        "pids": read("/sys/fs/cgroup/pids/pids.max") or read("/sys/fs/cgroup/pids.max"),
         "shm": shm.f_blocks * shm.f_frsize,
         "env": {k: v for k, v in os.environ.items()
                 if k.startswith(("CUDA_", "APPLIANCE_", "FOO"))},
@@ -69,18 +71,21 @@ def test_slot_flags_are_the_limits_inside(docker_client, runner_image, tmp_path)
     slot = slot_name()
     cpus = "1" if os.cpu_count() > 1 else "0"
     done = run_slot(runner_image, tmp_path, slot, *python(PROBE), cpus=cpus,
-                    memory=256 * MiB, shm=64 * MiB, extra=["--env", "FOO=bar=baz"])
+                    memory=256 * MiB, shm=64 * MiB, extra=["--env", "FOO=bar=baz", "--pids-limit", "300"])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["cpus"] == cpus
     assert int(seen["memory"]) == 256 * MiB
     assert seen["memsw"] in (None, str(256 * MiB))
     assert seen["shm"] == 64 * MiB
+    assert seen["pids"] == str(300 + RUNNER_PIDS)  # a job's bound, and some for its runner
     account = pwd.getpwnam(f"appliance-{slot}")  # made on the host, handed in as numbers
     assert seen["env"] == {"FOO": "bar=baz", "CUDA_VISIBLE_DEVICES": "",
                            "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "APPLIANCE_GPU_MEMORY_BYTES": "0",
                            "APPLIANCE_SLOT": slot,
-                           "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}"}
+                           "APPLIANCE_WORKLOAD_USER": f"{account.pw_uid}:{account.pw_gid}",
+                           "APPLIANCE_SLOT_MEMORY_BYTES": str(256 * MiB), "APPLIANCE_SLOT_SHM_BYTES": str(64 * MiB),
+                           "APPLIANCE_ISOLATION": "docker"}
     assert no_containers(docker_client, tmp_path)
 
 

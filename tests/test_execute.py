@@ -247,3 +247,36 @@ def test_in_a_container_its_own_cgroup_counts_the_oom_kills(tmp_path, monkeypatc
                           tmp_path / "out", Supervision(tick_s=0.05), container_slot="slot-3")
     assert result.outcome == execute.OUT_OF_MEMORY
     assert "memory limit of slot slot-3" in result.reason
+
+
+# ------------------------------------------------------------------ ram without a job cgroup
+
+
+def test_without_a_job_cgroup_the_requests_ram_is_watched(tmp_path):
+    # the docker backend's case: no cgroup of the job's own, so the runner looks every tick
+    body = """
+        import time
+        b = bytearray(300 << 20)
+        for i in range(0, len(b), 4096):
+            b[i] = 1
+        time.sleep(3)
+        print("survived")
+    """
+    argv = script(tmp_path, body)
+    out = tmp_path / "output" / "output"
+    result = run_workload(argv, tmp_path / "ws", execute.workload_env(os.environ, {}), out,
+                          Supervision(tick_s=0.05), ram_bytes=128 << 20)
+    assert result.outcome == execute.OUT_OF_MEMORY, result
+    assert "ram, 128 MiB" in result.reason
+    assert "survived" not in out.read_text()
+    assert result.usage["peak_memory_bytes"] > 128 << 20
+    # under its ram it runs as before, and its peak is its own high-water mark
+    launcher = execute.Launcher(None)
+    launcher.warm()
+    try:
+        result = run_workload([PY, "-c", "print('hi')"], tmp_path / "ws", execute.workload_env(os.environ, {}), out,
+                              Supervision(tick_s=0.05), ram_bytes=128 << 20, launcher=launcher)
+    finally:
+        launcher.close()
+    assert result.ok and out.read_text().endswith("hi\n")
+    assert result.usage["peak_memory_bytes"] < 20 << 20

@@ -16,6 +16,7 @@ from appliance.inventory import Inventory
 from appliance.paths import Home
 from appliance.plan import make_plan
 from appliance.render import _environment_jinja, render_default_config, render_supervisord, render_unit
+from appliance.slot.limits import host_pid_max, pids_limit
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 1024**3
@@ -51,6 +52,7 @@ def test_one_program_per_slot_each_its_own_group(tmp_path):
         assert argv[:3] == ["/opt/venv/bin/python", "-m", "appliance.slot.exec"]
         assert argv[argv.index("--memory-bytes") + 1] == str(slot.memory_bytes)
         assert argv[argv.index("--shm-bytes") + 1] == str(slot.shm_bytes)
+        assert argv[argv.index("--pids-limit") + 1] == str(pids_limit("auto", host_pid_max()))
         assert ("--gpus" in argv) == bool(slot.gpus)
         if slot.gpus:
             assert argv[argv.index("--gpu-memory-bytes") + 1] == str(slot.gpu_memory_bytes) != "0"
@@ -69,11 +71,12 @@ def test_external_store_runs_nothing_locally(tmp_path):
 
 
 def test_docker_backend_runs_each_slot_as_a_container(tmp_path):
-    config = parse_config('[isolation]\nbackend = "docker"\ndocker_image = "lab/runner:1"\n')
+    config = parse_config('[isolation]\nbackend = "docker"\ndocker_image = "lab/runner:1"\npids_limit = 300\n')
     plan = make_plan(config, box())
     groups = supervisord_reads(tmp_path, render_supervisord(Home.at(tmp_path), config, plan))
     argv = shlex.split(groups[plan.slots[0].name][0].command)
     assert "appliance.slot.docker_slot" in argv and argv[argv.index("--image") + 1] == "lab/runner:1"
+    assert argv[argv.index("--pids-limit") + 1] == "300"
 
 
 def test_a_missing_template_variable_is_an_error():

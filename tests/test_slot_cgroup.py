@@ -145,11 +145,13 @@ def fake_v2(tmp_path, monkeypatch):
 
 def test_v2_setup_writes_limits_and_enables_controllers(fake_v2):
     h = Hierarchy.v2(str(fake_v2))
-    cg = cgroup.setup_slot("slot-0", [2, 3, 4, 7], [0], 512 * MiB, hierarchy=h)
+    cg = cgroup.setup_slot("slot-0", [2, 3, 4, 7], [0], 512 * MiB, hierarchy=h, pids_max=1000)
     slot = fake_v2 / "appliance" / "slot-0"
     assert cg.cpuset_dir == cg.memory_dir == str(slot)
     for level in (fake_v2, fake_v2 / "appliance", slot):
-        assert (level / "cgroup.subtree_control").read_text() == "+cpuset +memory"
+        assert (level / "cgroup.subtree_control").read_text() == "+cpuset +memory +pids"
+    assert (slot / "job" / "pids.max").read_text() == "1000"  # a fork bomb stops there...
+    assert (slot / "pids.max").read_text() == str(1000 + cgroup.RUNNER_PIDS)  # ...and its runner still forks
     assert (slot / "cpuset.cpus").read_text() == "2-4,7"
     assert (slot / "cpuset.mems").read_text() == "0"
     assert (slot / "memory.max").read_text() == str(512 * MiB)
@@ -163,12 +165,29 @@ def test_v2_setup_is_idempotent_and_updates(fake_v2):
     h = Hierarchy.v2(str(fake_v2))
     cgroup.setup_slot("slot-0", [0], [0], 256 * MiB, hierarchy=h)
     # The kernel would now list the enabled controllers; a second run must not write again.
-    (fake_v2 / "cgroup.subtree_control").write_text("cpuset memory\n")
+    (fake_v2 / "cgroup.subtree_control").write_text("cpuset memory pids\n")
     cgroup.setup_slot("slot-0", [1], [0], 128 * MiB, hierarchy=h)
     slot = fake_v2 / "appliance" / "slot-0"
-    assert (fake_v2 / "cgroup.subtree_control").read_text() == "cpuset memory\n"
+    assert (fake_v2 / "cgroup.subtree_control").read_text() == "cpuset memory pids\n"
+    assert (slot / "job" / "pids.max").read_text() == "max"  # no bound asked: none
     assert (slot / "cpuset.cpus").read_text() == "1"
     assert (slot / "memory.max").read_text() == str(128 * MiB)
+
+
+def test_v2_a_new_job_leaf_gets_its_own_limit_and_the_oom_group(fake_v2):
+    from appliance.slot.cgroup import v2
+
+    h = Hierarchy.v2(str(fake_v2))
+    cg = cgroup.setup_slot("slot-0", [0], [0], 512 * MiB, hierarchy=h, pids_max=100)
+    job = fake_v2 / "appliance" / "slot-0" / "job"
+    for f in job.iterdir():  # what fresh_job's rmdir leaves: nothing
+        f.unlink()
+    job.rmdir()
+    v2.make_job(cg, 256 * MiB, "100")
+    assert (job / "memory.max").read_text() == str(256 * MiB)  # the request's ram
+    assert (job / "memory.oom.group").read_text() == "1"  # an OOM takes the whole workload
+    v2.make_job(cg, None, None)  # no ram: the slot's limit holds, nothing written
+    assert (job / "memory.max").read_text() == str(256 * MiB)
 
 
 def test_v2_checks_cpus_against_parent_effective_set(fake_v2):

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from appliance.api.submit_client import enqueue_request, submit_store
+from appliance.jobs.control import JobError
 from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
 from appliance.jobs.policy import SpecError, array_plan, member_key
 from appliance.queues.local import is_local_queue, no_access
@@ -307,6 +308,8 @@ def run(args) -> int:
             return _fail(no_access(home.queue_root))
         except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
             return _fail(str(e))
+        except JobError as e:  # the key is a job already (root's path; a member's says it through the API)
+            return _fail(e.message)
     if array is None:
         print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     else:

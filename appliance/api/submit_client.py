@@ -39,9 +39,18 @@ def enqueue_request(home: Home, queue: str, data: bytes) -> str:
         from appliance.api.client import Client
 
         return Client(home).post("/v1/submit", {"queue": queue, "request": json.loads(data)})["message_id"]
+    from appliance.jobs.control import queued
+    from appliance.jobs.table import JobTable
     from appliance.queues.local import enqueue
 
-    return enqueue(home.queue_root, queue, data)
+    ids = []
+    table = JobTable.of(home)  # its row first: `appliance wait KEY` right after finds it
+    try:
+        queued(table, data, owner_uid=0, queue=queue,
+               enqueue=lambda q, b: ids.append(enqueue(home.queue_root, q, b)) or ids[-1])
+    finally:
+        table.close()
+    return ids[-1]
 
 
 def results_store(home: Home, record: dict) -> Store:

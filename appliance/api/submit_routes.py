@@ -18,7 +18,7 @@ from appliance.api.submit_check import foreign_reference
 
 @route("POST", "/v1/submit", who="submit")
 def submit(req: Request) -> SubmitResponse:
-    from appliance.queues.local import enqueue, is_local_queue
+    from appliance.queues.local import is_local_queue
     from appliance.studioml.request import BadRequest, parse_request
 
     body = SubmitRequest.from_json(req.body or {})
@@ -35,9 +35,27 @@ def submit(req: Request) -> SubmitResponse:
         foreign = foreign_reference(body.request, parsed.artifacts, store.bucket, store.access_key, store.endpoint)
         if foreign:
             raise ApiError(403, foreign)
-    try:
-        msgid = enqueue(req.home.queue_root, body.queue, data, owner_uid=req.caller.uid)
-    except OSError as e:
-        raise ApiError(507, f"cannot write to the queue {body.queue}: {e.strerror or e}; ask an admin") from None
+    msgid = record_and_enqueue(req.home, body.queue, data, req.caller.uid)
     return SubmitResponse(key=parsed.key, queue=body.queue, message_id=msgid, owner=req.caller.name,
                           owner_uid=req.caller.uid)
+
+
+def record_and_enqueue(home, queue: str, data: bytes, owner_uid: int) -> str:
+    """The job's row first (so `appliance wait KEY` right after `submit` finds it), then the
+    message, a file of `owner_uid`; its message id."""
+    from appliance.jobs.control import JobError, queued
+    from appliance.jobs.table import JobTable
+    from appliance.queues.local import enqueue
+
+    ids = []
+    table = JobTable.of(home)
+    try:
+        queued(table, data, owner_uid=owner_uid, queue=queue,
+               enqueue=lambda q, b: ids.append(enqueue(home.queue_root, q, b, owner_uid=owner_uid)) or ids[-1])
+    except JobError as e:
+        raise ApiError(e.status, e.message) from None
+    except OSError as e:
+        raise ApiError(507, f"cannot write to the queue {queue}: {e.strerror or e}; ask an admin") from None
+    finally:
+        table.close()
+    return ids[-1]

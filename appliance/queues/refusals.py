@@ -164,7 +164,7 @@ def read_all(home, now: Optional[float] = None) -> dict:
     folder = Path(home.refusals_dir)
     try:
         names = sorted(os.listdir(folder))
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # a member: HOME/status is the appliance's alone
         return {}
     for name in names:
         if not name.endswith(".json") or name.startswith("."):

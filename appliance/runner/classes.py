@@ -4,7 +4,7 @@
 - user: the workload's fault: non-zero exit, an artifact the request names that is missing or
   refused, GPU memory over the slot's share (folded in here: the workload asked for more than
   its request said). Not retried.
-- oom: killed for memory over the slot's limit. Not retried.
+- oom: killed for memory over its limit (the request's `ram`, else the slot's). Not retried.
 - timeout: past its lifetime. Not retried.
 - hung: no CPU progress and no new output for runner.hang_after. Not retried.
 - environment: the request's requirement set cannot be built (a requirement no index has,

@@ -3,7 +3,11 @@
 `cd workspace; python <filename> <args>` with stdout and stderr appended to the file that
 becomes the `output` artifact. The runner already runs within the slot's cpuset and memory
 limit; the workload additionally joins the slot's `job` leaf cgroup (when the runner is in a
-slot) so an out-of-memory kill hits the workload, never the runner, and can be counted.
+slot) so an out-of-memory kill hits the workload, never the runner, and can be counted. That
+leaf is made anew for each workload (`fresh_job_cgroup`), with the request's `ram` as its
+memory limit: its peak memory and OOM count are the workload's own, not the environment
+build's or an earlier job's. After the workload, what it left goes: its processes, and
+everything in the slot's /dev/shm (`end_job`).
 
 The workload gets its own session (process group): a timeout or a drain stops the whole
 group, SIGTERM first (so it can checkpoint into `modeldir`), SIGKILL after a grace period.
@@ -11,7 +15,8 @@ It also gets PR_SET_PDEATHSIG=SIGKILL, so a runner killed with SIGKILL does not 
 workload running unsupervised; the job then runs again when the message is recovered.
 
 Everything here is single-threaded: one poll loop that waits on the process with a short
-timeout, calling back for keepalives and periodic uploads.
+timeout, calling back for keepalives and periodic uploads. The job's cgroup and what the job
+used are in jobcgroup.py; the process started ahead of time, in launcher.py.
 """
 
 from __future__ import annotations
@@ -21,13 +26,18 @@ import os
 import re
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from appliance.process import (CANCELLED, HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision,  # noqa: F401
-                               base_env, signal_group, supervise)
+from appliance.process import (  # noqa: F401  (importers find them here too)
+    CANCELLED, HUNG, INTERRUPTED, OVER_GPU_SHARE, TIMED_OUT, Supervision, base_env, reap, signal_group, supervise,
+)
+from appliance.runner.jobcgroup import (  # noqa: F401  (moved there; importers find them here too)
+    MemoryWatch, Usage, _mib, container_oom_kills, end_job, fresh_job_cgroup, in_container, job_cgroup,
+    job_cpu_seconds, job_peak_memory, kill_job_leftovers, kill_user_processes, oom_kills, reset_job_peak,
+)
+from appliance.runner.launcher import Launcher  # noqa: F401
 
 SUCCESS = "success"
 FAILED = "failed"
@@ -127,70 +137,6 @@ def _preexec(slot: Optional[str], parent: int, user: Optional[tuple] = None) -> 
     return child
 
 
-def job_cgroup(slot: Optional[str]) -> Optional[str]:
-    """`slot` if its job cgroup exists on this host (process backend), else None: no slot
-    (dev, tests), or the docker backend, where the container itself is the slot."""
-    if not slot:
-        return None
-    try:
-        from appliance.slot import cgroup
-        cg = cgroup.SlotCgroup(slot)
-        return slot if os.path.isdir(cg.path(cg.hierarchy.memory, "job")) else None
-    except Exception:
-        return None
-
-
-def _job_file(slot: str, root: Optional[str], name: str) -> Optional[str]:
-    from appliance.slot import cgroup
-    if not root:
-        return None
-    try:
-        with open(os.path.join(cgroup.SlotCgroup(slot).path(root, "job"), name)) as f:
-            return f.read()
-    except (OSError, ValueError):
-        return None
-
-
-def job_cpu_seconds(slot: Optional[str]) -> Optional[float]:
-    """CPU time charged to the slot's job cgroup so far (v2 cpu.stat, v1 cpuacct.usage), or None."""
-    if not slot:
-        return None
-    from appliance.slot import cgroup
-    h = cgroup.current_hierarchy()
-    if h.version == "v2":
-        text = _job_file(slot, h.cpuset, "cpu.stat") or ""
-        usec = next((int(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines())
-                     if k == "usage_usec" and v.strip().isdigit()), None)
-        return usec / 1e6 if usec is not None else None
-    text = (_job_file(slot, h.cpuacct, "cpuacct.usage") or "").strip()
-    return int(text) / 1e9 if text.isdigit() else None
-
-
-def job_peak_memory(slot: Optional[str]) -> Optional[int]:
-    """Peak memory of the slot's job cgroup (v1 memory.max_usage_in_bytes, v2 memory.peak), or None."""
-    if not slot:
-        return None
-    from appliance.slot import cgroup
-    h = cgroup.current_hierarchy()
-    name = "memory.peak" if h.version == "v2" else "memory.max_usage_in_bytes"
-    text = (_job_file(slot, h.memory, name) or "").strip()
-    return int(text) if text.isdigit() else None
-
-
-def reset_job_peak(slot: Optional[str]) -> None:
-    """Start the job cgroup's memory peak afresh (v1; v2 from Linux 6.12): the leaf serves every job."""
-    if not slot:
-        return
-    from appliance.slot import cgroup
-    h = cgroup.current_hierarchy()
-    name = "memory.peak" if h.version == "v2" else "memory.max_usage_in_bytes"
-    try:
-        with open(os.path.join(cgroup.SlotCgroup(slot).path(h.memory, "job"), name), "w") as f:
-            f.write("0")
-    except (OSError, ValueError):
-        pass
-
-
 def _leader_ticks(pid: int) -> Optional[int]:
     """utime + stime of one process (no job cgroup to ask)."""
     try:
@@ -199,79 +145,6 @@ def _leader_ticks(pid: int) -> Optional[int]:
         return int(fields[11]) + int(fields[12])
     except (OSError, IndexError, ValueError):
         return None
-
-
-class Usage:
-    """What one workload used: CPU seconds and peak memory from its job cgroup, or from
-    getrusage of the runner's children when there is no cgroup (no slot: tests, `python=`)."""
-
-    def __init__(self, slot: Optional[str]):
-        import resource
-        self.slot = slot
-        reset_job_peak(slot)
-        self.cpu0 = job_cpu_seconds(slot)
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.ru0 = ru.ru_utime + ru.ru_stime
-        self.started = time.time()
-
-    def cpu_now(self) -> float:
-        import resource
-        cpu = job_cpu_seconds(self.slot)
-        if cpu is not None and self.cpu0 is not None:
-            return cpu - self.cpu0
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return ru.ru_utime + ru.ru_stime - self.ru0
-
-    def report(self) -> dict:
-        import resource
-        peak = job_peak_memory(self.slot)
-        if peak is None:  # largest child ever: an upper bound only when the runner had bigger ones
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        return {"cpu_seconds": round(self.cpu_now(), 3), "peak_memory_bytes": peak,
-                "wall_seconds": round(time.time() - self.started, 3)}
-
-
-def oom_kills(slot: Optional[str]) -> Optional[int]:
-    """OOM kill count of the slot's job cgroup, or None when there is no cgroup to ask."""
-    if not slot:
-        return None
-    try:
-        from appliance.slot import cgroup
-        return int(cgroup.SlotCgroup(slot).oom_kills())
-    except Exception:
-        return None
-
-
-def kill_job_leftovers(slot: Optional[str]) -> int:
-    """SIGKILL whatever the workload left in the slot's job cgroup (a daemon in a session of
-    its own escapes the process-group kill, never the cgroup). The number killed."""
-    if not slot:
-        return 0
-    try:
-        from appliance.slot import cgroup
-        return cgroup.SlotCgroup(slot).kill_leaf("job")
-    except Exception:
-        return 0
-
-
-def container_oom_kills() -> Optional[int]:
-    """OOM kills in the memory cgroup of the container we run in (docker backend: the
-    container is the slot, and its own cgroup is what /sys/fs/cgroup shows); None if unknown."""
-    for path in ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"):
-        try:
-            with open(path) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def in_container() -> bool:
-    """Whether we run inside a docker (or podman) container."""
-    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
 
 
 def process_start_ticks(pid: int) -> Optional[int]:
@@ -311,180 +184,9 @@ def spawn(argv: list[str], cwd: Path, env: Mapping[str, str], out, slot: Optiona
         preexec_fn=_preexec(slot, os.getpid(), user), close_fds=True)
 
 
-# The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
-# preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
-# the runner is already gone, oom_score_adj 1000 (the runner joins it to the job cgroup from
-# outside, see Launcher.warm), then answers "R" on stdout. Then it waits for one JSON line on
-# stdin ({argv, cwd, env, output, user}) and becomes the workload the way subprocess.Popen would
-# have started it: stdin /dev/null, stdout and stderr appended to the output file, cwd,
-# signals Python ignores back to their defaults, umask 077, the workload's uid:gid (no
-# supplementary groups; PDEATHSIG set again, since a uid change clears it), argv[0] looked up
-# on the env's PATH. On
-# stdout it answers "." right before the exec, and [errno, strerror, filename] if that
-# failed; the exec closes that descriptor (close-on-exec).
-_LAUNCHER = """\
-import ctypes, json, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    os._exit(137)
-try:
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")
-except OSError:
-    pass
-os.write(1, b"R")
-spec = sys.stdin.buffer.readline()
-if not spec:
-    os._exit(0)
-status = os.dup(1)
-name = None
-try:
-    s = json.loads(spec)
-    fd = os.open(s["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
-    name = s["cwd"]
-    os.chdir(name)
-    for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
-        if hasattr(signal, sig):
-            signal.signal(getattr(signal, sig), signal.SIG_DFL)
-    os.umask(0o077)
-    if s.get("user"):
-        uid, gid = s["user"]
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != int(sys.argv[1]):
-            os._exit(137)
-    name = s["argv"][0]
-    os.write(status, b".")
-    os.execvpe(name, s["argv"], s["env"])
-except OSError as e:
-    os.write(status, json.dumps([e.errno, e.strerror, name]).encode())
-os._exit(127)
-"""
-
-
-class Launcher:
-    """Starts the next workload process ahead of time, while the runner is idle.
-
-    Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms before the
-    workload even starts its interpreter. `warm()` instead starts a small waiting process
-    (`_LAUNCHER`, through vfork: cheap for the runner) that sets itself up as `_preexec`
-    would, and joins it to the slot's job cgroup; `launch()` then hands it the workload,
-    which it execs at once. The workload ends up exactly as `spawn` would start it: a child
-    of the runner, leader of its own session, in the job cgroup (joined before the workload
-    existed), PDEATHSIG=SIGKILL, oom_score_adj 1000, a failed cgroup join reported in its
-    output.
-
-    Anything wrong with the waiting process (it died, it was never started) makes
-    `launch()` return None and the caller forks as before: nothing depends on it.
-    """
-
-    def __init__(self, slot: Optional[str], python: Optional[str] = None):
-        import sys
-        self.slot = slot
-        self.python = python or sys.executable
-        self.proc: Optional[subprocess.Popen] = None
-        self.warning = b""  # _preexec's words on a failed cgroup join, for the output
-
-    def warm(self) -> None:
-        """Have a launcher process waiting (call when idle)."""
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self._discard()
-        try:
-            self.proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                cwd="/", env={}, start_new_session=True, close_fds=True)
-        except (OSError, subprocess.SubprocessError):
-            self.proc = None
-            return
-        self.warning = b""
-        if self.slot:
-            try:
-                from appliance.slot import cgroup
-                cgroup.SlotCgroup(self.slot).join("job", pid=self.proc.pid)
-            except Exception as e:  # still inside the slot's limits, via the runner's cgroup
-                self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
-                                f"{self.slot}: {e}\n").encode()
-
-    def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out,
-               user: Optional[tuple] = None) -> Optional[subprocess.Popen]:
-        """The waiting process turned into the workload; None if there was none (fork then).
-        Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
-        import json
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            self._discard(proc)
-            return None
-        try:
-            if proc.stdout.read(1) != b"R":  # not ready: it died (or the runner's pid changed)
-                self._discard(proc)
-                return None
-            if self.warning:
-                out.write(self.warning)
-            out.flush()
-            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env),
-                    "output": os.path.abspath(out.name), "user": list(user) if user else None}
-            proc.stdin.write(json.dumps(spec).encode() + b"\n")
-            proc.stdin.close()
-            answer = proc.stdout.read()
-        except (OSError, ValueError):
-            self._discard(proc)
-            return None
-        if not answer.startswith(b"."):  # it died before it could start the workload
-            self._discard(proc)
-            return None
-        proc.stdout.close()
-        proc.stdin = proc.stdout = None
-        proc.args = list(argv)
-        if answer != b".":
-            proc.wait()
-            errno_, strerror, name = json.loads(answer[1:])
-            raise OSError(errno_, strerror, name)
-        return proc
-
-    def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
-        proc = proc or self.proc
-        if proc is self.proc:
-            self.proc = None
-        if proc is None:
-            return
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
-        if proc.poll() is None:
-            signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def close(self) -> None:
-        """No more jobs: the waiting process exits (EOF on its stdin)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self._discard(proc)
-
-
 def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
-             oom_after: Optional[int], slot: Optional[str] = None, stopped_reason: str = "") -> Result:
+             oom_after: Optional[int], slot: Optional[str] = None, stopped_reason: str = "",
+             ram_bytes: Optional[int] = None) -> Result:
     if stopped_for == OVER_GPU_SHARE:
         return Result(OVER_GPU_SHARE, rc, stopped_reason or "over the slot's GPU memory share")
     if stopped_for == TIMED_OUT:
@@ -498,6 +200,9 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
     if rc == 0:
         return Result(SUCCESS, 0, "")
     oomed = oom_before is not None and oom_after is not None and oom_after > oom_before
+    if oomed and ram_bytes:
+        return Result(OUT_OF_MEMORY, rc, f"the workload exceeded its memory limit (the request's ram, "
+                                         f"{_mib(ram_bytes)}) and was killed")
     if oomed:
         where = f" of slot {slot}" if slot else ""
         return Result(OUT_OF_MEMORY, rc, f"the workload exceeded the memory limit{where} "
@@ -511,19 +216,27 @@ def classify(rc: int, stopped_for: Optional[str], oom_before: Optional[int],
     return Result(FAILED, rc, f"exit code {rc}")
 
 
+def _first_of(*checks: Callable[[], Optional[str]]) -> Callable[[], Optional[str]]:
+    """A Supervision.check that asks each of `checks` in turn."""
+    return lambda: next((r for r in (c() for c in checks) if r), None)
+
+
 def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Path,
                  sv: Supervision, slot: Optional[str] = None,
                  on_start: Callable[[subprocess.Popen], None] = lambda p: None,
                  container_slot: Optional[str] = None,
                  launcher: Optional[Launcher] = None, user: Optional[tuple] = None,
-                 on_end: Callable[[], None] = lambda: None) -> Result:
+                 on_end: Callable[[], None] = lambda: None, ram_bytes: Optional[int] = None) -> Result:
     """Run `argv` in `cwd`, output appended to `output`; never raises for the workload's
     own failures (a missing interpreter is a FAILED result too). `slot` names the slot whose
     job cgroup the workload joins; `container_slot` the slot whose container we run in
     (docker backend), whose own cgroup then counts the OOM kills. `launcher`: start it
     through that Launcher's waiting process when it has one (see Launcher). `on_end` is called
-    when the workload's process has ended, before what it left in the job cgroup is killed."""
+    when the workload's process has ended, before what it left in the job cgroup is killed.
+    `ram_bytes` (the request's `ram`) limits the workload's memory: its job cgroup's limit
+    (never above the slot's, which bounds it too); None or 0: the slot's limit."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    limit, warning = fresh_job_cgroup(slot, ram_bytes, launcher)
     if container_slot and not slot:
         count_ooms, slot_name = container_oom_kills, container_slot
     else:
@@ -531,6 +244,8 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
     before = count_ooms()
     usage = Usage(slot)
     with open(output, "ab") as out:
+        if warning:
+            out.write(warning.encode())
         try:
             proc = spawn(argv, cwd, env, out, slot, launcher, user)
         except (OSError, subprocess.SubprocessError) as e:
@@ -538,14 +253,25 @@ def run_workload(argv: list[str], cwd: Path, env: Mapping[str, str], output: Pat
             out.write(f"appliance: {msg}\n".encode())
             return Result(FAILED, None, msg)
         on_start(proc)
+        watch = None
+        if ram_bytes and (not slot or warning):  # no job cgroup to hold it: watch it
+            from appliance.slot.shm import in_slot_container
+            watch = MemoryWatch(ram_bytes, proc.pid, user[0] if user and in_slot_container() else None)
+            sv.check = _first_of(watch.check, sv.check)
         if sv.hang_after_s > 0:
             sv.progress = lambda: (usage.cpu_now() if usage.cpu0 is not None else _leader_ticks(proc.pid),
                                    output.stat().st_size)
         rc, stopped_for = supervise(proc, sv)
         on_end()
         kill_job_leftovers(slot)
-        result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason)
-        result.usage = usage.report()
+        result = classify(rc, stopped_for, before, count_ooms(), slot_name, sv.stopped_reason, limit)
+        if watch is not None and watch.tripped:
+            result = Result(OUT_OF_MEMORY, rc, sv.stopped_reason + " and was killed")
+        result.usage = usage.report(getattr(proc, "hwm", None))
+        if watch is not None:
+            result.usage["peak_memory_bytes"] = max(result.usage["peak_memory_bytes"] or 0, watch.peak)
+        for problem in end_job(slot, user):
+            out.write(f"appliance: warning: {problem}\n".encode())
         if not result.ok:
             out.write(f"\nappliance: {result.outcome}: {result.reason}\n".encode())
     return result

@@ -61,6 +61,7 @@ class Job:
             self._make_dirs()
 
     def close(self) -> None:
+        execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
         if self.env is not None:
             self.env.release()
         self.lock.close()
@@ -248,7 +249,7 @@ class Job:
             launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
-            on_end=lambda: launch.gpu_end(self))
+            on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
 
     def upload_quietly(self) -> None:
         try:

@@ -3,13 +3,13 @@
 supervisord runs, per slot,
 
     python -m appliance.slot.docker_slot --slot slot-0 --cpus 0-1 --memory-bytes N \\
-        --shm-bytes N [--gpus UUID,.. [--gpu-memory-bytes N]] --image IMAGE --home HOME [--env K=V ...] \\
-        [--stop-timeout S] [--workload-user U] -- python -m appliance.runner --home HOME --slot slot-0
+        --shm-bytes N [--pids-limit N] [--gpus UUID,.. [--gpu-memory-bytes N]] --image IMAGE --home HOME \\
+        [--env K=V ...] [--stop-timeout S] [--workload-user U] -- python -m appliance.runner --home HOME --slot slot-0
 
 which replaces any stale container of that slot, starts container `appliance-<slot>` with the
-slot's cpuset, memory (swap included), /dev/shm size and GPUs, streams its output to ours,
-turns SIGTERM/SIGINT into `docker stop`, waits, removes the container and exits with its exit
-code. So supervisord sees one foreground process per slot, exactly as with the process backend.
+slot's cpuset, memory (swap included), /dev/shm size, pids bound and GPUs, streams its output
+to ours, turns SIGTERM/SIGINT into `docker stop`, waits, removes the container and exits with
+its exit code. So supervisord sees one foreground process per slot, exactly as with the process backend.
 
 Containers carry the labels `appliance.home` and `appliance.slot`, so `list_slot_containers`
 and `remove_stale` find them from `status`, `up` and `down` even after a crash.
@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from appliance.slot.cgroup.base import RUNNER_PIDS
 
 HOME_LABEL = "appliance.home"
 SLOT_LABEL = "appliance.slot"
@@ -168,7 +170,10 @@ def _environment(args) -> dict[str, str]:
         env[key] = value
     env.update(CUDA_VISIBLE_DEVICES=",".join(args.gpus), CUDA_DEVICE_ORDER="PCI_BUS_ID",
                APPLIANCE_GPU_MEMORY_BYTES=str(args.gpu_memory_bytes),
-               APPLIANCE_SLOT=args.slot, APPLIANCE_WORKLOAD_USER=_workload_ids(args))
+               APPLIANCE_SLOT=args.slot, APPLIANCE_WORKLOAD_USER=_workload_ids(args),
+               APPLIANCE_SLOT_MEMORY_BYTES=str(args.memory_bytes),
+               APPLIANCE_SLOT_SHM_BYTES=str(args.shm_bytes),  # the runner empties /dev/shm after each job
+               APPLIANCE_ISOLATION="docker")
     return env
 
 
@@ -227,6 +232,7 @@ def create_container(client, args):
             labels={HOME_LABEL: home, SLOT_LABEL: args.slot},
             cpuset_cpus=args.cpus, mem_limit=args.memory_bytes,
             memswap_limit=args.memory_bytes, shm_size=args.shm_bytes,
+            pids_limit=(args.pids_limit + RUNNER_PIDS) if args.pids_limit else None,
             init=True, network_mode="host", environment=_environment(args),
             volumes=slot_mounts(home, args.slot), device_requests=device_requests,
             stop_signal="SIGTERM")
@@ -336,6 +342,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--cpus", required=True, help="cpuset, e.g. 0-1 or 2,3")
     p.add_argument("--memory-bytes", type=int, required=True, help="memory limit, swap included")
     p.add_argument("--shm-bytes", type=int, required=True, help="size of /dev/shm")
+    p.add_argument("--pids-limit", type=int, default=0,
+                   help="processes and threads a job may have (the container gets some more for its runner)")
     p.add_argument("--gpus", type=lambda s: [g for g in s.split(",") if g], default=[],
                    help="GPU UUIDs (GPU-... or MIG-...), comma-separated")
     p.add_argument("--gpu-memory-bytes", type=int, default=0,

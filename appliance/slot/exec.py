@@ -1,15 +1,17 @@
 """The slot exec wrapper: isolate this process, then exec the runner in its place.
 
     python -m appliance.slot.exec --slot NAME --cpus 0-1,3 --mems 0 --memory-bytes N
-        --shm-bytes N [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER] [--lock PATH [--lock-wait S]]
+        --shm-bytes N [--pids-limit N] [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER]
+        [--lock PATH [--lock-wait S]]
         -- CMD [ARGS...]
 
 Steps, in this order: the slot's lock (one runner per slot: a runner that a dead supervisord
 left behind is waited for, up to --lock-wait seconds; see appliance/singleton.py), cgroup
-(create/update the slot, join its runner leaf), CPU affinity, private /dev/shm (needs root, so
-before dropping it), environment, user, exec. Because it exec()s, supervisord's signals reach
-the real runner, and the runner holds the lock. Any failure prints one line naming the step and
-the fix, and exits 2 (EXIT_BUSY, 75, when the lock stayed taken).
+(create/update the slot with its memory limit and pids bound, join its runner leaf), CPU
+affinity, private /dev/shm (needs root, so before dropping it), environment, user, exec.
+Because it exec()s, supervisord's signals reach the real runner, and the runner holds the lock.
+Any failure prints one line naming the step and the fix, and exits 2 (EXIT_BUSY, 75, when the
+lock stayed taken).
 
 Started once per slot start, so imports stay light: no argparse, ctypes only inside shm.
 """
@@ -22,16 +24,16 @@ import sys
 from appliance import singleton
 from appliance.slot.cgroup import CgroupError, SlotCgroup
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
-from appliance.slot.shm import ShmError, private_shm
+from appliance.slot.shm import NS_ENV, ShmError, mount_namespace, private_shm
 
 USAGE = (
     "usage: python -m appliance.slot.exec --slot NAME --cpus LIST --mems LIST "
-    "--memory-bytes N --shm-bytes N [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER] "
+    "--memory-bytes N --shm-bytes N [--pids-limit N] [--gpus UUID,UUID [--gpu-memory-bytes N]] [--user USER] "
     "[--lock PATH [--lock-wait S]] "
     "-- CMD [ARGS...]"
 )
-OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--gpus", "--gpu-memory-bytes", "--user",
-           "--lock", "--lock-wait")
+OPTIONS = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes", "--pids-limit", "--gpus",
+           "--gpu-memory-bytes", "--user", "--lock", "--lock-wait")
 REQUIRED = ("--slot", "--cpus", "--mems", "--memory-bytes", "--shm-bytes")
 
 
@@ -47,12 +49,13 @@ class Request:
     """The parsed command line."""
 
     def __init__(self, slot, cpus, mems, memory_bytes, shm_bytes, gpus, user, command, lock=None,
-                 lock_wait=singleton.DEFAULT_WAIT_S, gpu_memory_bytes=0):
+                 lock_wait=singleton.DEFAULT_WAIT_S, gpu_memory_bytes=0, pids_limit=None):
         self.slot: str = slot
         self.cpus: list[int] = cpus
         self.mems: list[int] = mems
         self.memory_bytes: int = memory_bytes
         self.shm_bytes: int = shm_bytes
+        self.pids_limit: int | None = pids_limit  # processes and threads a job may have (None: no bound)
         self.gpus: list[str] = gpus
         self.gpu_memory_bytes: int = gpu_memory_bytes  # what the slot may use on each GPU (0: no GPU)
         self.user: str | None = user
@@ -102,6 +105,8 @@ def parse_args(argv: list[str]) -> Request:
         lock_wait=_seconds(values.get("--lock-wait", str(singleton.DEFAULT_WAIT_S)), "--lock-wait"),
         gpu_memory_bytes=_positive_int(values["--gpu-memory-bytes"], "--gpu-memory-bytes")
         if "--gpu-memory-bytes" in values else 0,
+        pids_limit=_positive_int(values["--pids-limit"], "--pids-limit", "processes")
+        if "--pids-limit" in values else None,
     )
 
 
@@ -115,9 +120,9 @@ def _cpu_list(text: str, option: str) -> list[int]:
     return result
 
 
-def _positive_int(text: str, option: str) -> int:
+def _positive_int(text: str, option: str, unit: str = "bytes") -> int:
     if not (text.isascii() and text.isdigit()) or int(text) <= 0:
-        raise StepFailed("arguments", f"{option} must be a positive whole number of bytes, not {text!r}")
+        raise StepFailed("arguments", f"{option} must be a positive whole number of {unit}, not {text!r}")
     return int(text)
 
 
@@ -196,7 +201,7 @@ def run(request: Request) -> None:
     pw = _lookup_user(request.user) if request.user else None
     try:
         cgroup = SlotCgroup(request.slot)
-        cgroup.setup(request.cpus, request.mems, request.memory_bytes)
+        cgroup.setup(request.cpus, request.mems, request.memory_bytes, request.pids_limit)
         if pw is not None and pw.pw_uid != 0:
             cgroup.delegate_job(pw.pw_uid, pw.pw_gid)
         cgroup.join("runner")
@@ -218,6 +223,7 @@ def run(request: Request) -> None:
         raise StepFailed("shm", str(err)) from None
 
     env = slot_environment(request, dict(os.environ))
+    env[NS_ENV] = mount_namespace()  # where the slot's /dev/shm is: the runner renews it after each job
     if pw is not None:
         _drop_to(pw, env)
 

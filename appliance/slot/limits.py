@@ -1,4 +1,5 @@
-"""CPU lists in the Linux list format ("0-3,8,10-11"), as used by cpuset.cpus and taskset.
+"""CPU lists in the Linux list format ("0-3,8,10-11"), as used by cpuset.cpus and taskset, and
+a slot's bound on processes.
 
 Imported by the exec wrapper and by the planner, so it stays free of heavy imports.
 """
@@ -55,3 +56,24 @@ def _run_text(run: list[int]) -> str:
 def _is_number(text: str) -> bool:
     # str.isdigit() also accepts digits like "²"; the kernel only takes ASCII.
     return bool(text) and text.isascii() and text.isdigit()
+
+
+AUTO_PIDS_LIMIT = 4096
+PID_MAX_FILE = "/proc/sys/kernel/pid_max"
+
+
+def pids_limit(configured, pid_max: int) -> int:
+    """The processes and threads one job may have: `configured` (isolation.pids_limit), or for
+    "auto" 4096, at most an eighth of the host's pid_max (and at least 64)."""
+    if configured != "auto":
+        return int(configured)
+    return max(64, min(AUTO_PIDS_LIMIT, pid_max // 8))
+
+
+def host_pid_max(path: str = PID_MAX_FILE) -> int:
+    """The kernel's pid_max (32768 when unreadable: the smallest usual value)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 32768

@@ -1,0 +1,185 @@
+"""The Launcher: the next workload process, started ahead of time while the runner is idle
+(used by execute.run_workload, which re-exports it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Mapping, Optional
+
+from appliance.process import signal_group
+
+
+# The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
+# preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
+# the runner is already gone, oom_score_adj 1000 (the runner joins it to the job cgroup from
+# outside, see Launcher.warm), then answers "R" on stdout. Then it waits for one JSON line on
+# stdin ({argv, cwd, env, output, user}) and becomes the workload the way subprocess.Popen would
+# have started it: stdin /dev/null, stdout and stderr appended to the output file, cwd,
+# signals Python ignores back to their defaults, umask 077, the workload's uid:gid (no
+# supplementary groups; PDEATHSIG set again, since a uid change clears it), argv[0] looked up
+# on the env's PATH. On
+# stdout it answers "." right before the exec, and [errno, strerror, filename] if that
+# failed; the exec closes that descriptor (close-on-exec).
+_LAUNCHER = """\
+import ctypes, json, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    os._exit(137)
+try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+except OSError:
+    pass
+os.write(1, b"R")
+spec = sys.stdin.buffer.readline()
+if not spec:
+    os._exit(0)
+status = os.dup(1)
+name = None
+try:
+    s = json.loads(spec)
+    fd = os.open(s["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    name = s["cwd"]
+    os.chdir(name)
+    for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), signal.SIG_DFL)
+    os.umask(0o077)
+    if s.get("user"):
+        uid, gid = s["user"]
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != int(sys.argv[1]):
+            os._exit(137)
+    name = s["argv"][0]
+    os.write(status, b".")
+    os.execvpe(name, s["argv"], s["env"])
+except OSError as e:
+    os.write(status, json.dumps([e.errno, e.strerror, name]).encode())
+os._exit(127)
+"""
+
+
+class Launcher:
+    """Starts the next workload process ahead of time, while the runner is idle.
+
+    Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms before the
+    workload even starts its interpreter. `warm()` instead starts a small waiting process
+    (`_LAUNCHER`, through vfork: cheap for the runner) that sets itself up as `_preexec`
+    would, and joins it to the slot's job cgroup; `launch()` then hands it the workload,
+    which it execs at once. The workload ends up exactly as `spawn` would start it: a child
+    of the runner, leader of its own session, in the job cgroup (joined before the workload
+    existed), PDEATHSIG=SIGKILL, oom_score_adj 1000, a failed cgroup join reported in its
+    output.
+
+    Anything wrong with the waiting process (it died, it was never started) makes
+    `launch()` return None and the caller forks as before: nothing depends on it.
+    """
+
+    def __init__(self, slot: Optional[str], python: Optional[str] = None):
+        import sys
+        self.slot = slot
+        self.python = python or sys.executable
+        self.proc: Optional[subprocess.Popen] = None
+        self.warning = b""  # _preexec's words on a failed cgroup join, for the output
+
+    def warm(self) -> None:
+        """Have a launcher process waiting (call when idle)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._discard()
+        try:
+            self.proc = subprocess.Popen(
+                [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                cwd="/", env={}, start_new_session=True, close_fds=True)
+        except (OSError, subprocess.SubprocessError):
+            self.proc = None
+            return
+        self.warning = b""
+        if self.slot:
+            try:
+                from appliance.slot import cgroup
+                cgroup.SlotCgroup(self.slot).join("job", pid=self.proc.pid)
+            except Exception as e:  # still inside the slot's limits, via the runner's cgroup
+                self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
+                                f"{self.slot}: {e}\n").encode()
+
+    def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out,
+               user: Optional[tuple] = None) -> Optional[subprocess.Popen]:
+        """The waiting process turned into the workload; None if there was none (fork then).
+        Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
+        import json
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            self._discard(proc)
+            return None
+        try:
+            if proc.stdout.read(1) != b"R":  # not ready: it died (or the runner's pid changed)
+                self._discard(proc)
+                return None
+            if self.warning:
+                out.write(self.warning)
+            out.flush()
+            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env),
+                    "output": os.path.abspath(out.name), "user": list(user) if user else None}
+            proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            proc.stdin.close()
+            answer = proc.stdout.read()
+        except (OSError, ValueError):
+            self._discard(proc)
+            return None
+        if not answer.startswith(b"."):  # it died before it could start the workload
+            self._discard(proc)
+            return None
+        proc.stdout.close()
+        proc.stdin = proc.stdout = None
+        proc.args = list(argv)
+        if answer != b".":
+            proc.wait()
+            errno_, strerror, name = json.loads(answer[1:])
+            raise OSError(errno_, strerror, name)
+        return proc
+
+    def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
+        proc = proc or self.proc
+        if proc is self.proc:
+            self.proc = None
+        if proc is None:
+            return
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        if proc.poll() is None:
+            signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def close(self) -> None:
+        """No more jobs: the waiting process exits (EOF on its stdin)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self._discard(proc)

@@ -15,7 +15,7 @@ from appliance.paths import Home
 # Each module in appliance.actions has register(subparsers) and sets func=run on its parser.
 ACTIONS = ["up", "down", "status", "render", "doctor", "config", "image", "submit", "queue", "gpu", "logs", "results",
            "jobs", "history", "cancel", "hold", "release", "requeue", "wait",
-           "top", "user"]
+           "top", "user", "gc"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -196,6 +196,8 @@ class ObjectStoreConfig:
     endpoint: str = opt("", _text, 'S3 endpoint URL when kind = "external"')
     minio_binary: str = opt("", _text, 'path to a MinIO server binary when kind = "minio"')
     memory_limit: int = opt(parse_size("256MiB"), _size, "soft memory limit of the bundled store (GOMEMLIMIT)")
+    retention: float = opt(30 * 86400.0, _duration, '`appliance gc` removes results and unneeded workspaces '
+                                                    'older than this (e.g. "30d"; 0 keeps everything)')
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ shows it); the controller goes on and tries the port again every RETRY_BIND_S se
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import logging
@@ -19,8 +18,6 @@ import os
 import re
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +26,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from appliance.files import write_atomic
 from appliance.inventory import format_cpu_list
+from appliance.jobs.table import active_counts
 from appliance.lifecycle import previous_plan
 from appliance.paths import Home
+from appliance.queues.depths import sample_depths
 from appliance.runner.status import STATES
 
 log = logging.getLogger("appliance.metrics")
@@ -87,63 +86,6 @@ def _alive(pid) -> bool:
 # ---------------------------------------------------------------- the slow parts (sampler thread)
 
 
-def local_depths(home: Home) -> list[tuple[str, str, str, int]]:
-    from appliance.queues.local import LocalQueueSource
-
-    local = LocalQueueSource(home.queue_root, watch=False)
-    rows = []
-    for state, counts in (("waiting", local.depths()), ("running", local.claimed_counts()),
-                          ("dead", local.dead_counts())):
-        rows += [(local.name, q, state, n) for q, n in counts.items()]
-    return rows
-
-
-def rabbit_depths(name: str, spec, timeout: float = 3.0) -> list[tuple[str, str, str, int]]:
-    """Per `rmq_*` queue: ready (waiting), unacked plus leased (running), `<queue>.dead` (dead),
-    from one call to the management API."""
-    from appliance.queues.rabbitmq import _vhost, is_rmq_queue, management_url
-
-    base, user, password = management_url(spec)
-    vhost = urllib.parse.quote(_vhost(spec.url), safe="")
-    req = urllib.request.Request(
-        f"{base}/api/queues/{vhost}?columns=name,messages,messages_ready,messages_unacknowledged",
-        headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        queues = json.loads(resp.read())
-    counts: dict[tuple[str, str], int] = {}
-
-    def add(queue: str, state: str, n) -> None:
-        counts[(queue, state)] = counts.get((queue, state), 0) + int(n or 0)
-
-    for q in queues:
-        qname = str(q.get("name", ""))
-        if qname.startswith("appliance.lease."):
-            add(qname[len("appliance.lease."):].rpartition(".")[0], "running", q.get("messages"))
-        elif qname.endswith(".dead") and is_rmq_queue(qname[:-len(".dead")]):
-            add(qname[:-len(".dead")], "dead", q.get("messages"))
-        elif is_rmq_queue(qname):
-            add(qname, "waiting", q.get("messages_ready"))
-            add(qname, "running", q.get("messages_unacknowledged"))
-    return [(name, q, state, n) for (q, state), n in sorted(counts.items())]
-
-
-def sqs_depths(name: str, spec) -> list[tuple[str, str, str, int]]:
-    from appliance.queues.sqs import QUEUE_PREFIX, _client
-
-    client = _client(spec)
-    rows = []
-    for url in client.list_queues(QueueNamePrefix=QUEUE_PREFIX).get("QueueUrls", []):
-        qname = url.rstrip("/").rsplit("/", 1)[-1]
-        attrs = client.get_queue_attributes(QueueUrl=url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        if qname.endswith("_dead"):
-            rows.append((name, qname[:-len("_dead")], "dead", int(attrs["ApproximateNumberOfMessages"])))
-        else:
-            rows.append((name, qname, "waiting", int(attrs["ApproximateNumberOfMessages"])))
-            rows.append((name, qname, "running", int(attrs["ApproximateNumberOfMessagesNotVisible"])))
-    return rows
-
-
 class Sampler:
     """Asks the slow parts every SAMPLE_EVERY_S seconds in its own thread; `latest` is what
     it found last (a dict replaced whole, so a scrape reads it without a lock)."""
@@ -174,26 +116,8 @@ class Sampler:
             self._stop.wait(self.every_s)
 
     def sample(self) -> dict:
-        out: dict = {"time": time.time(), "queues": [], "queue_sampled": {}}
-        try:
-            out["queues"] += local_depths(self.home)
-            out["queue_sampled"]["local"] = 1
-        except OSError as e:
-            log.debug("local queue depths: %s", e)
-            out["queue_sampled"]["local"] = 0
-        from appliance.queues import sources as qsources
-
-        for entry in qsources.read_entries(qsources.credentials_dir(self.home, self.config)):
-            if entry.error:
-                continue
-            try:
-                rows = (rabbit_depths(entry.source_name, entry.spec) if entry.kind == "rabbitmq" else
-                        sqs_depths(entry.source_name, entry.spec) if entry.kind == "sqs" else [])
-                out["queues"] += rows
-                out["queue_sampled"][entry.source_name] = 1
-            except Exception as e:  # noqa: BLE001 - its health is in sources.json; depth unknown
-                log.debug("queue depths of %s: %s", entry.source_name, e)
-                out["queue_sampled"][entry.source_name] = 0
+        rows, sampled = sample_depths(self.home, self.config)
+        out: dict = {"time": time.time(), "queues": rows, "queue_sampled": sampled}
         out["store_up"] = self._store_up()
         from appliance.gpus import gpu_usage
 
@@ -284,12 +208,22 @@ class Collector:
         self.home, self.sampler, self.backend = home, sampler, backend
         self.events = _Events(home.events_file)
 
+    def _jobs(self):
+        counts = active_counts(self.home)
+        if counts is not None:
+            jobs = GaugeMetricFamily("appliance_jobs", "Jobs of this box by state, from the job table "
+                                     "(queued, held, running)", labels=["state"])
+            for state, n in counts.items():
+                jobs.add_metric([state], n)
+            yield jobs
+
     def collect(self):
         plan = previous_plan(self.home)
         slots = list(plan.slots) if plan else []
         yield from self._slots(slots)
         yield from self._runner_counters()
         yield from self._queues()
+        yield from self._jobs()
         rebalances = CounterMetricFamily("appliance_rebalances", "Re-plans of the slots, by what caused them "
                                          "(gpus, config, startup, other)", labels=["cause"])
         for kind, n in sorted(self.events.read().items()):

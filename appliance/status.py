@@ -11,6 +11,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
 from appliance.inventory import format_cpu_list
 from appliance.lifecycle import previous_plan
+from appliance.jobs.table import active_counts
 from appliance.paths import Home
 from appliance.runner.status import read_status
 from appliance.store.client import check_store
@@ -163,8 +164,34 @@ def gather(home: Home) -> dict:
         "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
+        "jobs": active_counts(home),
         "sources": _sources(home),
+        **_queue_rows(home, config),
     }
+
+
+def _queue_rows(home: Home, config) -> dict:
+    """Every queue of every source with its depth (appliance/queues/depths.py)."""
+    from appliance.queues.depths import queue_table
+
+    try:
+        return {"queue_rows": queue_table(home, config), "queue_problem": ""}
+    except PermissionError:
+        return {"queue_rows": [], "queue_problem": "the local queue is not readable by you (join the appliance group)"}
+    except Exception as e:  # noqa: BLE001 - a status shows the problem and goes on
+        return {"queue_rows": [], "queue_problem": f"{type(e).__name__}: {e}"}
+
+
+def queue_row_text(r: dict) -> str:
+    """`local/local_appliance: 2 waiting, 1 running, 0 dead` (or why its depth is unknown)."""
+    where = r["source"] + (f"/{r['queue']}" if r["queue"] != "-" else "")
+    if r["waiting"] is None and r.get("problem"):
+        return f"{where}: {r['problem']}"
+
+    def n(v):
+        return "-" if v is None else str(v)
+
+    return f"{where}: {n(r['waiting'])} waiting, {n(r['running'])} running, {n(r['dead'])} dead"
 
 
 def _age(seconds: float | None) -> str:
@@ -264,6 +291,14 @@ def format_status(facts: dict) -> str:
     q = facts["queues"]
     lines.append(f"queues: local root {q['root']} (STUDIOML_HOME={q['studioml_home']}); "
                  f"credentials in {q['credentials_dir']}")
+    for r in facts.get("queue_rows") or []:
+        lines.append(f"  {queue_row_text(r)}")
+    jobs = facts.get("jobs")
+    if jobs:
+        lines.append(f"jobs: {jobs['queued']} queued, {jobs['held']} held, {jobs['running']} running "
+                     "(`appliance jobs` lists them, where each waits and why)")
+    if facts.get("queue_problem"):
+        lines.append(f"  {facts['queue_problem']}")
     src = facts.get("sources") or {}
     if src.get("sources"):
         lines.append(f"queue sources ({src.get('policy')}):")

@@ -118,7 +118,9 @@ def main() -> int:
             "submit, unchanged folder": series(args.n, args.parallel,
                                                lambda i: submit + ["--no-freeze", "train.py"], env),
             "submit + package list": series(args.n, args.parallel,
-                                            changed(["--python", sys.executable]), env),
+                                            changed(["--python", sys.executable, "--freeze"]), env),
+            "submit + project env": series(args.n, args.parallel,
+                                           changed(["--python", sys.executable]), env),
         }
         aws_env = {**env, "AWS_ACCESS_KEY_ID": store.access_key,
                    "AWS_SECRET_ACCESS_KEY": store.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}

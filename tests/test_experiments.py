@@ -61,8 +61,43 @@ def test_a_runner_killed_mid_job_gets_its_job_run_again_to_completion(running_ap
     assert json.dumps(queue).count(key) == 0  # nothing of it left waiting, claimed or dead
 
 
+def client_request(appliance, workspace, **resources) -> str:
+    """Queue a request as a StudioML client would, with no check of what this box can run."""
+    import time
+    import uuid
+
+    from appliance.actions.submit import build_request
+    from appliance.config import load_config
+    from appliance.queues.local import enqueue
+    from appliance.store.credentials import load_client_credentials
+    from appliance.store.server import endpoint_url
+    from appliance.workspace_upload import send_workspace
+
+    home = appliance.home
+    config = load_config(home.config_file)
+    endpoint, bucket, region = endpoint_url(config), config.object_store.bucket, config.object_store.region
+    creds = load_client_credentials(home)
+    ws_key, _size = send_workspace(workspace, endpoint, creds.access_key, creds.secret_key, bucket, region)
+    key = f"client-{uuid.uuid4().hex[:8]}"
+    body = build_request(
+        key=key, script="train.py", script_args=[], workspace_key=ws_key, workspace_dir=str(workspace),
+        endpoint=endpoint, bucket=bucket, access_key=creds.access_key, secret_key=creds.secret_key,
+        region=region, resources={"cpus": 1, "gpus": 0, "ram": "256mb", "hdd": "", "gpuMem": "0gb", **resources},
+        max_duration=None, lifetime=None, save_every="3m", env={}, pip=[], pythonenv=[], pythonver=None,
+        studioml_home=home.studioml_home, now=time.time())
+    enqueue(home.queue_root, "local_appliance", json.dumps(body).encode())
+    return key
+
+
+def test_a_request_no_slot_could_ever_run_is_refused_by_submit(running_appliance, workspace):
+    result = running_appliance.cli("submit", "--no-freeze", "--ram", "64gb", "--dir", str(workspace),
+                                   "train.py", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "no slot of this box can run it" in result.stderr and "64 GiB ram" in result.stderr
+
+
 def test_a_request_no_slot_could_ever_run_is_dead_lettered_with_the_reason(running_appliance, workspace):
-    key = submit(running_appliance, workspace, "train.py", ram="64gb")
+    key = client_request(running_appliance, workspace, ram="64gb")  # the client checks nothing
     dead = wait_for("the dead letter", lambda: key in running_appliance.cli("queue", "dead").stdout)
     assert dead
     listing = running_appliance.cli("queue", "dead").stdout

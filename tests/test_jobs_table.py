@@ -241,6 +241,27 @@ def test_a_claim_of_a_held_or_cancelled_job_does_not_start_it(home, table, tmp_p
     assert rec.claim(claimed("h", tmp_path), "h") == "run"
 
 
+def test_another_accounts_message_cannot_take_over_a_key_but_its_owners_copy_is_the_ledgers(home, tmp_path):
+    """A member's message reusing another member's key is dead-lettered ("duplicate"); the same
+    owner's request coming back under another message id (a copy, a redelivery) goes on, so the
+    exactly-once ledger settles it as it ended."""
+    from appliance.jobs.record import RunnerRecord
+
+    def message(name, uid):
+        msg = claimed("k", tmp_path, uid=uid)
+        msg.handle = msg.handle.rename(tmp_path / name)
+        msg.message_id = name
+        return msg
+
+    rec = RunnerRecord(home, "slot-0")
+    assert rec.claim(message("first", 4321), "k") == "run"
+    rec.ended("k", "success", "success", 0)
+    assert rec.claim(message("theirs", 9876), "k") == "duplicate"
+    assert rec.claim(message("again", 4321), "k") == "run"
+    assert rec.table.get("k").owner_uid == 4321
+    rec.close()
+
+
 def test_an_array_runs_at_most_its_bound_at_once(home, tmp_path):
     from appliance.jobs.record import RunnerRecord
 
@@ -366,3 +387,26 @@ def test_requests_of_long_finished_jobs_are_forgotten_their_rows_kept(table):
     assert table.forget_requests(5000.0) == 1
     assert table.request_body("old") is None and table.get("old").state == "done"
     assert table.request_body("new") and table.request_body("waiting")
+
+
+def test_status_and_metrics_count_the_waiting_held_and_running_jobs(tmp_path):
+    from appliance.jobs.table import active_counts
+    from appliance.metrics import Collector
+    from appliance.paths import Home
+    from appliance.status import format_status, gather
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    assert active_counts(home) is None and gather(home)["jobs"] is None  # no table yet
+    table = JobTable.of(home)
+    for key in ("q1", "q2", "h", "r"):
+        add(table, key)
+    table.hold("h")
+    table.started("r", "slot-0")
+    table.close()
+    assert active_counts(home) == {"queued": 2, "held": 1, "running": 1}
+    facts = gather(home)
+    assert facts["jobs"] == {"queued": 2, "held": 1, "running": 1}
+    assert "jobs: 2 queued, 1 held, 1 running" in format_status(facts)
+    [family] = [f for f in Collector(home).collect() if f.name == "appliance_jobs"]
+    assert {s.labels["state"]: s.value for s in family.samples} == {"queued": 2, "held": 1, "running": 1}

@@ -203,7 +203,7 @@ def test_rabbitmq_depths_come_from_one_management_api_call(rabbit):
     """waiting (ready), running (held by a runner), dead (`<queue>.dead`), from a real broker."""
     import uuid
 
-    from appliance.metrics import rabbit_depths
+    from appliance.queues.depths import rabbit_depths
     from appliance.queues.rabbitmq import RabbitSource, RabbitSpec, publish
 
     q = f"rmq_{uuid.uuid4().hex[:8]}"
@@ -228,7 +228,7 @@ def test_sqs_depths_come_from_queue_attributes(sqs_endpoint, tmp_path):
     local SQS-compatible server."""
     import uuid
 
-    from appliance.metrics import sqs_depths
+    from appliance.queues.depths import sqs_depths
     from appliance.queues.sources import read_entries
     from tests.test_sqs import sqs_client, write_entry
 

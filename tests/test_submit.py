@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from appliance.actions.submit import DEFAULT_QUEUE, freeze
+from appliance.actions.submit import DEFAULT_QUEUE
+from appliance.freeze import freeze
 from appliance.cli import main
 from appliance.paths import Home
 from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
@@ -283,7 +284,7 @@ def test_submitted_message_is_its_senders_alone(store_home, project, capsys):
 
 
 def test_submit_with_freeze(store_home, project, capsys):
-    assert submit(store_home, "--dir", str(project), "--python", sys.executable,
+    assert submit(store_home, "--dir", str(project), "--python", sys.executable, "--freeze",
                   "--queue", "local_frozen", "train.py") == 0
     src = LocalQueueSource(store_home.queue_root, watch=False)
     req = parse_request(src.claim("local_frozen").body)
@@ -311,10 +312,10 @@ def test_queue_ls_and_dead(home, capsys):
     assert queue_cli(home, "ls", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
-        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "refused": 0,
-         "cannot_run": []},
-        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "refused": 0,
-         "cannot_run": []},
+        {"source": "local", "queue": "local_a", "waiting": 2, "running": 1, "dead": 0, "problem": "",
+         "refused": 0, "cannot_run": []},
+        {"source": "local", "queue": "local_b", "waiting": 0, "running": 0, "dead": 1, "problem": "",
+         "refused": 0, "cannot_run": []},
     ]
     assert queue_cli(home, "ls") == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1,7 +1,8 @@
 """appliance logs EXPERIMENT [-f]: print an experiment's output (stdout and stderr).
 
 While a slot runs the experiment, its output is read from that slot's local output file
-(what the workload printed a moment ago); `-f` follows it until the job ends. Otherwise the
+(what the workload printed a moment ago); `-f` follows it until the job ends (and, for a job
+still waiting in a local queue or being prepared, first waits for it to start). Otherwise the
 `output` artifact is read from the store (what the last upload holds).
 """
 
@@ -75,6 +76,32 @@ def follow(home, key: str, path: Path, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def _waiting_locally(home, key: str) -> bool:
+    """Whether a local queue holds `key`, waiting or claimed (a slot is preparing it)."""
+    from appliance.queues.depths import pending_local_requests
+
+    try:
+        return any((b.get("experiment") or {}).get("key") == key for b in pending_local_requests(home)
+                   if isinstance(b, dict))
+    except OSError:
+        return False
+
+
+def _wait_for_output(home, key: str, running, poll_s: float = 0.5):
+    """`logs -f` of a job still queued or being prepared waits for its output to appear; the
+    slot's status when it has, or None once it is neither queued nor running (ended, or the
+    key is wrong: the stored output says which)."""
+    from appliance.runner.status import running_slot
+
+    while True:
+        if running and running.get("output") and Path(running["output"]).exists():
+            return running
+        if running is None and not _waiting_locally(home, key):
+            return None
+        time.sleep(poll_s)
+        running = running_slot(home, key)
+
+
 def wait_to_start(home, key: str, poll_s: float = 1.0) -> None:
     """While the job waits in its queue, say where it stands (again when that changes)."""
     from appliance.api.jobs_client import job_state
@@ -124,6 +151,8 @@ def run(args) -> int:
             running = running_slot(args.home, key)
             if running is not None or (exit_code_known(args.home, key)):
                 break
+    if args.follow:
+        running = _wait_for_output(args.home, key, running)
     if running and running.get("output") and Path(running["output"]).exists():
         path = Path(running["output"])
         if args.follow:

@@ -1,8 +1,9 @@
 """appliance queue: what is waiting, running and dead-lettered in the queues the appliance knows.
 
-The local directory queue (home/studioml/queue/local*) is counted here. RabbitMQ and SQS queues
-are not asked: they appear with what this box's runners recorded, the requests waiting there that
-no slot of this box can run (refused: left for other appliances), and why (status/refusals/).
+Every source: the local directory queue (home/studioml/queue/local*), and the RabbitMQ and SQS
+queues of the credentials directory, asked live (appliance/queues/depths.py), with the requests
+waiting there that no slot of this box can run (refused: left for other appliances), and why
+(status/refusals/).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import json
 import sys
 
-from appliance.config import load_config
-from appliance.queues import refusals
-from appliance.queues.local import DEAD, LocalQueueSource, no_access
+from appliance.queues.depths import local_queue as _local
+from appliance.queues.depths import queue_table
+from appliance.queues.local import DEAD, no_access
 
 
 def register(sub):
@@ -23,37 +24,6 @@ def register(sub):
     dead = qs.add_parser("dead", help="dead-lettered messages and why")
     dead.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p.set_defaults(func=run, queue_action="ls", json=False)
-
-
-def _local(home) -> LocalQueueSource:
-    """The local queue, its expired dead letters gone (when we may delete them)."""
-    local = LocalQueueSource(home.queue_root, watch=False,
-                             dead_ttl_s=load_config(home.config_file).queues.dead_ttl)
-    try:
-        local.sweep_dead()
-    except PermissionError:
-        pass  # not a member of the appliance group: the runners sweep
-    return local
-
-
-def queue_table(home) -> list:
-    """One row per queue: source, queue, waiting, running, dead (None: not known here), and
-    `refused`: requests waiting there that no slot of this box can run, with `cannot_run` why."""
-    local = _local(home)
-    waiting, running, dead = local.depths(), local.claimed_counts(), local.dead_counts()
-    names = sorted(set(waiting) | set(running) | set(dead))
-    rows = [{"source": local.name, "queue": q, "waiting": waiting.get(q, 0),
-             "running": running.get(q, 0), "dead": dead.get(q, 0)} for q in names]
-    refused = refusals.read_all(home)
-    for (source, queue) in sorted(set(refused) - {(r["source"], r["queue"]) for r in rows}):
-        rows.append({"source": source, "queue": queue, "waiting": None, "running": None, "dead": None})
-    for row in rows:
-        held = refused.get((row["source"], row["queue"]), {})
-        row["refused"] = len(held)
-        row["cannot_run"] = [{"experiment": h.get("experiment"), "reason": h.get("reason"),
-                              "refused_by": h.get("refused_by", [])}
-                             for h in sorted(held.values(), key=lambda h: str(h.get("experiment")))]
-    return rows
 
 
 def _experiment_key(path) -> str | None:
@@ -106,6 +76,9 @@ def _run(args) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r.get("problem"):
+            print(f"{r['source']}" + (f"/{r['queue']}" if r["queue"] != "-" else "") + f": {r['problem']}")
     held = [(r, h) for r in rows for h in r["cannot_run"]]
     if held:
         print("\nwaiting, but no slot of this box can run them (left for other appliances):")

@@ -6,11 +6,16 @@ What lands on the queue is a StudioML request of the same shape the `studioml` c
 studioml/queue folder; a StudioML user reaches the same queue with
 `STUDIOML_HOME=<home>/studioml studio run --queue local_appliance ...`).
 
+What is packed, with which environment, and what is refused before anything is sent is
+decided in appliance/submit_checks.py (the project's own environment: appliance/studioml/environment.py;
+ignore files: appliance/ignore.py); the upload is appliance/workspace_upload.py.
+
 A submit of a small folder takes ~0.1 s (bench/bench_submit.py): a small workspace goes with
-two plain signed HTTP requests (boto3 alone would cost ~0.2 s to import and set up), the
-interpreter's package list is read (importlib.metadata, not `pip freeze`) while the workspace
-is packed and sent, and a workspace the store already holds (same tree, same sha256, same
-`blobstore/<sha256>.tar` key) costs one HEAD and no upload.
+two plain signed HTTP requests (boto3 alone would cost ~0.2 s to import and set up), with
+`--freeze` the interpreter's package list is read (importlib.metadata, not `pip freeze`) while
+the workspace is packed and sent, and a workspace the store already holds (same tree, same
+sha256, same `blobstore/<sha256>.tar` key) costs one HEAD and no upload; a folder unchanged
+since it was last sent (sizes and mtimes) is not even packed again.
 """
 
 from __future__ import annotations
@@ -27,58 +32,26 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from appliance.api.submit_client import enqueue_request, submit_store
+from appliance.freeze import finish_freeze, start_freeze
 from appliance.jobs.control import JobError
 from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
 from appliance.jobs.policy import SpecError, array_plan, member_key
 from appliance.queues.local import is_local_queue, no_access
 from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
-from appliance.store import sigv4
-from appliance.workspace import pack_directory, workspace_key
+from appliance.submit_checks import SubmitRefused, pack_plan
+from appliance.workspace_upload import StoreProblem, send_workspace
 
 DEFAULT_QUEUE = "local_appliance"
 MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
-SINGLE_PUT_MAX = 64 * 2**20  # larger workspaces go with boto3, in parallel parts
-
-# What `pip freeze --all` prints, read with importlib.metadata in `--python`'s interpreter:
-# one short process instead of pip's ~0.5 s. Exit 3 (no importlib.metadata: Python < 3.8)
-# falls back to pip itself.
-FREEZE_SCRIPT = r"""
-import json, os, sys
-try:
-    from importlib import metadata
-except ImportError:
-    sys.exit(3)
-sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
-seen, lines = set(), []
-for dist in metadata.distributions():
-    name = dist.metadata["Name"]
-    key = (name or "").lower().replace("_", "-").replace(".", "-")
-    if not key or key in seen:
-        continue
-    seen.add(key)
-    try:
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    except ValueError:
-        direct = {}
-    url, vcs = direct.get("url"), direct.get("vcs_info")
-    if (direct.get("dir_info") or {}).get("editable"):
-        line = "-e " + url
-    elif vcs:
-        line = "%s @ %s+%s@%s" % (name, vcs.get("vcs"), url, vcs.get("commit_id"))
-    elif url:
-        line = "%s @ %s" % (name, url)
-    else:
-        line = "%s==%s" % (name, dist.version)
-    lines.append((key, line))
-print(json.dumps({"version": "%d.%d" % sys.version_info[:2], "lines": [x for _, x in sorted(lines)]}))
-"""
-
 
 def register(sub):
     p = sub.add_parser(
         "submit", help="pack this folder and queue `python SCRIPT ARGS...` to run in a slot",
-        description="Pack the current folder (without .git, __pycache__, .venv), upload it to "
-                    "the appliance's object store and queue a StudioML experiment request. "
+        description="Pack the current folder (without .git, __pycache__, .venv and what "
+                    ".applianceignore and .gitignore files name), upload it to the appliance's "
+                    "object store and queue a StudioML experiment request. The environment is "
+                    "the project's own: uv.lock, else pyproject.toml's dependencies, else "
+                    "requirements.txt, else the installed packages its files import. "
                     "Prints the experiment key.")
     p.add_argument("--queue", default=DEFAULT_QUEUE,
                    help=f"local queue to put it on (default: {DEFAULT_QUEUE})")
@@ -100,10 +73,17 @@ def register(sub):
     p.add_argument("--pip", action="append", default=[], metavar="PKG",
                    help="extra package to install; repeatable")
     p.add_argument("--python", default="python3",
-                   help="interpreter whose `pip freeze` and version the runner reproduces "
-                        "(default: python3 on PATH, i.e. your active virtualenv)")
-    p.add_argument("--no-freeze", action="store_true",
-                   help="send no pip freeze: the runner installs only --pip packages")
+                   help="interpreter whose version the runner reproduces, and whose installed "
+                        "packages give the versions of what the files import (default: python3 "
+                        "on PATH, i.e. your active virtualenv)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--freeze", action="store_true",
+                   help="send --python's whole `pip freeze` instead of the project's own "
+                        "environment (uv.lock, pyproject.toml, requirements.txt or its imports)")
+    which.add_argument("--no-freeze", action="store_true",
+                   help="send no environment: the runner installs only --pip packages")
+    p.add_argument("--no-gitignore", action="store_true",
+                   help="send what .gitignore files leave out (.applianceignore still counts)")
     p.add_argument("--array", metavar="SPEC",
                    help="queue one job per index, e.g. 0-99 or 0-99%%4 (at most 4 run at once), 1,3,5, "
                         "0-20:5; each gets APPLIANCE_ARRAY_INDEX in its environment and the key "
@@ -120,54 +100,6 @@ def register(sub):
 def _fail(msg: str) -> int:
     print(f"appliance submit: {msg}", file=sys.stderr)
     return 2
-
-
-def start_freeze(python: str) -> subprocess.Popen:
-    """Start reading `python`'s packages; `finish_freeze` collects them. OSError if it cannot run."""
-    return subprocess.Popen([python, "-c", FREEZE_SCRIPT], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-
-
-def finish_freeze(proc: subprocess.Popen, python: str) -> tuple:
-    """(pythonenv lines, "3.11", [skipped lines]) of `python`, as the StudioML client sends.
-    CalledProcessError if the interpreter failed."""
-    out, err = proc.communicate()
-    if proc.returncode == 3:
-        return _pip_freeze(python)
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, python, out, err)
-    data = json.loads(out)
-    keep, skipped = _keep_portable(data["lines"])
-    return keep, data["version"], skipped
-
-
-def freeze(python: str) -> tuple:
-    """(pythonenv lines, "3.11", [skipped lines]) of `python`, waiting for them."""
-    return finish_freeze(start_freeze(python), python)
-
-
-def _pip_freeze(python: str) -> tuple:
-    ver = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    out = subprocess.run([python, "-m", "pip", "freeze", "--all"],
-                         capture_output=True, text=True, check=True).stdout
-    keep, skipped = _keep_portable(out.splitlines())
-    return keep, ver, skipped
-
-
-def _keep_portable(lines) -> tuple:
-    """(lines to send, lines that only make sense on this machine)."""
-    keep, skipped = [], []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        # editable installs and local paths only exist on this machine
-        if line.startswith("-e ") or " @ file:" in line:
-            skipped.append(line)
-        else:
-            keep.append(line)
-    return keep, skipped
 
 
 def build_request(*, key: str, script: str, script_args: list, workspace_key: str,
@@ -255,24 +187,28 @@ def run(args) -> int:
     except SpecError as e:
         return _fail(str(e))
 
-    if not args.no_freeze and not shutil.which(args.python):
+    if not shutil.which(args.python) and not args.no_freeze:
         return _fail(_freeze_problem(args.python, "not found"))
+    try:
+        packing = pack_plan(home, args, workdir, script, resources)
+    except SubmitRefused as e:
+        return _fail(str(e))
 
     creds = submit_store(home)  # the caller's own identity; it travels in the message: never the admin's
     endpoint, bucket, region = creds.endpoint, creds.bucket, creds.region
 
     key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
 
-    pythonenv, pythonver = [], f"{sys.version_info[0]}.{sys.version_info[1]}"
+    pythonenv, pythonver = packing.pythonenv, packing.pythonver
     freezing = None
-    if not args.no_freeze:
+    if args.freeze:
         try:
             freezing = start_freeze(args.python)  # runs while the workspace is packed and sent
         except OSError as e:
             return _fail(_freeze_problem(args.python, e))
     try:
         ws_key, size = send_workspace(workdir, endpoint, creds.access_key, creds.secret_key,
-                                      bucket, region)
+                                      bucket, region, entries=packing.entries)
         if freezing:
             try:
                 pythonenv, pythonver, skipped = finish_freeze(freezing, args.python)
@@ -280,8 +216,13 @@ def run(args) -> int:
                 return _fail(_freeze_problem(args.python, e))
             for line in skipped:
                 print(f"appliance submit: not sent (only exists here): {line}", file=sys.stderr)
+            print(f"appliance submit: environment from pip freeze: {len(pythonenv)} packages",
+                  file=sys.stderr)
     except StoreProblem as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        print("appliance submit: interrupted; nothing queued", file=sys.stderr)
+        return 130
     finally:
         if freezing and freezing.returncode is None:
             freezing.kill()
@@ -322,66 +263,6 @@ def run(args) -> int:
     return 0
 
 
-class StoreProblem(RuntimeError):
-    """The workspace could not be sent; the message says why and what to do."""
-
-
 def _freeze_problem(python: str, why) -> str:
     return (f"--python {python}: cannot read its packages ({why}); "
             "use --no-freeze with --pip, or point --python at your interpreter")
-
-
-def send_workspace(workdir: Path, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                   region: str) -> tuple:
-    """Pack `workdir` and put it at `blobstore/<sha256>.tar` unless the store holds it already
-    (same tree, same hash): one HEAD, then at most one upload. Returns (key, tar size).
-
-    A small workspace goes with two plain HTTP requests (appliance.store.sigv4); boto3 takes
-    over for a large one, and for anything the quick path did not expect (it retries, and
-    its errors say what is wrong)."""
-    def skipped_entry(rel, why):
-        print(f"appliance submit: left out {rel}: {why}", file=sys.stderr)
-
-    tar, sha = pack_directory(workdir, on_skip=skipped_entry)
-    try:
-        ws_key, size = workspace_key(sha), tar.stat().st_size
-        if size <= SINGLE_PUT_MAX:
-            try:
-                if not sigv4.exists(endpoint, access_key, secret_key, region, bucket, ws_key):
-                    sigv4.put_file(endpoint, access_key, secret_key, region, bucket, ws_key, tar, sha)
-                return ws_key, size
-            except sigv4.Unexpected:
-                pass
-        _send_with_boto3(tar, ws_key, endpoint, access_key, secret_key, bucket, region)
-        return ws_key, size
-    finally:
-        tar.unlink(missing_ok=True)
-
-
-def _send_with_boto3(tar: Path, ws_key: str, endpoint: str, access_key: str, secret_key: str,
-                     bucket: str, region: str) -> None:
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from appliance.store.client import check_store, s3_client
-
-    client = s3_client(endpoint, access_key, secret_key, region)
-    try:
-        if not _exists(client, bucket, ws_key):
-            client.upload_file(str(tar), bucket, ws_key)  # in parallel parts when large
-    except (BotoCoreError, ClientError, S3UploadFailedError) as e:
-        # say what is wrong with the store, if something is (it costs a request only now)
-        raise StoreProblem(check_store(endpoint, access_key, secret_key, bucket, region)
-                           or f"cannot upload the workspace to {endpoint}/{bucket}: {e}") from None
-
-
-def _exists(client, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as e:
-        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return False
-        raise

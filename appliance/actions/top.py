@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 
 from appliance.api.status_client import status_facts
-from appliance.status import format_status
+from appliance.status import format_status, queue_row_text
 from appliance.units import format_size
 
 REFRESH_S = 1.0
@@ -59,8 +59,8 @@ def last_line(path: Optional[str]) -> str:
 
 
 class Sampler:
-    """gather() plus what only a live view needs: CPU use between two samples, GPU use, the
-    queues' depth and each job's last output line."""
+    """gather() (which has the queues' depth) plus what only a live view needs: CPU use
+    between two samples, GPU use and each job's last output line."""
 
     def __init__(self, home):
         self.home = home
@@ -77,7 +77,6 @@ class Sampler:
             s["cpu_used"] = self._cpu(s)
             s["last_line"] = last_line(s.get("output")) if s.get("experiment") else ""
         facts["gpu_usage"] = self._gpus(facts)
-        facts["queue_rows"], facts["queue_problem"] = self._queues()
         facts["sampled"] = time.time()
         return facts
 
@@ -104,16 +103,6 @@ class Sampler:
         from appliance.gpus import gpu_usage
 
         return {u.index: u.__dict__ for u in gpu_usage(indexes)}
-
-    def _queues(self) -> tuple[list, str]:
-        from appliance.actions.queue import queue_table
-
-        try:
-            return queue_table(self.home), ""
-        except PermissionError:
-            return [], "the local queue is not readable by you (join the appliance group)"
-        except Exception as e:  # noqa: BLE001 - a live view shows the problem and goes on
-            return [], f"{type(e).__name__}: {e}"
 
 
 # ------------------------------------------------------------------ rendering
@@ -179,11 +168,11 @@ def render_top(facts: dict, width: int) -> list[str]:
     lines += ["", "QUEUES"]
     rows = facts.get("queue_rows") or []
     for r in rows:
-        lines.append(f"  {r['source']}/{r['queue']}: {r['waiting']} waiting, {r['running']} running, "
-                     f"{r['dead']} dead")
+        lines.append(f"  {queue_row_text(r)}")
     for src in (facts.get("sources") or {}).get("sources", []):
-        if src.get("name") == "local":
-            continue
+        if src.get("name") == "local" or (src.get("state") == "ok" and
+                                          any(r["source"] == src.get("name") for r in rows)):
+            continue  # its queues are listed above
         state = "ok" if src.get("state") == "ok" else f"BROKEN: {src.get('reason')}"
         lines.append(f"  {src['name']}: {state}; queues {', '.join(src.get('queues') or []) or '-'}")
     if facts.get("queue_problem"):

@@ -32,7 +32,8 @@ def for_member(facts: dict, uid: int) -> dict:
         if last and last.get("owner_uid") != uid:
             s["last_result"] = None
         slots.append(s)
-    return {**facts, "slots": slots}
+    queues = [{**r, "cannot_run": []} for r in facts.get("queue_rows") or []]  # others' keys
+    return {**facts, "slots": slots, "queue_rows": queues}
 
 
 @route("GET", "/v1/status", who="member")

@@ -5,8 +5,9 @@ and what it records as the job goes on. The runner calls these at a few places o
 - `claim`: before a claimed request starts. "run" (its row is now `running` on this slot),
   "held" (held, or its array is at its `%N` bound: give the message back uncounted),
   "cancelled" (cancelled while it waited, here or in the ledger: settle it unrun),
-  "duplicate" (another local message already holds this key on this box, e.g. a member
-  reusing another member's key to take over its row: dead-letter it).
+  "duplicate" (another account's local message already holds this key on this box, e.g. a
+  member reusing another member's key to take over its row: dead-letter it; the same owner's
+  request again goes on, and the exactly-once ledger settles a finished one as it ended).
 - `cancel_requested`: asked each supervision tick of a running job (one indexed SELECT, at
   most once a second); true once someone ran `appliance cancel` on it.
 - `ended`, `given_back`: how it ended (done, failed, cancelled with the report's figures), or
@@ -89,8 +90,11 @@ class RunnerRecord:
                 return RUN  # no usable key: triage already settles such a message
             t.add(job, msg.body)  # kept for requeue, and for a cancel to reach the ledger
             row = t.get(key)
-        elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id:
-            return DUPLICATE
+        elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id \
+                and _owner_of(msg) != row.owner_uid:
+            return DUPLICATE  # another account's message taking over this key's row
+        # (the same owner's request again, copied back or sent twice: the ledger decides, and a
+        # finished one is settled as it ended, never run twice)
         if row.state in (CANCELLED,):
             return CANCEL
         if row.state == HELD:

@@ -302,6 +302,12 @@ class JobTable:
                                "ORDER BY queue, submitted", args)
         return [_row(r) for r in rows]
 
+    def counts(self) -> dict[str, int]:
+        """How many jobs are queued, held and running: {state: n}, every active state present."""
+        found = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs INDEXED BY jobs_active "
+                                     "WHERE state IN ('queued', 'held', 'running') GROUP BY state"))
+        return {state: found.get(state, 0) for state in ("queued", "held", "running")}
+
     def queued_local(self) -> list[tuple]:
         """(key, queue, message id) of the queued jobs of local queues."""
         return self.db.execute("SELECT key, queue, message_id FROM jobs INDEXED BY jobs_active "
@@ -360,3 +366,21 @@ class JobTable:
     def knows_message(self, message_id: str) -> bool:
         """Whether a job with this queue message id is in the table (a queue scan adds only new ones)."""
         return self.db.execute("SELECT 1 FROM jobs WHERE message_id = ? LIMIT 1", (message_id,)).fetchone() is not None
+
+
+def active_counts(home) -> Optional[dict]:
+    """Queued, held and running jobs of the appliance at `home` ({state: n}); None when it has no
+    table yet or it cannot be read here (a member: the API answers for them). For status and
+    /metrics, which must answer whatever the table's state."""
+    if not db_path(home).exists():
+        return None
+    try:
+        table = JobTable.of(home)
+    except Exception:  # noqa: BLE001 - not ours to open, or broken
+        return None
+    try:
+        return table.counts()
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        table.close()

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.error
-import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional

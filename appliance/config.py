@@ -235,6 +235,9 @@ class RunnerConfig:
     max_attempts: int = opt(3, _int_at_least(1),
                             "how many times a request may be claimed without finishing (its runner crashed, was "
                             "killed or stopped mid-job) before it is dead-lettered")
+    max_interruptions: int = opt(10, _int_at_least(1),
+                                 "how many runs of one job may be cut short from outside (its runner killed, its "
+                                 "box lost) before it is dead-lettered; counted apart from max_attempts")
     retries: int = opt(2, _int_at_least(0),
                        "how many times a job that failed for the box's fault (class infrastructure) runs again "
                        "before it is dead-lettered; user failures never run again")

@@ -35,6 +35,7 @@ from appliance.runner.status import STATES
 log = logging.getLogger("appliance.metrics")
 
 SAMPLE_EVERY_S = 15.0  # brokers' management APIs, the store and NVML: no more often than this
+STORE_WRITE_EVERY_S = 60.0  # the store's write probe: no more often than this
 RETRY_BIND_S = 30.0
 BUSY_STATES = ("fetching", "preparing", "running", "uploading", "draining")
 
@@ -93,6 +94,7 @@ class Sampler:
     def __init__(self, home: Home, config, every_s: float = SAMPLE_EVERY_S):
         self.home, self.config, self.every_s = home, config, every_s
         self.latest: dict = {}
+        self._store_wrote: Optional[float] = None  # when the store last took the write probe
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -128,7 +130,14 @@ class Sampler:
     def _store_up(self) -> tuple[int, str]:
         from appliance.store.health import store_problem
 
-        problem = store_problem(self.home, self.config)
+        # a write (put and delete) at most every STORE_WRITE_EVERY_S while the store is well: each
+        # one wakes the whole store; a full disk shows at every sample all the same (its free
+        # space is looked at), and a store that failed is probed with a write until it takes one
+        write = (self._store_wrote is None or self.latest.get("store_up") == 0
+                 or time.monotonic() - self._store_wrote >= STORE_WRITE_EVERY_S)
+        problem = store_problem(self.home, self.config, write=write)
+        if write:
+            self._store_wrote = time.monotonic()
         if problem and self.latest.get("store_up") == 1:
             log.warning("metrics: the store stopped answering: %s", problem)
         return (0, problem) if problem else (1, "")

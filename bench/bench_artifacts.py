@@ -6,7 +6,7 @@ Starts the bundled SeaweedFS store the way tests/store_fixtures.py does, writes 
 holding one file of each size (MiB, incompressible), then per size and best of --repeat:
   upload    runner: transfer.upload (the tar stream of the directory, PackedStream into
             upload_fileobj, multipart in parallel)  vs  raw: client.upload_file of the file
-  download  runner: artifacts.download of that tar  vs  raw: client.download_file
+  download  runner: transfer.download of that tar  vs  raw: client.download_file
 and the runner's fetch (download + safe unpack) for reference. Ratios are raw time / runner
 time (aim >= 0.8); peak RSS growth over the process's RSS before the transfer is sampled
 every 10 ms (aim < 64 MiB for the runner's 1 GiB upload).

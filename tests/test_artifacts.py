@@ -11,7 +11,8 @@ import pytest
 
 from appliance.studioml import transfer as arts
 from appliance.studioml import packing
-from appliance.studioml.transfer import RetryPolicy, Uploader
+from appliance.studioml.transfer import RetryPolicy
+from appliance.studioml.uploader import Uploader
 from appliance.runner.cache import ArtifactCache
 from appliance.studioml.request import Artifact
 from tests.realparts import free_port

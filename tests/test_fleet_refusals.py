@@ -268,7 +268,7 @@ def test_the_local_queue_still_dead_letters_at_once(tmp_path):
     r = runner(home, src)
     assert r.run_once() is False
     (dead,) = src.dead_letters()
-    assert dead[2] == "no slot of this appliance can run it: needs 1 gpus, slot has 0"
+    assert dead[2] == "no slot of this appliance can run it: needs 1 gpus, slot has 0 [class: user]"
     assert not refusals.read_all(home)
 
 

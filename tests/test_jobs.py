@@ -190,8 +190,9 @@ def test_the_table_survives_down_and_up(lab):
 
 
 def test_a_cancel_in_the_ledger_settles_the_request_unrun_wherever_it_is_claimed(lab, workspace):
-    """The cancel of a job still on a shared broker is written in the exactly-once ledger (its
-    result record): whichever box claims a copy of that request settles it without running it."""
+    """The cancel of a job still on a shared broker is written in the exactly-once ledger (the
+    appliance's own, runner/ledger.py): whichever box claims a copy of that request settles it
+    without running it."""
     from appliance.jobs.control import rekeyed
     from appliance.queues.local import enqueue
     from appliance.runner.ledger import record_cancel
@@ -204,8 +205,8 @@ def test_a_cancel_in_the_ledger_settles_the_request_unrun_wherever_it_is_claimed
     table.close()
     copy_key = f"{key}-shared"
     copy = rekeyed(body, key, copy_key)
-    assert record_cancel(copy, "root")
-    assert not record_cancel(copy, "root")  # a record is there: left alone
+    assert record_cancel(copy, "root", home=appliance.home)
+    assert not record_cancel(copy, "root", home=appliance.home)  # a record is there: left alone
     enqueue(appliance.home.queue_root, queue, copy)  # the copy reaches a box, as from a broker
     table = JobTable.of(appliance.home)
     try:  # a message that did not come through submit is known once a runner sees it

@@ -57,7 +57,8 @@ def register(sub):
                    help=f"local queue to put it on (default: {DEFAULT_QUEUE})")
     p.add_argument("--dir", default=".", help="folder to pack (default: the current one)")
     p.add_argument("--cpus", default=1, type=int, help="cpus it needs (default: 1)")
-    p.add_argument("--ram", default="2gb", help="memory it needs (default: 2gb; gb = GiB)")
+    p.add_argument("--ram", default="", help="the job's memory limit, like Slurm's --mem, e.g. 4gb (gb = GiB; "
+                                             "default: the slot's limit)")
     p.add_argument("--hdd", default="", help="disk it needs, e.g. 3gb (default: none asked; a request never "
                                              "runs on a box whose disk is smaller)")
     p.add_argument("--gpus", default=0, type=int, help="gpus it needs (default: 0)")

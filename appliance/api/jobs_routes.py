@@ -60,7 +60,7 @@ def _ledger(req: Request, table: JobTable):
             return
         from appliance.runner.ledger import record_cancel
 
-        record_cancel(stored[1], req.caller.name)
+        record_cancel(stored[1], req.caller.name, home=req.home)
     return record
 
 

@@ -34,154 +34,22 @@ are deleted by a sweep that runs at most every `SWEEP_DEAD_EVERY_S`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import re
 import select
 import stat
-import struct
 import time
-import uuid
 from pathlib import Path
 from typing import Optional
 
 from appliance.files import write_atomic
-from appliance.paths import SHARED_GROUP, shared_gid
 from appliance.queues.base import Claimed
-
-LOCK_NAME = "lock.lock"
-CLAIMED = ".claimed"
-DEAD = ".dead"
-ATTEMPTS = ".attempts"
-STALE_LOCK_S = 60.0
-LEASE_S = 15 * 60.0
-RECOVER_EVERY_S = 30.0
-DEAD_TTL_S = 30 * 86400.0
-SWEEP_DEAD_EVERY_S = 600.0
-
-_QUEUE_NAME = re.compile(r"local[A-Za-z0-9_.\-]*")
-
-
-def is_local_queue(name: str) -> bool:
-    """StudioML routes a queue name starting with `local` to the directory queue."""
-    return isinstance(name, str) and _QUEUE_NAME.fullmatch(name) is not None
-
-
-# ---------------------------------------------------------------- who may read the queue
-
-SHARED_DIR_MODE, PRIVATE_DIR_MODE = 0o3770, 0o700
-CLIENT_DIRS = ("queue", "experiments", "blobcache", "artifact_mappings")  # what the client makes
-
-
-def no_access(path: Path, group: str = SHARED_GROUP) -> str:
-    """What to tell a user the queue tree keeps out."""
-    return (f"{path}: permission denied: the queue is for the '{group}' group; join it "
-            f"(`sudo usermod -aG {group} $USER`, then log in again) or use sudo")
-
-
-def _mkdir(path: Path) -> None:
-    """`mkdir -p` whose new folders take their parent's group access (setgid, sticky), never others'."""
-    if path.is_dir():
-        return
-    _mkdir(path.parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    mode = 0o700 | (os.stat(path.parent).st_mode & 0o3070)
-    os.chmod(path, mode)
-    if mode & 0o070:
-        _files_stay_their_owners(path)
-
-
-# A default ACL of owner, group and others with no bits for the group or others: a file made in
-# the folder (a StudioML client's message, written with its umask: 0644) is its maker's alone.
-_OWNER_ONLY_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
-    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((0x01, 7), (0x04, 0), (0x20, 0)))
-
-
-def _files_stay_their_owners(folder) -> None:
-    """Give the shared `folder` the default ACL above (no ACLs on this filesystem: files keep
-    their maker's umask, and `share_queue_tree` closes them at the next `up`)."""
-    try:
-        os.setxattr(folder, "system.posix_acl_default", _OWNER_ONLY_DEFAULT_ACL, follow_symlinks=False)
-    except OSError:
-        pass
-
-
-def _file_mode(folder_mode: int) -> int:
-    """Every file in the queue tree is its owner's alone (0600), whoever may use the folder: a
-    message carries its sender's store key."""
-    return 0o600
-
-
-def share_queue_tree(top: Path, group: str = SHARED_GROUP) -> Optional[str]:
-    """Give `top` (HOME/studioml: the queue, and what the StudioML client writes beside it) to
-    `group`: folders 3770 (setgid, sticky), files their owner's alone (0600), nothing for others:
-    a StudioML client of the group drops its message there (its own file), no member reads,
-    replaces or deletes another's. Without the group everything is the owner's alone (0700, 0600).
-
-    Walks the tree only when `top` is not right yet (a first `up`, an older home); otherwise it
-    looks at the folders directly in `top` and in its queue root, which a client may have made
-    with its umask. Returns what it changed, for the caller to say; None when all was right."""
-    top = Path(top)
-    gid = shared_gid(group)
-    if gid is not None and os.geteuid() != 0 and gid not in os.getgroups():
-        gid = None  # we may not hand files to it
-    top.mkdir(parents=True, exist_ok=True)
-    if _wrong(top, gid):
-        changed = _fix_tree(top, gid)
-    else:
-        changed = 0
-        for folder in (top, top / "queue"):
-            try:
-                entries = [e.path for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
-            except FileNotFoundError:
-                continue
-            changed += sum(_fix_tree(Path(p), gid) for p in entries if _wrong(Path(p), gid))
-    for name in CLIENT_DIRS:
-        _mkdir(top / name)
-    if not changed:
-        return None
-    if gid is None:
-        return (f"{top}: no group '{group}', so the queue is root's alone (0700/0600; "
-                f"`groupadd --system {group}` or ./install.sh lets its members submit without sudo)")
-    return f"{top}: queue folders 3770 and files 0600, group '{group}' ({changed} entries changed)"
-
-
-def _wrong(path: Path, gid: Optional[int]) -> bool:
-    st = os.lstat(path)
-    want = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
-    return (st.st_mode & 0o7777) != want or (gid is not None and st.st_gid != gid)
-
-
-def _fix_tree(top: Path, gid: Optional[int]) -> int:
-    """Set group and modes below `top` (see share_queue_tree); how many entries changed."""
-    changed = 0
-    for folder, dirs, files in os.walk(top):
-        for path in [folder] + [os.path.join(folder, n) for n in dirs + files]:
-            try:
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    mode = SHARED_DIR_MODE if gid is not None else PRIVATE_DIR_MODE
-                    if gid is not None:
-                        _files_stay_their_owners(path)
-                else:
-                    mode = st.st_mode & 0o700  # a message is its sender's alone (it holds their key)
-                if gid is not None and st.st_gid != gid:
-                    os.chown(path, -1, gid, follow_symlinks=False)
-                elif (st.st_mode & 0o7777) == mode:
-                    continue
-                os.chmod(path, mode)  # after chown, which may clear setgid
-                changed += 1
-            except (FileNotFoundError, PermissionError):
-                continue  # gone meanwhile, or someone else's (not run as root)
-    return changed
-
+from appliance.queues.local_inotify import _Inotify
+from appliance.queues.local_layout import (  # noqa: F401 - the queue's names, where importers find them
+    ATTEMPTS, CLAIMED, CLIENT_DIRS, DEAD, DEAD_TTL_S, LEASE_S, LOCK_NAME, RECOVER_EVERY_S, STALE_LOCK_S,
+    SWEEP_DEAD_EVERY_S, _file_mode, _mkdir, is_local_queue, no_access, share_queue_tree)
+from appliance.queues.local_write import (  # noqa: F401
+    LockTimeout, QueueWriteError, enqueue, soft_lock)
 
 # ---------------------------------------------------------------- process identity
 
@@ -222,89 +90,7 @@ def _owner_alive(tag: str, mtime: float, lease_s: float) -> bool:
     return _starttime(pid) == start
 
 
-# ---------------------------------------------------------------- inotify
-
-_IN_CLOSE_WRITE = 0x8
-_IN_MOVED_TO = 0x80
-_IN_CREATE = 0x100
-_IN_DELETE = 0x200
-_IN_Q_OVERFLOW = 0x4000
-_IN_IGNORED = 0x8000
-_IN_ONLYDIR = 0x01000000
-_IN_ISDIR = 0x40000000
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
-_EVENT = struct.Struct("iIII")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-class _Inotify:
-    """Watches the queue root and every local* directory in it."""
-
-    ROOT_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR
-    QUEUE_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_DELETE | _IN_ONLYDIR
-
-    def __init__(self, root: Path):
-        self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self.fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"inotify_init1: {os.strerror(e)}")
-        self.root = root
-        self.wds: dict = {}  # wd -> queue name ("" for the root)
-        self._add(root, "", self.ROOT_MASK)
-        for q in sorted(os.listdir(root)):
-            if is_local_queue(q):
-                self._add(root / q, q, self.QUEUE_MASK)
-
-    def _add(self, path: Path, queue: str, mask: int) -> None:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-        if wd >= 0:
-            self.wds[wd] = queue
-        # a directory removed meanwhile is fine: its re-creation shows up on the root watch
-
-    def read(self, blocked: set) -> bool:
-        """Drain pending events; True if one of them may mean a claimable message.
-        `blocked`: queues where a claim found the writers' lock; only there does the lock's
-        removal matter."""
-        wake = False
-        while True:
-            try:
-                buf = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return wake
-            off = 0
-            while off < len(buf):
-                wd, mask, _cookie, size = _EVENT.unpack_from(buf, off)
-                name = buf[off + _EVENT.size: off + _EVENT.size + size].rstrip(b"\0").decode(
-                    errors="surrogateescape")
-                off += _EVENT.size + size
-                if mask & _IN_Q_OVERFLOW:
-                    wake = True
-                elif mask & _IN_IGNORED:
-                    self.wds.pop(wd, None)
-                elif self.wds.get(wd) == "":
-                    if mask & _IN_ISDIR and is_local_queue(name):
-                        self._add(self.root / name, name, self.QUEUE_MASK)
-                        wake = True  # files may have landed before the watch did
-                elif name == LOCK_NAME:
-                    if mask & _IN_DELETE and self.wds.get(wd) in blocked:
-                        blocked.discard(self.wds.get(wd))
-                        wake = True  # the writer we waited for finished
-                elif not name.startswith(".") and mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
-                    wake = True
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 # ---------------------------------------------------------------- the source
-
-class LockTimeout(TimeoutError):
-    pass
-
 
 class LocalQueueSource:
     """`QueueSource` over `root/<local*>/<msg>` directories (see the module doc)."""
@@ -624,91 +410,3 @@ def _read_no_follow(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb") as fh:
         return fh.read()
-
-
-def enqueue(root: Path, queue: str, body: bytes, timeout: float = 10.0,
-            stale_s: float = STALE_LOCK_S, owner_uid: Optional[int] = None) -> str:
-    """Put a message on `queue` like the StudioML client does, but atomically (temp file then
-    rename) and under the same soft lock; returns the message id (a uuid4, as the client's).
-    `owner_uid` (root only: the API for a member): the file is that user's, 0600, so the
-    job is theirs (its owner is the file's uid) and no one else in the group reads it."""
-    if not is_local_queue(queue):
-        raise ValueError(f"{queue!r} is not a local queue name (must start with 'local')")
-    folder = Path(root) / queue
-    if not folder.is_dir():
-        _mkdir(folder)
-        _same_owner(folder, os.stat(root))
-    where = os.stat(folder)
-    mode = _file_mode(where.st_mode) if owner_uid is None else 0o600
-    msgid = str(uuid.uuid4())
-    tmp = folder / f".{msgid}.tmp"
-    try:
-        with soft_lock(folder / LOCK_NAME, timeout=timeout, stale_s=stale_s):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            try:
-                with open(fd, "wb") as fh:
-                    os.fchmod(fd, mode)  # 0600, whatever the umask
-                    if owner_uid is None:
-                        _same_owner(tmp, where)
-                    else:
-                        os.chown(tmp, owner_uid, -1)
-                    fh.write(body)
-                    fh.flush()
-                    os.fsync(fd)
-                os.rename(tmp, folder / msgid)
-            except BaseException:  # a full disk, Ctrl-C: no half message stays behind
-                tmp.unlink(missing_ok=True)
-                raise
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise QueueWriteError(f"cannot write to the queue at {folder}: "
-                                  f"{os.strerror(e.errno).lower()}; free space there "
-                                  f"(df -h {folder}) and submit again") from None
-        raise
-    return msgid
-
-
-class QueueWriteError(OSError):
-    """The queue's filesystem refused a new message (full, over quota); nothing was left."""
-
-
-def _same_owner(path: Path, owner: os.stat_result) -> None:
-    """What root (a `submit` run with sudo) makes belongs to the owner of the folder it is in, so
-    runners that dropped to `isolation.user` can still claim and read it."""
-    if os.geteuid() != 0 or (owner.st_uid, owner.st_gid) == (0, 0):
-        return
-    os.chown(path, owner.st_uid, owner.st_gid)  # a folder keeps its setgid bit
-
-
-class soft_lock:
-    """filelock.SoftFileLock's protocol: whoever creates the file (O_EXCL) holds the lock.
-    A lock file older than `stale_s` is left by a dead writer and is broken."""
-
-    def __init__(self, path: Path, timeout: float = 10.0, stale_s: float = STALE_LOCK_S):
-        self.path, self.timeout, self.stale_s = Path(path), timeout, stale_s
-
-    def __enter__(self):
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC,
-                                 0o644))
-                return self
-            except FileExistsError:
-                pass
-            try:
-                if time.time() - os.stat(self.path).st_mtime > self.stale_s:
-                    os.unlink(self.path)
-                    continue
-            except FileNotFoundError:
-                continue
-            if time.monotonic() > deadline:
-                raise LockTimeout(f"{self.path} is held by another writer "
-                                  f"(remove it if no StudioML client is running)")
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass

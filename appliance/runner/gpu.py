@@ -317,3 +317,19 @@ def slot_gpus(environ, cgroup_slot: Optional[str], workload_uid: Optional[int], 
     visible = visible_devices(environ.get("CUDA_VISIBLE_DEVICES", ""))
     members = None if in_container else Membership(cgroup_slot, workload_uid=workload_uid)
     return SlotGpus(GpuWatch(visible), members, environ, mode)
+
+
+def hold_of(gpus, slot: str) -> Optional[dict]:
+    """Why the GPUs `gpus` (a SlotGpus) cannot take a job now: {"reason", "processes"} (MPS
+    missing, a foreign process on them), or None when they can."""
+    if gpus.blocked:
+        return {"reason": gpus.blocked, "processes": []}
+    try:
+        foreign = gpus.foreign()
+    except Exception:  # noqa: BLE001 - a watch failure must not stop the runner
+        log.exception("slot %s: looking for foreign GPU processes", slot)
+        foreign = []
+    if not foreign:
+        return None
+    return {"reason": f"GPU in use by a process outside this appliance: {describe(foreign)}",
+            "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes} for p in foreign]}

@@ -15,7 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,10 +25,10 @@ from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
 from appliance.runner.status import record_experiment
-from appliance.runner.triage import slot_shapes
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
-from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable, Uploader
+from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable
+from appliance.studioml.uploader import Uploader
 from appliance.studioml.request import Request
 
 log = logging.getLogger("appliance.runner")
@@ -52,6 +51,10 @@ class Job:
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.ledger = runner.ledger
+        self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
+        self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
+        self.interruptions = int((self.before or {}).get("interruptions") or 0)
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         if not resumed:
@@ -93,6 +96,8 @@ class Job:
                 self.src.keepalive(self.msg)
             except Exception as e:
                 log.warning("keepalive %s: %s", self.req.key, e)
+            if self.entry is not None:
+                self.entry = self.ledger.heartbeat(self.entry)
         if self.r.stopping and self.status.data.get("state") != "draining":
             self.status.update(state="draining")
 
@@ -134,16 +139,6 @@ class Job:
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
-    def unpack_limit(self) -> int:
-        """The most the job's artifacts may unpack to, all of them together: runner.max_unpack,
-        the request's hdd, and this slot's share of the work disk, whichever is smallest."""
-        disk = shutil.disk_usage(self.dir)
-        share = disk.total // max(1, len(slot_shapes(self.r.home)) or 1)
-        limits = [self.s.max_unpack_bytes, share]
-        if self.req.resources.hdd_bytes:
-            limits.append(self.req.resources.hdd_bytes)
-        return min(limits)
-
     # -- the steps
 
     def run(self) -> None:
@@ -156,6 +151,7 @@ class Job:
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
+        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
 
         if not self.fetch():
             return
@@ -175,7 +171,7 @@ class Job:
         self.uploader.mark_current()  # nothing yet: a failure uploads only the output
         order = sorted(self.req.artifacts.values(), key=lambda a: a.name != "workspace")
         mutable = [a for a in order if a.mutable]
-        limit = left = self.unpack_limit()
+        limit = left = launch.unpack_limit(self)
         try:
             known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
             for art in order:
@@ -187,13 +183,15 @@ class Job:
                 left -= got or 0
                 if art.name != "output":
                     self._own(self.dir / art.name)
-                if art.name == "workspace" and self.record is not None and known.get(self.record.name, True):
-                    done = transfer.read_record(self.record, self.s.retry)  # ran before? (the credentials work)
-                    if done is not None and self.already_ran(done):
-                        return False
+            if self.before is None and self.record is not None and known.get(self.record.name):
+                log.warning("%s: ignoring the result record in the client's bucket (%s): the appliance's "
+                            "ledger has no run of this request", self.req.key, self.record.key)
         except StoreUnavailable as e:
-            self.r.store_health.down(next(iter(self.req.artifacts.values())).endpoint_url)
-            return self.give_back(f"store unavailable: {e}")
+            endpoint = next(iter(self.req.artifacts.values())).endpoint_url
+            self.r.store_health.down(endpoint)
+            if self.r.store_health.own(endpoint):  # the box's store is down: not the request's fault
+                return self.give_back(f"store unavailable: {e}")
+            return self.unreachable(f"store unavailable: {e}")
         except Exception as e:  # AccessDenied, ArtifactMissing, UnsafeArchive, bad tar, bad name
             reason = str(e) if isinstance(e, ArtifactError) else \
                 f"fetching artifacts: {type(e).__name__}: {e}"
@@ -204,6 +202,7 @@ class Job:
                 raise  # the disk's fault, not the request's: released and counted by process()
             self.note(reason)
             self.upload_quietly()
+            self.entry = self.ledger.released(self.entry, reason)  # not run: a fixed request may run
             self.settle_msg("dead_letter", f"{reason} [class: {classes.classify('failed', None, reason)}]")
             self.finish("failed", None, reason)
             return False
@@ -211,29 +210,25 @@ class Job:
         self.uploader.mark_current()  # what is on disk now is what the store has
         return True
 
-    def already_ran(self, record: dict) -> bool:
-        """The result record in the store says this request ran before. Done: settle it as it
-        ended, without running it again. Ended but not done (uploads in flight elsewhere): hold
-        it back for a while; past that, its box is taken for dead and it runs again."""
-        seen = ledger.prior_run(record, self.s.store_wait_s, time.time())
-        outcome, reason = record.get("outcome"), record.get("reason", "")
-        if seen == ledger.DONE:
-            log.info("%s already ran (%s): settling without running it again", self.req.key, outcome)
-            if outcome in (execute.SUCCESS, execute.CANCELLED):
-                self.settle_msg("ack")
-            else:
-                cls = record.get("class") or classes.classify(outcome or "failed", record.get("exit_code"), reason)
-                self.settle_msg("dead_letter", f"{outcome}: {reason} [class: {cls}]")
-            self.finish(outcome or "failed", record.get("exit_code"), f"already ran: {reason}".strip())
-            return True
-        if seen == ledger.WAIT:
-            self.give_back(f"its workload ended on {record.get('slot', '?')}; waiting for those uploads")
-            return True
+    def unreachable(self, reason: str) -> bool:
+        """A store the request names (not this box's own) did not answer: a counted attempt, so
+        a request naming an endpoint nobody can reach is dead-lettered within runner.max_attempts."""
+        self.entry = self.ledger.released(self.entry, reason)
+        if getattr(self.msg, "attempt", 1) - self.interruptions >= self.s.max_attempts:
+            why = f"{reason} (tried {self.s.max_attempts} times) [class: {classes.classify('failed', None, reason)}]"
+            log.warning("dead-lettering %s: %s", self.req.key, why)
+            self.settle_msg("dead_letter", why)
+            self.finish("failed", None, reason)
+        else:
+            log.warning("releasing %s (a counted attempt): %s", self.req.key, reason)
+            self.settle_msg("release")
+            self.finish("released", None, reason)
         return False
 
     def give_back(self, reason: str) -> bool:
         """Put the message back before its workload started (not counted as a try)."""
         log.warning("releasing %s: %s", self.req.key, reason)
+        self.entry = self.ledger.released(self.entry, reason)
         self.settle_msg.done = True
         put_back(self.src, self.msg)
         self.finish("released", None, reason)
@@ -249,40 +244,12 @@ class Job:
         sv = self.supervision(True)
         if self.r.gpus.active:
             self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
-            sv.check = self.gpu_check
+            sv.check = lambda: launch.gpu_check(self)
         return execute.run_workload(
             launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
-            on_end=self.gpu_end, ram_bytes=self.req.resources.ram_bytes)
-
-    def gpu_check(self) -> Optional[str]:
-        """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job
-        when it is over its slot's share; its memory and utilisation into `status`."""
-        try:
-            looked = self.gpu.next_look
-            reason = self.gpu.look()
-            if self.gpu.next_look != looked:
-                self.status.update(gpu=self.gpu.summary())
-            return reason
-        except Exception:  # noqa: BLE001 - a watch failure must not take the job down
-            log.exception("%s: GPU watch", self.req.key)
-            return None
-
-    def gpu_end(self) -> None:
-        """The workload ended: last look, then kill its GPU processes still alive."""
-        if self.gpu is None:
-            return
-        try:
-            self.gpu.look(force=True)
-            killed = self.r.gpus.kill_job_processes()
-        except Exception:  # noqa: BLE001
-            log.exception("%s: GPU leftovers", self.req.key)
-            return
-        if killed:
-            what = gpu.describe(killed)
-            log.warning("%s: killed GPU processes the job left running: %s", self.req.key, what)
-            self.note(f"killed GPU processes the job left running: {what}")
+            on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
 
     def upload_quietly(self) -> None:
         try:
@@ -295,22 +262,26 @@ class Job:
         if self.keep_dir or self.settle_msg.done:
             return
         self.settle_msg.done = True
-        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts)
+        self.entry = self.ledger.released(self.entry, f"runner error: {type(error).__name__}: {error}")
+        release_or_quarantine(self.src, self.msg, error, self.s.max_attempts + self.interruptions)
         what = "the disk is full" if isinstance(error, OSError) and error.errno == errno.ENOSPC \
             else f"runner error: {type(error).__name__}: {error}"
         self.status.job_finished("released", None, what)
         self.r.jobs.given_back(self.req.key, what)
 
     def settle(self, result: execute.Result) -> None:
-        self.status.update(state="uploading", workload=None)
+        self.status.update(workload=None)
         if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
+            self.status.update(state="uploading")
             self.upload_quietly()
+            self.entry = self.ledger.released(self.entry, result.reason)
             self.settle_msg.done = True
             put_back(self.src, self.msg)
             self.finish(result.outcome, result.exit_code, result.reason)
             return
         if result.outcome == execute.FAILED and disk_full(self.dir):
             # the workload most likely failed for want of disk: the box's fault, not the user's
+            self.status.update(state="uploading")
             self.upload_quietly()
             self.failed_inside(OSError(errno.ENOSPC, f"no space left while it ran ({result.reason})"))
             return
@@ -325,8 +296,9 @@ class Job:
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
+        self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
-        self._write_record(ended)
+        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
         self.complete(ended)
 
     def retry_later(self, result: execute.Result, cls: str) -> bool:
@@ -335,17 +307,19 @@ class Job:
         attempt count the message carries is the retry count (retry n = attempt n + 1): one
         counter for both limits, so a job runs at most 1 + min(runner.retries,
         runner.max_attempts - 1) times. False when no retry is left (then it is dead-lettered)."""
-        done = getattr(self.msg, "attempt", 1) - 1  # retries behind it
+        done = getattr(self.msg, "attempt", 1) - 1 - self.interruptions  # retries behind it
         if done >= self.s.retries or done + 1 >= self.s.max_attempts:
             return False
         self.note(f"{result.outcome} ({cls}): {result.reason}; running it again "
                   f"(retry {done + 1} of {self.s.retries})")
+        self.status.update(state="uploading")
         self.upload_quietly()
         wait = min(self.s.retry_backoff_s * (2 ** done), self.s.retry_backoff_max_s)
         end = time.time() + wait
         while time.time() < end and not self.r.stopping:
             self.tick()
             time.sleep(min(1.0, self.s.tick_s, max(0.0, end - time.time())))
+        self.entry = self.ledger.released(self.entry, f"retry: {result.reason}")
         self.settle_msg.done = True
         self.src.release(self.msg)
         self.status.job_finished(result.outcome, result.exit_code, result.reason,
@@ -356,13 +330,18 @@ class Job:
         return True
 
     def _write_record(self, data: dict) -> None:
-        ledger.write_result(self.record, data, self.s.retry, self.req.key)
+        ledger.write_result(self.record, data, self.s.retry, self.req.key)  # the users' copy
+
+    def ledger_entry(self) -> dict:
+        bucket, key = ledger.entry_of(self.req)
+        return self.ledger.read(bucket, key) or {"experiment": key, "bucket": bucket, "appliance": self.ledger.me}
 
     def complete(self, ended: dict) -> None:
         """The workload ended as `ended` says: upload its outputs, record that in the store, and
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
+        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended)
         self._write_record({**ended, "state": "done"})
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
@@ -400,7 +379,10 @@ class Job:
                 delay = min(delay * 2, self.s.store_backoff_max_s)
             except ArtifactError as e:  # refused credentials, bad bucket: retrying cannot help
                 self.keep_dir = False
-                self.settle_msg("dead_letter", f"finished, but uploading failed: {e}")
+                self.entry = self.ledger.settled(self.entry or self.ledger_entry(),
+                                                 {"outcome": "failed", "reason": f"uploading failed: {e}"})
+                self.settle_msg("dead_letter", f"finished, but uploading failed: {e} "
+                                               f"[class: {classes.classify('failed', None, str(e))}]")
                 self.finish("failed", None, f"uploading failed: {e}")
                 return False
 

@@ -1,17 +1,19 @@
 """What one job's workload runs in and what it used: its Python environment, its command line,
-its environment variables, and the per-job report. Functions of a Job (job.py)."""
+its environment variables, its GPU watch, its disk bound, and the per-job report. Functions of
+a Job (job.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Optional
 
 from appliance import pyenv
-from appliance.runner import classes, execute
-from appliance.runner.triage import env_cpus
+from appliance.runner import classes, execute, gpu
+from appliance.runner.triage import env_cpus, slot_shapes
 from appliance.slot import users
 
 log = logging.getLogger("appliance.runner")
@@ -115,3 +117,42 @@ def report(job, result: execute.Result) -> dict:
         out["gpu_peak_memory_bytes"] = job.gpu.summary().get("peak_memory_bytes")
     return out
 
+
+def gpu_check(job) -> Optional[str]:
+    """The supervision tick's GPU look (every runner.gpu_watch_s): a reason to stop the job
+    when it is over its slot's share; its memory and utilisation into `status`."""
+    try:
+        looked = job.gpu.next_look
+        reason = job.gpu.look()
+        if job.gpu.next_look != looked:
+            job.status.update(gpu=job.gpu.summary())
+        return reason
+    except Exception:  # noqa: BLE001 - a watch failure must not take the job down
+        log.exception("%s: GPU watch", job.req.key)
+        return None
+
+def gpu_end(job) -> None:
+    """The workload ended: last look, then kill its GPU processes still alive."""
+    if job.gpu is None:
+        return
+    try:
+        job.gpu.look(force=True)
+        killed = job.r.gpus.kill_job_processes()
+    except Exception:  # noqa: BLE001
+        log.exception("%s: GPU leftovers", job.req.key)
+        return
+    if killed:
+        what = gpu.describe(killed)
+        log.warning("%s: killed GPU processes the job left running: %s", job.req.key, what)
+        job.note(f"killed GPU processes the job left running: {what}")
+
+
+def unpack_limit(job) -> int:
+    """The most the job's artifacts may unpack to, all of them together: runner.max_unpack,
+    the request's hdd, and this slot's share of the work disk, whichever is smallest."""
+    disk = shutil.disk_usage(job.dir)
+    share = disk.total // max(1, len(slot_shapes(job.r.home)) or 1)
+    limits = [job.s.max_unpack_bytes, share]
+    if job.req.resources.hdd_bytes:
+        limits.append(job.req.resources.hdd_bytes)
+    return min(limits)

@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from appliance.queues import refusals
+from appliance.runner import classes
 from appliance.studioml.request import Request
 
 log = logging.getLogger("appliance.runner")
@@ -73,7 +74,7 @@ class FleetRefusals:
                                     self.settings.unrunnable_after_s, now)
         if final:
             log.warning("dead-lettering %s: %s", req.key, final)
-            src.dead_letter(msg, final)
+            src.dead_letter(msg, f"{final} [class: {classes.USER}]")
             self.refused.forget(key)
             self.write()
             return "settled"

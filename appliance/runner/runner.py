@@ -3,25 +3,23 @@
 This module is the claim loop; what a slot may run is triage.py, one job's life job.py, the
 exactly-once ledger ledger.py, store health store_health.py, shared-queue refusals refusing.py.
 
-    claim (round-robin over sources and queues) -> parse -> fits this slot? -> fetch artifacts
-    -> Python environment -> run the workload -> upload mutable artifacts -> settle message
+    claim (round-robin over sources and queues) -> parse -> ledger: ran? runs now? -> fits this
+    slot? -> fetch artifacts -> Python environment -> run the workload -> upload -> settle
 
 How each message is settled:
-- ack: the workload succeeded and its results are in the store.
-- release (back to the queue, runs again): another slot can run it but this one cannot; the
-  store did not answer (after retries; this runner then pauses claiming, with backoff); the
-  runner was stopped (drain) before the job finished.
+- ack: the workload succeeded and its results are in the store (now, or by the ledger before).
+- give back uncounted: another slot can run it but this one cannot; its job runs now (on this
+  box or another: the ledger), until that run settles; its store did not answer (this runner
+  then pauses that store, with backoff); the runner was stopped (drain) before the job finished.
+- release counted: a store the request names did not answer; the box's own failure (retries).
 - refuse (on a queue other appliances share: RabbitMQ, SQS): no slot of this appliance could
   ever run it. Back to the queue for the others, uncounted, with this appliance added to its
-  refusal record; this runner leaves it alone for a while (per message, 30 s doubling to 10
-  min), and a queue holding nothing else is not claimed from until a message arrives or a
-  wait ends (see appliance/queues/refusals.py).
-- dead_letter with the reason: malformed (BadRequest), no slot of this appliance could ever
-  run it (local queue; shared queues: once queues.unrunnable_after_refusals appliances refused
-  it or it has been refused for queues.unrunnable_after), expired before it started,
-  credentials refused / workspace missing, or the job failed for good (exit code, out of
-  memory, timed out, environment build failed). Its `output` is uploaded first, so the user
-  sees why.
+  refusal record; this runner leaves it alone for a while, and a queue holding nothing else is
+  not claimed from until a message arrives or a wait ends (refusing.py, queues/refusals.py).
+- dead_letter with the reason and its [class: ...]: malformed (BadRequest), no slot could ever
+  run it (shared queues: once the fleet refused it), expired before it started, cancelled,
+  credentials refused / workspace missing, past runner.max_attempts or max_interruptions, or
+  the job failed for good. Its `output` is uploaded first, so the user sees why.
 
 SIGTERM/SIGINT: drain. Idle: exit at once. Busy: the job may finish within
 `drain_timeout_s`; after that it gets SIGTERM (to checkpoint), SIGKILL after `term_grace_s`,
@@ -29,9 +27,9 @@ its artifacts are uploaded and its message released, and the runner exits 0. sup
 `stopwaitsecs` must therefore exceed drain_timeout_s + term_grace_s + an upload.
 
 A runner killed with SIGKILL takes its workload with it (PDEATHSIG); the queue source gives
-the orphaned claim back (`recover_orphans`) and the job runs again from its last upload.
+the orphaned claim back (`recover_orphans`) and the job runs again from its last upload (an
+interruption in the ledger, not one of the job's attempts).
 """
-
 from __future__ import annotations
 
 import logging
@@ -43,24 +41,23 @@ from pathlib import Path
 from typing import Optional
 
 from appliance import events
+from appliance import pyenv
 from appliance.jobs import record as jobs_record
 from appliance.jobs.record import RunnerRecord
-from appliance.queues.base import over_attempts
-from appliance import pyenv
-from appliance.runner import execute, gpu, ledger
+from appliance.runner import classes, execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
-from appliance.runner.ledger import ENDED, finished_job_dir
+from appliance.runner.ledger import ENDED, Ledger, finished_job_dir
 from appliance.runner.refusing import FleetRefusals
 from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner: what callers make)
-from appliance.runner.settle import put_back, release_or_quarantine
+from appliance.runner.settle import put_back, release_or_quarantine, settle_broken
 from appliance.runner.status import StatusFile
 from appliance.runner.store_health import StoreHealth
 from appliance.runner.triage import ELSEWHERE, LATER, RUN, expired, fit, slot_shapes, this_slot
 from appliance.slot import users
 from appliance.studioml import transfer
-from appliance.studioml.keys import job_dir_name, safe_name
+from appliance.studioml.keys import safe_name
 from appliance.studioml.request import BadRequest, Request, parse_request
 
 log = logging.getLogger("appliance.runner")
@@ -100,7 +97,8 @@ class Runner:
                                             store_errors=transfer.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
         self.cursor = 0
-        self.store_health = StoreHealth(self.settings.store_backoff_s, self.settings.store_backoff_max_s)
+        self.store_health = StoreHealth(self.settings.store_backoff_s, self.settings.store_backoff_max_s,
+                                        own=self.settings.own_store)
         self.held_back = False  # the last pass put back messages this slot cannot run now
         self.next_resume = 0.0
         # NVML for this slot's GPUs, opened once (no GPUs: nothing is asked)
@@ -109,6 +107,10 @@ class Runner:
                                   self.settings.gpu_share, in_container=bool(self.container_slot))
         self.gpu_held: Optional[dict] = None
         self.fleet = FleetRefusals(home, slot, self.settings)  # shared queues: what this slot refused
+        self.ledger = Ledger.for_home(home, me=self.fleet.appliance_id,
+                                      stale_s=max(3 * self.settings.keepalive_s, 30.0))
+        self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
+        self.held_logged: dict[str, float] = {}  # experiment -> when its hold was last logged
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
         self.jobs = RunnerRecord(home, slot)  # the job table: each state change, held and cancelled jobs
 
@@ -220,19 +222,7 @@ class Runner:
     def gpu_busy(self) -> Optional[str]:
         """Why this slot's GPUs cannot take a job now (a foreign process on them, MPS missing),
         kept in `status` as gpu_held; None when they can."""
-        held = None
-        if self.gpus.blocked:
-            held = {"reason": self.gpus.blocked, "processes": []}
-        else:
-            try:
-                foreign = self.gpus.foreign()
-            except Exception:  # noqa: BLE001 - a watch failure must not stop the runner
-                log.exception("slot %s: looking for foreign GPU processes", self.slot)
-                foreign = []
-            if foreign:
-                held = {"reason": f"GPU in use by a process outside this appliance: {gpu.describe(foreign)}",
-                        "processes": [{"gpu": p.gpu, "pid": p.pid, "memory_bytes": p.memory_bytes}
-                                      for p in foreign]}
+        held = gpu.hold_of(self.gpus, self.slot)
         before = self.gpu_held
         if held != (before and {k: before[k] for k in ("reason", "processes")}):
             if held:
@@ -273,7 +263,7 @@ class Runner:
                         verdict = self.triage(src, msg)
                     except Exception as e:  # whatever it is, this message caused it: settle it
                         log.exception("triage of %s/%s", msg.queue, msg.message_id)
-                        verdict = self._settle_broken(src, msg, f"{type(e).__name__}: {e}")
+                        verdict = settle_broken(src, msg, f"{type(e).__name__}: {e}")
                     if isinstance(verdict, Request):
                         verdict = self.jobs_verdict(src, msg, verdict)
                     if isinstance(verdict, Request):
@@ -307,36 +297,40 @@ class Runner:
             return "settled"
         if said == jobs_record.DUPLICATE:
             src.dead_letter(msg, f"experiment key {req.key} is already another job's on this appliance; "
-                                 f"submit it with a new key")
+                                 f"submit it with a new key [class: {classes.USER}]")
             return "settled"
         return req
 
-    def _settle_broken(self, src, msg, what: str) -> str:
-        try:
-            src.dead_letter(msg, f"the runner cannot handle this request ({what})")
-        except Exception:
-            log.exception("dead-lettering %s", msg.message_id)
-        return "settled"
+    def table_ended(self, msg, key: str, outcome: str, cls, exit_code, reason: str) -> None:
+        """The ledger settled `key` unrun: the job table records how (a row first, if none)."""
+        if not self.jobs.is_finished(key):
+            self.jobs.claim(msg, key)
+            self.jobs.ended(key, outcome, cls, exit_code, reason)
 
     def triage(self, src, msg):
         """A Request to run now, "held" (give back: not here or not now), "waiting"/"refused"
         (a shared queue's message no slot here can run), or "settled"."""
-        too_often = over_attempts(msg, self.settings.max_attempts)
-        if too_often:
-            log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
-            src.dead_letter(msg, too_often)
-            return "settled"
         if getattr(msg, "shared", False) and self.fleet.waiting(msg, time.time()):
             return "waiting"  # refused here a moment ago: give it back untouched
         try:
             req = parse_request(msg.body)
         except BadRequest as e:
             log.warning("dead-lettering %s/%s: bad request: %s", msg.queue, msg.message_id, e)
-            src.dead_letter(msg, f"bad request: {e}")
+            src.dead_letter(msg, f"bad request: {e} [class: {classes.USER}]")
+            return "settled"
+        verdict, record = self.ledger.look(self.home, req, self.settings.store_wait_s)
+        if verdict != ledger.RUN:
+            return ledger.settle_from(verdict, record, src, msg, req.key, self.status, self.held_logged,
+                                      ended=lambda *how: self.table_ended(msg, req.key, *how))
+        too_often = ledger.over_limits(getattr(msg, "attempt", 1), record, self.settings.max_attempts,
+                                       self.settings.max_interruptions)
+        if too_often:
+            log.warning("quarantining %s/%s: %s", msg.queue, msg.message_id, too_often)
+            src.dead_letter(msg, too_often)
             return "settled"
         too_late = expired(req, self.settings.default_lifetime_s, time.time())
         if too_late:
-            src.dead_letter(msg, too_late)
+            src.dead_letter(msg, f"{too_late} [class: {classes.TIMEOUT}]")
             return "settled"
         if self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()):
             return "held"  # its store did not answer a moment ago: other queues first
@@ -345,12 +339,13 @@ class Runner:
         others = [s for s in slot_shapes(self.home) if s.name != self.slot]
         verdict, here = fit(req, me, others, disk.total, disk.free)
         if verdict == RUN:
+            self.ledger_seen = {req.key: record}
             return req
         if verdict in (LATER, ELSEWHERE):
             return "held"  # not now (the disk may free up), or another slot can
         if getattr(msg, "shared", False):
             return self.fleet.refuse(src, msg, req, here)
-        src.dead_letter(msg, f"no slot of this appliance can run it: {here}")
+        src.dead_letter(msg, f"no slot of this appliance can run it: {here} [class: {classes.USER}]")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
         return "settled"
 
@@ -370,8 +365,8 @@ class Runner:
             if old.is_dir() and not old.is_symlink() and (old / ENDED).exists():
                 continue
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
-        job_dir = root / job_dir_name(req.key)
-        finished = finished_job_dir(self.home, req.key)
+        job_dir = root / ledger.job_folder(req)
+        finished = finished_job_dir(self.home, req)
         job = None
         try:
             if finished is not None:  # the workload ended here before: finish its uploads
@@ -401,4 +396,5 @@ class Runner:
         not all reach the store (runner killed while uploading, store down): the result record
         then tells whoever claims the message next that it is done."""
         self.next_resume = time.time() + self.settings.resume_every_s
-        ledger.resume_finished(self._work_root(), self.settings.retry, self.user_ids, lambda: self.stopping)
+        ledger.resume_finished(self._work_root(), self.settings.retry, self.user_ids, lambda: self.stopping,
+                               self.ledger)

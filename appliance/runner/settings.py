@@ -33,6 +33,8 @@ class RunnerSettings:
     resume_every_s: float = 30.0  # how often finished jobs whose uploads failed are tried again
     workload_user: str = "auto"  # isolation.user (see appliance/slot/users.py)
     max_attempts: int = 3  # claims of one message before it is quarantined (dead letter)
+    max_interruptions: int = 10  # runs of one job killed from outside before it is dead-lettered
+    own_store: str = ""  # this appliance's store endpoint: its outage holds requests uncounted
     retries: int = 2  # runs again after an infrastructure failure (runner/classes.py)
     retry_backoff_s: float = 5.0  # held this long before such a run again; doubles per retry
     retry_backoff_max_s: float = 120.0
@@ -52,9 +54,17 @@ class RunnerSettings:
                    python=r.python, drain_timeout_s=r.drain_timeout,
                    max_unpack_bytes=r.max_unpack, default_lifetime_s=r.default_lifetime,
                    workload_user=config.isolation.user,
-                   max_attempts=r.max_attempts, retries=r.retries, hang_after_s=r.hang_after,
+                   max_attempts=r.max_attempts, max_interruptions=r.max_interruptions,
+                   own_store=_own_store(config), retries=r.retries, hang_after_s=r.hang_after,
                    gpu_share=config.isolation.gpu_share,
                    unrunnable_after_refusals=config.queues.unrunnable_after_refusals,
                    unrunnable_after_s=config.queues.unrunnable_after,
                    installer=r.installer, env_cache_bytes=r.env_cache)
 
+
+def _own_store(config) -> str:
+    from appliance.store.server import StoreError, endpoint_url
+    try:
+        return endpoint_url(config)
+    except StoreError:
+        return ""

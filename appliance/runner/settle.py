@@ -63,3 +63,10 @@ class SettleOnce:
             log.warning("%s of %s failed: %s", how, self.msg.message_id, e)
 
 
+def settle_broken(src, msg, what: str) -> str:
+    """The runner failed on this message before it became a job: dead-letter it with what."""
+    try:
+        src.dead_letter(msg, f"the runner cannot handle this request ({what}) [class: {classes.INFRASTRUCTURE}]")
+    except Exception:
+        log.exception("dead-lettering %s", msg.message_id)
+    return "settled"

@@ -8,10 +8,12 @@ queues go on. The first answer ends the pause and resets the backoff.
 from __future__ import annotations
 
 import time
+from urllib.parse import urlsplit
 
 
 class StoreHealth:
-    def __init__(self, backoff_s: float, backoff_max_s: float):
+    def __init__(self, backoff_s: float, backoff_max_s: float, own: str = ""):
+        self.own_endpoint = own  # this appliance's own store (runner.own_store)
         self.first_backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
         self.backoff = backoff_s
@@ -29,3 +31,7 @@ class StoreHealth:
     def paused(self, endpoints, now: float) -> bool:
         """One of `endpoints` did not answer a moment ago."""
         return any(self.paused_until.get(e, 0) > now for e in endpoints)
+
+    def own(self, endpoint: str) -> bool:
+        """`endpoint` is this appliance's own store: its outage is the box's, not a request's."""
+        return bool(self.own_endpoint) and urlsplit(self.own_endpoint).netloc == urlsplit(endpoint).netloc

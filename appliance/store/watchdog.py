@@ -15,7 +15,6 @@ write because the disk is full (`disk_full_problem`).
 
 from __future__ import annotations
 
-import http.client
 import os
 import socket
 import time
@@ -47,15 +46,18 @@ def disk_full_problem(path) -> str | None:
             "free space there: the store writes again by itself within a minute")
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
+def _unix_http(path: str, timeout: float):
+    """An HTTP connection over the unix socket `path` (http.client is imported only when a
+    write is proved: the store's wrapper stays small while it rests)."""
+    import http.client
 
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+    class UnixHTTP(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    return UnixHTTP("localhost", timeout=timeout)
 
 
 def probe_filer(filer_socket: str, timeout: float = 5.0) -> str | None:
@@ -63,7 +65,7 @@ def probe_filer(filer_socket: str, timeout: float = 5.0) -> str | None:
     name = f"{PROBE_PATH}/watchdog-{os.getpid()}"
     try:
         for method, body, ok in (("PUT", b"probe", (200, 201)), ("DELETE", None, (200, 202, 204, 404))):
-            conn = _UnixHTTP(filer_socket, timeout)
+            conn = _unix_http(filer_socket, timeout)
             try:
                 conn.request(method, name, body=body)
                 response = conn.getresponse()

@@ -13,7 +13,7 @@ Every artifact is a tar of a directory. We write what the `studioml` client writ
   not download them again.
 - Mutable ones are downloaded if they exist (a job that runs again, after its runner was
   killed, continues from its last upload: `modeldir` checkpoints, `output` so far) and
-  uploaded by `Uploader`, which skips a directory unchanged since its last upload.
+  uploaded by `Uploader` (uploader.py), which skips a directory unchanged since its last upload.
 
 Errors: a store that does not answer is retried with backoff, then `StoreUnavailable` (the
 runner puts the message back). Refused credentials are `AccessDenied` and a missing immutable
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from appliance.studioml.artifacts import where
-from appliance.studioml.packing import PackedStream, fingerprint, unpack
+from appliance.studioml.packing import PackedStream, unpack
 
 class ArtifactError(Exception):
     """An artifact could not be moved; permanent for this request."""
@@ -396,53 +396,6 @@ def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -
             c.upload_fileobj(body, art.bucket, art.key, Config=_transfer_config())
 
     with_retries(once, art, "uploading", retry)
-
-
-class Uploader:
-    """Uploads the mutable artifacts of one job, each only when it changed."""
-
-    def __init__(self, artifacts: dict, job_dir: Path, retry: RetryPolicy, workload_uid: Optional[int] = None):
-        self.artifacts = {n: a for n, a in artifacts.items() if a.mutable}
-        self.job_dir = job_dir
-        self.retry = retry
-        self.workload_uid = workload_uid  # files of a folder it owns are packed only if they are its own
-        self.sent: dict = {}
-        self.last_upload: Optional[float] = None
-
-    def mark_current(self) -> None:
-        """What is on disk now is what the store has (right after fetching)."""
-        for name in self.artifacts:
-            self.sent[name] = fingerprint(self.job_dir / name)
-
-    def _only_uid(self, src: Path) -> Optional[int]:
-        if self.workload_uid is None:
-            return None
-        try:
-            return self.workload_uid if os.lstat(src).st_uid == self.workload_uid else None
-        except OSError:
-            return None
-
-    def upload_changed(self) -> list[str]:
-        """Upload every mutable artifact whose directory changed; the names uploaded.
-        Raises StoreUnavailable/AccessDenied/ArtifactError after trying all of them."""
-        done, first_error = [], None
-        for name, art in self.artifacts.items():
-            src = self.job_dir / name
-            fp = fingerprint(src)
-            if self.sent.get(name) == fp:
-                continue
-            try:
-                upload(art, src, self.retry, self._only_uid(src))
-            except ArtifactError as e:
-                first_error = first_error or e
-                continue
-            self.sent[name] = fp
-            done.append(name)
-        if done:
-            self.last_upload = time.time()
-        if first_error is not None:
-            raise first_error
-        return done
 
 
 # ---------------------------------------------------------------- the job's result record

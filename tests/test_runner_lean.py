@@ -62,6 +62,9 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
         c.get(store.bucket, prefix + "a b+c.txt", 4)
     with pytest.raises(lite.Unexpected):  # missing: boto3 says so, with its words
         c.head(store.bucket, prefix + "missing")
+    assert c.get_if_there(store.bucket, prefix + "missing", 100) is None  # unless asked for a 404's NoSuchKey
+    assert c.get_if_there(f"no-such-bucket-{uuid.uuid4().hex[:8]}", "k", 100) is None
+    assert c.get_if_there(store.bucket, prefix + "a b+c.txt", 100) == b"hello"
     assert c.get(store.bucket, prefix + "a b+c.txt", 100) == b"hello"  # the connection is still good
     wrong = lite.Client(store.endpoint_url, store.access_key, "not-the-secret")
     with pytest.raises(lite.Unexpected):

@@ -148,6 +148,16 @@ class Client:
         """The object's bytes; Unexpected when it is larger than `limit`."""
         return self._expect(self._send("GET", bucket, key), 200, limit)
 
+    def get_if_there(self, bucket: str, key: str, limit: int) -> bytes | None:
+        """As get, but None when the store answers 404 with NoSuchKey or NoSuchBucket."""
+        response = self._send("GET", bucket, key)
+        body = self._read(response, max(limit, 64 << 10))
+        if response.status == 404 and any(f"<Code>{c}</Code>".encode() in body for c in ("NoSuchKey", "NoSuchBucket")):
+            return None
+        if response.status != 200 or len(body) > limit:
+            raise Unexpected(f"{response.status}")
+        return body
+
     def put(self, bucket: str, key: str, body: bytes) -> None:
         self._expect(self._send("PUT", bucket, key, body=body), 200)
 

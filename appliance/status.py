@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import xmlrpc.client
 
@@ -138,6 +139,7 @@ def gather(home: Home) -> dict:
             "gpu_use": runner.get("gpu"),
             "gpu_held": runner.get("gpu_held"),
             "gpu_note": runner.get("gpu_note"),
+            "held": runner.get("held"),  # a finished job waiting for disk space to be recorded
             "serves": _serving(home, slot.name, info.pid if info else None),
         })
     scan = scan_gpus()
@@ -162,9 +164,26 @@ def gather(home: Home) -> dict:
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
         "jobs": active_counts(home),
+        "disk_problem": disk_problem(home),
         "sources": _sources(home),
         **_queue_rows(home, config),
     }
+
+
+DISK_LOW_BYTES = 1 << 20
+
+
+def disk_problem(home: Home) -> str:
+    """One line when the home's disk is (all but) full, else "": runners hold finished jobs
+    until space returns, and a status file may be behind while it is so."""
+    try:
+        free = shutil.disk_usage(home.root).free
+    except OSError:
+        return ""
+    if free >= DISK_LOW_BYTES:
+        return ""
+    return (f"disk full: {home.root} has {free // 1024} KiB free; runners hold finished jobs (never run "
+            f"again) and wait to record them until space returns; free space there (df -h {home.root})")
 
 
 def _queue_rows(home: Home, config) -> dict:
@@ -221,7 +240,7 @@ def mig_text(devices: list) -> str:
 def _gpu_lines(s: dict) -> list[str]:
     """What the slot's runner says about its GPUs: held back (and by whom), the running job's
     use, the last job's, or why they are not watched."""
-    out = []
+    out = [f"HELD: {s['held']}"] if s.get("held") else []
     held = s.get("gpu_held")
     if held:
         since = f" (since {time.strftime('%H:%M:%S', time.localtime(held['since']))})" if held.get("since") else ""
@@ -247,6 +266,8 @@ def format_status(facts: dict) -> str:
              ]
     if facts["config_problem"]:
         lines.append(f"  config problem: {facts['config_problem']}")
+    if facts.get("disk_problem"):
+        lines.append(f"  {facts['disk_problem']}")
     header = (f"  {'SLOT':<8} {'STATE':<9} {'PID':>7} {'CPUS':<8} {'MEMORY (used/limit)':<20} {'SHM':<8} "
               f"{'GPU (memory each)':<18} {'UPTIME':>7}  JOB")
     lines += ["", header]

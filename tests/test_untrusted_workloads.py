@@ -261,3 +261,56 @@ def test_a_full_disk_costs_a_bounded_number_of_tries_and_never_the_runner(store,
         assert pending(home) == [] and claimed(home) == []
     finally:
         subprocess.run(["umount", "-l", str(work)], check=False)
+
+
+def test_a_disk_full_at_settle_holds_the_finished_job_and_never_runs_it_again(store, tmp_path):
+    """The disk fills to its last byte while a job finishes: the runner lives, holds the finished
+    job and its message (status says why), and once space returns records, uploads and acks it:
+    it ran once."""
+    import subprocess
+    import threading
+
+    from appliance.paths import Home
+    from appliance.status import disk_problem, format_status, gather
+    from tests.realparts import full_filesystem
+
+    root = tmp_path / "small"
+    root.mkdir()
+    root.chmod(0o755)
+    with full_filesystem(root, "64m") as disk:
+        disk.free()  # empty to start with; filled below, mid-job
+        home = Home.at(root / "home")
+        home.ensure()
+        marks = tmp_path / "marks"
+        marks.mkdir(mode=0o1777)
+        marks.chmod(0o1777)
+        key, body = request(store, {"train.py": f"""
+            import os, time
+            open({str(marks / 'runs')!r}, "a").write("ran\\n")
+            print("working", flush=True)
+            open({str(marks / 'ready')!r}, "w").close()
+            while not os.path.exists({str(marks / 'go')!r}):
+                time.sleep(0.05)
+            """})
+        raw = json.loads(body)
+        raw["experiment"]["resources_needed"]["hdd"] = "16mb"  # fits the small disk when it starts
+        submit(home, json.dumps(raw).encode())
+        runner, _ = make_runner(home)
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(ran=runner.run_once()), daemon=True)
+        thread.start()
+        wait_for(lambda: (marks / "ready").exists() or not thread.is_alive(), "the workload to start", timeout=120)
+        assert (marks / "ready").exists(), dead_reasons(home)
+        disk.fill()
+        (marks / "go").touch()
+        wait_for(lambda: "disk full" in (runner.status.data.get("held") or ""), "the job to be held", timeout=60)
+        assert thread.is_alive() and claimed(home) != []  # held, not released: it will not run again
+        assert "disk full" in disk_problem(home) and "disk full" in format_status(gather(home))
+        disk.free()
+        thread.join(120)
+        assert not thread.is_alive() and outcome.get("ran")
+        assert (marks / "runs").read_text() == "ran\n"
+        assert pending(home) == [] and claimed(home) == [] and dead_reasons(home) == []
+        assert "working" in output_of(store, key)
+        assert not runner.status.data.get("held") and runner.status.unwritten is None
+        subprocess.run(["sync"], check=False)

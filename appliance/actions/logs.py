@@ -14,6 +14,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from appliance.api.jobs_client import exit_code
+
 
 def register(sub):
     p = sub.add_parser("logs", help="print (or follow) an experiment's output",
@@ -117,20 +119,6 @@ def wait_to_start(home, key: str, poll_s: float = 1.0) -> None:
             print(f"appliance: {key} waits: {why}", file=sys.stderr, flush=True)
             said = why
         time.sleep(poll_s)
-
-
-def exit_code(home, key: str, wait: float = 0) -> int:
-    """The job's code (`appliance wait`'s), saying on stderr how a failed job ended; 0 when the
-    table does not know the job."""
-    from appliance.api.jobs_client import ended_line, job_state
-
-    state = job_state(home, key, wait)
-    if not state or state.get("code") is None:
-        return 0
-    line = ended_line(state)
-    if line:
-        print(f"appliance: {line}", file=sys.stderr)
-    return state["code"]
 
 
 def run(args) -> int:

@@ -63,6 +63,10 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    from appliance.status import disk_problem
+    full = disk_problem(args.home)
+    if full:
+        print(full)
     if not rows:
         print(f"no queues yet ({args.home.queue_root} is empty); `appliance submit` creates one")
         return 0

@@ -82,7 +82,7 @@ def run(args) -> int:
             return 1
     if found:
         print_record(artifacts, retry)
-    from appliance.actions.logs import exit_code
+    from appliance.api.jobs_client import exit_code
 
     code = exit_code(args.home, args.experiment)  # a failed job's results exit non-zero, saying why
     if not found:

@@ -6,6 +6,7 @@ answered by the same route handlers over the table directly, so `history` works 
 from __future__ import annotations
 
 import os
+import sys
 import urllib.parse
 
 from appliance.api.client import Client, NotRunning
@@ -71,3 +72,15 @@ def ended_line(state: dict) -> str | None:
         return f"{job['key']} was dead-lettered, it never ran to the end: {job.get('reason') or job.get('class')}"
     return (f"{job['key']} failed [class: {job.get('class')}]" + (f": {job['reason']}" if job.get("reason") else "")
             + f" (exit code {state['code']})")
+
+
+def exit_code(home, key: str, wait: float = 0) -> int:
+    """The job's code (`appliance wait`'s), saying on stderr how a failed job ended; 0 when the
+    table does not know the job."""
+    state = job_state(home, key, wait)
+    if not state or state.get("code") is None:
+        return 0
+    line = ended_line(state)
+    if line:
+        print(f"appliance: {line}", file=sys.stderr)
+    return state["code"]

@@ -34,6 +34,7 @@ are deleted by a sweep that runs at most every `SWEEP_DEAD_EVERY_S`.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -306,13 +307,18 @@ class LocalQueueSource:
         mode = _file_mode(os.stat(folder).st_mode)
         reason_file = folder / f"{msg.message_id}.reason"
         tmp = folder / f".{msg.message_id}.reason.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with open(fd, "w") as fh:
-            os.fchmod(fd, mode)  # not the umask's
-            fh.write(reason.rstrip("\n") + "\n")
-        if msg.owner_uid is not None and os.geteuid() == 0:
-            os.chown(tmp, msg.owner_uid, -1)  # the sender reads why (`queue dead`), no one else
-        os.replace(tmp, reason_file)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with open(fd, "w") as fh:
+                os.fchmod(fd, mode)  # not the umask's
+                fh.write(reason.rstrip("\n") + "\n")
+            if msg.owner_uid is not None and os.geteuid() == 0:
+                os.chown(tmp, msg.owner_uid, -1)  # the sender reads why (`queue dead`), no one else
+            os.replace(tmp, reason_file)
+        except OSError as e:  # a full disk: the message is dead-lettered all the same
+            tmp.unlink(missing_ok=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         dest = folder / msg.message_id
         try:
             os.rename(msg.handle, dest)

@@ -32,6 +32,7 @@ from appliance.studioml.uploader import Uploader
 from appliance.studioml.request import Request
 
 log = logging.getLogger("appliance.runner")
+DISK_RETRY_S = 2.0  # how often a finished job held for a full disk tries its record again
 
 
 class Job:
@@ -119,10 +120,13 @@ class Job:
     def note(self, text: str) -> None:
         """A line from the appliance in the experiment's output (a root-owned folder: no link
         the workload planted can redirect it)."""
-        self.output.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "a") as f:
-            f.write(f"appliance: {text}\n")
+        try:
+            self.output.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a") as f:
+                f.write(f"appliance: {text}\n")
+        except OSError as e:  # a full disk: the line is lost, the job is not
+            log.warning("%s: %s (not written to its output: %s)", self.req.key, text, e)
 
     def save(self) -> None:
         """Periodic upload while the workload runs; a failure is logged and retried later."""
@@ -295,11 +299,38 @@ class Job:
             ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
-        write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # never runs again
+        self.hold_for_space(lambda: write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True),
+                            "to record that it ended")  # from here on it never runs again
         self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
         self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
         self.complete(ended)
+
+    def hold_for_space(self, write, what: str) -> None:
+        """Do `write` (a durable record of the finished job) once the disk takes it: while it is
+        full, hold the job and its message (kept alive, never released: released, it would run
+        again in full) and say why in the status. A runner told to stop meanwhile gives up: the
+        error goes to process(), which settles the message."""
+        since = time.time()
+        while True:
+            try:
+                write()
+                if self.status.data.get("held"):
+                    self.status.update(held=None)
+                    log.info("%s: the disk took its record after %.0fs", self.req.key, time.time() - since)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self.r.stopping:
+                    raise
+                if not self.status.data.get("held"):
+                    log.warning("%s: finished, but the disk is full: holding it until space returns %s (%s)",
+                                self.req.key, what, e)
+                self.status.update(held=f"finished; disk full: holding it until space returns {what} "
+                                        f"(free space on {self.dir.parent}) since {time.strftime('%H:%M:%S')}")
+                end = time.time() + DISK_RETRY_S
+                while time.time() < end and not self.r.stopping:
+                    self.tick()
+                    time.sleep(min(0.5, self.s.tick_s))
 
     def retry_later(self, result: execute.Result, cls: str) -> bool:
         """An infrastructure failure with retries left: hold the message for a backoff, then

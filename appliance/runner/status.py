@@ -23,6 +23,7 @@ the store (endpoint, bucket, key per artifact; never credentials), so `appliance
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -31,18 +32,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+log = logging.getLogger("appliance.runner")
+
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
 
 def write_json_atomic(path: Path, data: Any, mode: Optional[int] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        if mode is not None:
-            os.fchmod(f.fileno(), mode)
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half file left behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -69,6 +79,7 @@ class StatusFile:
             self.data["last_result"] = previous.get("last_result")
         self.previous = previous  # what a runner killed before us left behind
         self.counters = None  # counters.SlotCounters: told of every job start and end
+        self.unwritten: Optional[str] = None  # why the last update is in memory only (a full disk)
 
     def update(self, **fields: Any) -> None:
         state = fields.get("state")
@@ -76,7 +87,14 @@ class StatusFile:
             raise ValueError(f"unknown runner state {state!r}")
         self.data.update(fields)
         self.data["updated"] = time.time()
-        write_json_atomic(self.path, self.data)
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as e:  # a full disk never stops a runner: the status waits in memory
+            if self.unwritten is None:
+                log.warning("%s: status not written (%s); kept in memory until the disk takes it", self.path, e)
+            self.unwritten = str(e)
+        else:
+            self.unwritten = None
 
     def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None,
                     owner_uid: Optional[int] = None) -> None:

@@ -389,7 +389,7 @@ def upload(art, src: Path, retry: RetryPolicy, only_uid: Optional[int] = None) -
             data = small.read(PART_BYTES + 1)  # a small tar goes in one PUT, without boto3
         if len(data) <= PART_BYTES and _quickly(art, lambda q: q.put(art.bucket, art.key, data)) is not _SLOW:
             return
-        del data
+        data = None  # the small read is not kept while the big one streams
         c = client_for(art)
         stream = PackedStream(src, only_uid)
         with io.BufferedReader(stream, 1 << 20) as body:

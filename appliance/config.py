@@ -1,5 +1,9 @@
 """appliance.toml: a typed, validated config with defaults.
 
+One piece, over 400 lines, on purpose: the whole schema of appliance.toml in one table, so the
+defaults, checks and help that `config show`, the commented default file and the docs print
+cannot drift apart.
+
 The schema is the dataclasses below; every field has a default, a parser and a line of help.
 An error names the file, the key, the bad value and what would be right. `set_value` edits the
 file with tomlkit so the user's comments and layout survive.

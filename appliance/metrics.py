@@ -1,5 +1,8 @@
 """Prometheus metrics: the controller serves `GET /metrics` on `metrics.listen` (127.0.0.1:9464).
 
+One piece, a little over 400 lines: every family a scrape yields, read from files in one pass;
+the slow parts are metrics_sampler.py's.
+
 A scrape never waits for anything slow. It reads files only: the plan, the runners' status
 files and counters files (runner/counters.py), the slots' cgroup files, the controller's
 `sources.json` and `events.jsonl`; plus what the sampler thread last found. The sampler asks

@@ -1,5 +1,9 @@
 """The local directory queue: StudioML's `local*` layout, shared by many runners on one box.
 
+One piece, a little over 400 lines, on purpose: the claim, its recovery and the dead letters
+share one protocol on one tree; its names, writer and watch live apart (local_layout,
+local_write, local_inotify).
+
 Layout (what the `studioml` client writes, see STUDIOML.md): `root/<queue>/<uuid4>`, one JSON
 file per message, `root` being `$STUDIOML_HOME/queue`. The client writes a message in place
 (open, write, close) while it holds the *soft* lock `root/<queue>/lock.lock` (its existence is

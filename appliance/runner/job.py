@@ -1,5 +1,8 @@
 """One job's life: a claimed request from its fetch to its settled message.
 
+One piece, a little over 400 lines, on purpose: the steps below share the job's state and run
+in this order; what each step uses lives apart (launch, settle, ledger, execute, transfer).
+
     fetch artifacts (settled from the ledger if it ran before) -> Python environment ->
     run the workload (supervised: lifetime, drain, hang, GPU share) -> ledger: ended ->
     upload mutable artifacts -> ledger: done -> settle the message (ack / dead letter)

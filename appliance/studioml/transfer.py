@@ -1,5 +1,9 @@
 """Moving an experiment's artifacts between the S3 store and its job directory.
 
+One piece, over 400 lines, on purpose: every byte a job sends to or takes from the store
+(listing, download, cache key, upload, result records) goes through the one retry policy and
+the one fallback from the small client (store/lite.py) to boto3 here.
+
 The layout (what goes where) is artifacts.py's.
 
 Every artifact is a tar of a directory. We write what the `studioml` client writes: a plain

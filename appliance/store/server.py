@@ -100,7 +100,7 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
                "--", *weed]
     # TMPDIR: weed writes its logs and default sockets there; keep them in the private folder
     # GOGC=50: collect when the heap has grown by half, not doubled; after 1,000 experiments
-    # ~40 MB less RSS, same idle CPU and 64 MiB PUT/GET throughput (bench/bench_resources.py)
+    # ~40 MB less RSS, same idle CPU and 64 MiB PUT/GET throughput (bench/compare.py)
     env = {"TMPDIR": str(private), "GOGC": "50", **filer_store_environment(home, store.memory_limit)}
     return StoreProgram(command=command, environment=env, ports=[store.port])
 

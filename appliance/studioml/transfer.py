@@ -185,7 +185,7 @@ def _botocore_errors() -> tuple:
 
 def _boto3_error() -> type:
     """boto3's base error, once boto3 is loaded (before, none can have been raised). An idle
-    runner never loads boto3: importing it costs ~20 MB of RSS (bench/bench_resources.py)."""
+    runner never loads boto3: importing it costs ~20 MB of RSS (bench/compare.py)."""
     loaded = sys.modules.get("boto3.exceptions")
     return loaded.Boto3Error if loaded else _NeverRaised
 

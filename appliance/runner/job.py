@@ -67,7 +67,7 @@ class Job:
     def close(self) -> None:
         execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
         if self.env is not None:
-            self.env.release()
+            launch.keep_warm_venv(self)
         self.lock.close()
 
     def _make_dirs(self) -> None:
@@ -252,8 +252,10 @@ class Job:
         if self.r.gpus.active:
             self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
             sv.check = lambda: launch.gpu_check(self)
+        argv, env = launch.argv(self), launch.workload_env(self)
+        launch.warm_next(self, env)
         return execute.run_workload(
-            launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
+            argv, self.dir / "workspace", env, self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)

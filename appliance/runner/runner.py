@@ -86,6 +86,8 @@ class Runner:
         self.user = self._workload_user()
         # the next workload's process, started while idle (saves a fork when a job comes)
         self.launcher = execute.Launcher(self.cgroup_slot)
+        self.warm_with: tuple = ()  # (python, env, user) the next launcher warms up as (the last job's)
+        self.warm_venv = None  # that job's venv, held so the cache does not evict it under the interpreter
         self.status = StatusFile(home, slot)
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
@@ -171,6 +173,8 @@ class Runner:
                            else min(2.0, self.settings.idle_wait_s))
         finally:
             self.launcher.close()
+            if self.warm_venv is not None:
+                self.warm_venv.release()
             self.gpus.close()
             self.jobs.close()
             for src in self.sources:
@@ -183,7 +187,7 @@ class Runner:
 
     def _idle(self, seconds: float) -> None:
         """Wait for work, in short steps so a SIGTERM is seen at once."""
-        self.launcher.warm()
+        self.launcher.warm(*self.warm_with)
         end = time.monotonic() + max(0.0, seconds)
         waiter = next((s for s in self.sources if hasattr(s, "wait")), None)
         while not self.stopping:
@@ -211,7 +215,7 @@ class Runner:
 
     def run_once(self) -> bool:
         """Claim and run at most one message; False if there was nothing to run."""
-        self.launcher.warm()  # gets ready while we claim and fetch (no-op if it is waiting)
+        self.launcher.warm(*self.warm_with)  # gets ready while we claim and fetch (no-op if it is waiting)
         found = self.next_message()
         if found is None:
             return False

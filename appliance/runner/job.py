@@ -57,8 +57,12 @@ class Job:
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
         self.ledger = runner.ledger
         self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
+        self.asked = runner.asked.pop(req.key, None)  # its store lookups, asked ahead (lookahead.py)
         self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
         self.interruptions = int((self.before or {}).get("interruptions") or 0)
+        # a shared queue's message: the store knows it runs and ended as soon as this box does (a
+        # copy another box claims is held); a local one's only when it is final (no other box claims it)
+        self.shared = bool(getattr(msg, "shared", False))
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         if not resumed:
@@ -158,7 +162,8 @@ class Job:
                               "mutable": a.mutable} for n, a in req.artifacts.items()}})
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
-        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
+        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before,
+                                         share=self.shared)
 
         if not self.fetch():
             return
@@ -180,13 +185,15 @@ class Job:
         mutable = [a for a in order if a.mutable]
         limit = left = launch.unpack_limit(self)
         try:
-            known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
+            known = self.asked.listed() if self.asked else \
+                transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
             for art in order:
                 self.tick()
                 if self.r.stopping:
                     return self.give_back("runner stopping before the job started")
                 got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None)
+                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None,
+                                     known_as=self.asked.cache_key(art.name) if self.asked else None)
                 left -= got or 0
                 if art.name != "output":
                     self._own(self.dir / art.name)
@@ -242,11 +249,9 @@ class Job:
         return False
 
     def execute(self) -> execute.Result:
-        self.status.update(state="draining" if self.r.stopping else "running")
-
         def started(proc):
-            self.status.update(workload={"pid": proc.pid,
-                                         "start_ticks": execute.process_start_ticks(proc.pid)})
+            self.status.update(state="draining" if self.r.stopping else "running",
+                               workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
 
         sv = self.supervision(True)
         if self.r.gpus.active:
@@ -308,7 +313,8 @@ class Job:
                             "to record that it ended")  # from here on it never runs again
         self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
-        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
+        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended,  # the users' copy: once done
+                                       share=self.shared)
         self.complete(ended)
 
     def hold_for_space(self, write, what: str) -> None:

@@ -42,7 +42,8 @@ def prepare_env(job) -> Optional[execute.Result]:
                 job.env = job.r.venvs.prepare(reqs.lines, python, job.supervision(False),
                                               build_as=build_as, progress=progress)
             finally:
-                job.status.update(step=None)
+                if job.status.data.get("step") is not None:
+                    job.status.update(step=None)
             log.info("%s: venv %s %s", job.req.key, job.env.key,
                      "reused" if job.env.reused else "built")
             if not job.env.reused:

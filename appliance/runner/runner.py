@@ -48,6 +48,7 @@ from appliance.runner import classes, execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
+from appliance.runner.lookahead import Lookahead
 from appliance.runner.ledger import ENDED, Ledger, finished_job_dir
 from appliance.runner.refusing import FleetRefusals
 from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner: what callers make)
@@ -112,6 +113,8 @@ class Runner:
         self.ledger = Ledger.for_home(home, me=self.fleet.appliance_id,
                                       stale_s=max(3 * self.settings.keepalive_s, 30.0))
         self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
+        self.lookahead = Lookahead()  # a job's HEAD and LIST, asked while it is got ready
+        self.asked: dict = {}  # experiment -> what the lookahead asked for it
         self.held_logged: dict[str, float] = {}  # experiment -> when its hold was last logged
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
         self.jobs = RunnerRecord(home, slot)  # the job table: each state change, held and cancelled jobs
@@ -173,6 +176,7 @@ class Runner:
                            else min(2.0, self.settings.idle_wait_s))
         finally:
             self.launcher.close()
+            self.lookahead.close()
             if self.warm_venv is not None:
                 self.warm_venv.release()
             self.gpus.close()
@@ -344,6 +348,7 @@ class Runner:
         verdict, here = fit(req, me, others, disk.total, disk.free)
         if verdict == RUN:
             self.ledger_seen = {req.key: record}
+            self.asked = {req.key: self.lookahead.ask(req, self.settings.retry, cached=self.cache is not None)}
             return req
         if verdict in (LATER, ELSEWHERE):
             return "held"  # not now (the disk may free up), or another slot can

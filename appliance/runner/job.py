@@ -55,6 +55,7 @@ class Job:
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.workload_ended = False  # run_workload returned: it killed what was left, renewed /dev/shm
         self.ledger = runner.ledger
         self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
         self.asked = runner.asked.pop(req.key, None)  # its store lookups, asked ahead (lookahead.py)
@@ -69,7 +70,8 @@ class Job:
             self._make_dirs()
 
     def close(self) -> None:
-        execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
+        if not self.workload_ended:  # run_workload ends what the workload left; else it is done here
+            execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
         if self.env is not None:
             launch.keep_warm_venv(self)
         self.lock.close()
@@ -259,11 +261,13 @@ class Job:
             sv.check = lambda: launch.gpu_check(self)
         argv, env = launch.argv(self), launch.workload_env(self)
         launch.warm_next(self, env)
-        return execute.run_workload(
+        result = execute.run_workload(
             argv, self.dir / "workspace", env, self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
+        self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
+        return result
 
     def upload_quietly(self) -> None:
         try:

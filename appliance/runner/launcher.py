@@ -134,11 +134,13 @@ class Launcher:
         if self.slot:
             try:
                 from appliance.slot import cgroup
-                try:  # a new, empty job leaf now, so that the job does not wait for one
-                    cgroup.SlotCgroup(self.slot).fresh_job(None, keep=self.proc.pid)
+                cg = cgroup.SlotCgroup(self.slot)
+                try:  # a new, empty job leaf now, so that the job does not wait for one (the
+                    cg.fresh_job(None)  # launcher, born in the runner's leaf, is not in the old one)
                     self.fresh_leaf = True
-                except Exception:  # the leaf there serves; the job's start makes a new one
-                    cgroup.SlotCgroup(self.slot).join("job", pid=self.proc.pid)
+                except Exception:  # noqa: BLE001 - the leaf there serves; the job's start makes another
+                    pass
+                cg.join("job", pid=self.proc.pid)
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()

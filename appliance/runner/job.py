@@ -55,7 +55,8 @@ class Job:
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
-        self.workload_ended = False  # run_workload returned: it killed what was left, renewed /dev/shm
+        self.workload_ended = False
+        self.recorded = False  # record_experiment done  # run_workload returned: it killed what was left, renewed /dev/shm
         self.ledger = runner.ledger
         self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
         self.asked = runner.asked.pop(req.key, None)  # its store lookups, asked ahead (lookahead.py)
@@ -148,6 +149,8 @@ class Job:
     def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None,
                cls: Optional[str] = None, report: Optional[dict] = None) -> None:
         cls = cls or classes.classify(outcome, exit_code, reason)
+        if not self.recorded:  # it ended before its workload started
+            self.record_experiment()
         self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
@@ -157,11 +160,6 @@ class Job:
     def run(self) -> None:
         req, msg = self.req, self.msg
         self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
-        record_experiment(self.r.home, req.key, {
-            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
-            "claimed": self.started, "output": str(self.output),
-            "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
-                              "mutable": a.mutable} for n, a in req.artifacts.items()}})
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
         self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before,
@@ -251,9 +249,10 @@ class Job:
         return False
 
     def execute(self) -> execute.Result:
-        def started(proc):
+        def started(proc):  # what nobody needs before the workload runs is told now
             self.status.update(state="draining" if self.r.stopping else "running",
                                workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
+            self.record_experiment()
 
         sv = self.supervision(True)
         if self.r.gpus.active:
@@ -268,6 +267,16 @@ class Job:
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
         return result
+
+    def record_experiment(self) -> None:
+        """Where `appliance logs` and `results` find this experiment's output (status.py)."""
+        req, msg = self.req, self.msg
+        self.recorded = True
+        record_experiment(self.r.home, req.key, {
+            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
+            "claimed": self.started, "output": str(self.output),
+            "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
+                              "mutable": a.mutable} for n, a in req.artifacts.items()}})
 
     def upload_quietly(self) -> None:
         try:

@@ -21,7 +21,8 @@ account: no root process runs a byte of the venv.
 
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
-`_socket` and `time` are already imported, and its start-up ran before the job came (so a
+`_socket`, `time`, `runpy` and
+`importlib.machinery` are already imported, and its start-up ran before the job came (so a
 .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
 """
 
@@ -55,9 +56,10 @@ def serves(python: str, env: Mapping[str, str], user, argv: list[str], job_env: 
 
 # argv: -c STUB <runner pid> <socket fd>. Everything lives in one function, whose globals are
 # the __main__ dict it hands to the script; tracebacks drop its frame.
-STUB = r'''
+STUB = r'''# appliance: a warm interpreter, waiting for its slot's next job (appliance/runner/warm.py)
 def _warm():
     import marshal, os, sys, time, _socket
+    import importlib.machinery, runpy  # what handing over the job uses, loaded before it comes
     parent, fd = int(sys.argv[1]), int(sys.argv[2])
     ch = _socket.socket(fileno=fd)
     ch.sendall(b"W")
@@ -96,7 +98,6 @@ def _warm():
                 __builtins__=builtins)
     try:
         if argv[1] == "-m":
-            import runpy
             sys.argv[:] = ["-m", *argv[3:]]
             if not safe:
                 sys.path[0] = os.getcwd()
@@ -112,7 +113,6 @@ def _warm():
             raise SystemExit(2)
         if not safe:
             sys.path[0] = os.path.dirname(os.path.realpath(path))
-        import importlib.machinery
         main.update(__file__=path, __cached__=None,
                     __loader__=importlib.machinery.SourceFileLoader("__main__", path))
         exec(compile(source, path, "exec"), main)

@@ -402,8 +402,10 @@ class Job:
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
-        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended)
-        self._write_record({**ended, "state": "done"})
+        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended, share=False)  # this box's
+        entry = self.entry  # then the store's copy and the users' copy, at once
+        self.r.lookahead.together(lambda: self.ledger.share(entry),
+                                  lambda: self._write_record({**ended, "state": "done"}))
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")

@@ -23,23 +23,21 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.api.submit_client import enqueue_request, submit_store
-from appliance.freeze import finish_freeze, start_freeze
-from appliance.jobs.control import JobError
-from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
-from appliance.jobs.policy import SpecError, array_plan, member_key
-from appliance.queues.local import is_local_queue, no_access
+from appliance.api.submit_client import QueueRefused, enqueue_request, submit_store
+from appliance.queues.local_layout import is_local_queue, no_access
 from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.submit_checks import SubmitRefused, pack_plan
 from appliance.workspace_upload import StoreProblem, send_workspace
+
+# A plain submit imports no more than it needs (it is timed: bench/compare.py): what only
+# --freeze, --array or --sweep use is imported where they are used.
 
 DEFAULT_QUEUE = "local_appliance"
 MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
@@ -183,10 +181,14 @@ def run(args) -> int:
             parse_duration(value, flag)
     except BadRequest as e:
         return _fail(str(e))
-    try:
-        array = array_plan(args.array, args.sweep)
-    except SpecError as e:
-        return _fail(str(e))
+    array = None
+    if args.array is not None or args.sweep:
+        from appliance.jobs.policy import SpecError, array_plan
+
+        try:
+            array = array_plan(args.array, args.sweep)
+        except SpecError as e:
+            return _fail(str(e))
 
     if not shutil.which(args.python) and not args.no_freeze:
         return _fail(_freeze_problem(args.python, "not found"))
@@ -198,11 +200,15 @@ def run(args) -> int:
     creds = submit_store(home)  # the caller's own identity; it travels in the message: never the admin's
     endpoint, bucket, region = creds.endpoint, creds.bucket, creds.region
 
-    key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
+    key = f"{int(time.time())}_{os.urandom(6).hex()}"  # as uuid4().hex[:12]: 48 random bits
 
     pythonenv, pythonver = packing.pythonenv, packing.pythonver
     freezing = None
     if args.freeze:
+        import subprocess
+
+        from appliance.freeze import finish_freeze, start_freeze
+
         try:
             freezing = start_freeze(args.python)  # runs while the workspace is packed and sent
         except OSError as e:
@@ -230,6 +236,9 @@ def run(args) -> int:
             freezing.communicate()
 
     base = key
+    if array is not None:
+        from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
+        from appliance.jobs.policy import member_key
     members = [(key, env)] if array is None else [
         (member_key(base, i), {**env, **extra, ARRAY_BASE: base, ARRAY_INDEX: str(i),
                                **({ARRAY_LIMIT: str(array[1])} if array[1] else {})})
@@ -250,8 +259,8 @@ def run(args) -> int:
             return _fail(no_access(home.queue_root))
         except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
             return _fail(str(e))
-        except JobError as e:  # the key is a job already (root's path; a member's says it through the API)
-            return _fail(e.message)
+        except QueueRefused as e:  # the key is a job already (root's path; a member's says it through the API)
+            return _fail(str(e))
     if array is None:
         print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     else:

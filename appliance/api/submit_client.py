@@ -32,22 +32,29 @@ def submit_store(home: Home) -> Store:
                  access_key=creds.access_key, secret_key=creds.secret_key, private=False)
 
 
+class QueueRefused(Exception):
+    """The job table refused the request (root's path; the API says the same to a member)."""
+
+
 def enqueue_request(home: Home, queue: str, data: bytes) -> str:
     """Queue the request `data` on `queue`; its message id. PermissionError (root's path) when the
-    queue folder refuses, ApiClientError (a member's) with the API's line."""
+    queue folder refuses, QueueRefused when the job table does (its key is a job already),
+    ApiClientError (a member's) with the API's line."""
     if os.geteuid() != 0:
         from appliance.api.client import Client
 
         return Client(home).post("/v1/submit", {"queue": queue, "request": json.loads(data)})["message_id"]
-    from appliance.jobs.control import queued
+    from appliance.jobs.control import JobError, queued
     from appliance.jobs.table import JobTable
-    from appliance.queues.local import enqueue
+    from appliance.queues.local_write import enqueue
 
     ids = []
     table = JobTable.of(home)  # its row first: `appliance wait KEY` right after finds it
     try:
         queued(table, data, owner_uid=0, queue=queue,
                enqueue=lambda q, b: ids.append(enqueue(home.queue_root, q, b)) or ids[-1])
+    except JobError as e:
+        raise QueueRefused(e.message) from None
     finally:
         table.close()
     return ids[-1]

@@ -20,7 +20,7 @@ import time
 from typing import Iterator
 
 from appliance import http1
-from appliance.api.protocol import PREFIX, SOCKET_NAME
+from appliance.api import PREFIX, SOCKET_NAME
 from appliance.paths import SHARED_GROUP, Home
 
 RETRY_PAUSE_S = 2.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from appliance.api.members import Store
+from appliance.api.store_access import Store
 from appliance.paths import Home
 
 

@@ -228,6 +228,28 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     src.close()
 
 
+def test_root_submit_follows_a_changed_config(store_home, project, store, capsys):
+    """Root's submit remembers where the store is (HOME/run/submit-store.json), but never past a
+    change of appliance.toml, even one that keeps its size and mtime."""
+    from tests.realparts import free_port
+
+    config = store_home.config_file
+    old = os.stat(config).st_mtime_ns - 10**10  # settled: older than a few seconds
+    os.utime(config, ns=(old, old))
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0
+    assert (store_home.run_dir / "submit-store.json").exists()
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # from there
+    port = str(urlsplit(store.endpoint_url).port)
+    moved = str(free_port())
+    while len(moved) != len(port):
+        moved = str(free_port())
+    config.write_text(config.read_text().replace(f"port = {port}", f"port = {moved}"))
+    os.utime(config, ns=(old, old))
+    capsys.readouterr()
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 2
+    assert f"cannot reach the object store at http://127.0.0.1:{moved}" in capsys.readouterr().err
+
+
 def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):
     assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # the store has it
     capsys.readouterr()

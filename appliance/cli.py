@@ -103,9 +103,10 @@ def _main(argv: list[str] | None) -> int:
         # e.g. for the slots' cgroup parent (appliance.slot.cgroup.cgroup_parent)
         os.environ["APPLIANCE_HOME"] = str(args.home.root)
 
-        from appliance.slot.cgroup import use_recorded_parent
+        if getattr(args, "cgroups", True):  # an action that makes none says so (a quick submit)
+            from appliance.slot.cgroup import use_recorded_parent
 
-        use_recorded_parent(str(args.home.run_dir))  # where the slot cgroups are (below systemd's unit)
+            use_recorded_parent(str(args.home.run_dir))  # where the slot cgroups are (below systemd's unit)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130

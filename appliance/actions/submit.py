@@ -93,7 +93,7 @@ def register(sub):
                         "%%N at most N run at once")
     p.add_argument("script", help="Python file to run, relative to the packed folder")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, cgroups=False)  # it makes no cgroup: cli.py need not find them
 
 
 def _fail(msg: str) -> int:

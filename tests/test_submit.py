@@ -250,6 +250,26 @@ def test_root_submit_follows_a_changed_config(store_home, project, store, capsys
     assert f"cannot reach the object store at http://127.0.0.1:{moved}" in capsys.readouterr().err
 
 
+def test_a_plain_submit_imports_only_what_it_uses(store_home, project):
+    """A submit is timed from the user's shell, most of it imports: none of boto3, http.client,
+    the config schema (its place remembered), the cgroup package, subprocess or the freeze helper."""
+    config = store_home.config_file
+    old = os.stat(config).st_mtime_ns - 10**10
+    os.utime(config, ns=(old, old))
+    script = ("import sys\nfrom appliance.cli import main\nrc = main(sys.argv[1:])\n"
+              "print(' '.join(sorted(sys.modules)))\nsys.exit(rc)\n")
+    argv = [sys.executable, "-c", script, "--home", str(store_home.root), "submit", "--no-freeze",
+            "--dir", str(project), "train.py"]
+    for _ in range(2):  # the second finds the store's place remembered
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "appliance.workspace_upload" in loaded  # it did submit
+    heavy = {"boto3", "botocore", "http.client", "appliance.config", "tomllib", "appliance.slot.cgroup",
+             "subprocess", "appliance.freeze", "appliance.api.protocol", "appliance.studioml.environment"}
+    assert loaded & heavy == set()
+
+
 def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):
     assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # the store has it
     capsys.readouterr()

@@ -37,16 +37,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `ls | head -1`'s ls
 
 
+_quick_exit = False  # the action asked for command()'s quick exit (its parser sets quick_exit=True)
+
+
 def command() -> int:
-    """The `appliance` command itself (pyproject's script, `python -m appliance`): main(), then
-    an exit that skips the interpreter's teardown (~10 ms of freeing, module by module, what the
-    process is about to lose anyway: a quick `appliance submit` is timed) when nothing waits
-    for it: no atexit handler, no other thread. Output is flushed first; the exit code is the same."""
+    """The `appliance` command itself (pyproject's script, `python -m appliance`): main(), then,
+    for an action that asks (submit: it is timed, and it closes every file it writes), an exit
+    that skips the interpreter's teardown (~10 ms of freeing, module by module, what the process
+    is about to lose anyway) when nothing waits for it: no atexit handler, no other thread.
+    Output is flushed first; the exit code is the same."""
     code = main()
     import atexit
 
     threading = sys.modules.get("threading")  # not imported: no other thread
-    if atexit._ncallbacks() == 0 and (threading is None or threading.active_count() == 1):
+    if _quick_exit and atexit._ncallbacks() == 0 and (threading is None or threading.active_count() == 1):
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -91,9 +95,11 @@ def _stdout_to_devnull() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    global _quick_exit
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_action_named(argv))
     args = parser.parse_args(argv)
+    _quick_exit = bool(getattr(args, "quick_exit", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

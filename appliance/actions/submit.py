@@ -97,7 +97,9 @@ def register(sub):
                         "%%N at most N run at once")
     p.add_argument("script", help="Python file to run, relative to the packed folder")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-    p.set_defaults(func=run, cgroups=False)  # it makes no cgroup: cli.py need not find them
+    # it makes no cgroup (cli.py need not find them) and closes every file it writes (so
+    # cli.command may end the process without the interpreter's teardown)
+    p.set_defaults(func=run, cgroups=False, quick_exit=True)
 
 
 def _fail(msg: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -117,6 +116,8 @@ def _send_with_boto3(tar: Path, ws_key: str, endpoint: str, access_key: str, sec
                      bucket: str, region: str) -> None:
     """Upload in parallel parts, with progress; if anything stops it (Ctrl-C included), the
     multipart upload it began is aborted, so no part is left behind in the store."""
+    import signal
+
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 

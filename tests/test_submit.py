@@ -25,7 +25,7 @@ from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
 from appliance.studioml.request import parse_request
 from appliance.studioml.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
-from appliance.workspace import pack_directory, workspace_key
+from appliance.workspace import pack_bytes, pack_directory, walk, workspace_key
 from tests.realparts import full_filesystem
 
 
@@ -84,6 +84,15 @@ def test_pack_is_deterministic(project, tmp_path):
     (project / "train.py").write_text("print('changed')\n")
     c, sha_c = pack_directory(project, out_dir=tmp_path)
     assert sha_c != sha_a
+
+
+def test_pack_in_memory_is_the_same_tar(project, tmp_path):
+    """A small workspace is packed in memory (workspace_upload): the same bytes, the same key."""
+    tar, sha = pack_directory(project, out_dir=tmp_path)
+    data, sha_mem = pack_bytes(walk(project))
+    assert (data, sha_mem) == (tar.read_bytes(), sha)
+    assert sha == hashlib.sha256(data).hexdigest()
+    tar.unlink()
 
 
 def test_pack_leaves_out_what_a_runner_would_refuse(project, tmp_path):
@@ -266,7 +275,8 @@ def test_a_plain_submit_imports_only_what_it_uses(store_home, project):
     loaded = set(done.stdout.split())
     assert "appliance.workspace_upload" in loaded  # it did submit
     heavy = {"boto3", "botocore", "http.client", "appliance.config", "tomllib", "appliance.slot.cgroup",
-             "subprocess", "appliance.freeze", "appliance.api.protocol", "appliance.studioml.environment"}
+             "subprocess", "appliance.freeze", "appliance.api.protocol", "appliance.studioml.environment",
+             "tempfile"}
     assert loaded & heavy == set()
 
 

@@ -96,6 +96,15 @@ def exists(endpoint: str, access_key: str, secret_key: str, region: str, bucket:
     raise Unexpected(f"HEAD answered {status}")
 
 
+def put_bytes(endpoint: str, access_key: str, secret_key: str, region: str, bucket: str, key: str,
+              data: bytes, sha256: str) -> None:
+    """PUT `data`, whose sha256 (hex) the caller knows already."""
+    status = _request(endpoint, access_key, secret_key, region, "PUT", bucket, key, sha256,
+                      body=data, length=len(data))
+    if status != 200:
+        raise Unexpected(f"PUT answered {status}")
+
+
 def put_file(endpoint: str, access_key: str, secret_key: str, region: str, bucket: str, key: str,
              path: Path, sha256: str) -> None:
     """PUT the file at `path`, whose sha256 (hex) the caller knows already."""

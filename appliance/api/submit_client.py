@@ -63,7 +63,8 @@ def store_place(home: Home) -> tuple[str, str, str]:
 
         try:
             write_atomic(remembered, json.dumps({"signature": signature, "endpoint": place[0], "region": place[1],
-                                                 "bucket": place[2]}) + "\n", mode=0o644)
+                                                 "bucket": place[2]}) + "\n", mode=0o644,
+                         sync=False)  # a power cut that loses it only costs the next submit the schema
         except OSError:
             pass  # only slower next time
     return place

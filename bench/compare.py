@@ -160,6 +160,19 @@ def rss(home: Home) -> dict[str, float]:
     return out
 
 
+def warm_interpreters(home: Home) -> dict[str, float]:
+    """MB of VmRSS of each slot's warm interpreter (the next job's own process, runner/warm.py)."""
+    out = {}
+    for name, pids in groups(home).items():
+        for pid in pids:
+            try:
+                if b"appliance: a warm interpreter" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out[name] = out.get(name, 0.0) + rss_bytes(pid) / MB
+            except OSError:
+                pass
+    return out
+
+
 def percentile(values, p):
     """The p-th percentile, interpolated between the nearest samples."""
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
@@ -417,6 +430,11 @@ def main() -> int:
         fig["RSS runner + launcher (each)"] = runners
         fig["RSS store"] = [sizes.get("store", 0)]
         note["RSS store"] = "weed and the forwarder in front of it"
+        warm = warm_interpreters(app.home)
+        if warm:
+            note["RSS runner + launcher (each)"] = (
+                "each slot's tree, with its next job's warm interpreter: "
+                + ", ".join(f"{slot} {mb:.1f} MB of it" for slot, mb in sorted(warm.items())))
         print(f"\n{app.jobs_run} jobs run; RSS now: " + ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(sizes.items())))
         print(f"\n{'measure':42} {'min / median / max':>26} {'then':>12} {'goal':>8}")
         for name, (then, goal, unit, better) in TABLE.items():

@@ -124,15 +124,21 @@ class Launcher:
         self._discard()
         theirs = None
         try:
-            if want:
+            if want:  # the interpreter itself, as the workload's account from its first instruction
                 import socket
+                from appliance.runner import warm
                 self.channel, theirs = socket.socketpair()
-            self.proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                cwd="/", env={}, start_new_session=True, close_fds=True,
-                pass_fds=(theirs.fileno(),) if theirs else ())
-            fd = theirs.fileno() if theirs else None
+                account = dict(user=want[2][0], group=want[2][1], extra_groups=[]) if want[2] else {}
+                self.proc = subprocess.Popen(
+                    warm.warm_argv(want[0], os.getpid(), theirs.fileno()), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],
+                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=0o077,
+                    **account)
+            else:
+                self.proc = subprocess.Popen(
+                    [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    cwd="/", env={}, start_new_session=True, close_fds=True)
         except (OSError, subprocess.SubprocessError):
             self._discard()
             return
@@ -145,10 +151,10 @@ class Launcher:
         if self._mover is None:
             from concurrent.futures import ThreadPoolExecutor
             self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
-        self._placed = self._mover.submit(self._place, self.proc, want, fd)
+        self._placed = self._mover.submit(self._place, self.proc)
 
-    def _place(self, proc: subprocess.Popen, want: Optional[tuple], fd: Optional[int]) -> bool:
-        """The waiting process into a new job cgroup, then (warm) told to become the interpreter."""
+    def _place(self, proc: subprocess.Popen) -> bool:
+        """The waiting process into a new job cgroup."""
         if self.slot:
             try:
                 from appliance.slot import cgroup
@@ -162,14 +168,10 @@ class Launcher:
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()
-        if want:  # the launcher becomes the interpreter, as the workload's account (warm.py)
-            from appliance.runner import warm
-            return self._send(proc, warm.warm_argv(want[0], os.getpid(), fd), "/", want[1], os.devnull, want[2])
         return True
 
     def ready(self) -> bool:
-        """Wait until the waiting process is in its cgroup (warm: told what to become); False
-        when there is none, or it could not be told."""
+        """Wait until the waiting process is in its cgroup; False when there is none."""
         placed, self._placed = self._placed, None
         if placed is not None and not placed.result():
             self._discard()
@@ -237,7 +239,7 @@ class Launcher:
             self._discard(proc)
             return None
         try:
-            if proc.stdout.read() != b"R." or channel.recv(1) != b"W":  # the interpreter is not up
+            if proc.poll() is not None or channel.recv(1) != b"W":  # the interpreter did not come up
                 self._discard(proc)
                 return None
             if self.warning:
@@ -253,8 +255,6 @@ class Launcher:
             return None
         channel.close()
         self.channel = None
-        proc.stdout.close()
-        proc.stdin = proc.stdout = None
         proc.args = list(argv)
         return proc
 

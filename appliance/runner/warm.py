@@ -1,8 +1,8 @@
 """The warm interpreter: the next workload's Python, started ahead of time (launcher.py uses it).
 
 A trivial job spends most of its start in the interpreter's own start-up (about 9 ms here,
-more with a large venv's site-packages). So while a slot is idle, its launcher process (as
-the workload's account, in a fresh job cgroup) execs the venv's interpreter with `STUB`, which
+more with a large venv's site-packages). So while a slot is idle, the runner starts the venv's
+interpreter with `STUB` (as the workload's account, moved into a fresh job cgroup), which
 does what `python` does at start-up - site, the venv's .pth files - then waits on a socket.
 When a job comes whose command, environment and account match, the runner sends it the job
 (argv, cwd, env, and its output file as a descriptor) and the stub becomes the workload: output
@@ -26,9 +26,8 @@ a second thread of the runner moves it into a fresh job cgroup meanwhile.
 
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
-`_socket`, `time`, `ctypes`, `runpy`
-and `importlib.machinery` are already imported, and its start-up ran before the job came (so a
-.pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
+`_socket`, `time`, `ctypes`, `runpy` and `importlib.machinery` are already imported, and its
+start-up ran before the job came (so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from appliance import pyenv
 from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
-from appliance.runner.status import record_experiment
+from appliance.runner.status import LAZY_WRITE_S, record_experiment
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
 from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable
@@ -100,6 +100,8 @@ class Job:
 
     def tick(self) -> None:
         now = time.time()
+        if self.status.dirty and now - self.started >= LAZY_WRITE_S:  # a slow start shows
+            self.status.flush()
         if now >= self.next_keepalive:
             self.next_keepalive = now + self.s.keepalive_s
             try:
@@ -194,7 +196,8 @@ class Job:
                     return self.give_back("runner stopping before the job started")
                 got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
                                      self.s.retry, left, exists=known.get(art.name) if art.mutable else None,
-                                     known_as=self.asked.cache_key(art.name) if self.asked else None)
+                                     known_as=self.asked.cache_key(art.name) if self.asked else None,
+                                     downloading=self.status.flush)
                 left -= got or 0
                 if art.name != "output":
                     self._own(self.dir / art.name)
@@ -270,8 +273,6 @@ class Job:
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
-        if self.workload_ended and not self.r.stopping:  # the next job's interpreter starts while this one settles
-            self.r.launcher.warm(*self.r.warm_with)
         return result
 
     def record_experiment(self) -> None:
@@ -340,8 +341,6 @@ class Job:
         fd = os.open(self.dir / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(self.msg.body)
-            f.flush()
-            os.fsync(f.fileno())
         write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # syncs the folder too
 
     def hold_for_space(self, write, what: str) -> None:

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +34,7 @@ from typing import Any, Optional
 
 log = logging.getLogger("appliance.runner")
 
-LAZY_WRITE_S = 0.25  # a lazy status update reaches the file this soon at the latest
+LAZY_WRITE_S = 0.25  # a job still getting ready after this long has its lazy status written
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
 
@@ -85,56 +84,30 @@ class StatusFile:
         self.previous = previous  # what a runner killed before us left behind
         self.counters = None  # counters.SlotCounters: told of every job start and end
         self.unwritten: Optional[str] = None  # why the last update is in memory only (a full disk)
-        self._lock = threading.Lock()
-        self._due: Optional[float] = None  # when lazy updates nobody wrote sooner are written
+        self.dirty = False  # lazy updates not written yet
         self._counters_due = False
-        self._writer: Optional[threading.Thread] = None  # writes them then (one thread, started once)
-        self._wake = threading.Event()
 
     def update(self, lazy: bool = False, **fields: Any) -> None:
-        """Merge `fields` and rewrite the file. `lazy`: only if nothing writes it within
-        LAZY_WRITE_S (a job's first steps: a job that starts at once is not held up by them,
-        a slow fetch or build still shows)."""
+        """Merge `fields` and rewrite the file. `lazy`: at the next write or `flush()` (a job's
+        first steps: a job that starts at once is not held up by them; the runner flushes
+        before a download and when a step takes long, so a slow fetch still shows)."""
         state = fields.get("state")
         if state is not None and state not in STATES:
             raise ValueError(f"unknown runner state {state!r}")
-        with self._lock:
-            self.data.update(fields)
-            self.data["updated"] = time.time()
-            if lazy:
-                if self._due is None:
-                    self._due = time.monotonic() + LAZY_WRITE_S
-                    if self._writer is None:
-                        self._writer = threading.Thread(target=self._write_when_due, daemon=True,
-                                                        name="status")
-                        self._writer.start()
-                    self._wake.set()
-                return
-            self._write()
+        self.data.update(fields)
+        self.data["updated"] = time.time()
+        if lazy:
+            self.dirty = True
+            return
+        self._write()
 
     def flush(self) -> None:
-        """Write what lazy updates left in memory (now, not when it is due)."""
-        with self._lock:
-            if self._due is not None:
-                self._write()
-
-    def _write_when_due(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while True:
-                with self._lock:
-                    due = self._due
-                if due is None:
-                    break
-                left = due - time.monotonic()
-                if left <= 0:
-                    self.flush()
-                    break
-                time.sleep(left)
+        """Write what lazy updates left in memory."""
+        if self.dirty:
+            self._write()
 
     def _write(self) -> None:
-        self._due = None
+        self.dirty = False
         if self._counters_due and self.counters is not None:
             self._counters_due = False
             self.counters.save()
@@ -165,8 +138,7 @@ class StatusFile:
             from appliance.runner.classes import classify
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
-            with self._lock:  # a lazy write may save them meanwhile
-                self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
+            self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
         result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
                   "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}

@@ -362,22 +362,28 @@ def cache_key(art, retry: RetryPolicy) -> str:
 
 
 def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
-          exists: Optional[bool] = None, known_as: Optional[Callable[[], str]] = None) -> Optional[int]:
+          exists: Optional[bool] = None, known_as: Optional[Callable[[], str]] = None,
+          downloading: Callable[[], None] = lambda: None) -> Optional[int]:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
     it. Mutable: downloaded if it exists, else `dest` stays empty (False); `exists=False`
     (a listing did not show it, see `listed`) skips asking the store again; `known_as()` is its
-    `cache_key`, asked ahead (runner/lookahead.py). At most `max_bytes`
+    `cache_key`, asked ahead (runner/lookahead.py); `downloading()` is called before a download
+    begins (the runner's status then says it fetches). At most `max_bytes`
     are written (ArtifactTooBig). Returns the bytes written, None when a mutable artifact does
     not exist."""
     dest.mkdir(parents=True, exist_ok=True)
     if art.mutable and exists is False:
         return None
     if not art.mutable and cache is not None:
-        f = cache.fill(known_as() if known_as else cache_key(art, retry), lambda tmp: download(art, tmp, retry))
+        def fill(tmp):
+            downloading()
+            download(art, tmp, retry)
+        f = cache.fill(known_as() if known_as else cache_key(art, retry), fill)
         with f:
             return place(art, f, dest, max_bytes)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmpdir:
         tmp = Path(tmpdir) / "object"
+        downloading()
         try:
             download(art, tmp, retry)
         except ArtifactMissing:

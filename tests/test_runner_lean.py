@@ -66,6 +66,9 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     assert c.get_if_there(f"no-such-bucket-{uuid.uuid4().hex[:8]}", "k", 100) is None
     assert c.get_if_there(store.bucket, prefix + "a b+c.txt", 100) == b"hello"
     assert c.get(store.bucket, prefix + "a b+c.txt", 100) == b"hello"  # the connection is still good
+    c.put(store.bucket, prefix + "gone", b"x")
+    c.delete(store.bucket, prefix + "gone")
+    assert c.list_keys(store.bucket, prefix) == {prefix + "a b+c.txt"}
     wrong = lite.Client(store.endpoint_url, store.access_key, "not-the-secret")
     with pytest.raises(lite.Unexpected):
         wrong.get(store.bucket, prefix + "a b+c.txt", 100)
@@ -74,5 +77,5 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     with pytest.raises(lite.Unexpected):
         lite.Client(store.endpoint_url + "/path", store.access_key, store.secret_key)
     down = lite.Client("http://127.0.0.1:9", store.access_key, store.secret_key, timeout=2)
-    with pytest.raises(lite.Unexpected):
+    with pytest.raises(lite.Refused):
         down.head(store.bucket, prefix + "a b+c.txt")

@@ -36,7 +36,14 @@ PROBE_PREFIX = ".appliance/probe/"  # where the write probe puts (and at once de
 def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
                 region: str = "us-east-1", write: bool = True) -> str | None:
     """None when the store answers our credentials, has `bucket` and (with `write`) stores and
-    deletes a small object in it; else what is wrong and the fix."""
+    deletes a small object in it; else what is wrong and the fix.
+
+    A store that answers every request as a healthy one does is told by the standard library's
+    quick path (lite.py: the controller checks every few seconds and keeps no boto3 for it);
+    anything else is asked again through boto3, whose answer names what is wrong."""
+    known, problem = _quick_check(endpoint_url, access_key, secret_key, bucket, region, write)
+    if known:
+        return problem
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(endpoint_url, access_key, secret_key, region, connect_timeout=2, read_timeout=5,
@@ -57,14 +64,47 @@ def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str
     return _probe_write(client, bucket) if write else None
 
 
-def _probe_write(client, bucket: str) -> str | None:
-    """Put a small object and delete it: a store that answers may still fail every write."""
+def _quick_check(endpoint_url: str, access_key: str, secret_key: str, bucket: str, region: str,
+                 write: bool) -> tuple[bool, str | None]:
+    """(True, None) when the bucket answered a HEAD and (with `write`) a probe object was put and
+    deleted, all as expected; (True, what) when nothing listens at the endpoint, in boto3's words
+    (a store that is not up yet, or down, must not load boto3 into the controller for good);
+    (False, None) when anything else happened: boto3 then tells what."""
+    from appliance.store import lite
+
+    try:
+        client = lite.Client(endpoint_url, access_key, secret_key, region, timeout=5)
+    except lite.Unexpected:
+        return False, None
+    try:
+        try:
+            client.head(bucket, "")
+        except lite.Refused:
+            return True, (f"cannot reach the object store at {endpoint_url}: Could not connect to the endpoint "
+                          f"URL: \"{endpoint_url.rstrip('/')}/{bucket}\"; is it running? (`appliance status`)")
+        if write:
+            key = _probe_key()
+            client.put(bucket, key, b"probe")
+            client.delete(bucket, key)
+        return True, None
+    except lite.Unexpected:
+        return False, None
+    finally:
+        client.close()
+
+
+def _probe_key() -> str:
     import os
     import socket
 
+    return f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+
+
+def _probe_write(client, bucket: str) -> str | None:
+    """Put a small object and delete it: a store that answers may still fail every write."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    key = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    key = _probe_key()
     try:
         client.put_object(Bucket=bucket, Key=key, Body=b"probe")
         client.delete_object(Bucket=bucket, Key=key)

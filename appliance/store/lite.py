@@ -1,8 +1,9 @@
-"""The runner's quick S3 path: HEAD, GET, PUT and one page of LIST with the standard library.
+"""The quick S3 path: HEAD, GET, PUT, DELETE and one page of LIST with the standard library.
 
 A runner moves a few small objects per job (a listing, a HEAD of the workspace, a small
-output tar, the result record). boto3 costs a runner ~25 MB of memory and a few ms of CPU per
-request; these need neither. `Client` keeps one HTTP connection open per endpoint and
+output tar, the result record); the controller probes the store's health every few seconds
+(client.check_store). boto3 costs a process ~25 MB of memory and a few ms of CPU per request;
+these need neither. `Client` keeps one HTTP connection open per endpoint and
 credentials and signs with AWS Signature Version 4 (path-style addressing, as the appliance's
 store and StudioML use).
 
@@ -26,6 +27,10 @@ _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 class Unexpected(Exception):
     """Not what the quick path handles; use boto3."""
+
+
+class Refused(Unexpected):
+    """Nothing listens at the endpoint (the connection was refused)."""
 
 
 def _sign(key: bytes, msg: str) -> bytes:
@@ -107,6 +112,9 @@ class Client:
                 self.close()
                 if attempt == 2:
                     raise Unexpected(str(e)) from None
+            except ConnectionRefusedError as e:
+                self.close()
+                raise Refused(str(e)) from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 raise Unexpected(str(e)) from None
@@ -160,6 +168,9 @@ class Client:
 
     def put(self, bucket: str, key: str, body: bytes) -> None:
         self._expect(self._send("PUT", bucket, key, body=body), 200)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._expect(self._send("DELETE", bucket, key), 204)
 
     def list_keys(self, bucket: str, prefix: str, max_keys: int = 1000) -> set:
         """The keys under `prefix`, from one page; Unexpected when there are more."""

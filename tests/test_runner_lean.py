@@ -1,7 +1,8 @@
-"""A runner carries only what its jobs need: boto3, pika, pynvml and docker stay unloaded in a
-runner of a CPU slot that serves the local queue, even after it ran a job through the real store
-(whose small requests go through appliance/store/lite.py); idle, it has not loaded packaging,
-tomlkit, jinja2, prometheus_client or watchdog either."""
+"""A runner carries only what its jobs need: boto3, pika, pynvml, docker, OpenSSL (ssl, hashlib's
+_hashlib: ~4 MB resident) and the email package stay unloaded in a runner of a CPU slot that
+serves the local queue, even after it ran a job through the real store (whose small requests go
+through appliance/store/lite.py); idle, it has not loaded packaging, tomlkit, jinja2,
+prometheus_client or watchdog either."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from appliance.store import lite
 from tests.test_runner_loop import HELLO, REPO, home, output_of, request, submit  # noqa: F401
 
-HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker")
+HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker", "ssl", "_ssl", "_hashlib", "email")
 IDLE_TOO = ("packaging", "tomlkit", "jinja2", "prometheus_client", "watchdog")  # nor these, while idle
 
 PROBE = """

@@ -15,10 +15,11 @@ interpreter's version, so the same set always maps to the same venv at `VENVS/<k
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+
+from appliance.sha256 import sha256
 
 if TYPE_CHECKING:
     from packaging.requirements import Requirement
@@ -117,7 +118,7 @@ def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> Requir
 
 
 def env_key(requirements: list[str], version: str) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     h.update(f"python {version}\n".encode())
     for r in requirements:
         h.update(r.encode() + b"\n")

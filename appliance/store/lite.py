@@ -1,4 +1,6 @@
-"""The quick S3 path: HEAD, GET, PUT, DELETE and one page of LIST with the standard library.
+"""The quick S3 path: HEAD, GET, PUT, DELETE and one page of LIST with the standard library:
+sockets (http11.py) and CPython's own SHA-256 (appliance/sha256.py), so a process that uses it
+for an http endpoint does not load OpenSSL either.
 
 A runner moves a few small objects per job (a listing, a HEAD of the workspace, a small
 output tar, the result record); the controller probes the store's health every few seconds
@@ -15,13 +17,13 @@ quick path never decides that something is missing, refused or down.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import http.client
 import time
 from urllib.parse import quote, urlsplit
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+from appliance.sha256 import hmac_sha256, sha256
+from appliance.store import http11
+
+EMPTY_SHA256 = sha256(b"").hexdigest()
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -34,7 +36,7 @@ class Refused(Unexpected):
 
 
 def _sign(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+    return hmac_sha256(key, msg.encode())
 
 
 def _q(value: str) -> str:
@@ -54,7 +56,7 @@ class Client:
         self.scheme, self.netloc = url.scheme, url.netloc
         self.access_key, self.secret_key = access_key, secret_key
         self.region, self.session_token, self.timeout = region or "us-east-1", session_token, timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: http11.Connection | None = None
         self._keys: dict = {}  # day -> signing key
 
     # -- signing and sending
@@ -77,16 +79,15 @@ class Client:
         canonical = "\n".join([method, path, query, *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
                                signed, payload_sha256])
         scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, sha256(canonical.encode()).hexdigest()])
+        signature = hmac_sha256(self._signing_key(day), to_sign.encode()).hex()
         headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
                                     f"SignedHeaders={signed}, Signature={signature}")
         return headers
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> http11.Connection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self.netloc, timeout=self.timeout)
+            self._conn = http11.Connection(self.scheme, self.netloc, self.timeout)
         return self._conn
 
     def close(self) -> None:
@@ -99,23 +100,21 @@ class Client:
         idempotent, so one that meets a connection the server closed meanwhile is sent again."""
         path = "/" + _q(bucket) + ("/" + quote(key, safe="/-_.~") if key else "")
         query = "&".join(f"{_q(k)}={_q(v)}" for k, v in sorted((params or {}).items()))
-        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        payload = sha256(body).hexdigest() if body else EMPTY_SHA256
         for attempt in (1, 2):
             headers = self._headers(method, path, query, payload)
             if method == "PUT":
                 headers["content-length"] = str(len(body))
             try:
-                conn = self._connection()
-                conn.request(method, path + (f"?{query}" if query else ""), body=body or None, headers=headers)
-                return conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                return self._connection().request(method, path + (f"?{query}" if query else ""), headers, body)
+            except (BrokenPipeError, ConnectionResetError) as e:  # http11.Disconnected among them
                 self.close()
                 if attempt == 2:
                     raise Unexpected(str(e)) from None
             except ConnectionRefusedError as e:
                 self.close()
                 raise Refused(str(e)) from None
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, ValueError, http11.BadAnswer) as e:
                 self.close()
                 raise Unexpected(str(e)) from None
         raise AssertionError("unreachable")
@@ -128,7 +127,7 @@ class Client:
                 self.close()
                 raise Unexpected(f"{length} bytes, more than the quick path takes ({limit})")
             data = response.read(limit + 1)
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except (OSError, http11.BadAnswer, ValueError) as e:
             self.close()
             raise Unexpected(str(e)) from None
         if len(data) > limit:

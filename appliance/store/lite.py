@@ -35,6 +35,10 @@ class Refused(Unexpected):
     """Nothing listens at the endpoint (the connection was refused)."""
 
 
+class Closed(Unexpected):
+    """The endpoint closed the connection without answering (twice: a kept one, then a new one)."""
+
+
 def _sign(key: bytes, msg: str) -> bytes:
     return hmac_sha256(key, msg.encode())
 
@@ -110,7 +114,7 @@ class Client:
             except (BrokenPipeError, ConnectionResetError) as e:  # http11.Disconnected among them
                 self.close()
                 if attempt == 2:
-                    raise Unexpected(str(e)) from None
+                    raise Closed(str(e)) from None
             except ConnectionRefusedError as e:
                 self.close()
                 raise Refused(str(e)) from None
@@ -150,6 +154,12 @@ class Client:
         response = self._send("HEAD", bucket, key)
         self._expect(response, 200, 0, head=True)
         return {k.lower(): v for k, v in response.getheaders()}
+
+    def head_status(self, bucket: str, key: str) -> int:
+        """The status a HEAD of the object (of the bucket, with key "") gets: 200, 403, 404..."""
+        response = self._send("HEAD", bucket, key)
+        self._read(response, 0, head=True)
+        return response.status
 
     def get(self, bucket: str, key: str, limit: int) -> bytes:
         """The object's bytes; Unexpected when it is larger than `limit`."""

@@ -28,9 +28,10 @@ print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modul
 """ % (HEAVY + IDLE_TOO,)
 
 
-def run_runner(home, slot: str) -> dict:
-    """The real runner's main, until its queues are empty; what it had loaded at the end."""
-    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n')
+def run_runner(home, slot: str, own_python: bool = True) -> dict:
+    """The real runner's main, until its queues are empty; what it had loaded at the end.
+    own_python: jobs run with this interpreter (runner.python), else in a venv it builds."""
+    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n' if own_python else "")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "AWS_"))}
     done = subprocess.run([sys.executable, "-c", PROBE, "--home", str(home.root), "--slot", slot,
                            "--exit-when-idle"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -49,6 +50,14 @@ def test_a_job_runs_and_uploads_without_boto3_in_the_runner(store, home):
     got = run_runner(home, "slot-lean")
     assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY)
     assert "hello from the workload ['--lr', '0.1']" in output_of(store, key)
+
+
+def test_a_job_without_requirements_that_builds_its_venv_leaves_no_packaging_behind(store, home):
+    key, body = request(store, HELLO, args=["--lr", "0.2"], pythonenv=())  # requirements would need it
+    submit(home, body)
+    got = run_runner(home, "slot-lean", own_python=False)
+    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY + ("packaging",))
+    assert "hello from the workload ['--lr', '0.2']" in output_of(store, key)
 
 
 def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):

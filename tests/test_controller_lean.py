@@ -1,6 +1,7 @@
 """The controller carries only what it uses: after it checked the real store for /metrics and
 asked supervisord for its programs, neither boto3 (~20 MB: store/client.py's quick check) nor
-the supervisor package (~4 MB: supervisor.py's own unix-socket transport) is loaded."""
+the supervisor package (~4 MB: supervisor.py's own unix-socket transport) is loaded, nor sqlite3
+while no one asked for the job table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json, os, signal, sys, threading
 from appliance import controller
 threading.Timer(float(sys.argv[2]), lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
 rc = controller.main(["--home", sys.argv[1]])
-print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modules} & {"boto3", "botocore", "supervisor"})}))
+print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modules} & {"boto3", "botocore", "supervisor", "sqlite3"})}))
 """
 
 

@@ -63,7 +63,8 @@ class Job:
         self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
         self.interruptions = int((self.before or {}).get("interruptions") or 0)
         # a shared queue's message: the store knows it runs and ended as soon as this box does (a
-        # copy another box claims is held); a local one's only when it is final (no other box claims it)
+        # copy another box claims is held); a local one's only when it is final (no other box claims
+        # it), and this box's running record is written once its workload started
         self.shared = bool(getattr(msg, "shared", False))
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
@@ -79,8 +80,6 @@ class Job:
 
     def _make_dirs(self) -> None:
         """The job dir is the runner's (root, 0711); what the workload may write is its own."""
-        (self.dir / REQUEST).write_bytes(self.msg.body)
-        os.chmod(self.dir / REQUEST, 0o600)
         out = self.output.parent
         out.mkdir(mode=0o700)
         for name in (".tmp", ".home"):
@@ -159,15 +158,17 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
+        # a job that starts at once writes its status once, when its workload started
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid,
+                                lazy=True)
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
-        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before,
-                                         share=self.shared)
+        if self.shared:  # the store knows it runs before anything else happens
+            self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
 
         if not self.fetch():
             return
-        self.status.update(state="preparing", output=str(self.output))
+        self.status.update(state="preparing", output=str(self.output), lazy=True)
         if self.output.exists() and self.output.stat().st_size:
             self.note(f"running again on slot {self.r.slot} (an earlier attempt was cut short)")
         result = launch.prepare_env(self)
@@ -252,6 +253,9 @@ class Job:
         def started(proc):  # what nobody needs before the workload runs is told now
             self.status.update(state="draining" if self.r.stopping else "running",
                                workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
+            if self.entry is None:  # a local queue's message: its running record (this box's alone)
+                self.entry = self.ledger.running(self.req, self.r.slot, getattr(self.msg, "attempt", 1),
+                                                 self.before, share=False)
             self.record_experiment()
 
         sv = self.supervision(True)
@@ -266,6 +270,8 @@ class Job:
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
+        if self.workload_ended and not self.r.stopping:  # the next job's interpreter starts while this one settles
+            self.r.launcher.warm(*self.r.warm_with)
         return result
 
     def record_experiment(self) -> None:
@@ -322,13 +328,21 @@ class Job:
             ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
-        self.hold_for_space(lambda: write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True),
-                            "to record that it ended")  # from here on it never runs again
+        self.hold_for_space(lambda: self._record_end(ended), "to record that it ended")  # never runs again
         self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
         self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended,  # the users' copy: once done
                                        share=self.shared)
         self.complete(ended)
+
+    def _record_end(self, ended: dict) -> None:
+        """JOB/.ended.json, and the request beside it that finishing its uploads later reads."""
+        fd = os.open(self.dir / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.msg.body)
+            f.flush()
+            os.fsync(f.fileno())
+        write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # syncs the folder too
 
     def hold_for_space(self, write, what: str) -> None:
         """Do `write` (a durable record of the finished job) once the disk takes it: while it is
@@ -396,8 +410,10 @@ class Job:
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
-        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended)
-        self._write_record({**ended, "state": "done"})
+        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended, share=False)  # this box's
+        entry = self.entry  # then the store's copy and the users' copy, at once
+        self.r.lookahead.together(lambda: self.ledger.share(entry),
+                                  lambda: self._write_record({**ended, "state": "done"}))
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")

@@ -89,3 +89,23 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     down = lite.Client("http://127.0.0.1:9", store.access_key, store.secret_key, timeout=2)
     with pytest.raises(lite.Refused):
         down.head(store.bucket, prefix + "a b+c.txt")
+
+
+def test_the_quick_client_sends_again_when_its_kept_connection_was_closed():
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def serve():  # each connection: one answer (kept open, as HTTP/1.1 says), then closed by the server
+        while True:
+            conn, _ = listener.accept()
+            connections.append(conn)
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                conn.shutdown(socket.SHUT_RDWR)
+    threading.Thread(target=serve, daemon=True).start()
+    c = lite.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", "key", "secret", timeout=5)
+    assert [c.head_status("b", "k") for _ in range(3)] == [200, 200, 200]
+    assert len(connections) == 3

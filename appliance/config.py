@@ -11,7 +11,6 @@ file with tomlkit so the user's comments and layout survive.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -26,6 +25,12 @@ Auto = Union[str, int]  # "auto" or a concrete value
 
 class ConfigError(ValueError):
     """A problem with appliance.toml; the message says where and how to fix it."""
+
+
+def _close_matches(word: str, known, n: int = 1) -> list:
+    import difflib  # only for a bad key's "did you mean"
+
+    return difflib.get_close_matches(word, known, n=n)
 
 
 def _auto_or(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -279,7 +284,7 @@ def _event_names(value: Any) -> tuple:
     groups = {e.split("_", 1)[0] for e in NOTIFY_EVENTS}
     for name in names:
         if name not in NOTIFY_EVENTS and name not in groups and name != "all":
-            hint = difflib.get_close_matches(name, NOTIFY_EVENTS + tuple(groups), n=1)
+            hint = _close_matches(name, NOTIFY_EVENTS + tuple(groups), n=1)
             raise ValueError(f"unknown event {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") +
                              f"; events are {', '.join(NOTIFY_EVENTS)}, a group ({', '.join(sorted(groups))}) "
                              "or \"all\"")
@@ -364,7 +369,7 @@ def _build(cls, data: dict, where: str, source: str):
         dotted = f"{where}.{key}" if where else key
         f = known.get(key)
         if f is None:
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = _close_matches(key, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys here: {', '.join(sorted(known))}"
             raise ConfigError(f"{source}: unknown key '{dotted}': {fix}")
         if _is_section(f):
@@ -411,7 +416,7 @@ def _field_at(dotted: str):
         known = {x.name: x for x in fields(cls)}
         if part not in known:
             where = ".".join(parts[:i]) or "the top level"
-            hint = difflib.get_close_matches(part, known, n=1)
+            hint = _close_matches(part, known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown key '{dotted}' ({part!r} is not in {where}): {fix}")
         f = known[part]

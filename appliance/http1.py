@@ -21,6 +21,11 @@ class BrokenAnswer(OSError):
     """The peer's answer is not one this module reads (or it stopped half way)."""
 
 
+class Unanswered(BrokenAnswer):
+    """The peer closed the connection before its answer began (a kept one it had closed, a server
+    still starting)."""
+
+
 class Answer:
     """`status`, `reason`, `headers` (lower-case names) and the whole `body`."""
 
@@ -98,6 +103,8 @@ def _line(fp) -> bytes:
 
 
 def _status_line(fp) -> tuple[int, str]:
+    if not fp.peek(1):
+        raise Unanswered("the peer closed the connection without an answer")
     parts = _line(fp).decode("latin-1").rstrip("\r\n").split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (len(parts[1]) == 3 and parts[1].isdigit()):
         raise BrokenAnswer(f"not an HTTP/1.x status line: {' '.join(parts)[:80]!r}")

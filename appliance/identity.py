@@ -8,16 +8,17 @@ are two appliances.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
 from pathlib import Path
 
+from appliance.sha256 import sha256
+
 
 def _new_id(home) -> str:
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:60] or "host"
-    return f"{host}-{hashlib.sha256(str(home.root).encode()).hexdigest()[:8]}"
+    return f"{host}-{sha256(str(home.root).encode()).hexdigest()[:8]}"
 
 
 def appliance_id(home) -> str:

@@ -11,15 +11,15 @@ with the lowest priority, the store, and the draining runners' uploads then fail
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
 import subprocess
 import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
-
-from supervisor.xmlrpc import SupervisorTransport
 
 from appliance.paths import Home
 
@@ -33,8 +33,38 @@ class SupervisorError(RuntimeError):
 
 def rpc(home: Home):
     """A fresh proxy (a transport that failed once keeps failing, so never reuse one)."""
-    transport = SupervisorTransport(None, None, f"unix://{home.supervisor_socket}")
-    return xmlrpc.client.ServerProxy("http://appliance", transport=transport, allow_none=True)
+    return xmlrpc.client.ServerProxy("http://localhost", transport=UnixTransport(str(home.supervisor_socket)),
+                                     allow_none=True)
+
+
+class UnixTransport(xmlrpc.client.Transport):
+    """XML-RPC over supervisord's unix socket, one kept connection, each call sent once: what
+    supervisor.xmlrpc.SupervisorTransport does, without importing the supervisor package
+    (~4 MB of the long-lived controller's memory)."""
+
+    accept_gzip_encoding = False
+
+    def __init__(self, socket_path: str):
+        super().__init__()
+        self.socket_path = socket_path
+
+    def make_connection(self, host):
+        if self._connection[1] is None:
+            self._connection = host, _UnixHTTPConnection(self.socket_path)
+        return self._connection[1]
+
+    def request(self, host, handler, request_body, verbose=False):
+        return self.single_request(host, handler, request_body, verbose)  # never twice: not all calls are idempotent
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str):
+        super().__init__("localhost")
+        self.socket_path = socket_path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.socket_path)
 
 
 def is_running(home: Home) -> bool:

@@ -82,3 +82,11 @@ def test_a_chunked_body_a_100_continue_and_a_body_that_ends_at_the_close():
 def test_what_it_does_not_read_is_a_broken_answer(answer):
     with pytest.raises(http1.BrokenAnswer):
         _served(answer, limit=1024)
+
+
+def test_a_peer_that_closes_before_answering_is_told_apart():
+    with pytest.raises(http1.Unanswered):  # a kept connection the peer closed: the quick S3 path sends again
+        _served(b"")
+    with pytest.raises(http1.BrokenAnswer) as e:
+        _served(b"HTTP/1.1 200 OK\r\nContent-Le")
+    assert not isinstance(e.value, http1.Unanswered)

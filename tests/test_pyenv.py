@@ -22,7 +22,7 @@ from appliance.pyenv import VenvCache
 from appliance.pyenv import bytecode
 from appliance.pyenv.build import seal
 from appliance.pyenv.interpreter import python_version
-from appliance.pyenv.requirements import env_key
+from appliance.pyenv.requirements import canonical_name, env_key
 
 PYTHON = pyenv.interpreter_for("3.11")
 NOBODY = 65534
@@ -67,6 +67,13 @@ def test_a_pip_option_never_reaches_pip(tmp_path):
         cache.prepare([f"-r {secret}"], PYTHON)
     assert "appliance-secret-line" not in str(e.value)
     assert cache.entries() == []
+
+
+@pytest.mark.parametrize("name", ["Django", "zope.interface", "Foo__Bar-._baz", "a", "A-B_C.D", "ruamel.yaml.clib",
+                                  "Pillow", "typing_extensions", "x..y"])
+def test_a_distribution_name_is_normalized_as_packaging_does(name):
+    from packaging.utils import canonicalize_name
+    assert canonical_name(name) == canonicalize_name(name)
 
 
 def test_key_depends_on_the_set_not_its_order():

@@ -1,7 +1,8 @@
-"""A runner carries only what its jobs need: boto3, pika, pynvml and docker stay unloaded in a
-runner of a CPU slot that serves the local queue, even after it ran a job through the real store
-(whose small requests go through appliance/store/lite.py); idle, it has not loaded packaging,
-tomlkit, jinja2, prometheus_client or watchdog either."""
+"""A runner carries only what its jobs need: boto3, pika, pynvml, docker, OpenSSL (ssl, hashlib's
+_hashlib: ~4 MB resident) and the email package stay unloaded in a runner of a CPU slot that
+serves the local queue, even after it ran a job through the real store (whose small requests go
+through appliance/store/lite.py); idle, it has not loaded packaging, tomlkit, jinja2,
+prometheus_client or watchdog either."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from appliance.store import lite
 from tests.test_runner_loop import HELLO, REPO, home, output_of, request, submit  # noqa: F401
 
-HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker")
+HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker", "ssl", "_ssl", "_hashlib", "email")
 IDLE_TOO = ("packaging", "tomlkit", "jinja2", "prometheus_client", "watchdog")  # nor these, while idle
 
 PROBE = """
@@ -27,9 +28,10 @@ print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modul
 """ % (HEAVY + IDLE_TOO,)
 
 
-def run_runner(home, slot: str) -> dict:
-    """The real runner's main, until its queues are empty; what it had loaded at the end."""
-    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n')
+def run_runner(home, slot: str, own_python: bool = True) -> dict:
+    """The real runner's main, until its queues are empty; what it had loaded at the end.
+    own_python: jobs run with this interpreter (runner.python), else in a venv it builds."""
+    home.config_file.write_text(f'[runner]\npython = "{sys.executable}"\n' if own_python else "")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "AWS_"))}
     done = subprocess.run([sys.executable, "-c", PROBE, "--home", str(home.root), "--slot", slot,
                            "--exit-when-idle"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -50,6 +52,14 @@ def test_a_job_runs_and_uploads_without_boto3_in_the_runner(store, home):
     assert "hello from the workload ['--lr', '0.1']" in output_of(store, key)
 
 
+def test_a_job_without_requirements_that_builds_its_venv_leaves_no_packaging_behind(store, home):
+    key, body = request(store, HELLO, args=["--lr", "0.2"], pythonenv=())  # requirements would need it
+    submit(home, body)
+    got = run_runner(home, "slot-lean", own_python=False)
+    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY + ("packaging",))
+    assert "hello from the workload ['--lr', '0.2']" in output_of(store, key)
+
+
 def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     c = lite.Client(store.endpoint_url, store.access_key, store.secret_key)
     prefix = f"lite-{uuid.uuid4().hex[:8]}/"
@@ -66,6 +76,9 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     assert c.get_if_there(f"no-such-bucket-{uuid.uuid4().hex[:8]}", "k", 100) is None
     assert c.get_if_there(store.bucket, prefix + "a b+c.txt", 100) == b"hello"
     assert c.get(store.bucket, prefix + "a b+c.txt", 100) == b"hello"  # the connection is still good
+    c.put(store.bucket, prefix + "gone", b"x")
+    c.delete(store.bucket, prefix + "gone")
+    assert c.list_keys(store.bucket, prefix) == {prefix + "a b+c.txt"}
     wrong = lite.Client(store.endpoint_url, store.access_key, "not-the-secret")
     with pytest.raises(lite.Unexpected):
         wrong.get(store.bucket, prefix + "a b+c.txt", 100)
@@ -74,5 +87,25 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
     with pytest.raises(lite.Unexpected):
         lite.Client(store.endpoint_url + "/path", store.access_key, store.secret_key)
     down = lite.Client("http://127.0.0.1:9", store.access_key, store.secret_key, timeout=2)
-    with pytest.raises(lite.Unexpected):
+    with pytest.raises(lite.Refused):
         down.head(store.bucket, prefix + "a b+c.txt")
+
+
+def test_the_quick_client_sends_again_when_its_kept_connection_was_closed():
+    import socket
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def serve():  # each connection: one answer (kept open, as HTTP/1.1 says), then closed by the server
+        while True:
+            conn, _ = listener.accept()
+            connections.append(conn)
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                conn.shutdown(socket.SHUT_RDWR)
+    threading.Thread(target=serve, daemon=True).start()
+    c = lite.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", "key", "secret", timeout=5)
+    assert [c.head_status("b", "k") for _ in range(3)] == [200, 200, 200]
+    assert len(connections) == 3

@@ -20,7 +20,6 @@ user_version`; `MIGRATIONS` is the one place that changes it, applied in order a
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -136,6 +135,8 @@ class JobTable:
     """The table at `path`, made (0600) and migrated on first open."""
 
     def __init__(self, path: "os.PathLike | str"):
+        import sqlite3  # ~1.3 MB resident: loaded by the first table opened, not by every importer
+
         self.path = Path(path)
         old = os.umask(0o077)  # the db and its -wal/-shm files: root's alone
         try:

@@ -15,10 +15,11 @@ interpreter's version, so the same set always maps to the same venv at `VENVS/<k
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+
+from appliance.sha256 import sha256
 
 if TYPE_CHECKING:
     from packaging.requirements import Requirement
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 _ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz",
              ".tlz", ".tar.lz", ".tar.lzma")
 _EDITABLE = re.compile(r"(-e|--editable)(\s|=)")
+_SEPARATORS = re.compile(r"[-_.]+")
 
 
 class BadRequirement(ValueError):
@@ -90,9 +92,10 @@ def _client_local(line: str) -> bool:
     return bool(url) and url.startswith("file:")
 
 
-def _canonical(name: str) -> str:
-    from packaging.utils import canonicalize_name
-    return canonicalize_name(name)
+def canonical_name(name: str) -> str:
+    """A distribution's name as PEP 503 normalizes it (packaging's canonicalize_name, whose
+    import costs a long-lived runner ~1 MB of memory for this one rule)."""
+    return _SEPARATORS.sub("-", name).lower()
 
 
 def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> RequirementSet:
@@ -109,7 +112,7 @@ def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> Requir
             req, why = _problem(line)
             if req is None:
                 bad.append(f"{where} line {line!r} {why}")
-            elif _canonical(req.name) != "studioml":
+            elif canonical_name(req.name) != "studioml":
                 lines.add(str(req))
     if bad:
         raise BadRequirement(bad)
@@ -117,7 +120,7 @@ def requirement_set(pythonenv: Iterable[str], pip: Iterable[str] = ()) -> Requir
 
 
 def env_key(requirements: list[str], version: str) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     h.update(f"python {version}\n".encode())
     for r in requirements:
         h.update(r.encode() + b"\n")

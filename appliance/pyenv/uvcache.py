@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Iterable, Optional
 
 from appliance.pyenv.locks import open_lock
+from appliance.pyenv.requirements import canonical_name
 
 
 def uv_binary() -> Optional[str]:
@@ -119,10 +120,9 @@ class UvCache:
         return f
 
     def used(self, names: Iterable[str]) -> None:
-        from packaging.utils import canonicalize_name  # not in an idle runner
         now = time.time()
         for name in names:
-            marker = self.used_dir / canonicalize_name(name)
+            marker = self.used_dir / canonical_name(name)
             marker.touch()
             os.utime(marker, (now, now))
 
@@ -136,8 +136,7 @@ class UvCache:
         lock = self.lock(fcntl.LOCK_EX, block=False)
         if lock is None:
             return []
-        from packaging.utils import canonicalize_name
-        keep = {canonicalize_name(k) for k in keep}
+        keep = {canonical_name(k) for k in keep}
         removed = []
         with lock:
             markers = sorted(self.used_dir.iterdir(), key=lambda p: p.stat().st_mtime)

@@ -6,7 +6,6 @@ opening its source. `sources.py` keeps the live set a runner serves.
 
 from __future__ import annotations
 
-import configparser
 import logging
 import os
 from dataclasses import dataclass
@@ -139,6 +138,8 @@ def read_entry(path: Path) -> Entry:
     name = path.name
     sig = _entry_signature(path)
     if path.is_dir():
+        import configparser  # an SQS entry's AWS files (sqs.py reads them): not in every runner
+
         try:
             from appliance.queues.sqs import parse_sqs_dir
 

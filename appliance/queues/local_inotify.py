@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from pathlib import Path
@@ -24,7 +23,8 @@ _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _EVENT = struct.Struct("iIII")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# the C library as this process has it (find_library would run `ldconfig -p` at every import)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Inotify:

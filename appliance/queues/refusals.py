@@ -22,7 +22,6 @@ Each runner writes what it refused and holds back to HOME/status/refusals/<slot>
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from appliance.files import write_atomic
+from appliance.sha256 import sha256
 
 HEADER = "x-appliance-refused-by"  # RabbitMQ
 ATTRIBUTE = "appliance-refused-by"  # SQS
@@ -90,7 +90,7 @@ def unrunnable(record: dict, after_refusals: int, after_s: float, now: float) ->
 
 def message_key(body: bytes) -> str:
     """The same for every copy of a message (copies get new ids on SQS)."""
-    return hashlib.sha256(body).hexdigest()[:20]
+    return sha256(body).hexdigest()[:20]
 
 
 @dataclass

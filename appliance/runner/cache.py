@@ -17,12 +17,13 @@ its mtime is the last use. Several runners share one cache directory:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
+
+from appliance.sha256 import sha256
 
 
 class ArtifactCache:
@@ -35,7 +36,7 @@ class ArtifactCache:
             os.chmod(self.root, 0o700)  # other tenants' workspaces: never a workload's to read
 
     def _path(self, key: str) -> Path:
-        return self.root / (hashlib.sha256(key.encode()).hexdigest() + ".blob")
+        return self.root / (sha256(key.encode()).hexdigest() + ".blob")
 
     def open(self, key: str) -> Optional[BinaryIO]:
         """The cached object for `key`, opened for reading, or None on a miss."""

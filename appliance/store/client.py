@@ -36,7 +36,34 @@ PROBE_PREFIX = ".appliance/probe/"  # where the write probe puts (and at once de
 def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
                 region: str = "us-east-1", write: bool = True) -> str | None:
     """None when the store answers our credentials, has `bucket` and (with `write`) stores and
-    deletes a small object in it; else what is wrong and the fix."""
+    deletes a small object in it; else what is wrong and the fix.
+
+    The standard library's quick path (lite.py) tells a well store, and the answers of one that
+    is starting or down (no connection, a connection closed unanswered, no bucket yet, refused
+    credentials), in boto3's words: the controller checks every few seconds and must not keep
+    ~20 MB of boto3 for life after one check while the store was starting. Anything else is
+    asked again through boto3, whose answer names what is wrong."""
+    known, problem = _quick_check(endpoint_url, access_key, secret_key, bucket, region, write)
+    if known:
+        return problem
+    return _boto3_check(endpoint_url, access_key, secret_key, bucket, region, write)
+
+
+def _unreachable(endpoint_url: str, why: str) -> str:
+    return f"cannot reach the object store at {endpoint_url}: {why}; is it running? (`appliance status`)"
+
+
+def _no_bucket(endpoint_url: str, bucket: str) -> str:
+    return f"bucket '{bucket}' does not exist at {endpoint_url}: `appliance up` creates it"
+
+
+def _refused(endpoint_url: str, code) -> str:
+    return (f"{endpoint_url} refused the appliance's credentials ({code}): "
+            "check secrets/store.json against the store's identities (`appliance render` then restart)")
+
+
+def _boto3_check(endpoint_url: str, access_key: str, secret_key: str, bucket: str, region: str,
+                 write: bool) -> str | None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(endpoint_url, access_key, secret_key, region, connect_timeout=2, read_timeout=5,
@@ -47,24 +74,64 @@ def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str
         code = e.response.get("Error", {}).get("Code", "")
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchBucket") or status == 404:
-            return f"bucket '{bucket}' does not exist at {endpoint_url}: `appliance up` creates it"
+            return _no_bucket(endpoint_url, bucket)
         if status == 403 or code in ("403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied"):
-            return (f"{endpoint_url} refused the appliance's credentials ({code or status}): "
-                    "check secrets/store.json against the store's identities (`appliance render` then restart)")
+            return _refused(endpoint_url, code or status)
         return f"{endpoint_url} answered {code or status}: {e}"
     except BotoCoreError as e:
-        return f"cannot reach the object store at {endpoint_url}: {e}; is it running? (`appliance status`)"
+        return _unreachable(endpoint_url, str(e))
     return _probe_write(client, bucket) if write else None
+
+
+def _quick_check(endpoint_url: str, access_key: str, secret_key: str, bucket: str, region: str,
+                 write: bool) -> tuple[bool, str | None]:
+    """(True, problem or None) when the quick path can tell, in the words _boto3_check would use
+    (a HEAD of the bucket has no body, so boto3's error code is its status); (False, None) when
+    it cannot: boto3 then tells."""
+    from appliance.store import lite
+
+    try:
+        client = lite.Client(endpoint_url, access_key, secret_key, region, timeout=5)
+    except lite.Unexpected:
+        return False, None
+    url = f"{endpoint_url.rstrip('/')}/{bucket}"
+    try:
+        try:
+            status = client.head_status(bucket, "")
+        except lite.Refused:
+            return True, _unreachable(endpoint_url, f'Could not connect to the endpoint URL: "{url}"')
+        except lite.Closed:
+            return True, _unreachable(endpoint_url, "Connection was closed before we received a valid response "
+                                                    f'from endpoint URL: "{url}".')
+        if status == 404:
+            return True, _no_bucket(endpoint_url, bucket)
+        if status == 403:
+            return True, _refused(endpoint_url, "403")
+        if status != 200:
+            return False, None
+        if write:
+            key = _probe_key()
+            client.put(bucket, key, b"probe")
+            client.delete(bucket, key)
+        return True, None
+    except lite.Unexpected:
+        return False, None
+    finally:
+        client.close()
+
+
+def _probe_key() -> str:
+    import os
+    import socket
+
+    return f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
 
 
 def _probe_write(client, bucket: str) -> str | None:
     """Put a small object and delete it: a store that answers may still fail every write."""
-    import os
-    import socket
-
     from botocore.exceptions import BotoCoreError, ClientError
 
-    key = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    key = _probe_key()
     try:
         client.put_object(Bucket=bucket, Key=key, Body=b"probe")
         client.delete_object(Bucket=bucket, Key=key)

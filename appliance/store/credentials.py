@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass
 
 from appliance.files import write_atomic
@@ -51,6 +50,8 @@ class StoreCredentials:
 
 
 def _generate(prefix: str) -> StoreCredentials:
+    import secrets  # with hmac, it loads OpenSSL: only where keys are made, not in every reader
+
     return StoreCredentials(access_key=prefix + secrets.token_hex(8).upper(), secret_key=secrets.token_urlsafe(30))
 
 

@@ -1,8 +1,11 @@
-"""The runner's quick S3 path: HEAD, GET, PUT and one page of LIST with the standard library.
+"""The quick S3 path: HEAD, GET, PUT, DELETE and one page of LIST with the standard library:
+sockets (appliance/http1.py) and CPython's own SHA-256 (appliance/sha256.py), so a process that
+uses it for an http endpoint loads neither http.client nor OpenSSL (ssl is imported for https).
 
 A runner moves a few small objects per job (a listing, a HEAD of the workspace, a small
-output tar, the result record). boto3 costs a runner ~25 MB of memory and a few ms of CPU per
-request; these need neither. `Client` keeps one HTTP connection open per endpoint and
+output tar, the result record); the controller probes the store's health every few seconds
+(client.check_store). boto3 costs a process ~25 MB of memory and a few ms of CPU per request;
+these need neither. `Client` keeps one HTTP connection open per endpoint and
 credentials and signs with AWS Signature Version 4 (path-style addressing, as the appliance's
 store and StudioML use).
 
@@ -14,13 +17,14 @@ quick path never decides that something is missing, refused or down.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import http.client
+import socket
 import time
 from urllib.parse import quote, urlsplit
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+from appliance import http1
+from appliance.sha256 import hmac_sha256, sha256
+
+EMPTY_SHA256 = sha256(b"").hexdigest()
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -28,8 +32,16 @@ class Unexpected(Exception):
     """Not what the quick path handles; use boto3."""
 
 
+class Refused(Unexpected):
+    """Nothing listens at the endpoint (the connection was refused)."""
+
+
+class Closed(Unexpected):
+    """The endpoint closed the connection without answering (twice: a kept one, then a new one)."""
+
+
 def _sign(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+    return hmac_sha256(key, msg.encode())
 
 
 def _q(value: str) -> str:
@@ -49,7 +61,8 @@ class Client:
         self.scheme, self.netloc = url.scheme, url.netloc
         self.access_key, self.secret_key = access_key, secret_key
         self.region, self.session_token, self.timeout = region or "us-east-1", session_token, timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self.host, self.port = url.hostname, url.port  # ValueError (a bad port) at the first request
+        self._sock: socket.socket | None = None
         self._keys: dict = {}  # day -> signing key
 
     # -- signing and sending
@@ -72,100 +85,105 @@ class Client:
         canonical = "\n".join([method, path, query, *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
                                signed, payload_sha256])
         scope = f"{day}/{self.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, sha256(canonical.encode()).hexdigest()])
+        signature = hmac_sha256(self._signing_key(day), to_sign.encode()).hex()
         headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
                                     f"SignedHeaders={signed}, Signature={signature}")
         return headers
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self.netloc, timeout=self.timeout)
-        return self._conn
+    def _connection(self) -> socket.socket:
+        if self._sock is None:
+            port = self.port or (443 if self.scheme == "https" else 80)
+            sock = socket.create_connection((self.host, port), self.timeout)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.scheme == "https":
+                    import ssl
+
+                    context = ssl.create_default_context()
+                    context.set_alpn_protocols(["http/1.1"])
+                    sock = context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+        return self._sock
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
-    def _send(self, method: str, bucket: str, key: str, params: dict | None = None, body: bytes = b""):
-        """(status, response) with the response's body not yet read; every request here is
-        idempotent, so one that meets a connection the server closed meanwhile is sent again."""
+    def _send(self, method: str, bucket: str, key: str, params: dict | None = None, body: bytes | None = None,
+              limit: int = 1 << 20) -> http1.Answer:
+        """The answer, its body read whole: Unexpected when it is larger than `limit`. Every request
+        here is idempotent, so one that meets a kept connection the server closed meanwhile is sent
+        again on a new one."""
         path = "/" + _q(bucket) + ("/" + quote(key, safe="/-_.~") if key else "")
         query = "&".join(f"{_q(k)}={_q(v)}" for k, v in sorted((params or {}).items()))
-        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        payload = sha256(body).hexdigest() if body else EMPTY_SHA256
         for attempt in (1, 2):
             headers = self._headers(method, path, query, payload)
-            if method == "PUT":
-                headers["content-length"] = str(len(body))
+            kept = self._sock is not None
             try:
-                conn = self._connection()
-                conn.request(method, path + (f"?{query}" if query else ""), body=body or None, headers=headers)
-                return conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                answer = http1.exchange(self._connection(), method, path + (f"?{query}" if query else ""), headers,
+                                        body, limit=limit)
+            except ConnectionRefusedError as e:
                 self.close()
-                if attempt == 2:
-                    raise Unexpected(str(e)) from None
-            except (OSError, http.client.HTTPException) as e:
+                raise Refused(str(e)) from None
+            except (OSError, ValueError) as e:  # http1.BrokenAnswer is an OSError
                 self.close()
-                raise Unexpected(str(e)) from None
+                closed = isinstance(e, (http1.Unanswered, BrokenPipeError, ConnectionResetError))
+                if closed and kept and attempt == 1:
+                    continue
+                raise (Closed if closed else Unexpected)(str(e)) from None
+            if _ends_connection(method, answer):
+                self.close()
+            return answer
         raise AssertionError("unreachable")
 
-    def _read(self, response, limit: int, head: bool = False) -> bytes:
-        """The whole body, at most `limit` bytes (else Unexpected, and the connection is dropped)."""
-        try:
-            length = response.getheader("content-length")
-            if not head and length is not None and int(length) > limit:
-                self.close()
-                raise Unexpected(f"{length} bytes, more than the quick path takes ({limit})")
-            data = response.read(limit + 1)
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            self.close()
-            raise Unexpected(str(e)) from None
-        if len(data) > limit:
-            self.close()
-            raise Unexpected(f"more than {limit} bytes")
-        if response.will_close:
-            self.close()
-        return data
-
-    def _expect(self, response, status: int, limit: int = 1 << 20, head: bool = False) -> bytes:
-        body = self._read(response, limit, head)
-        if response.status != status:
-            raise Unexpected(f"{response.status}")
-        return body
+    def _expect(self, answer: http1.Answer, status: int) -> bytes:
+        if answer.status != status:
+            raise Unexpected(f"{answer.status}")
+        return answer.body
 
     # -- the four requests
 
     def head(self, bucket: str, key: str) -> dict:
         """The object's headers (etag, content-length, last-modified), lower-case names."""
-        response = self._send("HEAD", bucket, key)
-        self._expect(response, 200, 0, head=True)
-        return {k.lower(): v for k, v in response.getheaders()}
+        answer = self._send("HEAD", bucket, key)
+        self._expect(answer, 200)
+        return dict(answer.headers)
+
+    def head_status(self, bucket: str, key: str) -> int:
+        """The status a HEAD of the object (of the bucket, with key "") gets: 200, 403, 404..."""
+        return self._send("HEAD", bucket, key).status
 
     def get(self, bucket: str, key: str, limit: int) -> bytes:
         """The object's bytes; Unexpected when it is larger than `limit`."""
-        return self._expect(self._send("GET", bucket, key), 200, limit)
+        return self._expect(self._send("GET", bucket, key, limit=limit), 200)
 
     def get_if_there(self, bucket: str, key: str, limit: int) -> bytes | None:
         """As get, but None when the store answers 404 with NoSuchKey or NoSuchBucket."""
-        response = self._send("GET", bucket, key)
-        body = self._read(response, max(limit, 64 << 10))
-        if response.status == 404 and any(f"<Code>{c}</Code>".encode() in body for c in ("NoSuchKey", "NoSuchBucket")):
+        answer = self._send("GET", bucket, key, limit=max(limit, 64 << 10))
+        body = answer.body
+        if answer.status == 404 and any(f"<Code>{c}</Code>".encode() in body for c in ("NoSuchKey", "NoSuchBucket")):
             return None
-        if response.status != 200 or len(body) > limit:
-            raise Unexpected(f"{response.status}")
+        if answer.status != 200 or len(body) > limit:
+            raise Unexpected(f"{answer.status}")
         return body
 
     def put(self, bucket: str, key: str, body: bytes) -> None:
-        self._expect(self._send("PUT", bucket, key, body=body), 200)
+        self._expect(self._send("PUT", bucket, key, body=body), 200)  # http1 adds its Content-Length
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._expect(self._send("DELETE", bucket, key), 204)
 
     def list_keys(self, bucket: str, prefix: str, max_keys: int = 1000) -> set:
         """The keys under `prefix`, from one page; Unexpected when there are more."""
         import xml.etree.ElementTree as ET
         body = self._expect(self._send("GET", bucket, "", {"list-type": "2", "prefix": prefix,
-                                                            "max-keys": str(max_keys)}), 200, 4 << 20)
+                                                            "max-keys": str(max_keys)}, limit=4 << 20), 200)
         try:
             root = ET.fromstring(body)
         except ET.ParseError as e:
@@ -176,3 +194,12 @@ class Client:
         if (root.findtext(f"{ns}IsTruncated") or "false").strip().lower() == "true":
             raise Unexpected("listing has more than one page")
         return {c.findtext(f"{ns}Key") for c in root.iter(f"{ns}Contents")} - {None}
+
+
+def _ends_connection(method: str, answer: http1.Answer) -> bool:
+    """Whether the server closes the connection after `answer` (it said so, or its body ran to the close)."""
+    if "close" in answer.header("connection", "").lower():
+        return True
+    framed = (method == "HEAD" or answer.status in (204, 304) or "content-length" in answer.headers
+              or answer.header("transfer-encoding", "").lower() == "chunked")
+    return not framed

@@ -4,10 +4,11 @@ Every rule raises BadRequest naming the field and what is wrong."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any, Optional
 from urllib.parse import urlsplit
+
+from appliance.sha256 import sha256
 
 
 class BadRequest(ValueError):
@@ -102,7 +103,7 @@ def check_filename(filename: str) -> str:
 def job_dir_name(key: str) -> str:
     """The job folder of experiment `key`: readable, and distinct for distinct keys ("a b" and
     "a_b" must never share a folder: it may hold one's finished outputs)."""
-    return f"{safe_name(key)[:120]}.{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return f"{safe_name(key)[:120]}.{sha256(key.encode()).hexdigest()[:12]}"
 
 
 def safe_name(name: str) -> str:

@@ -7,9 +7,9 @@ Imported by a subprocess `preexec_fn` (join_job), so it imports nothing heavy.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
+from appliance.sha256 import sha256
 from appliance.slot.limits import format_cpu_list, parse_cpu_list
 
 CGROUP_MOUNTINFO = "/proc/self/mountinfo"
@@ -213,7 +213,7 @@ def home_parent(home: str) -> str:
     """`appliance-<hash>` for the appliance home `home` (any spelling of its path)."""
     if not home:
         return DEFAULT_PARENT
-    digest = hashlib.sha256(os.path.realpath(home).encode()).hexdigest()
+    digest = sha256(os.path.realpath(home).encode()).hexdigest()
     return f"{DEFAULT_PARENT}-{digest[:8]}"
 
 

@@ -1,6 +1,6 @@
 """One job's life: a claimed request from its fetch to its settled message.
 
-One piece, a little over 400 lines, on purpose: the steps below share the job's state and run
+One piece, about 460 lines, on purpose: the steps below share the job's state and run
 in this order; what each step uses lives apart (launch, settle, ledger, execute, transfer).
 
     fetch artifacts (settled from the ledger if it ran before) -> Python environment ->

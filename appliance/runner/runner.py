@@ -1,6 +1,7 @@
-"""The runner: one single-threaded loop per slot, from queue message to uploaded results.
+"""The runner: one loop per slot, from queue message to uploaded results.
 
-This module is the claim loop; what a slot may run is triage.py, one job's life job.py, the
+This module is the claim loop, a few lines over 400: the loop's state (sources, cursor, ledger,
+launcher, lookahead) is one object. What a slot may run is triage.py, one job's life job.py, the
 exactly-once ledger ledger.py, store health store_health.py, shared-queue refusals refusing.py.
 
     claim (round-robin over sources and queues) -> parse -> ledger: ran? runs now? -> fits this
@@ -68,7 +69,6 @@ def _holders(held: dict):
     return [p["pid"] for p in held["processes"]] or held["reason"]
 
 
-
 class Runner:
     def __init__(self, home, slot: str, sources: list, settings: RunnerSettings | None = None,
                  environ=None):
@@ -122,7 +122,6 @@ class Runner:
     def _workload_user(self):
         if os.geteuid() != 0:
             return None  # cannot switch users: workloads run as the runner (dev, tests as a user)
-        from appliance.slot import users
         return users.workload_user(self.environ.get("APPLIANCE_WORKLOAD_USER", self.settings.workload_user),
                                    self.slot)
 

@@ -26,8 +26,9 @@ a second thread of the runner moves it into a fresh job cgroup meanwhile.
 
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
-`_socket`, `time`, `ctypes`, `runpy` and `importlib.machinery` are already imported, and its
-start-up ran before the job came (so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
+`_socket`, `_ctypes` and `time` are already imported, and its start-up ran before the job came
+(so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns
+it off.
 """
 
 from __future__ import annotations
@@ -62,10 +63,17 @@ def serves(python: str, env: Mapping[str, str], user, argv: list[str], job_env: 
 # the __main__ dict it hands to the script; tracebacks drop its frame.
 STUB = r'''# appliance: a warm interpreter, waiting for its slot's next job (appliance/runner/warm.py)
 def _warm():
-    import ctypes, marshal, os, sys, time, _socket
-    import importlib.machinery, runpy  # what handing over the job uses, loaded before it comes
+    import marshal, os, sys, time, _ctypes, _socket  # no more: each import is every job's CPU
     parent, fd = int(sys.argv[1]), int(sys.argv[2])
-    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: dies with its runner
+
+    class Libc:
+        _handle = _ctypes.dlopen(None)
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+
+    Function(("prctl", Libc))(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: it dies with its runner
+    del Libc, Function
     if os.getppid() != parent:
         os._exit(137)
     try:  # the kernel's first pick when the slot runs out of memory, never the runner
@@ -110,6 +118,7 @@ def _warm():
                 __builtins__=builtins)
     try:
         if argv[1] == "-m":
+            import runpy
             sys.argv[:] = ["-m", *argv[3:]]
             if not safe:
                 sys.path[0] = os.getcwd()
@@ -125,8 +134,8 @@ def _warm():
             raise SystemExit(2)
         if not safe:
             sys.path[0] = os.path.dirname(os.path.realpath(path))
-        main.update(__file__=path, __cached__=None,
-                    __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+        main.update(__file__=path, __cached__=None,  # the loader python gives a script
+                    __loader__=sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", path))
         exec(compile(source, path, "exec"), main)
     except (SystemExit, KeyboardInterrupt):
         raise

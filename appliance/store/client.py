@@ -36,7 +36,11 @@ PROBE_PREFIX = ".appliance/probe/"  # where the write probe puts (and at once de
 def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
                 region: str = "us-east-1", write: bool = True) -> str | None:
     """None when the store answers our credentials, has `bucket` and (with `write`) stores and
-    deletes a small object in it; else what is wrong and the fix."""
+    deletes a small object in it; else what is wrong and the fix. A healthy store is asked through
+    the standard library (lite.py: no boto3 in the controller's periodic checks); any other answer
+    is asked again with boto3, which explains it."""
+    if _healthy_quick(endpoint_url, access_key, secret_key, bucket, region, write):
+        return None
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(endpoint_url, access_key, secret_key, region, connect_timeout=2, read_timeout=5,
@@ -57,14 +61,37 @@ def check_store(endpoint_url: str, access_key: str, secret_key: str, bucket: str
     return _probe_write(client, bucket) if write else None
 
 
-def _probe_write(client, bucket: str) -> str | None:
-    """Put a small object and delete it: a store that answers may still fail every write."""
+def _healthy_quick(endpoint_url: str, access_key: str, secret_key: str, bucket: str, region: str,
+                   write: bool) -> bool:
+    from appliance.store import lite
+
+    try:
+        client = lite.Client(endpoint_url, access_key, secret_key, region, timeout=5)
+        try:
+            client.head_bucket(bucket)
+            if write:
+                key = _probe_key()
+                client.put(bucket, key, b"probe")
+                client.delete(bucket, key)
+        finally:
+            client.close()
+    except lite.Unexpected:
+        return False
+    return True
+
+
+def _probe_key() -> str:
     import os
     import socket
 
+    return f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+
+
+def _probe_write(client, bucket: str) -> str | None:
+    """Put a small object and delete it: a store that answers may still fail every write."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    key = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    key = _probe_key()
     try:
         client.put_object(Bucket=bucket, Key=key, Body=b"probe")
         client.delete_object(Bucket=bucket, Key=key)

@@ -1,4 +1,4 @@
-"""The runner's quick S3 path: HEAD, GET, PUT and one page of LIST with the standard library.
+"""The quick S3 path: HEAD, GET, PUT, DELETE and one page of LIST with the standard library.
 
 A runner moves a few small objects per job (a listing, a HEAD of the workspace, a small
 output tar, the result record). boto3 costs a runner ~25 MB of memory and a few ms of CPU per
@@ -136,7 +136,7 @@ class Client:
             raise Unexpected(f"{response.status}")
         return body
 
-    # -- the four requests
+    # -- the requests
 
     def head(self, bucket: str, key: str) -> dict:
         """The object's headers (etag, content-length, last-modified), lower-case names."""
@@ -160,6 +160,13 @@ class Client:
 
     def put(self, bucket: str, key: str, body: bytes) -> None:
         self._expect(self._send("PUT", bucket, key, body=body), 200)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._expect(self._send("DELETE", bucket, key), 204)
+
+    def head_bucket(self, bucket: str) -> None:
+        """The bucket is there and these credentials may use it."""
+        self._expect(self._send("HEAD", bucket, ""), 200, 0, head=True)
 
     def list_keys(self, bucket: str, prefix: str, max_keys: int = 1000) -> set:
         """The keys under `prefix`, from one page; Unexpected when there are more."""

@@ -42,13 +42,12 @@ class Watch:
         self.inotify.file(self.home.config_file)
         self.inotify.tree(self.creds)
 
-    def _read(self) -> None:
-        """Stamp what the watch saw since the last look (never blocks)."""
-        if self.inotify is None:
-            return
-        changed = self.inotify.changed()
+    def _read(self) -> bool:
+        """Stamp what the watch saw since the last look (never blocks); True if anything."""
+        changed = self.inotify.changed() if self.inotify is not None else ()
         if changed:
             self.touched(changed)
+        return bool(changed)
 
     def touched(self, paths) -> None:
         now = time.monotonic()
@@ -72,18 +71,24 @@ class Watch:
         return min(stamps) + debounce if stamps else float("inf")
 
     def wait(self, seconds: float) -> None:
-        """Sleep up to `seconds`; a change in a watched folder, or wake(), ends it at once."""
+        """Sleep up to `seconds`; a change of appliance.toml or the credentials, or wake(), ends
+        it at once (other events of the watched folders put it back to sleep)."""
+        deadline = time.monotonic() + max(0.0, seconds)
         fds = [self._wake_r] + ([self.inotify.fd] if self.inotify is not None else [])
-        try:
-            select.select(fds, [], [], max(0.0, seconds))
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        self._read()
+        while True:
+            try:
+                ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
+            except InterruptedError:
+                ready = [self._wake_r]  # a signal: its handler may have asked to stop
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                return
+            if not ready or self._read() or time.monotonic() >= deadline:
+                return
 
     def take(self, debounce: float) -> tuple[bool, bool]:
         """(credentials changed, config changed), each once quiet for `debounce` seconds."""

@@ -29,7 +29,8 @@ Q_OVERFLOW = 0x4000
 IGNORED = 0x8000
 ONLYDIR = 0x01000000
 ISDIR = 0x40000000
-CHANGES = CLOSE_WRITE | MOVED_FROM | MOVED_TO | CREATE | DELETE | ATTRIB  # an entry made, edited, gone
+ENTRIES = MOVED_FROM | MOVED_TO | CREATE | DELETE  # an entry of a folder made, replaced, gone
+CHANGES = ENTRIES | CLOSE_WRITE | ATTRIB  # ... or edited
 _EVENT = struct.Struct("iIII")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -76,11 +77,14 @@ class Inotify:
 class Watch(Inotify):
     """Files and folder trees to follow; `changed()` names those that changed since it last asked.
 
-    A file is watched through its folder (an editor's atomic save replaces the file: the folder
-    sees it). A tree is watched through its parent (the tree made, removed or renamed), itself
-    and every folder below it (watched as they appear)."""
+    A file is watched itself (written in place) and through its folder's entries (an editor's
+    atomic save replaces it: the new file is then watched). A tree is watched through its
+    parent's entries (the tree made, removed or renamed), itself and every folder below it
+    (watched as they appear). Parents are watched for entries only: files written in them (the
+    home's job table, say) do not wake the watcher."""
 
-    PARENT_MASK = CHANGES | ONLYDIR
+    PARENT_MASK = ENTRIES | ONLYDIR
+    FILE_MASK = CLOSE_WRITE
     TREE_MASK = CHANGES | MODIFY | DELETE_SELF | MOVE_SELF | ONLYDIR
 
     def __init__(self):
@@ -94,6 +98,7 @@ class Watch(Inotify):
         path = Path(path)
         self.files.setdefault(path.parent, []).append(path)
         self._add(path.parent, self.PARENT_MASK)
+        self._add(path, self.FILE_MASK)
 
     def tree(self, path: Path) -> None:
         path = Path(path)
@@ -138,9 +143,11 @@ class Watch(Inotify):
                 continue
             if folder is None:
                 continue
-            path = folder / name if name else folder
-            if path in self.files.get(folder, ()):
+            path = folder / name if name else folder  # a watched file's own events have no name
+            if path in self.files.get(folder, ()) or path in self.files.get(path.parent, ()):
                 out.add(path)
+                if name and mask & (CREATE | MOVED_TO):
+                    self._add(path, self.FILE_MASK)  # the file replaced: watch the new one
             root = self._tree_of(path)
             if root is None:
                 continue

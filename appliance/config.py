@@ -248,6 +248,9 @@ class RunnerConfig:
     hang_after: float = opt(0.0, _duration,
                             'stop a job with no CPU progress and no new output for this long, as class hung '
                             '(e.g. "30m"; 0: never)')
+    warm_interpreter: bool = opt(True, _flag,
+                                 "start the next job's Python ahead of time, as the workload's account, so a job "
+                                 "like the last one starts without waiting for the interpreter (docs/warm.md)")
 
 
 @dataclass(frozen=True)

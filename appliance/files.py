@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, mode: int | None = None, durable: bool = False) -> None:
+def write_atomic(path: Path, text: str, mode: int | None = None, durable: bool = False,
+                 sync: bool = True) -> None:
     """Write `text` to `path` so readers see the old or the new file, never half of one.
-    `durable`: the rename itself survives a power cut too (the folder is synced)."""
+    `durable`: the rename itself survives a power cut too (the folder is synced). `sync=False`
+    (records a power cut may lose, never a kill: a job's attempt count, a running ledger
+    record): the text is not forced to the disk before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
@@ -16,7 +19,8 @@ def write_atomic(path: Path, text: str, mode: int | None = None, durable: bool =
             os.fchmod(fh.fileno(), mode)
         fh.write(text)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync or durable:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
     if durable:
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -35,6 +35,9 @@ from appliance.pyenv.uvcache import UvCache
 from appliance.process import INTERRUPTED, TIMED_OUT, Supervision, base_env
 
 
+EVICT_EVERY_S = 60.0  # a venv reused looks at the cache's bounds at most this often
+
+
 @dataclass
 class PythonEnv:
     python: str  # interpreter to run the workload with
@@ -76,6 +79,7 @@ class VenvCache:
         self.build_env = build_env  # environment for venv/pip (None: the runner's, cleaned)
         self.stats = {"hits": 0, "misses": 0, "build_failures": 0, "build_seconds": 0.0}  # for /metrics
         self.uv_cache = uv_cache  # None: every set is built by pip, as before
+        self._evicted_at = float("-inf")
 
     def path(self, key: str) -> Path:
         """Where the venv for `key` is used from (a symlink to its build directory)."""
@@ -139,7 +143,9 @@ class VenvCache:
             raise
         if not built:
             self.stats["hits"] += 1
-        self.evict(keep=key)
+        if built or time.monotonic() - self._evicted_at > EVICT_EVERY_S:  # a hit adds nothing to evict
+            self._evicted_at = time.monotonic()
+            self.evict(keep=key)
         return PythonEnv(python=str(venv / "bin" / "python"), bin_dir=venv / "bin", key=key,
                          reused=not built, _lock=lock)
 

@@ -266,7 +266,7 @@ class LocalQueueSource:
         if n <= 0:
             path.unlink(missing_ok=True)
             return
-        write_atomic(path, f"{n}\n", durable=True)
+        write_atomic(path, f"{n}\n", sync=False)  # a kill never loses it; a power cut may (one more try)
 
     def keepalive(self, msg: Claimed) -> None:
         """Touch the claim: its mtime is the lease seen from other pid namespaces."""

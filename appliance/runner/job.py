@@ -55,19 +55,26 @@ class Job:
         self.next_keepalive = time.time() + self.s.keepalive_s
         self.started = time.time()
         self.keep_dir = False  # the workload ended but its outputs are not all in the store
+        self.workload_ended = False
+        self.recorded = False  # record_experiment done  # run_workload returned: it killed what was left, renewed /dev/shm
         self.ledger = runner.ledger
         self.before = runner.ledger_seen.pop(req.key, None)  # its ledger record when claimed
+        self.asked = runner.asked.pop(req.key, None)  # its store lookups, asked ahead (lookahead.py)
         self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
         self.interruptions = int((self.before or {}).get("interruptions") or 0)
+        # a shared queue's message: the store knows it runs and ended as soon as this box does (a
+        # copy another box claims is held); a local one's only when it is final (no other box claims it)
+        self.shared = bool(getattr(msg, "shared", False))
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         if not resumed:
             self._make_dirs()
 
     def close(self) -> None:
-        execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
+        if not self.workload_ended:  # run_workload ends what the workload left; else it is done here
+            execute.end_job(self.r.cgroup_slot, self.r.user_ids)  # its processes, its /dev/shm
         if self.env is not None:
-            self.env.release()
+            launch.keep_warm_venv(self)
         self.lock.close()
 
     def _make_dirs(self) -> None:
@@ -142,6 +149,8 @@ class Job:
     def finish(self, outcome: str, exit_code, reason: str, gpu_use: Optional[dict] = None,
                cls: Optional[str] = None, report: Optional[dict] = None) -> None:
         cls = cls or classes.classify(outcome, exit_code, reason)
+        if not self.recorded:  # it ended before its workload started
+            self.record_experiment()
         self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
@@ -151,14 +160,10 @@ class Job:
     def run(self) -> None:
         req, msg = self.req, self.msg
         self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
-        record_experiment(self.r.home, req.key, {
-            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
-            "claimed": self.started, "output": str(self.output),
-            "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
-                              "mutable": a.mutable} for n, a in req.artifacts.items()}})
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
-        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
+        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before,
+                                         share=self.shared)
 
         if not self.fetch():
             return
@@ -180,13 +185,15 @@ class Job:
         mutable = [a for a in order if a.mutable]
         limit = left = launch.unpack_limit(self)
         try:
-            known = transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
+            known = self.asked.listed() if self.asked else \
+                transfer.listed(mutable + ([self.record] if self.record else []), self.s.retry)
             for art in order:
                 self.tick()
                 if self.r.stopping:
                     return self.give_back("runner stopping before the job started")
                 got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
-                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None)
+                                     self.s.retry, left, exists=known.get(art.name) if art.mutable else None,
+                                     known_as=self.asked.cache_key(art.name) if self.asked else None)
                 left -= got or 0
                 if art.name != "output":
                     self._own(self.dir / art.name)
@@ -242,21 +249,34 @@ class Job:
         return False
 
     def execute(self) -> execute.Result:
-        self.status.update(state="draining" if self.r.stopping else "running")
-
-        def started(proc):
-            self.status.update(workload={"pid": proc.pid,
-                                         "start_ticks": execute.process_start_ticks(proc.pid)})
+        def started(proc):  # what nobody needs before the workload runs is told now
+            self.status.update(state="draining" if self.r.stopping else "running",
+                               workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
+            self.record_experiment()
 
         sv = self.supervision(True)
         if self.r.gpus.active:
             self.gpu = gpu.JobGpu(self.r.gpus, self.s.gpu_watch_s)
             sv.check = lambda: launch.gpu_check(self)
-        return execute.run_workload(
-            launch.argv(self), self.dir / "workspace", launch.workload_env(self), self.output,
+        argv, env = launch.argv(self), launch.workload_env(self)
+        launch.warm_next(self, env)
+        result = execute.run_workload(
+            argv, self.dir / "workspace", env, self.output,
             sv, slot=self.r.cgroup_slot, on_start=started,
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
+        self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
+        return result
+
+    def record_experiment(self) -> None:
+        """Where `appliance logs` and `results` find this experiment's output (status.py)."""
+        req, msg = self.req, self.msg
+        self.recorded = True
+        record_experiment(self.r.home, req.key, {
+            "experiment": req.key, "slot": self.r.slot, "queue": msg.queue, "owner_uid": msg.owner_uid,
+            "claimed": self.started, "output": str(self.output),
+            "artifacts": {n: {"endpoint_url": a.endpoint_url, "bucket": a.bucket, "key": a.key,
+                              "mutable": a.mutable} for n, a in req.artifacts.items()}})
 
     def upload_quietly(self) -> None:
         try:
@@ -306,7 +326,8 @@ class Job:
                             "to record that it ended")  # from here on it never runs again
         self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
-        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended)  # the users' copy: once done
+        self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended,  # the users' copy: once done
+                                       share=self.shared)
         self.complete(ended)
 
     def hold_for_space(self, write, what: str) -> None:

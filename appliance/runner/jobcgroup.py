@@ -126,7 +126,8 @@ class Usage:
 def fresh_job_cgroup(slot: Optional[str], memory_bytes: Optional[int],
                      launcher: Optional["Launcher"] = None) -> tuple[Optional[int], str]:
     """Give the workload about to start a new job cgroup, limited to `memory_bytes` (the
-    request's `ram`; None or 0: the slot's limit). A waiting launcher process moves along.
+    request's `ram`; None or 0: the slot's limit). A waiting launcher process moves along; the
+    leaf made for it when it started (`Launcher.fresh_leaf`) serves as it is, given the limit.
     Returns (the limit set when it is below the slot's, else None; a warning for the workload's
     output when that failed, else "": also when there is no job cgroup, as on the docker backend)."""
     if not slot:
@@ -145,7 +146,12 @@ def fresh_job_cgroup(slot: Optional[str], memory_bytes: Optional[int],
         slot_limit = cg.memory_limit()
         if memory_bytes and slot_limit and memory_bytes >= slot_limit:
             memory_bytes = None  # the slot's limit is the tighter one
-        cg.fresh_job(memory_bytes or None, keep=keep)
+        if keep and launcher.fresh_leaf:  # made when the launcher was started, for it alone
+            launcher.fresh_leaf = False
+            if memory_bytes:
+                cg.limit_job(memory_bytes)
+        else:
+            cg.fresh_job(memory_bytes or None, keep=keep)
         return memory_bytes or None, ""
     except Exception as e:  # the old leaf serves: its limits, its counts
         if launcher is not None:

@@ -12,7 +12,7 @@ import time
 from typing import Optional
 
 from appliance import pyenv
-from appliance.runner import classes, execute, gpu
+from appliance.runner import classes, execute, gpu, warm
 from appliance.runner.triage import env_cpus, slot_shapes
 from appliance.slot import users
 
@@ -42,11 +42,13 @@ def prepare_env(job) -> Optional[execute.Result]:
                 job.env = job.r.venvs.prepare(reqs.lines, python, job.supervision(False),
                                               build_as=build_as, progress=progress)
             finally:
-                job.status.update(step=None)
+                if job.status.data.get("step") is not None:
+                    job.status.update(step=None)
             log.info("%s: venv %s %s", job.req.key, job.env.key,
                      "reused" if job.env.reused else "built")
             if not job.env.reused:
                 execute.kill_job_leftovers(job.r.cgroup_slot)  # what a setup.py left running
+                job.r.launcher.fresh_leaf = False  # the build ran in the job leaf: the job gets a new one
     except pyenv.BadRequirement as e:
         job.note(str(e))
         return execute.Result(execute.ENV_FAILED, None, str(e))
@@ -102,6 +104,26 @@ def workload_env(job) -> dict[str, str]:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             extra[var] = n
     return execute.workload_env(job.r.environ, job.req.env, extra)
+
+def warm_next(job, env: dict) -> None:
+    """The slot's next launcher warms up as this job's interpreter, with its environment
+    (runner.warm_interpreter; venvs only: a system interpreter reads HOME at start-up)."""
+    if job.s.warm_interpreter and job.env.bin_dir is not None:
+        job.r.warm_with = (job.env.python, warm.startup_env(env), job.r.user_ids)
+    else:
+        job.r.warm_with = ()
+
+
+def keep_warm_venv(job) -> None:
+    """The job is over: its venv stays held while the next job's interpreter warms up in it."""
+    r = job.r
+    if r.warm_with and r.warm_with[0] == job.env.python and job.env is not r.warm_venv:
+        if r.warm_venv is not None:
+            r.warm_venv.release()
+        r.warm_venv = job.env
+    elif job.env is not r.warm_venv:
+        job.env.release()
+
 
 def report(job, result: execute.Result) -> dict:
     """The per-job report: what the workload used, where it ran, and how it ended."""

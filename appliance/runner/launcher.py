@@ -81,11 +81,15 @@ class Launcher:
     Forking the runner (a big Python process) with a `preexec_fn` costs 15-20 ms before the
     workload even starts its interpreter. `warm()` instead starts a small waiting process
     (`_LAUNCHER`, through vfork: cheap for the runner) that sets itself up as `_preexec`
-    would, and joins it to the slot's job cgroup; `launch()` then hands it the workload,
-    which it execs at once. The workload ends up exactly as `spawn` would start it: a child
-    of the runner, leader of its own session, in the job cgroup (joined before the workload
-    existed), PDEATHSIG=SIGKILL, oom_score_adj 1000, a failed cgroup join reported in its
-    output.
+    would, and puts it in a new job cgroup, made now while nothing waits on it; `launch()`
+    then hands it the workload, which it execs at once. The workload ends up exactly as `spawn`
+    would start it: a child of the runner, leader of its own session, in a fresh job cgroup
+    (joined before the workload existed), PDEATHSIG=SIGKILL, oom_score_adj 1000, a failed
+    cgroup join reported in its output.
+
+    `warm(python, env, user)` goes one step further (warm.py): the waiting process becomes that
+    interpreter, as the workload's account, and waits for a job it serves; any other job
+    discards it and is forked the cold way.
 
     Anything wrong with the waiting process (it died, it was never started) makes
     `launch()` return None and the caller forks as before: nothing depends on it.
@@ -97,28 +101,67 @@ class Launcher:
         self.python = python or sys.executable
         self.proc: Optional[subprocess.Popen] = None
         self.warning = b""  # _preexec's words on a failed cgroup join, for the output
+        self.warm_as: Optional[tuple] = None  # (python, env, user) of a warm interpreter
+        self.channel = None  # the runner's end of the warm interpreter's socket
+        self.fresh_leaf = False  # the job cgroup was made for the waiting process alone
 
-    def warm(self) -> None:
-        """Have a launcher process waiting (call when idle)."""
-        if self.proc is not None and self.proc.poll() is None:
+    def warm(self, python: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+             user: Optional[tuple] = None) -> None:
+        """Have a launcher process waiting (call when idle); with `python` and `env`, a warm
+        interpreter for the jobs it serves (warm.serves)."""
+        want = (python, dict(env or {}), tuple(user) if user else None) if python else None
+        if self.proc is not None and self.proc.poll() is None and want == self.warm_as:
             return
         self._discard()
+        theirs = None
         try:
+            if want:
+                import socket
+                self.channel, theirs = socket.socketpair()
             self.proc = subprocess.Popen(
                 [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                cwd="/", env={}, start_new_session=True, close_fds=True)
+                cwd="/", env={}, start_new_session=True, close_fds=True,
+                pass_fds=(theirs.fileno(),) if theirs else ())
+            fd = theirs.fileno() if theirs else None
         except (OSError, subprocess.SubprocessError):
-            self.proc = None
+            self._discard()
             return
-        self.warning = b""
+        finally:
+            if theirs is not None:
+                theirs.close()
+        self.warning, self.warm_as, self.fresh_leaf = b"", want, False
         if self.slot:
             try:
                 from appliance.slot import cgroup
-                cgroup.SlotCgroup(self.slot).join("job", pid=self.proc.pid)
+                cg = cgroup.SlotCgroup(self.slot)
+                try:  # a new, empty job leaf now, so that the job does not wait for one (the
+                    cg.fresh_job(None)  # launcher, born in the runner's leaf, is not in the old one)
+                    self.fresh_leaf = True
+                except Exception:  # noqa: BLE001 - the leaf there serves; the job's start makes another
+                    pass
+                cg.join("job", pid=self.proc.pid)
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()
+        if want:  # the launcher becomes the interpreter, as the workload's account (warm.py)
+            from appliance.runner import warm
+            if not self._send(self.proc, warm.warm_argv(python, os.getpid(), fd), "/", want[1], os.devnull,
+                              want[2]):
+                self._discard()
+
+    @staticmethod
+    def _send(proc: subprocess.Popen, argv, cwd, env, output: str, user) -> bool:
+        """The launcher's one line: what to exec, where, as whom, output appended to `output`."""
+        import json
+        spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "output": output,
+                "user": list(user) if user else None}
+        try:
+            proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            proc.stdin.close()
+            return True
+        except (OSError, ValueError):
+            return False
 
     def launch(self, argv: list[str], cwd: Path, env: Mapping[str, str], out,
                user: Optional[tuple] = None) -> Optional[subprocess.Popen]:
@@ -129,6 +172,8 @@ class Launcher:
         if proc is None or proc.poll() is not None:
             self._discard(proc)
             return None
+        if self.warm_as is not None:
+            return self._hand_over(proc, argv, cwd, env, out, user)
         try:
             if proc.stdout.read(1) != b"R":  # not ready: it died (or the runner's pid changed)
                 self._discard(proc)
@@ -136,10 +181,9 @@ class Launcher:
             if self.warning:
                 out.write(self.warning)
             out.flush()
-            spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env),
-                    "output": os.path.abspath(out.name), "user": list(user) if user else None}
-            proc.stdin.write(json.dumps(spec).encode() + b"\n")
-            proc.stdin.close()
+            if not self._send(proc, argv, cwd, env, os.path.abspath(out.name), user):
+                self._discard(proc)
+                return None
             answer = proc.stdout.read()
         except (OSError, ValueError):
             self._discard(proc)
@@ -156,10 +200,45 @@ class Launcher:
             raise OSError(errno_, strerror, name)
         return proc
 
+    def _hand_over(self, proc: subprocess.Popen, argv, cwd, env, out, user) -> Optional[subprocess.Popen]:
+        """The warm interpreter becomes the workload, if it serves it; None otherwise (discarded)."""
+        import array
+        import socket
+        from appliance.runner import warm
+        python, warm_env, warm_user = self.warm_as
+        channel = self.channel
+        if not warm.serves(python, warm_env, warm_user, list(argv), env, tuple(user) if user else None):
+            self._discard(proc)
+            return None
+        try:
+            if proc.stdout.read() != b"R." or channel.recv(1) != b"W":  # the interpreter is not up
+                self._discard(proc)
+                return None
+            if self.warning:
+                out.write(self.warning)
+            out.flush()
+            channel.sendmsg([warm.job_spec(argv, str(cwd), env)],
+                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out.fileno()]))])
+            started = channel.recv(1) == b"."
+        except OSError:
+            started = False
+        if not started:  # it died before it took the job: nothing of the job ran
+            self._discard(proc)
+            return None
+        channel.close()
+        self.channel = None
+        proc.stdout.close()
+        proc.stdin = proc.stdout = None
+        proc.args = list(argv)
+        return proc
+
     def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
         proc = proc or self.proc
         if proc is self.proc:
             self.proc = None
+        if self.channel is not None and self.proc is None:
+            self.channel.close()
+            self.channel = None
         if proc is None:
             return
         for f in (proc.stdin, proc.stdout, proc.stderr):
@@ -173,12 +252,16 @@ class Launcher:
         proc.wait()
 
     def close(self) -> None:
-        """No more jobs: the waiting process exits (EOF on its stdin)."""
+        """No more jobs: the waiting process exits (EOF on its stdin, or on its socket)."""
         proc, self.proc = self.proc, None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if proc is None:
             return
         try:
-            proc.stdin.close()
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
             proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
             pass

@@ -16,6 +16,8 @@ States of a record:
   their way to the store. With JOB/.ended.json on this box, whoever finds the job dir unlocked
   finishes the uploads (`resume_finished`); it never runs again.
 - done / failed: final. Its outputs are in the store; success is done, anything else failed.
+  A local queue's message (only this box can claim it) has its running and ended records on this
+  box alone; the store gets its final one (and any release), which is what other boxes go by.
 - released: the runner gave the message back itself (drained, retried, store down, runner
   error); the next claim runs it, and it is no interruption.
 - cancel (a field beside the state, set by `record_cancel`): whichever box claims the request
@@ -185,7 +187,8 @@ class Ledger:
             return None  # not this request's (cannot happen unless someone wrote it by hand)
         return record
 
-    def write(self, record: dict) -> dict:
+    def write(self, record: dict, share: bool = True) -> dict:
+        """Record it on this box, and in the store unless not `share` yet (then `share` it later)."""
         record = {**record, "updated": time.time()}
         name = entry_name(record["bucket"], record["experiment"])
         before = self.local.read(name)
@@ -195,12 +198,17 @@ class Ledger:
             self.local.write(name, record, durable=record.get("state") in FINAL or bool(record.get("cancel")))
         except OSError as e:  # a full disk: the store copy (and the job folder) still tell
             log.warning("%s: ledger record not written on this box: %s", record["experiment"], e)
+        if share:
+            self.share(record)
+        return record
+
+    def share(self, record: dict) -> None:
+        """The store's copy of `record` (what other boxes on this store go by)."""
         if self.store is not None:
             try:
-                self.store.write(name, record)
+                self.store.write(entry_name(record["bucket"], record["experiment"]), record)
             except LedgerUnavailable as e:
                 log.warning("%s: the store ledger did not take the record (%s)", record["experiment"], e)
-        return record
 
     def look(self, home, req, store_wait_s: float) -> tuple:
         """The claim path: (RUN, record) or (SETTLE | CANCEL | HOLD, record) for `req`; an
@@ -216,7 +224,9 @@ class Ledger:
 
     # -- one job's records (job.py)
 
-    def running(self, req, slot: str, attempt: int, before: Optional[dict]) -> dict:
+    def running(self, req, slot: str, attempt: int, before: Optional[dict], share: bool = True) -> dict:
+        """Its run starts. `share=False` (a local queue's message: no other box can claim it): on
+        this box only; the store learns of the run when it is final (`settled`)."""
         bucket, key = entry_of(req)
         ws = req.artifacts.get("workspace")
         now = time.time()
@@ -225,7 +235,7 @@ class Ledger:
             "host": os.uname().nodename, "slot": slot, "attempt": attempt, "started": now, "heartbeat": now,
             "owner": req.raw.get("experiment", {}).get("owner") if isinstance(req.raw.get("experiment"), dict) else None,
             "identity": ws.access_key if ws is not None else None,
-            "interruptions": int((before or {}).get("interruptions") or 0)})
+            "interruptions": int((before or {}).get("interruptions") or 0)}, share=share)
 
     def heartbeat(self, record: dict) -> dict:
         """Still running; a cancel another box recorded in the store meanwhile is kept."""
@@ -238,8 +248,8 @@ class Ledger:
                 pass
         return self.write({**record, "heartbeat": time.time()})
 
-    def ended(self, record: dict, ended: dict) -> dict:
-        return self.write({**record, **ended, "state": ENDED_STATE, "heartbeat": time.time()})
+    def ended(self, record: dict, ended: dict, share: bool = True) -> dict:
+        return self.write({**record, **ended, "state": ENDED_STATE, "heartbeat": time.time()}, share=share)
 
     def settled(self, record: dict, ended: dict) -> dict:
         final = DONE if ended.get("outcome") == "success" else FAILED

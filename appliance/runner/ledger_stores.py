@@ -59,7 +59,8 @@ class LocalLedger:
         """`durable`: the record survives a power cut (final records, cancels); a running one
         need not (lost, its job is taken for interrupted, which it then was)."""
         self._ensure()
-        write_atomic(self.root / name, json.dumps(record, sort_keys=True), mode=0o600, durable=durable)
+        write_atomic(self.root / name, json.dumps(record, sort_keys=True), mode=0o600, durable=durable,
+                     sync=durable)
 
 
 class StoreLedger:

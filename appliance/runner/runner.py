@@ -48,6 +48,7 @@ from appliance.runner import classes, execute, gpu, ledger
 from appliance.runner.cache import ArtifactCache
 from appliance.runner.counters import SlotCounters
 from appliance.runner.job import Job
+from appliance.runner.lookahead import Lookahead
 from appliance.runner.ledger import ENDED, Ledger, finished_job_dir
 from appliance.runner.refusing import FleetRefusals
 from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner: what callers make)
@@ -87,6 +88,8 @@ class Runner:
         self.user = self._workload_user()
         # the next workload's process, started while idle (saves a fork when a job comes)
         self.launcher = execute.Launcher(self.cgroup_slot)
+        self.warm_with: tuple = ()  # (python, env, user) the next launcher warms up as (the last job's)
+        self.warm_venv = None  # that job's venv, held so the cache does not evict it under the interpreter
         self.status = StatusFile(home, slot)
         self.cache = ArtifactCache(home.artifact_cache, self.settings.artifact_cache_bytes)
         self.venvs = pyenv.VenvCache(home.venv_cache, max_bytes=self.settings.venv_cache_bytes,
@@ -112,6 +115,8 @@ class Runner:
         self.ledger = Ledger.for_home(home, me=self.fleet.appliance_id,
                                       stale_s=max(3 * self.settings.keepalive_s, 30.0))
         self.ledger_seen: dict[str, Optional[dict]] = {}  # experiment -> its ledger record when claimed
+        self.lookahead = Lookahead()  # a job's HEAD and LIST, asked while it is got ready
+        self.asked: dict = {}  # experiment -> what the lookahead asked for it
         self.held_logged: dict[str, float] = {}  # experiment -> when its hold was last logged
         self.sources = events.announce_settlements(self)  # finished, failed, dead-lettered: events
         self.jobs = RunnerRecord(home, slot)  # the job table: each state change, held and cancelled jobs
@@ -174,6 +179,9 @@ class Runner:
                            else min(2.0, self.settings.idle_wait_s))
         finally:
             self.launcher.close()
+            self.lookahead.close()
+            if self.warm_venv is not None:
+                self.warm_venv.release()
             self.gpus.close()
             self.jobs.close()
             for src in self.sources:
@@ -187,7 +195,7 @@ class Runner:
     def _idle(self, seconds: float) -> None:
         """Wait for work: a message, a change of the sources, or a signal ends the wait at once
         (without install_signals, it waits in steps of a second so a stop is seen)."""
-        self.launcher.warm()
+        self.launcher.warm(*self.warm_with)
         end = time.monotonic() + max(0.0, seconds)
         waiter = next((s for s in self.sources if hasattr(s, "wait")), None)
         while not self.stopping:
@@ -220,7 +228,7 @@ class Runner:
 
     def run_once(self) -> bool:
         """Claim and run at most one message; False if there was nothing to run."""
-        self.launcher.warm()  # gets ready while we claim and fetch (no-op if it is waiting)
+        self.launcher.warm(*self.warm_with)  # gets ready while we claim and fetch (no-op if it is waiting)
         found = self.next_message()
         if found is None:
             return False
@@ -349,6 +357,7 @@ class Runner:
         verdict, here = fit(req, me, others, disk.total, disk.free)
         if verdict == RUN:
             self.ledger_seen = {req.key: record}
+            self.asked = {req.key: self.lookahead.ask(req, self.settings.retry, cached=self.cache is not None)}
             return req
         if verdict in (LATER, ELSEWHERE):
             return "held"  # not now (the disk may free up), or another slot can

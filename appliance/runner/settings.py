@@ -39,6 +39,7 @@ class RunnerSettings:
     retry_backoff_s: float = 5.0  # held this long before such a run again; doubles per retry
     retry_backoff_max_s: float = 120.0
     hang_after_s: float = 0.0  # no CPU progress and no output this long: stopped as hung (0: never)
+    warm_interpreter: bool = True  # runner.warm_interpreter: the next job's Python started ahead (warm.py)
     gpu_watch_s: float = 2.0  # how often a running job's GPU memory is looked at (NVML)
     gpu_share: str = "none"  # isolation.gpu_share: "none" or "mps"
     unrunnable_after_refusals: int = 3  # distinct appliances refusing a shared message: dead letter
@@ -59,7 +60,7 @@ class RunnerSettings:
                    gpu_share=config.isolation.gpu_share,
                    unrunnable_after_refusals=config.queues.unrunnable_after_refusals,
                    unrunnable_after_s=config.queues.unrunnable_after,
-                   installer=r.installer, env_cache_bytes=r.env_cache)
+                   installer=r.installer, env_cache_bytes=r.env_cache, warm_interpreter=r.warm_interpreter)
 
 
 def _own_store(config) -> str:

@@ -44,8 +44,7 @@ def write_json_atomic(path: Path, data: Any, mode: Optional[int] = None) -> None
         with open(tmp, "w") as f:
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(json.dumps(data, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:  # a full disk: no half file left behind
         try:

@@ -45,10 +45,21 @@ def env_cpus(text: str) -> int:
         return len(os.sched_getaffinity(0))
 
 
+_shapes: dict = {}  # plan.json path -> ((mtime_ns, size, inode), its slots): read again when it changes
+
+
 def slot_shapes(home) -> list[SlotShape]:
     """Every slot of the applied plan (`plan.json`); [] when there is none."""
+    path = str(home.plan_file)
     try:
-        data = json.loads(Path(home.plan_file).read_text())
+        st = os.stat(path)
+    except OSError:
+        return []
+    seen = _shapes.get(path)
+    if seen is not None and seen[0] == (st.st_mtime_ns, st.st_size, st.st_ino):
+        return list(seen[1])
+    try:
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return []
     out = []
@@ -62,7 +73,8 @@ def slot_shapes(home) -> list[SlotShape]:
                                  gpu_mem_bytes=int(s.get("gpu_memory_bytes") or 0) or UNKNOWN_GPU_MEMORY))
         except (KeyError, TypeError, ValueError):
             continue
-    return out
+    _shapes[path] = ((st.st_mtime_ns, st.st_size, st.st_ino), out)
+    return list(out)
 
 
 def this_slot(home, slot: str, environ=os.environ) -> SlotShape:

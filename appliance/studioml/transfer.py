@@ -34,6 +34,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,9 @@ def _quickly(art, op: Callable):
     for a job's few small requests); _SLOW when that path cannot answer, and the caller then
     does the same with boto3, which retries, classifies and explains."""
     from appliance.store import lite
-    ident = (art.endpoint_url, art.access_key, art.secret_key, art.region, art.session_token)
+    # one connection per thread: the runner asks a job's HEAD and LIST from a second thread
+    ident = (art.endpoint_url, art.access_key, art.secret_key, art.region, art.session_token,
+             threading.get_ident())
     c = _quick_clients.get(ident, False)
     if c is False:
         try:
@@ -359,17 +362,18 @@ def cache_key(art, retry: RetryPolicy) -> str:
 
 
 def fetch(art, dest: Path, cache, retry: RetryPolicy, max_bytes: int,
-          exists: Optional[bool] = None) -> Optional[int]:
+          exists: Optional[bool] = None, known_as: Optional[Callable[[], str]] = None) -> Optional[int]:
     """Bring `art` into the directory `dest`. Immutable: from the cache, else downloaded into
     it. Mutable: downloaded if it exists, else `dest` stays empty (False); `exists=False`
-    (a listing did not show it, see `listed`) skips asking the store again. At most `max_bytes`
+    (a listing did not show it, see `listed`) skips asking the store again; `known_as()` is its
+    `cache_key`, asked ahead (runner/lookahead.py). At most `max_bytes`
     are written (ArtifactTooBig). Returns the bytes written, None when a mutable artifact does
     not exist."""
     dest.mkdir(parents=True, exist_ok=True)
     if art.mutable and exists is False:
         return None
     if not art.mutable and cache is not None:
-        f = cache.fill(cache_key(art, retry), lambda tmp: download(art, tmp, retry))
+        f = cache.fill(known_as() if known_as else cache_key(art, retry), lambda tmp: download(art, tmp, retry))
         with f:
             return place(art, f, dest, max_bytes)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmpdir:

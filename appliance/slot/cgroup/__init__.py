@@ -111,6 +111,12 @@ class SlotCgroup:
         if keep:
             self.join("job", keep)
 
+    def limit_job(self, memory_bytes: int) -> None:
+        """Lower the memory limit of the job leaf made by `fresh_job(None)` (the request's `ram`)."""
+        if not isinstance(memory_bytes, int) or memory_bytes <= 0:
+            raise ValueError(f"memory limit must be a positive number of bytes, not {memory_bytes!r}")
+        self._version().limit_job(self, memory_bytes)
+
     def _remove_job(self, tries: int = 200) -> None:
         """Kill what is in the job leaf and rmdir it everywhere (a killed process takes a moment
         to leave its cgroup: retried for about two seconds)."""

@@ -33,13 +33,9 @@ def make_job(cg, memory_bytes: int | None, pids_max: str | None) -> None:
     _mkdir(job)
     for name in ("cpuset.cpus", "cpuset.mems"):  # an empty cpuset refuses processes
         _write(os.path.join(job, name), _read(os.path.join(cg.cpuset_dir, name)))
-    job = cg.path(h.memory, "job")
-    _mkdir(job)
+    _mkdir(cg.path(h.memory, "job"))
     if memory_bytes:
-        _write(os.path.join(job, "memory.limit_in_bytes"), str(memory_bytes))
-        memsw = os.path.join(job, "memory.memsw.limit_in_bytes")
-        if os.path.exists(memsw):  # no swap: over its limit, the job is killed, not swapped out
-            _write(memsw, str(memory_bytes))
+        limit_job(cg, memory_bytes)
     if h.pids:
         _mkdir(cg.path(h.pids, "job"))
         if pids_max:
@@ -50,6 +46,16 @@ def make_job(cg, memory_bytes: int | None, pids_max: str | None) -> None:
             _mkdir(cg.path(root, "job"))
         except CgroupError:
             pass  # CPU accounting only
+
+
+def limit_job(cg, memory_bytes: int) -> None:
+    """Lower the job leaf's memory limit (a new leaf's is unlimited), and its swap limit with it:
+    over its limit, the job is killed, not swapped out."""
+    job = cg.path(cg.hierarchy.memory, "job")
+    _write(os.path.join(job, "memory.limit_in_bytes"), str(memory_bytes))
+    memsw = os.path.join(job, "memory.memsw.limit_in_bytes")
+    if os.path.exists(memsw):
+        _write(memsw, str(memory_bytes))
 
 
 def pids_dir(cg, leaf: str | None) -> str | None:

@@ -57,9 +57,14 @@ def make_job(cg, memory_bytes: int | None, pids_max: str | None) -> None:
     _mkdir(job)
     _write(os.path.join(job, "memory.oom.group"), "1")
     if memory_bytes:
-        _write(os.path.join(job, "memory.max"), str(memory_bytes))
+        limit_job(cg, memory_bytes)
     if pids_max:
         _write_optional(os.path.join(job, "pids.max"), pids_max)
+
+
+def limit_job(cg, memory_bytes: int) -> None:
+    """The job leaf's memory limit."""
+    _write(os.path.join(cg.path(cg.hierarchy.cpuset, "job"), "memory.max"), str(memory_bytes))
 
 
 def pids_dir(cg, leaf: str | None) -> str | None:

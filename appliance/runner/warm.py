@@ -1,0 +1,137 @@
+"""The warm interpreter: the next workload's Python, started ahead of time (launcher.py uses it).
+
+A trivial job spends most of its start in the interpreter's own start-up (about 9 ms here,
+more with a large venv's site-packages). So while a slot is idle, its launcher process (as
+the workload's account, in a fresh job cgroup) execs the venv's interpreter with `STUB`, which
+does what `python` does at start-up - site, the venv's .pth files - then waits on a socket.
+When a job comes whose command, environment and account match, the runner sends it the job
+(argv, cwd, env, and its output file as a descriptor) and the stub becomes the workload: output
+on fds 1 and 2, cwd, os.environ, sys.argv, sys.path[0], then the script runs in `__main__` as
+`python script.py` would run it (`__file__`, `__loader__`, tracebacks without the stub's
+frames, "can't open file" and exit code 2 for a missing script), or `-m module` through runpy
+as `python -m` does.
+
+When it serves (`serves`): the job's argv is [the same interpreter, script | -m module, ...];
+the job's environment, less the variables that name the job's own folders (`PER_JOB`), is the
+one the interpreter started with (so every PYTHON* variable, the locale, and whatever a .pth
+file may read were the same at start-up); the same account. Otherwise the runner starts the
+workload the cold way, exactly as before. The stub is the runner's own text (argv of `-c`);
+nothing of a request reaches it but through the socket, after it runs as the workload's
+account: no root process runs a byte of the venv.
+
+What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
+the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
+`_socket`, `time`, `runpy` and
+`importlib.machinery` are already imported, and its start-up ran before the job came (so a
+.pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# Variables the runner sets per job (launch.workload_env): they differ from job to job and the
+# interpreter does not read them at start-up in a venv (no user site), so they do not count.
+PER_JOB = frozenset({"STUDIOML_EXPERIMENT", "STUDIOML_ARTIFACT_MAPPING", "TMPDIR", "HOME"})
+
+
+def startup_env(env: Mapping[str, str]) -> dict[str, str]:
+    """What the warm interpreter starts with for jobs with environment `env`."""
+    return {k: v for k, v in env.items() if k not in PER_JOB}
+
+
+def serves(python: str, env: Mapping[str, str], user, argv: list[str], job_env: Mapping[str, str],
+           job_user) -> bool:
+    """Whether an interpreter warmed as (python, env, user) may become the workload `argv`."""
+    if len(argv) < 2 or argv[0] != python or user != job_user:
+        return False
+    head = argv[1]
+    if head == "-m":
+        if len(argv) < 3 or not argv[2] or argv[2].startswith("-"):
+            return False
+    elif not head or head.startswith("-"):
+        return False
+    return startup_env(job_env) == dict(env)
+
+
+# argv: -c STUB <runner pid> <socket fd>. Everything lives in one function, whose globals are
+# the __main__ dict it hands to the script; tracebacks drop its frame.
+STUB = r'''# appliance: a warm interpreter, waiting for its slot's next job (appliance/runner/warm.py)
+def _warm():
+    import marshal, os, sys, time, _socket
+    import importlib.machinery, runpy  # what handing over the job uses, loaded before it comes
+    parent, fd = int(sys.argv[1]), int(sys.argv[2])
+    ch = _socket.socket(fileno=fd)
+    ch.sendall(b"W")
+    data, anc, _flags, _addr = ch.recvmsg(1 << 16, _socket.CMSG_SPACE(16))
+    fds = []
+    for level, kind, raw in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw) - 3, 4)]
+    if len(data) < 8 or len(fds) != 1 or os.getppid() != parent:
+        os._exit(0)
+    size, data = int.from_bytes(data[:8], "big"), data[8:]
+    while len(data) < size:
+        more = ch.recv(size - len(data))
+        if not more:
+            os._exit(0)
+        data += more
+    spec = marshal.loads(data)
+    os.dup2(fds[0], 1)
+    os.dup2(fds[0], 2)
+    os.close(fds[0])
+    os.chdir(spec["cwd"])
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    time.tzset()
+    argv = spec["argv"]
+    if hasattr(sys, "orig_argv"):
+        sys.orig_argv[:] = argv
+    safe = getattr(sys.flags, "safe_path", False)  # -P: no folder of the script goes first
+    ch.sendall(b".")
+    ch.close()
+    del data, anc, fds, spec, ch
+    import builtins
+    main = sys.modules["__main__"].__dict__
+    main.clear()
+    main.update(__name__="__main__", __doc__=None, __package__=None, __spec__=None, __annotations__={},
+                __builtins__=builtins)
+    try:
+        if argv[1] == "-m":
+            sys.argv[:] = ["-m", *argv[3:]]
+            if not safe:
+                sys.path[0] = os.getcwd()
+            runpy._run_module_as_main(argv[2], alter_argv=True)
+            return
+        sys.argv[:] = argv[1:]
+        path = os.path.abspath(argv[1])
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            sys.stderr.write(f"{sys.executable}: can't open file {path!r}: [Errno {e.errno}] {e.strerror}\n")
+            raise SystemExit(2)
+        if not safe:
+            sys.path[0] = os.path.dirname(os.path.realpath(path))
+        main.update(__file__=path, __cached__=None,
+                    __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+        exec(compile(source, path, "exec"), main)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        e.__traceback__ = e.__traceback__.tb_next  # from the script's own frame on
+        sys.excepthook(type(e), e, e.__traceback__)
+        raise SystemExit(1)
+_warm()
+'''
+
+
+def warm_argv(python: str, runner_pid: int, fd: int) -> list[str]:
+    return [python, "-c", STUB, str(runner_pid), str(fd)]
+
+
+def job_spec(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:
+    """The message the stub reads: its size, then the marshalled job."""
+    import marshal
+    data = marshal.dumps({"argv": list(argv), "cwd": str(cwd), "env": dict(env)})
+    return len(data).to_bytes(8, "big") + data

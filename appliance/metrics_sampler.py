@@ -24,7 +24,7 @@ from appliance.queues.depths import sample_depths
 log = logging.getLogger("appliance.metrics")
 
 SAMPLE_EVERY_S = 15.0  # brokers' management APIs, the store and NVML: no more often than this
-UNWATCHED_AFTER_S = 300.0  # no scrape this long: nobody watches...
+UNWATCHED_AFTER_S = 120.0  # no scrape this long (two of Prometheus' default intervals): nobody watches...
 UNWATCHED_EVERY_S = 300.0  # ...and the slow parts are asked this often
 STORE_WRITE_EVERY_S = 60.0  # the store's write probe: no more often than this
 

@@ -91,6 +91,7 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
         f"-s3.localSocket={s3_socket}",
         f"-filer.localSocket={private / 'filer.sock'}",
         f"-bucket={store.bucket}",
+        "-master.telemetry=false",  # no usage report to seaweedfs.com (it has no way out anyway)
     ]
     host = store.host or "127.0.0.1"
     command = [sys.executable, "-m", "appliance.store.sandbox",

@@ -12,9 +12,13 @@ def write_atomic(path: Path, text: str, mode: int | None = None, durable: bool =
     `durable`: the rename itself survives a power cut too (the folder is synced). `sync=False`
     (records a power cut may lose, never a kill: a job's attempt count, a running ledger
     record): the text is not forced to the disk before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
+    try:
+        fh = open(tmp, "w")
+    except FileNotFoundError:  # its folder is missing: made on the first write only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(tmp, "w")
+    with fh:
         if mode is not None:
             os.fchmod(fh.fileno(), mode)
         fh.write(text)

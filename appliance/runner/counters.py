@@ -75,9 +75,10 @@ class SlotCounters:
         source = self.live[name]
         return source if isinstance(source, dict) else getattr(source, "stats", {})
 
-    def job_started(self, queue: Optional[str], enqueued: Optional[float] = None) -> None:
+    def job_started(self, queue: Optional[str], enqueued: Optional[float] = None, save: bool = True) -> None:
+        """Count a start; `save=False`: in memory until the next save (the status file's)."""
         try:
-            self._job_started(queue or UNKNOWN_QUEUE, enqueued)
+            self._job_started(queue or UNKNOWN_QUEUE, enqueued, save)
         except Exception as e:  # noqa: BLE001 - a damaged file must never stop a job
             log.warning("metrics counters of %s: %s", self.path, e)
 
@@ -87,13 +88,14 @@ class SlotCounters:
         except Exception as e:  # noqa: BLE001
             log.warning("metrics counters of %s: %s", self.path, e)
 
-    def _job_started(self, queue: str, enqueued: Optional[float]) -> None:
+    def _job_started(self, queue: str, enqueued: Optional[float], save: bool = True) -> None:
         started = self.data["jobs_started"]
         started[queue] = started.get(queue, 0) + 1
         if enqueued:
             waits = self.data["wait_seconds"]
             waits[queue] = observe(waits.get(queue), max(0.0, time.time() - float(enqueued)), WAIT_BUCKETS)
-        self.save()
+        if save:
+            self.save()
 
     def _job_finished(self, queue: str, outcome: str, started: Optional[float]) -> None:
         by_outcome = self.data["jobs_finished"].setdefault(queue, {})

@@ -63,7 +63,8 @@ class Job:
         self.entry: Optional[dict] = None  # its ledger record from now on (running, ended, ...)
         self.interruptions = int((self.before or {}).get("interruptions") or 0)
         # a shared queue's message: the store knows it runs and ended as soon as this box does (a
-        # copy another box claims is held); a local one's only when it is final (no other box claims it)
+        # copy another box claims is held); a local one's only when it is final (no other box claims
+        # it), and this box's running record is written once its workload started
         self.shared = bool(getattr(msg, "shared", False))
         self.lock = open(job_dir / LOCK, "a")
         fcntl.flock(self.lock, fcntl.LOCK_EX)
@@ -159,15 +160,17 @@ class Job:
 
     def run(self) -> None:
         req, msg = self.req, self.msg
-        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid)
+        # a job that starts at once writes its status once, when its workload started
+        self.status.job_started(req.key, msg.queue, msg.source, enqueued=req.time_added, owner_uid=msg.owner_uid,
+                                lazy=True)
         log.info("running %s from %s/%s (attempt %s)", req.key, msg.source, msg.queue,
                  getattr(msg, "attempt", 1))
-        self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before,
-                                         share=self.shared)
+        if self.shared:  # the store knows it runs before anything else happens
+            self.entry = self.ledger.running(req, self.r.slot, getattr(msg, "attempt", 1), self.before)
 
         if not self.fetch():
             return
-        self.status.update(state="preparing", output=str(self.output))
+        self.status.update(state="preparing", output=str(self.output), lazy=True)
         if self.output.exists() and self.output.stat().st_size:
             self.note(f"running again on slot {self.r.slot} (an earlier attempt was cut short)")
         result = launch.prepare_env(self)
@@ -252,6 +255,9 @@ class Job:
         def started(proc):  # what nobody needs before the workload runs is told now
             self.status.update(state="draining" if self.r.stopping else "running",
                                workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
+            if self.entry is None:  # a local queue's message: its running record (this box's alone)
+                self.entry = self.ledger.running(self.req, self.r.slot, getattr(self.msg, "attempt", 1),
+                                                 self.before, share=False)
             self.record_experiment()
 
         sv = self.supervision(True)

@@ -132,6 +132,8 @@ def fresh_job_cgroup(slot: Optional[str], memory_bytes: Optional[int],
     output when that failed, else "": also when there is no job cgroup, as on the docker backend)."""
     if not slot:
         return None, ""
+    if launcher is not None:
+        launcher.ready()
     keep = launcher.proc.pid if launcher is not None and launcher.proc is not None \
         and launcher.proc.poll() is None else None
     try:

@@ -22,6 +22,7 @@ log = logging.getLogger("appliance.runner")
 def prepare_env(job) -> Optional[execute.Result]:
     """Build or reuse the job's Python environment (job.env); a Result when the job ends here."""
     s = job.s
+    job.r.launcher.ready()  # its cgroup is made: a build joins the new one, never races its making
     try:
         if s.python:
             job.env = pyenv.system_env(s.python)

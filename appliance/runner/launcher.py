@@ -104,6 +104,8 @@ class Launcher:
         self.warm_as: Optional[tuple] = None  # (python, env, user) of a warm interpreter
         self.channel = None  # the runner's end of the warm interpreter's socket
         self.fresh_leaf = False  # the job cgroup was made for the waiting process alone
+        self._mover = None  # the thread that moves it into its cgroup (warm)
+        self._placed = None  # that move, under way
 
     def warm(self, python: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
              user: Optional[tuple] = None) -> None:
@@ -131,6 +133,15 @@ class Launcher:
             if theirs is not None:
                 theirs.close()
         self.warning, self.warm_as, self.fresh_leaf = b"", want, False
+        # a cgroup move waits for the kernel (milliseconds on cgroup v1): done by a second thread,
+        # so the runner claims and fetches the next job meanwhile; ready() waits for it
+        if self._mover is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
+        self._placed = self._mover.submit(self._place, self.proc, want, fd)
+
+    def _place(self, proc: subprocess.Popen, want: Optional[tuple], fd: Optional[int]) -> bool:
+        """The waiting process into a new job cgroup, then (warm) told to become the interpreter."""
         if self.slot:
             try:
                 from appliance.slot import cgroup
@@ -140,15 +151,22 @@ class Launcher:
                     self.fresh_leaf = True
                 except Exception:  # noqa: BLE001 - the leaf there serves; the job's start makes another
                     pass
-                cg.join("job", pid=self.proc.pid)
+                cg.join("job", pid=proc.pid)
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()
         if want:  # the launcher becomes the interpreter, as the workload's account (warm.py)
             from appliance.runner import warm
-            if not self._send(self.proc, warm.warm_argv(python, os.getpid(), fd), "/", want[1], os.devnull,
-                              want[2]):
-                self._discard()
+            return self._send(proc, warm.warm_argv(want[0], os.getpid(), fd), "/", want[1], os.devnull, want[2])
+        return True
+
+    def ready(self) -> bool:
+        """Wait until the waiting process is in its cgroup (warm: told what to become); False
+        when there is none, or it could not be told."""
+        placed, self._placed = self._placed, None
+        if placed is not None and not placed.result():
+            self._discard()
+        return self.proc is not None
 
     @staticmethod
     def _send(proc: subprocess.Popen, argv, cwd, env, output: str, user) -> bool:
@@ -168,6 +186,7 @@ class Launcher:
         """The waiting process turned into the workload; None if there was none (fork then).
         Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
         import json
+        self.ready()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             self._discard(proc)
@@ -233,6 +252,9 @@ class Launcher:
         return proc
 
     def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
+        placed, self._placed = self._placed, None
+        if placed is not None:
+            placed.result()  # not killed while it is being moved
         proc = proc or self.proc
         if proc is self.proc:
             self.proc = None
@@ -253,6 +275,10 @@ class Launcher:
 
     def close(self) -> None:
         """No more jobs: the waiting process exits (EOF on its stdin, or on its socket)."""
+        self.ready()
+        if self._mover is not None:
+            self._mover.shutdown()
+            self._mover = None
         proc, self.proc = self.proc, None
         if self.channel is not None:
             self.channel.close()

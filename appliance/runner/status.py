@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -34,14 +35,19 @@ from typing import Any, Optional
 
 log = logging.getLogger("appliance.runner")
 
+LAZY_WRITE_S = 0.25  # a lazy status update reaches the file this soon at the latest
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
 
 def write_json_atomic(path: Path, data: Any, mode: Optional[int] = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
+        try:
+            f = open(tmp, "w")
+        except FileNotFoundError:  # its folder is missing: made on the first write only
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "w")
+        with f:
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             f.write(json.dumps(data, sort_keys=True) + "\n")
@@ -79,13 +85,41 @@ class StatusFile:
         self.previous = previous  # what a runner killed before us left behind
         self.counters = None  # counters.SlotCounters: told of every job start and end
         self.unwritten: Optional[str] = None  # why the last update is in memory only (a full disk)
+        self._lock = threading.Lock()
+        self._due: Optional[threading.Timer] = None  # writes lazy updates nobody wrote sooner
+        self._counters_due = False
 
-    def update(self, **fields: Any) -> None:
+    def update(self, lazy: bool = False, **fields: Any) -> None:
+        """Merge `fields` and rewrite the file. `lazy`: only if nothing writes it within
+        LAZY_WRITE_S (a job's first steps: a job that starts at once is not held up by them,
+        a slow fetch or build still shows)."""
         state = fields.get("state")
         if state is not None and state not in STATES:
             raise ValueError(f"unknown runner state {state!r}")
-        self.data.update(fields)
-        self.data["updated"] = time.time()
+        with self._lock:
+            self.data.update(fields)
+            self.data["updated"] = time.time()
+            if lazy:
+                if self._due is None:
+                    self._due = threading.Timer(LAZY_WRITE_S, self.flush)
+                    self._due.daemon = True
+                    self._due.start()
+                return
+            self._write()
+
+    def flush(self) -> None:
+        """Write what lazy updates left in memory (now, not when their timer ends)."""
+        with self._lock:
+            if self._due is not None:
+                self._write()
+
+    def _write(self) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        if self._counters_due and self.counters is not None:
+            self._counters_due = False
+            self.counters.save()
         try:
             write_json_atomic(self.path, self.data)
         except OSError as e:  # a full disk never stops a runner: the status waits in memory
@@ -96,12 +130,14 @@ class StatusFile:
             self.unwritten = None
 
     def job_started(self, experiment: str, queue: str, source: str, enqueued: Optional[float] = None,
-                    owner_uid: Optional[int] = None) -> None:
+                    owner_uid: Optional[int] = None, lazy: bool = False) -> None:
         """`owner_uid`: who submitted it, as the kernel said (the queue file's uid); None: unknown."""
-        self.update(state="fetching", experiment=experiment, queue=queue, source=source,
-                    started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid)
         if self.counters is not None:
-            self.counters.job_started(queue, enqueued)
+            self.counters.job_started(queue, enqueued, save=not lazy)
+            self._counters_due = lazy
+        self.update(state="fetching", experiment=experiment, queue=queue, source=source,
+                    started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid,
+                    lazy=lazy)
 
     def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
                      gpu: Optional[dict] = None, cls: Optional[str] = None,
@@ -111,7 +147,8 @@ class StatusFile:
             from appliance.runner.classes import classify
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
-            self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
+            with self._lock:  # a lazy write may save them meanwhile
+                self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
         result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
                   "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}

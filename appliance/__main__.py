@@ -1,3 +1,3 @@
-from appliance.cli import main
+from appliance.cli import command
 
-raise SystemExit(main())
+raise SystemExit(command())

@@ -3,8 +3,8 @@ the total, rate, time left. Silent when stderr is not a terminal (a pipe, a log,
 
 from __future__ import annotations
 
+import _thread
 import sys
-import threading
 import time
 from typing import Optional
 
@@ -33,7 +33,7 @@ class Progress:
         self.started = clock()
         self.done = 0
         self._drawn: Optional[float] = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # threading's Lock, without importing threading
         try:
             self.live = self.stream.isatty()
         except (AttributeError, ValueError):

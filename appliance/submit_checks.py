@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from appliance.studioml.environment import ProjectEnvError, project_env
 from appliance.studioml.request import Resources, parse_size, unmet
 from appliance.workspace import walk
 
@@ -48,6 +47,8 @@ def pack_plan(home, args, workdir: Path, script: Path, resources: dict) -> Packi
     if args.freeze or args.no_freeze:
         pythonenv = []
     else:
+        from appliance.studioml.environment import ProjectEnvError, project_env
+
         try:
             env, packing.pythonver = project_env(workdir, entries, args.python)
         except ProjectEnvError as e:
@@ -112,10 +113,13 @@ def unrunnable(resources: Resources, shapes: Iterable, disk_bytes: Optional[int]
 def bad_requirements(lines: Iterable[str], where: str) -> Optional[str]:
     """None, or what a runner would say about the requirement lines (it refuses the job);
     `where` names their source for the user ("requirements.txt", "--pip")."""
+    lines = list(lines)
+    if not lines:
+        return None  # (and the requirement parser is not even imported)
     from appliance.pyenv.requirements import BadRequirement, normalized
 
     try:
-        normalized(list(lines))
+        normalized(lines)
     except BadRequirement as e:
         return f"{where}: {e}"
     return None

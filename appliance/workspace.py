@@ -16,10 +16,10 @@ and symlinks that lead outside the directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -130,29 +130,45 @@ def pack_directory(path, out_dir=None,
     Returns `(tar_path, sha256)`; the caller removes the file. `on_skip(relpath, why)` hears
     about each entry left out for a reason other than SKIP_NAMES and the ignore files.
     """
+    import tempfile  # (a small workspace is packed in memory: pack_bytes)
+
     if entries is None:
         entries = walk(path, on_skip)
     fd, tmp = tempfile.mkstemp(prefix="workspace-", suffix=".tar", dir=out_dir)
     os.close(fd)
     out = Path(tmp)
-    tell = progress or (lambda n: None)
     try:
         with open(out, "wb") as raw:
-            hashed = _Hashing(raw)  # the hash is taken as the tar is written: no second read
-            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for e in entries:
-                    if e.path == out:
-                        continue  # packing into the directory being packed
-                    info = _normalize(tf.gettarinfo(str(e.path), arcname=e.rel))
-                    if e.kind == "file":
-                        with open(e.path, "rb") as fh:
-                            tf.addfile(info, _Counting(fh, tell))
-                    else:
-                        tf.addfile(info)
-        return out, hashed.sha.hexdigest()
+            sha = _write_tar(raw, entries, progress, leave_out=out)
+        return out, sha
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+
+
+def pack_bytes(entries: list, progress: Optional[Callable[[int], None]] = None) -> tuple:
+    """The same tar as pack_directory's, of the `entries` walk() gave, in memory: `(bytes,
+    sha256)`. For a small workspace (no temporary file to write, read back and remove)."""
+    raw = io.BytesIO()
+    sha = _write_tar(raw, entries, progress)
+    return raw.getvalue(), sha
+
+
+def _write_tar(raw, entries: list, progress, leave_out: Optional[Path] = None) -> str:
+    """Write the tar of `entries` to the binary file `raw`; its sha256 (hex)."""
+    tell = progress or (lambda n: None)
+    hashed = _Hashing(raw)  # the hash is taken as the tar is written: no second read
+    with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for e in entries:
+            if e.path == leave_out:
+                continue  # packing into the directory being packed
+            info = _normalize(tf.gettarinfo(str(e.path), arcname=e.rel))
+            if e.kind == "file":
+                with open(e.path, "rb") as fh:
+                    tf.addfile(info, _Counting(fh, tell))
+            else:
+                tf.addfile(info)
+    return hashed.sha.hexdigest()
 
 
 class _Hashing:

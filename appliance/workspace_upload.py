@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -13,10 +12,11 @@ from typing import Optional
 from appliance.progress import Progress
 from appliance.store import sigv4
 from appliance.units import format_size
-from appliance.workspace import (manifest_key, pack_directory, recently_changed, total_bytes,
+from appliance.workspace import (manifest_key, pack_bytes, pack_directory, recently_changed, total_bytes,
                                  walk, workspace_key)
 
 SINGLE_PUT_MAX = 64 * 2**20  # larger workspaces go with boto3, in parallel parts
+MEMORY_PACK_MAX = 8 * 2**20  # files of at most this many bytes are packed in memory, not in a temp file
 WARN_BYTES = 2**30           # a folder larger than this gets a hint about .applianceignore
 CACHE_ENTRIES = 256          # trees remembered in the workspace cache
 
@@ -55,25 +55,49 @@ def send_workspace(workdir: Path, endpoint: str, access_key: str, secret_key: st
               "job does not need with a .applianceignore file (gitignore syntax)", file=sys.stderr)
     began = time.time_ns()
     meter = Progress("packing", total)
-    tar, sha = pack_directory(workdir, entries=entries, progress=meter.add)
+    tar = data = None
+    if total <= MEMORY_PACK_MAX:
+        data, sha = pack_bytes(entries, progress=meter.add)
+    else:
+        tar, sha = pack_directory(workdir, entries=entries, progress=meter.add)
     meter.close()
     try:
-        ws_key, size = workspace_key(sha), tar.stat().st_size
+        ws_key = workspace_key(sha)
+        size = len(data) if tar is None else tar.stat().st_size
         sent = False
         if size <= SINGLE_PUT_MAX:
             try:
                 if not sigv4.exists(endpoint, access_key, secret_key, region, bucket, ws_key):
-                    sigv4.put_file(endpoint, access_key, secret_key, region, bucket, ws_key, tar, sha)
+                    if tar is None:
+                        sigv4.put_bytes(endpoint, access_key, secret_key, region, bucket, ws_key, data, sha)
+                    else:
+                        sigv4.put_file(endpoint, access_key, secret_key, region, bucket, ws_key, tar, sha)
                 sent = True
             except sigv4.Unexpected:
                 pass
         if not sent:
+            if tar is None:
+                tar = _in_temp_file(data)  # boto3 uploads a file
             _send_with_boto3(tar, ws_key, endpoint, access_key, secret_key, bucket, region)
         if not recently_changed(entries, began):
             _remember(cache_file, tree, {"sha256": sha, "size": size})
         return ws_key, size
     finally:
-        tar.unlink(missing_ok=True)
+        if tar is not None:
+            tar.unlink(missing_ok=True)
+
+
+def _in_temp_file(data: bytes) -> Path:
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="workspace-", suffix=".tar")
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(data)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
 
 
 def default_cache_file() -> Path:
@@ -117,6 +141,8 @@ def _send_with_boto3(tar: Path, ws_key: str, endpoint: str, access_key: str, sec
                      bucket: str, region: str) -> None:
     """Upload in parallel parts, with progress; if anything stops it (Ctrl-C included), the
     multipart upload it began is aborted, so no part is left behind in the store."""
+    import signal
+
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 

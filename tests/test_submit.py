@@ -25,7 +25,7 @@ from appliance.queues.local import DEAD, LocalQueueSource, share_queue_tree
 from appliance.studioml.request import parse_request
 from appliance.studioml.safetar import safe_extract
 from appliance.store.credentials import load_client_credentials
-from appliance.workspace import pack_directory, workspace_key
+from appliance.workspace import pack_bytes, pack_directory, walk, workspace_key
 from tests.realparts import full_filesystem
 
 
@@ -84,6 +84,15 @@ def test_pack_is_deterministic(project, tmp_path):
     (project / "train.py").write_text("print('changed')\n")
     c, sha_c = pack_directory(project, out_dir=tmp_path)
     assert sha_c != sha_a
+
+
+def test_pack_in_memory_is_the_same_tar(project, tmp_path):
+    """A small workspace is packed in memory (workspace_upload): the same bytes, the same key."""
+    tar, sha = pack_directory(project, out_dir=tmp_path)
+    data, sha_mem = pack_bytes(walk(project))
+    assert (data, sha_mem) == (tar.read_bytes(), sha)
+    assert sha == hashlib.sha256(data).hexdigest()
+    tar.unlink()
 
 
 def test_pack_leaves_out_what_a_runner_would_refuse(project, tmp_path):
@@ -226,6 +235,49 @@ def test_submit_end_to_end(store_home, project, store, capsys, tmp_path):
     assert not (dest / ".git").exists() and not (dest / ".venv").exists()
     src.ack(msg)
     src.close()
+
+
+def test_root_submit_follows_a_changed_config(store_home, project, store, capsys):
+    """Root's submit remembers where the store is (HOME/run/submit-store.json), but never past a
+    change of appliance.toml, even one that keeps its size and mtime."""
+    from tests.realparts import free_port
+
+    config = store_home.config_file
+    old = os.stat(config).st_mtime_ns - 10**10  # settled: older than a few seconds
+    os.utime(config, ns=(old, old))
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0
+    assert (store_home.run_dir / "submit-store.json").exists()
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 0  # from there
+    port = str(urlsplit(store.endpoint_url).port)
+    moved = str(free_port())
+    while len(moved) != len(port):
+        moved = str(free_port())
+    config.write_text(config.read_text().replace(f"port = {port}", f"port = {moved}"))
+    os.utime(config, ns=(old, old))
+    capsys.readouterr()
+    assert submit(store_home, "--dir", str(project), "--no-freeze", "train.py") == 2
+    assert f"cannot reach the object store at http://127.0.0.1:{moved}" in capsys.readouterr().err
+
+
+def test_a_plain_submit_imports_only_what_it_uses(store_home, project):
+    """A submit is timed from the user's shell, most of it imports: none of boto3, http.client,
+    the config schema (its place remembered), the cgroup package, subprocess or the freeze helper."""
+    config = store_home.config_file
+    old = os.stat(config).st_mtime_ns - 10**10
+    os.utime(config, ns=(old, old))
+    script = ("import sys\nfrom appliance.cli import main\nrc = main(sys.argv[1:])\n"
+              "print(' '.join(sorted(sys.modules)))\nsys.exit(rc)\n")
+    argv = [sys.executable, "-c", script, "--home", str(store_home.root), "submit", "--no-freeze",
+            "--dir", str(project), "train.py"]
+    for _ in range(2):  # the second finds the store's place remembered
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "appliance.workspace_upload" in loaded  # it did submit
+    heavy = {"boto3", "botocore", "http.client", "appliance.config", "tomllib", "appliance.slot.cgroup",
+             "subprocess", "appliance.freeze", "appliance.api.protocol", "appliance.studioml.environment",
+             "tempfile"}
+    assert loaded & heavy == set()
 
 
 def test_submit_on_a_full_disk_is_one_line_and_leaves_nothing(store_home, project, capsys):

@@ -132,6 +132,7 @@ def test_it_waits_as_the_workloads_account_in_the_job_cgroup(tmp_path, slot_cgro
     launcher = warmed(slot=slot_cgroup, user=NOBODY)
     try:
         pid = launcher.proc.pid
+        assert launcher.ready()  # moved into the job cgroup (by a second thread)
         launcher.channel.settimeout(30)
         assert launcher.channel.recv(1, socket.MSG_PEEK) == b"W"  # the interpreter is up and waiting
         assert "_warm()" in open(f"/proc/{pid}/cmdline").read()

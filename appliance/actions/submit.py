@@ -10,8 +10,12 @@ What is packed, with which environment, and what is refused before anything is s
 decided in appliance/submit_checks.py (the project's own environment: appliance/studioml/environment.py;
 ignore files: appliance/ignore.py); the upload is appliance/workspace_upload.py.
 
-A submit of a small folder takes ~0.1 s (bench/bench_submit.py): a small workspace goes with
-two plain signed HTTP requests (boto3 alone would cost ~0.2 s to import and set up), with
+A submit of a small folder takes ~70 ms, most of it the interpreter and its imports
+(bench/compare.py, bench/bench_submit.py), so a plain submit imports only what it uses: a
+small workspace goes with two plain signed HTTP requests (appliance/store/sigv4.py,
+appliance/http1.py: boto3 alone would cost ~0.2 s to import and set up, http.client ~10 ms),
+root's submit finds the store's place without the config schema (api/submit_client.py), and
+the process ends without the interpreter's teardown (cli.command). With
 `--freeze` the interpreter's package list is read (importlib.metadata, not `pip freeze`) while
 the workspace is packed and sent, and a workspace the store already holds (same tree, same
 sha256, same `blobstore/<sha256>.tar` key) costs one HEAD and no upload; a folder unchanged
@@ -23,23 +27,21 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from appliance.api.submit_client import enqueue_request, submit_store
-from appliance.freeze import finish_freeze, start_freeze
-from appliance.jobs.control import JobError
-from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
-from appliance.jobs.policy import SpecError, array_plan, member_key
-from appliance.queues.local import is_local_queue, no_access
+from appliance.api.submit_client import QueueRefused, enqueue_request, submit_store
+from appliance.queues.local_layout import is_local_queue, no_access
 from appliance.studioml.request import BadRequest, parse_duration, parse_request, parse_size
 from appliance.submit_checks import SubmitRefused, pack_plan
 from appliance.workspace_upload import StoreProblem, send_workspace
+
+# A plain submit imports no more than it needs (it is timed: bench/compare.py): what only
+# --freeze, --array or --sweep use is imported where they are used.
 
 DEFAULT_QUEUE = "local_appliance"
 MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata")
@@ -95,7 +97,9 @@ def register(sub):
                         "%%N at most N run at once")
     p.add_argument("script", help="Python file to run, relative to the packed folder")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-    p.set_defaults(func=run)
+    # it makes no cgroup (cli.py need not find them) and closes every file it writes (so
+    # cli.command may end the process without the interpreter's teardown)
+    p.set_defaults(func=run, cgroups=False, quick_exit=True)
 
 
 def _fail(msg: str) -> int:
@@ -183,10 +187,14 @@ def run(args) -> int:
             parse_duration(value, flag)
     except BadRequest as e:
         return _fail(str(e))
-    try:
-        array = array_plan(args.array, args.sweep)
-    except SpecError as e:
-        return _fail(str(e))
+    array = None
+    if args.array is not None or args.sweep:
+        from appliance.jobs.policy import SpecError, array_plan
+
+        try:
+            array = array_plan(args.array, args.sweep)
+        except SpecError as e:
+            return _fail(str(e))
 
     if not shutil.which(args.python) and not args.no_freeze:
         return _fail(_freeze_problem(args.python, "not found"))
@@ -198,11 +206,15 @@ def run(args) -> int:
     creds = submit_store(home)  # the caller's own identity; it travels in the message: never the admin's
     endpoint, bucket, region = creds.endpoint, creds.bucket, creds.region
 
-    key = f"{int(time.time())}_{uuid.uuid4().hex[:12]}"
+    key = f"{int(time.time())}_{os.urandom(6).hex()}"  # as uuid4().hex[:12]: 48 random bits
 
     pythonenv, pythonver = packing.pythonenv, packing.pythonver
     freezing = None
     if args.freeze:
+        import subprocess
+
+        from appliance.freeze import finish_freeze, start_freeze
+
         try:
             freezing = start_freeze(args.python)  # runs while the workspace is packed and sent
         except OSError as e:
@@ -230,6 +242,9 @@ def run(args) -> int:
             freezing.communicate()
 
     base = key
+    if array is not None:
+        from appliance.jobs.intake import ARRAY_BASE, ARRAY_INDEX, ARRAY_LIMIT
+        from appliance.jobs.policy import member_key
     members = [(key, env)] if array is None else [
         (member_key(base, i), {**env, **extra, ARRAY_BASE: base, ARRAY_INDEX: str(i),
                                **({ARRAY_LIMIT: str(array[1])} if array[1] else {})})
@@ -250,8 +265,8 @@ def run(args) -> int:
             return _fail(no_access(home.queue_root))
         except OSError as e:  # a full disk (QueueWriteError's one line), a lock held too long
             return _fail(str(e))
-        except JobError as e:  # the key is a job already (root's path; a member's says it through the API)
-            return _fail(e.message)
+        except QueueRefused as e:  # the key is a job already (root's path; a member's says it through the API)
+            return _fail(str(e))
     if array is None:
         print(f"queued {key} on {args.queue} (workspace {size / 2**20:.1f} MiB)", file=sys.stderr)
     else:

@@ -6,23 +6,26 @@
 Every failure is an ApiClientError whose message is one line a user can act on: the appliance is
 not running, the caller may not reach it, or the server's own `{"error": ...}` line. A socket that
 refuses (the API program restarting under supervisord) is tried once more after a short pause.
+A call's answer is read with appliance/http1.py (http.client costs a quick `appliance submit`
+~10 ms to import); a followed stream, with http.client.
 """
 
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import socket
 import time
 from typing import Iterator
 
-from appliance.api.protocol import PREFIX, SOCKET_NAME
+from appliance import http1
+from appliance.api import PREFIX, SOCKET_NAME
 from appliance.paths import SHARED_GROUP, Home
 
 RETRY_PAUSE_S = 2.0
 TIMEOUT_S = 300.0
+ANSWER_LIMIT = 1 << 30  # an answer is read whole; a larger one is a broken answer
 
 
 class ApiClientError(Exception):
@@ -60,20 +63,20 @@ def refused_line(home: Home) -> str:
             f"sudo usermod -aG {SHARED_GROUP} {_user()} (then log in again)")
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+def _unix_socket(path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+def _broke_off(method: str, path: str, e: BaseException) -> ApiClientError:
+    return ApiClientError(f"the appliance's API broke off {method} {path}: {e or type(e).__name__}; "
+                          "try again (an admin finds why in HOME/logs/api.log)")
 
 
 class Client:
@@ -83,12 +86,10 @@ class Client:
         self.path = str(home.run_dir / SOCKET_NAME)
         self.timeout = timeout
 
-    def _connect(self) -> _UnixConnection:
+    def _connect(self) -> socket.socket:
         for attempt in (1, 2):
-            conn = _UnixConnection(self.path, self.timeout)
             try:
-                conn.connect()
-                return conn
+                return _unix_socket(self.path, self.timeout)
             except FileNotFoundError:
                 raise NotRunning(not_running_line(self.home)) from None
             except PermissionError:
@@ -105,19 +106,28 @@ class Client:
                 raise ApiClientError(f"cannot reach the appliance's API at {self.path}: {e.strerror or e}") from None
         raise NotRunning(not_running_line(self.home))
 
-    def _send(self, method: str, path: str, body: dict | None):
+    @staticmethod
+    def _request(method: str, path: str, body: dict | None) -> tuple:
+        """(path with the API's prefix, body bytes or None, headers)."""
         if not path.startswith(PREFIX + "/"):
             path = PREFIX + path
-        conn = self._connect()
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        return path, data, headers
+
+    def _send(self, method: str, path: str, body: dict | None):
+        """(connection, response) of http.client, the answer not yet read (a stream)."""
+        import http.client
+
+        path, data, headers = self._request(method, path, body)
+        conn = http.client.HTTPConnection("localhost", timeout=self.timeout)
+        conn.sock = self._connect()
         try:
             conn.request(method, path, body=data, headers=headers)
             return conn, conn.getresponse()
         except (ConnectionError, http.client.HTTPException, socket.timeout) as e:
             conn.close()
-            raise ApiClientError(f"the appliance's API broke off {method} {path}: {e or type(e).__name__}; "
-                                 "try again (an admin finds why in HOME/logs/api.log)") from None
+            raise _broke_off(method, path, e) from None
 
     @staticmethod
     def _error(response, raw: bytes) -> ApiClientError:
@@ -130,11 +140,16 @@ class Client:
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """The JSON object answered; ApiClientError for any error answer."""
-        conn, response = self._send(method, path, body)
+        target, data, headers = self._request(method, path, body)
+        sock = self._connect()
         try:
-            raw = response.read()
+            response = http1.exchange(sock, method, target, {"Host": "localhost", **headers}, body=data,
+                                      limit=ANSWER_LIMIT)
+        except (ConnectionError, http1.BrokenAnswer, socket.timeout) as e:
+            raise _broke_off(method, target, e) from None
         finally:
-            conn.close()
+            sock.close()
+        raw = response.body
         if response.status >= 400:
             raise self._error(response, raw)
         try:
@@ -169,9 +184,7 @@ class Client:
 def reachable(home: Home) -> bool:
     """Whether an API answers at `home` (quick: no retry)."""
     try:
-        conn = _UnixConnection(str(home.run_dir / SOCKET_NAME), 2.0)
-        conn.connect()
-        conn.close()
+        _unix_socket(str(home.run_dir / SOCKET_NAME), 2.0).close()
         return True
     except OSError:
         return False

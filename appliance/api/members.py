@@ -14,8 +14,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 
+from appliance.api.store_access import Store  # noqa: F401 - where the API's routes find it
 from appliance.paths import Home
 from appliance.store.credentials import (CredentialsError, MemberIdentity, ensure_member, load_client_credentials,
                                          load_credentials, write_identities)
@@ -27,16 +27,6 @@ _lock = threading.Lock()
 
 class MemberStoreError(CredentialsError):
     """The member's identity could not be put to work; one line."""
-
-
-@dataclass(frozen=True)
-class Store:
-    endpoint: str
-    region: str
-    bucket: str
-    access_key: str
-    secret_key: str
-    private: bool  # the bucket and key are this member's alone
 
 
 def reload_store(home: Home) -> None:

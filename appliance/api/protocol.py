@@ -16,9 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-API_VERSION = "v1"
-PREFIX = "/" + API_VERSION
-SOCKET_NAME = "api.sock"
+from appliance.api import API_VERSION, PREFIX, SOCKET_NAME  # noqa: F401 - where importers find them
 MAX_BODY = 1024 * 1024  # a request body larger than this is refused (413)
 
 

@@ -80,6 +80,7 @@ class VenvCache:
         self.stats = {"hits": 0, "misses": 0, "build_failures": 0, "build_seconds": 0.0}  # for /metrics
         self.uv_cache = uv_cache  # None: every set is built by pip, as before
         self._evicted_at = float("-inf")
+        self._over = False  # the last eviction left more than the bounds (venvs in use)
 
     def path(self, key: str) -> Path:
         """Where the venv for `key` is used from (a symlink to its build directory)."""
@@ -143,7 +144,9 @@ class VenvCache:
             raise
         if not built:
             self.stats["hits"] += 1
-        if built or time.monotonic() - self._evicted_at > EVICT_EVERY_S:  # a hit adds nothing to evict
+        # a hit adds nothing to evict: the bounds are looked at after a build, while the cache is
+        # still over them (what it could not evict was in use), and once a minute
+        if built or self._over or time.monotonic() - self._evicted_at > EVICT_EVERY_S:
             self._evicted_at = time.monotonic()
             self.evict(keep=key)
         return PythonEnv(python=str(venv / "bin" / "python"), bin_dir=venv / "bin", key=key,
@@ -201,6 +204,7 @@ class VenvCache:
             removed.append(key)
             count -= 1
             total -= size
+        self._over = count > self.max_count or total > self.max_bytes
         for old in self.root.glob("*.lock"):  # lock files of an earlier layout, openable by anyone
             old.unlink(missing_ok=True)
         for left in self.root.glob(".*.*"):

@@ -80,8 +80,6 @@ class Job:
 
     def _make_dirs(self) -> None:
         """The job dir is the runner's (root, 0711); what the workload may write is its own."""
-        (self.dir / REQUEST).write_bytes(self.msg.body)
-        os.chmod(self.dir / REQUEST, 0o600)
         out = self.output.parent
         out.mkdir(mode=0o700)
         for name in (".tmp", ".home"):
@@ -272,6 +270,8 @@ class Job:
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
+        if self.workload_ended and not self.r.stopping:  # the next job's interpreter starts while this one settles
+            self.r.launcher.warm(*self.r.warm_with)
         return result
 
     def record_experiment(self) -> None:
@@ -328,13 +328,21 @@ class Job:
             ended["gpu"] = self.gpu.summary()  # peak GPU memory, mean utilisation
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
-        self.hold_for_space(lambda: write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True),
-                            "to record that it ended")  # from here on it never runs again
+        self.hold_for_space(lambda: self._record_end(ended), "to record that it ended")  # never runs again
         self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
         self.keep_dir = True
         self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended,  # the users' copy: once done
                                        share=self.shared)
         self.complete(ended)
+
+    def _record_end(self, ended: dict) -> None:
+        """JOB/.ended.json, and the request beside it that finishing its uploads later reads."""
+        fd = os.open(self.dir / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.msg.body)
+            f.flush()
+            os.fsync(f.fileno())
+        write_atomic(self.dir / ENDED, json.dumps(ended), mode=0o600, durable=True)  # syncs the folder too
 
     def hold_for_space(self, write, what: str) -> None:
         """Do `write` (a durable record of the finished job) once the disk takes it: while it is
@@ -402,8 +410,10 @@ class Job:
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
-        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended)
-        self._write_record({**ended, "state": "done"})
+        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended, share=False)  # this box's
+        entry = self.entry  # then the store's copy and the users' copy, at once
+        self.r.lookahead.together(lambda: self.ledger.share(entry),
+                                  lambda: self._write_record({**ended, "state": "done"}))
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")

@@ -16,18 +16,19 @@ from appliance.process import signal_group
 # The launcher process (`python -I -S -c _LAUNCHER <runner pid>`, started with vfork: no
 # preexec_fn). It first does what _preexec does in a forked child: PDEATHSIG=SIGKILL, exit if
 # the runner is already gone, oom_score_adj 1000 (the runner joins it to the job cgroup from
-# outside, see Launcher.warm), then answers "R" on stdout. Then it waits for one JSON line on
-# stdin ({argv, cwd, env, output, user}) and becomes the workload the way subprocess.Popen would
+# outside, see Launcher.warm), then answers "R" on stdout. Then it reads one job on stdin (its
+# size in 8 bytes, then {argv, cwd, env, output, user} marshalled: the runner's own interpreter
+# reads it, and marshal costs no import) and becomes the workload the way subprocess.Popen would
 # have started it: stdin /dev/null, stdout and stderr appended to the output file, cwd,
 # signals Python ignores back to their defaults, umask 077, the workload's uid:gid (no
 # supplementary groups; PDEATHSIG set again, since a uid change clears it), argv[0] looked up
-# on the env's PATH. On
-# stdout it answers "." right before the exec, and [errno, strerror, filename] if that
-# failed; the exec closes that descriptor (close-on-exec).
+# on the env's PATH. On stdout it answers "." right before the exec, and (errno, strerror,
+# filename) marshalled if that failed; the exec closes that descriptor (close-on-exec). It
+# imports only what costs nothing to load (no json, no signal.py): it starts for every job.
 _LAUNCHER = """\
-import ctypes, json, os, signal, sys
+import ctypes, marshal, os, sys, _signal
 try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(1, _signal.SIGKILL, 0, 0, 0)
 except Exception:
     pass
 if os.getppid() != int(sys.argv[1]):
@@ -38,13 +39,19 @@ try:
 except OSError:
     pass
 os.write(1, b"R")
-spec = sys.stdin.buffer.readline()
-if not spec:
-    os._exit(0)
+def read(n):
+    data = b""
+    while len(data) < n:
+        more = os.read(0, n - len(data))
+        if not more:
+            os._exit(0)
+        data += more
+    return data
+spec = read(int.from_bytes(read(8), "big"))
 status = os.dup(1)
 name = None
 try:
-    s = json.loads(spec)
+    s = marshal.loads(spec)
     fd = os.open(s["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -55,22 +62,22 @@ try:
     name = s["cwd"]
     os.chdir(name)
     for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
-        if hasattr(signal, sig):
-            signal.signal(getattr(signal, sig), signal.SIG_DFL)
+        if hasattr(_signal, sig):
+            _signal.signal(getattr(_signal, sig), _signal.SIG_DFL)
     os.umask(0o077)
     if s.get("user"):
         uid, gid = s["user"]
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(1, _signal.SIGKILL, 0, 0, 0)
         if os.getppid() != int(sys.argv[1]):
             os._exit(137)
     name = s["argv"][0]
     os.write(status, b".")
     os.execvpe(name, s["argv"], s["env"])
 except OSError as e:
-    os.write(status, json.dumps([e.errno, e.strerror, name]).encode())
+    os.write(status, marshal.dumps((e.errno, e.strerror, name)))
 os._exit(127)
 """
 
@@ -117,15 +124,21 @@ class Launcher:
         self._discard()
         theirs = None
         try:
-            if want:
+            if want:  # the interpreter itself, as the workload's account from its first instruction
                 import socket
+                from appliance.runner import warm
                 self.channel, theirs = socket.socketpair()
-            self.proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                cwd="/", env={}, start_new_session=True, close_fds=True,
-                pass_fds=(theirs.fileno(),) if theirs else ())
-            fd = theirs.fileno() if theirs else None
+                account = dict(user=want[2][0], group=want[2][1], extra_groups=[]) if want[2] else {}
+                self.proc = subprocess.Popen(
+                    warm.warm_argv(want[0], os.getpid(), theirs.fileno()), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],
+                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=0o077,
+                    **account)
+            else:
+                self.proc = subprocess.Popen(
+                    [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    cwd="/", env={}, start_new_session=True, close_fds=True)
         except (OSError, subprocess.SubprocessError):
             self._discard()
             return
@@ -138,10 +151,10 @@ class Launcher:
         if self._mover is None:
             from concurrent.futures import ThreadPoolExecutor
             self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
-        self._placed = self._mover.submit(self._place, self.proc, want, fd)
+        self._placed = self._mover.submit(self._place, self.proc)
 
-    def _place(self, proc: subprocess.Popen, want: Optional[tuple], fd: Optional[int]) -> bool:
-        """The waiting process into a new job cgroup, then (warm) told to become the interpreter."""
+    def _place(self, proc: subprocess.Popen) -> bool:
+        """The waiting process into a new job cgroup."""
         if self.slot:
             try:
                 from appliance.slot import cgroup
@@ -155,14 +168,10 @@ class Launcher:
             except Exception as e:  # still inside the slot's limits, via the runner's cgroup
                 self.warning = (f"appliance: warning: cannot join the job cgroup of slot "
                                 f"{self.slot}: {e}\n").encode()
-        if want:  # the launcher becomes the interpreter, as the workload's account (warm.py)
-            from appliance.runner import warm
-            return self._send(proc, warm.warm_argv(want[0], os.getpid(), fd), "/", want[1], os.devnull, want[2])
         return True
 
     def ready(self) -> bool:
-        """Wait until the waiting process is in its cgroup (warm: told what to become); False
-        when there is none, or it could not be told."""
+        """Wait until the waiting process is in its cgroup; False when there is none."""
         placed, self._placed = self._placed, None
         if placed is not None and not placed.result():
             self._discard()
@@ -170,12 +179,12 @@ class Launcher:
 
     @staticmethod
     def _send(proc: subprocess.Popen, argv, cwd, env, output: str, user) -> bool:
-        """The launcher's one line: what to exec, where, as whom, output appended to `output`."""
-        import json
-        spec = {"argv": list(argv), "cwd": str(cwd), "env": dict(env), "output": output,
-                "user": list(user) if user else None}
+        """The launcher's one job: what to exec, where, as whom, output appended to `output`."""
+        import marshal
+        spec = marshal.dumps({"argv": list(argv), "cwd": str(cwd), "env": dict(env), "output": output,
+                              "user": list(user) if user else None})
         try:
-            proc.stdin.write(json.dumps(spec).encode() + b"\n")
+            proc.stdin.write(len(spec).to_bytes(8, "big") + spec)
             proc.stdin.close()
             return True
         except (OSError, ValueError):
@@ -185,7 +194,7 @@ class Launcher:
                user: Optional[tuple] = None) -> Optional[subprocess.Popen]:
         """The waiting process turned into the workload; None if there was none (fork then).
         Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
-        import json
+        import marshal
         self.ready()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -215,7 +224,7 @@ class Launcher:
         proc.args = list(argv)
         if answer != b".":
             proc.wait()
-            errno_, strerror, name = json.loads(answer[1:])
+            errno_, strerror, name = marshal.loads(answer[1:])
             raise OSError(errno_, strerror, name)
         return proc
 
@@ -230,7 +239,7 @@ class Launcher:
             self._discard(proc)
             return None
         try:
-            if proc.stdout.read() != b"R." or channel.recv(1) != b"W":  # the interpreter is not up
+            if proc.poll() is not None or channel.recv(1) != b"W":  # the interpreter did not come up
                 self._discard(proc)
                 return None
             if self.warning:
@@ -246,8 +255,6 @@ class Launcher:
             return None
         channel.close()
         self.channel = None
-        proc.stdout.close()
-        proc.stdin = proc.stdout = None
         proc.args = list(argv)
         return proc
 

@@ -251,9 +251,10 @@ class Ledger:
     def ended(self, record: dict, ended: dict, share: bool = True) -> dict:
         return self.write({**record, **ended, "state": ENDED_STATE, "heartbeat": time.time()}, share=share)
 
-    def settled(self, record: dict, ended: dict) -> dict:
+    def settled(self, record: dict, ended: dict, share: bool = True) -> dict:
+        """Final (done or failed); `share=False`: the caller `share`s it with the store."""
         final = DONE if ended.get("outcome") == "success" else FAILED
-        return self.write({**record, **ended, "state": final})
+        return self.write({**record, **ended, "state": final}, share=share)
 
     def released(self, record: Optional[dict], why: str) -> Optional[dict]:
         if record is None or record.get("state") in FINAL:

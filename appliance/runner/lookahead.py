@@ -1,4 +1,5 @@
-"""The store requests a job's fetch needs, asked while the runner still gets the job ready.
+"""The store requests a job's fetch needs, asked while the runner still gets the job ready;
+and the ones a finished job's records need, asked at once (`together`).
 
 Once triage decided a request runs here, its fetch will ask the store whether its mutable
 artifacts exist (one LIST, `transfer.listed`) and what its immutable ones are now (a HEAD each,
@@ -11,7 +12,7 @@ failed as they would be in line.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Optional
 
 from appliance.studioml import transfer
@@ -48,6 +49,15 @@ class Lookahead:
         heads = {a.name: self._pool.submit(transfer.cache_key, a, retry)
                  for a in arts if not a.mutable and cached} if cached else {}
         return Asked(listed, heads)
+
+    def together(self, *calls: Callable[[], object]) -> list:
+        """Run `calls` at once (store requests that do not depend on each other); their results,
+        or the first one's exception once all ended."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookahead")
+        futures = [self._pool.submit(c) for c in calls]
+        wait(futures)
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         if self._pool is not None:

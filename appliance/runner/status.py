@@ -86,8 +86,10 @@ class StatusFile:
         self.counters = None  # counters.SlotCounters: told of every job start and end
         self.unwritten: Optional[str] = None  # why the last update is in memory only (a full disk)
         self._lock = threading.Lock()
-        self._due: Optional[threading.Timer] = None  # writes lazy updates nobody wrote sooner
+        self._due: Optional[float] = None  # when lazy updates nobody wrote sooner are written
         self._counters_due = False
+        self._writer: Optional[threading.Thread] = None  # writes them then (one thread, started once)
+        self._wake = threading.Event()
 
     def update(self, lazy: bool = False, **fields: Any) -> None:
         """Merge `fields` and rewrite the file. `lazy`: only if nothing writes it within
@@ -101,22 +103,38 @@ class StatusFile:
             self.data["updated"] = time.time()
             if lazy:
                 if self._due is None:
-                    self._due = threading.Timer(LAZY_WRITE_S, self.flush)
-                    self._due.daemon = True
-                    self._due.start()
+                    self._due = time.monotonic() + LAZY_WRITE_S
+                    if self._writer is None:
+                        self._writer = threading.Thread(target=self._write_when_due, daemon=True,
+                                                        name="status")
+                        self._writer.start()
+                    self._wake.set()
                 return
             self._write()
 
     def flush(self) -> None:
-        """Write what lazy updates left in memory (now, not when their timer ends)."""
+        """Write what lazy updates left in memory (now, not when it is due)."""
         with self._lock:
             if self._due is not None:
                 self._write()
 
+    def _write_when_due(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    due = self._due
+                if due is None:
+                    break
+                left = due - time.monotonic()
+                if left <= 0:
+                    self.flush()
+                    break
+                time.sleep(left)
+
     def _write(self) -> None:
-        if self._due is not None:
-            self._due.cancel()
-            self._due = None
+        self._due = None
         if self._counters_due and self.counters is not None:
             self._counters_due = False
             self.counters.save()

@@ -1,8 +1,8 @@
 """The warm interpreter: the next workload's Python, started ahead of time (launcher.py uses it).
 
 A trivial job spends most of its start in the interpreter's own start-up (about 9 ms here,
-more with a large venv's site-packages). So while a slot is idle, its launcher process (as
-the workload's account, in a fresh job cgroup) execs the venv's interpreter with `STUB`, which
+more with a large venv's site-packages). So while a slot is idle, the runner starts the venv's
+interpreter with `STUB` (as the workload's account, moved into a fresh job cgroup), which
 does what `python` does at start-up - site, the venv's .pth files - then waits on a socket.
 When a job comes whose command, environment and account match, the runner sends it the job
 (argv, cwd, env, and its output file as a descriptor) and the stub becomes the workload: output
@@ -19,11 +19,15 @@ workload the cold way, exactly as before. The stub is the runner's own text (arg
 nothing of a request reaches it but through the socket, after it runs as the workload's
 account: no root process runs a byte of the venv.
 
+The interpreter is started directly as the workload's account (subprocess: setgroups([]),
+setgid, setuid, umask 077, its own session) - no launcher process in between, which costs as
+much CPU as the interpreter - and sets PDEATHSIG and oom_score_adj itself before anything else;
+a second thread of the runner moves it into a fresh job cgroup meanwhile.
+
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
-`_socket`, `time`, `runpy` and
-`importlib.machinery` are already imported, and its start-up ran before the job came (so a
-.pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
+`_socket`, `time`, `ctypes`, `runpy` and `importlib.machinery` are already imported, and its
+start-up ran before the job came (so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns it off.
 """
 
 from __future__ import annotations
@@ -58,9 +62,17 @@ def serves(python: str, env: Mapping[str, str], user, argv: list[str], job_env: 
 # the __main__ dict it hands to the script; tracebacks drop its frame.
 STUB = r'''# appliance: a warm interpreter, waiting for its slot's next job (appliance/runner/warm.py)
 def _warm():
-    import marshal, os, sys, time, _socket
+    import ctypes, marshal, os, sys, time, _socket
     import importlib.machinery, runpy  # what handing over the job uses, loaded before it comes
     parent, fd = int(sys.argv[1]), int(sys.argv[2])
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: dies with its runner
+    if os.getppid() != parent:
+        os._exit(137)
+    try:  # the kernel's first pick when the slot runs out of memory, never the runner
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     ch = _socket.socket(fileno=fd)
     ch.sendall(b"W")
     data, anc, _flags, _addr = ch.recvmsg(1 << 16, _socket.CMSG_SPACE(16))

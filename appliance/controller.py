@@ -2,12 +2,12 @@
 
 `python -m appliance.controller --home HOME` runs as supervisord's `controller` program.
 
-- Credentials directory (watchdog, debounced by `controller.debounce`; an editor's atomic save
+- Credentials directory (inotify, debounced by `controller.debounce`; an editor's atomic save
   arrives as a move): every entry is checked (parsed, connected to, its queues listed) and the
   result written to `run/sources.json` for `appliance status`. Slots are not touched: under the
   sharing policy every slot serves every source, and runners pick up new and removed entries by
   themselves within a fraction of a second (queues/sources.py).
-- GPUs (NVML, every `gpus.poll_interval`) and appliance.toml (watchdog): on a change the plan
+- GPUs (NVML, every `gpus.poll_interval`) and appliance.toml (inotify): on a change the plan
   is made again from the previous one (slots whose resources remain keep them), supervisord.conf
   and plan.json re-rendered, and only the difference applied over XML-RPC: slots to remove or
   change are stopped without waiting (SIGTERM: the runner drains, finishing its job within
@@ -18,6 +18,8 @@
 
 Nothing here blocks for long: a drain of many minutes goes on while the controller keeps
 watching. supervisord unreachable (restarting) is logged once and retried every tick.
+At rest it sleeps until a watched file changes, the next GPU poll, or a slow fallback check
+(credentials, supervisord.conf against what runs): nothing else wakes it.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from appliance.render import write_supervisord
 log = logging.getLogger("appliance.controller")
 
 TICK_S = 0.1
-IDLE_WAIT_S = 1.0  # the longest sleep of an idle loop (metrics retries, supervisord coming back)
-RECONCILE_EVERY_S = 5.0
+IDLE_WAIT_S = 60.0  # the longest sleep of an idle loop
+RECONCILE_EVERY_S = 60.0  # supervisord asked at rest (and at once when supervisord.conf changes)
+CREDS_CHECK_S = 30.0  # the credentials directory looked at, beside its watch (2 s without inotify)
 NVML_FAILURES_BEFORE_GIVING_UP = 3  # failed polls in a row, and at least NVML_GRACE_S long,
 NVML_GRACE_S = 30.0  # before a failing NVML counts as "no GPUs" (their slots drain)
 RPC_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
@@ -121,8 +124,10 @@ class Controller:
         self.retiring: dict = {}  # slot name -> the old Slot, while it drains
         self.pending = True  # the running programs may differ from supervisord.conf
         self.next_reconcile = 0.0
+        self.conf_sig: Optional[tuple] = None  # supervisord.conf when last reconciled
         self.rpc_down_since: Optional[float] = None
         self.metrics = MetricsServer(home, self.config)  # serves once run() starts
+        self.notify: Optional[notify.Deliverer] = None  # run() starts it
 
     # -- config
 
@@ -137,7 +142,7 @@ class Controller:
 
     def run(self) -> int:
         self.watch.start()
-        notify.start(self.home)  # delivers notifications in threads of its own
+        self.notify = notify.start(self.home)  # delivers notifications in threads of its own
         log.info("controller for %s: credentials %s, GPU poll every %.1fs, debounce %.2fs",
                  self.home.root, self.creds, self.config.gpus.poll_interval, self.config.controller.debounce)
         self.check_credentials("startup")
@@ -161,21 +166,23 @@ class Controller:
         if self.pending or self.retiring:
             return TICK_S
         due = min(self.next_poll, self.next_creds_check, self.next_reconcile,
-                  self.watch.due(self.config.controller.debounce))
+                  self.watch.due(self.config.controller.debounce),
+                  self.metrics.next_try if self.metrics.listen and not self.metrics.serving else float("inf"))
         return min(IDLE_WAIT_S, max(TICK_S, due - time.monotonic()))
 
     def step(self) -> None:
         now = time.monotonic()
         creds_changed, config_changed = self.watch.take(self.config.controller.debounce)
-        if now >= self.next_creds_check:  # fallback for missed events, deleted directory
-            self.next_creds_check = now + 2.0
-            self.watch.ensure_creds_watch()
+        if now >= self.next_creds_check:  # fallback for missed events
+            self.next_creds_check = now + (CREDS_CHECK_S if self.watch.inotify is not None else 2.0)
             if qsources.directory_signature(self.creds) != self.creds_sig:
                 creds_changed = True
         if creds_changed:
             self.check_credentials("credentials changed")
         if config_changed:
             new = self._load_config()
+            if self.notify is not None:
+                self.notify.poke()  # [notify] may have changed
             if new is not None and new != self.config:
                 self.config = new
                 if self.replan("config changed (appliance.toml)", quiet_if_same=True, kind="config") is None:
@@ -183,7 +190,7 @@ class Controller:
         if now >= self.next_poll:
             self.next_poll = now + self.config.gpus.poll_interval
             self.poll_gpus()
-        if self.pending or self.retiring or now >= self.next_reconcile:
+        if self.pending or self.retiring or now >= self.next_reconcile or self._conf_sig() != self.conf_sig:
             self.reconcile()
 
     # -- credentials
@@ -287,6 +294,7 @@ class Controller:
     def reconcile(self) -> None:
         """One non-blocking pass toward supervisord running exactly supervisord.conf."""
         self.next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+        self.conf_sig = self._conf_sig()
         if not self.apply:
             self.pending = False
             return
@@ -345,6 +353,14 @@ class Controller:
                 log.warning("supervisord not answering (%s); retrying", e)
             self.pending = True
 
+    def _conf_sig(self) -> tuple:
+        """supervisord.conf's identity: written again (by `up`, `render`, a re-plan) means apply it."""
+        try:
+            st = self.home.supervisord_conf.stat()
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return ()
+
     def stop(self, *_args) -> None:
         self.stopping = True
         self.watch.wake()
@@ -375,7 +391,6 @@ def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s controller %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
     controller = Controller(Home.at(args.home))
     signal.signal(signal.SIGTERM, controller.stop)
     signal.signal(signal.SIGINT, controller.stop)

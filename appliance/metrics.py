@@ -27,6 +27,7 @@ from typing import Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from appliance import metrics_http
 from appliance.files import write_atomic
 from appliance.inventory import format_cpu_list
 from appliance.jobs.table import active_counts
@@ -345,8 +346,6 @@ class MetricsServer:
                 log.exception("starting the metrics server failed; trying again in %.0fs", RETRY_BIND_S)
 
     def _start(self) -> None:
-        from prometheus_client import start_http_server
-
         host, port = parse_listen(self.listen)
         self.next_try = time.monotonic() + RETRY_BIND_S
         if self.sampler is None:
@@ -354,7 +353,7 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(self.home, self.sampler, self.config.isolation.backend))
         try:
-            self.httpd, _thread = start_http_server(port, addr=host, registry=registry)
+            self.httpd = metrics_http.serve(host, port, registry)
         except OSError as e:
             why = "the port is in use by another program" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
             error = (f"cannot serve metrics on {self.listen}: {why}; free it or choose another port with "
@@ -380,8 +379,7 @@ class MetricsServer:
 
     def stop(self) -> None:
         if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+            metrics_http.stop(self.httpd)
             self.httpd = None
 
     def close(self) -> None:

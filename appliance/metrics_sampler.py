@@ -2,6 +2,11 @@
 store (with a write at most every STORE_WRITE_EVERY_S while it is well), NVML's GPU use and the
 artifact cache's size, at most every SAMPLE_EVERY_S seconds. A scrape (metrics.py) reads what
 the sampler found last and never waits for any of them.
+
+While nothing scrapes (for UNWATCHED_AFTER_S), they are asked only every UNWATCHED_EVERY_S: an
+appliance nobody watches does not wake its store and brokers four times a minute. The next
+scrape wakes the sampler at once; that one scrape gets the older sample (its time is
+`appliance_metrics_sampled_timestamp_seconds`), the following ones fresh samples.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from appliance.queues.depths import sample_depths
 log = logging.getLogger("appliance.metrics")
 
 SAMPLE_EVERY_S = 15.0  # brokers' management APIs, the store and NVML: no more often than this
+UNWATCHED_AFTER_S = 120.0  # no scrape this long (two of Prometheus' default intervals): nobody watches...
+UNWATCHED_EVERY_S = 300.0  # ...and the slow parts are asked this often
 STORE_WRITE_EVERY_S = 60.0  # the store's write probe: no more often than this
 
 
@@ -28,10 +35,27 @@ class Sampler:
 
     def __init__(self, home: Home, config, every_s: float = SAMPLE_EVERY_S):
         self.home, self.config, self.every_s = home, config, every_s
-        self.latest: dict = {}
+        self._latest: dict = {}
+        self._read_at = time.monotonic()  # when a scrape last read `latest`
+        self._slow = False  # asking every UNWATCHED_EVERY_S: nobody scrapes
         self._store_wrote: Optional[float] = None  # when the store last took the write probe
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def latest(self) -> dict:
+        """What the sampler found last. Reading it is a scrape: it keeps the sampler at every_s,
+        and wakes one that slowed down for want of scrapes."""
+        self._read_at = time.monotonic()
+        if self._slow:
+            self._slow = False
+            self._wake.set()
+        return self._latest
+
+    @latest.setter
+    def latest(self, value: dict) -> None:
+        self._latest = value
 
     @property
     def started(self) -> bool:
@@ -43,14 +67,17 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.latest = self.sample()
+                self._latest = self.sample()
             except Exception:  # noqa: BLE001 - a surprise must not end the thread
                 log.exception("metrics sampler failed; trying again")
-            self._stop.wait(self.every_s)
+            self._slow = time.monotonic() - self._read_at >= UNWATCHED_AFTER_S
+            self._wake.wait(UNWATCHED_EVERY_S if self._slow else self.every_s)
+            self._wake.clear()
 
     def sample(self) -> dict:
         rows, sampled = sample_depths(self.home, self.config)
@@ -68,12 +95,12 @@ class Sampler:
         # a write (put and delete) at most every STORE_WRITE_EVERY_S while the store is well: each
         # one wakes the whole store; a full disk shows at every sample all the same (its free
         # space is looked at), and a store that failed is probed with a write until it takes one
-        write = (self._store_wrote is None or self.latest.get("store_up") == 0
+        write = (self._store_wrote is None or self._latest.get("store_up") == 0
                  or time.monotonic() - self._store_wrote >= STORE_WRITE_EVERY_S)
         problem = store_problem(self.home, self.config, write=write)
         if write:
             self._store_wrote = time.monotonic()
-        if problem and self.latest.get("store_up") == 1:
+        if problem and self._latest.get("store_up") == 1:
             log.warning("metrics: the store stopped answering: %s", problem)
         return (0, problem) if problem else (1, "")
 

@@ -35,6 +35,8 @@ COMPACT_BYTES = 64 << 10  # a spool file every webhook has read is emptied past 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 STORE_CHECK_S = 15.0  # how often the controller looks at the store (for store_down/store_back)
+STEP_S = 1.0  # how often the delivery thread looks at the config and the spool while webhooks are set
+IDLE_STEP_S = 60.0  # and without webhooks (the controller pokes it when appliance.toml changes)
 
 
 # ------------------------------------------------------------------ controller events
@@ -82,6 +84,7 @@ class Deliverer:
         self.home = home
         self.lock = threading.Lock()  # the state below and its file
         self.stop_event = threading.Event()
+        self.poked = threading.Event()  # appliance.toml changed: look at [notify] now
         self.state = self._load_state()
         self.workers: dict[str, _Worker] = {}
         self.config_sig = None
@@ -187,8 +190,13 @@ class Deliverer:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.poked.set()
         for w in self.workers.values():
             w.stop_event.set()
+
+    def poke(self) -> None:
+        """appliance.toml changed: follow [notify] now rather than at the next step."""
+        self.poked.set()
 
     def _main(self) -> None:
         while not self.stop_event.is_set():
@@ -196,7 +204,8 @@ class Deliverer:
                 self.step()
             except Exception:  # noqa: BLE001 - notifications must never take the controller down
                 log.exception("notifications: a step failed; carrying on")
-            self.stop_event.wait(1.0)
+            self.poked.wait(STEP_S if self.workers else IDLE_STEP_S)
+            self.poked.clear()
 
     def step(self) -> None:
         self._reload()

@@ -197,6 +197,41 @@ def test_a_burst_of_credential_writes_is_checked_once(home, monkeypatch):
         c.watch.stop()
 
 
+def test_the_controller_wakes_for_its_config_and_credentials_not_for_other_files_of_the_home(home):
+    """Runners write the job table and their records in HOME many times per job: none of it may
+    wake the controller (it did, ~2 ms of CPU per job); appliance.toml, written in place or
+    replaced by an editor's rename, and the credentials directory do."""
+    import select
+
+    from appliance.controller_watch import Watch
+
+    watch = Watch(home, home.credentials_dir)
+    watch.start()
+    woken = lambda: bool(select.select([watch.inotify.fd], [], [], 0.2)[0])  # noqa: E731
+    try:
+        for name in ("jobs.db", "jobs.db-wal", "events.jsonl"):
+            (home.root / name).write_text("x")  # made once, then written again
+        woken() and watch.take(0)
+        (home.root / "jobs.db").write_text("y")
+        with open(home.root / "jobs.db-wal", "a") as f:
+            f.write("z")
+        os.utime(home.root / "events.jsonl")
+        assert not woken()
+        home.config_file.write_text(home.config_file.read_text() + "\n")  # in place
+        assert woken() and watch.take(0) == (False, True)
+        tmp = home.root / ".appliance.toml.tmp"
+        tmp.write_text(home.config_file.read_text())
+        os.replace(tmp, home.config_file)  # an editor's save
+        assert woken() and watch.take(0) == (False, True)
+        with open(home.config_file, "a") as f:  # the new file is watched too
+            f.write("\n")
+        assert woken() and watch.take(0) == (False, True)
+        (home.credentials_dir / "lab.toml").write_text("url = 'amqp://x'\n")
+        assert woken() and watch.take(0) == (True, False)
+    finally:
+        watch.stop()
+
+
 # ---------------------------------------------------------------- real supervisord
 
 def fake_env(appliance, gpus_json: Path) -> None:

@@ -648,3 +648,44 @@ def test_a_claimed_message_carries_the_uid_of_its_file(tmp_path):
     msg = src.claim("local_q")
     assert msg.owner_uid == 65534
     src.close()
+
+
+def _source_set(tmp_path, make_credentials=True):
+    from appliance.paths import Home
+    from appliance.queues.sources import SourceSet
+
+    home = Home.at(tmp_path / "home")
+    home.ensure()
+    if not make_credentials:
+        shutil.rmtree(home.credentials_dir, ignore_errors=True)
+    # check_every_s: the fallback poll, far off: only the watch can see the change
+    return home, SourceSet(home, slot="slot-w", write_serving=False, check_every_s=3600)
+
+
+@pytest.mark.parametrize("made_later", [False, True])
+def test_an_idle_source_set_sees_a_new_credentials_entry_without_polling(tmp_path, made_later):
+    home, sources = _source_set(tmp_path, make_credentials=not made_later)
+    try:
+        assert sources.wait(0.05) is False
+        if made_later:
+            home.credentials_dir.mkdir()
+            sources.wait(0.05)  # the folder appears; its entries are watched from now on
+        (home.credentials_dir / "lab.toml").write_text("url = 'http://not-amqp/'\n")
+        sources.wait(0.5)  # no source opens (the entry is broken), but it was read
+        assert "lab.toml" in sources.broken and "AMQP URL" in sources.broken["lab.toml"].reason
+    finally:
+        sources.close()
+
+
+def test_a_wake_fd_ends_the_wait_of_a_source_set(tmp_path):
+    _home, sources = _source_set(tmp_path)
+    r, w = os.pipe2(os.O_NONBLOCK)
+    try:
+        assert sources.wait(0.05, wake_fd=r) is False
+        os.write(w, b"!")  # what a signal does to the runner's wake-up fd
+        assert sources.wait(60, wake_fd=r) is True
+        assert os.read(r, 10) == b"!"  # left for the caller
+    finally:
+        sources.close()
+        os.close(r)
+        os.close(w)

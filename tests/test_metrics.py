@@ -85,6 +85,32 @@ def test_gpu_use_and_rebalances_by_cause(tmp_path, monkeypatch):
     assert _samples(again, "appliance_rebalances_total")['{cause="gpus"}'] == 3.0
 
 
+def test_the_sampler_rests_while_nothing_scrapes_and_a_scrape_wakes_it(tmp_path, monkeypatch):
+    """Nobody scraping: the store, the brokers and NVML are not asked every 15 s; the first
+    scrape after that wakes the sampler, so the next one is fresh."""
+    import time
+
+    from appliance import metrics_sampler
+    from appliance.config import Config
+    from appliance.metrics_sampler import Sampler
+
+    monkeypatch.setattr(metrics_sampler, "UNWATCHED_AFTER_S", 0.3)
+    monkeypatch.setattr(metrics_sampler, "UNWATCHED_EVERY_S", 3600.0)
+    sampler = Sampler(Home.at(tmp_path / "home"), Config(), every_s=0.05)
+    asked = []
+    monkeypatch.setattr(sampler, "sample", lambda: asked.append(time.monotonic()) or {"time": time.time()})
+    sampler.start()
+    try:
+        wait_for("the sampler to slow down", lambda: sampler._slow, timeout=10)
+        resting = len(asked)
+        time.sleep(0.5)  # ten sampling periods
+        assert len(asked) == resting
+        sampler.latest  # a scrape
+        wait_for("the sampler to ask again", lambda: len(asked) > resting, timeout=10)
+    finally:
+        sampler.stop()
+
+
 # ---------------------------------------------------------------- a real appliance
 
 

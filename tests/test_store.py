@@ -82,3 +82,22 @@ def _weed_pid(store) -> int:
     """The `weed` process below the store's sandbox."""
     with open(f"/proc/{store.process.pid}/task/{store.process.pid}/children") as f:
         return int(f.read().split()[0])
+
+
+def test_the_health_check_of_a_healthy_store_needs_no_boto3_and_a_wrong_key_is_still_explained(store):
+    """The controller asks every 15 s (metrics): a store that answers as expected costs it
+    neither boto3's ~20 MB nor a client per check; anything else gets boto3's explanation."""
+    import json
+    import subprocess
+    import sys
+
+    def check(secret: str) -> tuple:
+        probe = ("import json, sys\nfrom appliance.store.client import check_store\n"
+                 "print(json.dumps([check_store(*sys.argv[1:5]), 'boto3' in sys.modules]))\n")
+        out = subprocess.run([sys.executable, "-c", probe, store.endpoint_url, store.access_key, secret,
+                              store.bucket], capture_output=True, text=True, timeout=120)
+        return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    assert check(store.secret_key) == (None, False)
+    problem, boto3_loaded = check("wrong")
+    assert "refused the appliance's credentials" in problem and boto3_loaded

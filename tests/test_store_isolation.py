@@ -186,3 +186,18 @@ def test_up_runs_the_store_in_its_own_network_and_hands_out_the_client_identity(
     scoped = s3_client(endpoint, client.access_key, client.secret_key, attempts=1)
     assert {"appliance", STUDIOML_META_BUCKET} <= {b["Name"] for b in scoped.list_buckets()["Buckets"]}
     scoped.put_object(Bucket=STUDIOML_META_BUCKET, Key="experiments/k", Body=b"{}")
+
+
+def test_the_stores_unix_sockets_are_named_after_its_own_ports(store):
+    """SeaweedFS serves every gRPC port on /tmp/seaweedfs-NAME-grpc-PORT.sock, which all the
+    stores of a host share: each of ours must name a port of its own, or one store's maintenance
+    worker talks to another's admin server (and then retries its master forever)."""
+    import re
+
+    from tests.realparts import wait_for
+
+    log = store.home.logs_dir / "store.log"
+    wait_for("the admin server's socket", lambda: "seaweedfs-admin-grpc-" in log.read_text(), timeout=120)
+    own = {p + 10000 for p in seaweed_ports(urlsplit(store.endpoint_url).port).values()}
+    named = {int(n) for n in re.findall(r"/tmp/seaweedfs-[a-z0-9]+-grpc-(\d+)\.sock", log.read_text())}
+    assert named and named <= own, f"sockets named after ports not its own: {sorted(named - own)}"

@@ -20,6 +20,7 @@ import argparse
 import http.server
 import json
 import os
+import select
 import signal
 import socket
 import socketserver
@@ -245,8 +246,9 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return 0o666 if self.config.get().queues.submit == "open" else 0o660
 
     def service_actions(self):
-        """Between requests (every poll): the socket's mode follows queues.submit, so `config set
-        queues.submit open` lets others in without a restart (and `group` shuts them out again)."""
+        """After each request and each change of appliance.toml: the socket's mode follows
+        queues.submit, so `config set queues.submit open` lets others in without a restart (and
+        `group` shuts them out again)."""
         try:
             if os.stat(self.path).st_mode & 0o777 != self.socket_mode():
                 os.chmod(self.path, self.socket_mode())
@@ -264,6 +266,34 @@ def serve(home: Home) -> ApiServer:
     return server
 
 
+def serve_until_stopped(server: ApiServer) -> None:
+    """Sleep in one select until a request, a change of appliance.toml or SIGTERM/SIGINT (through
+    a wake-up fd): nothing wakes the server while nothing happens."""
+    from appliance.inotify import Watch
+
+    stopping: list = []
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    try:
+        watch = Watch()
+        watch.file(server.home.config_file)
+    except OSError:
+        watch = None  # no inotify: look at the config twice a second
+    fds = [server, wake_r] + ([watch] if watch else [])
+    while not stopping:
+        try:
+            ready = select.select(fds, [], [], 3600 if watch else 0.5)[0]
+        except InterruptedError:
+            ready = []
+        if server in ready:
+            server.handle_request()  # readable: it does not wait
+        if watch in ready:
+            watch.changed()
+        server.service_actions()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m appliance.api.server",
                                      description="Serve the appliance's API on HOME/run/api.sock.")
@@ -276,13 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"api: cannot serve on {socket_path(home)}: {e.strerror or e}", file=sys.stderr, flush=True)
         return 2
 
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     print(f"api: serving {PREFIX} on {server.path} (pid {os.getpid()})", file=sys.stderr, flush=True)
-    server.serve_forever(poll_interval=0.5)
+    serve_until_stopped(server)
     server.server_close()  # closes the socket; the path stays, refusing, until the next start
     return 0
 

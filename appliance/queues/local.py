@@ -392,20 +392,32 @@ class LocalQueueSource:
                     pass  # another runner recovered it first
         return moved
 
-    def wait(self, timeout: float) -> bool:
-        """Sleep until a message may have arrived in any local queue, or `timeout` passes.
-        True if woken by the filesystem (spurious wake-ups are possible), False on timeout."""
+    def fileno(self) -> Optional[int]:
+        """What to `select` on for new messages (None without inotify); then call `woken()`."""
+        return self._notify.fd if self._notify is not None else None
+
+    def woken(self) -> bool:
+        """Read what the watch saw; True if a message may have arrived (spurious ones possible)."""
+        return self._notify is not None and self._notify.read(self._blocked)
+
+    def wait(self, timeout: float, wake_fd: Optional[int] = None) -> bool:
+        """Sleep until a message may have arrived in any local queue, `wake_fd` is readable (a
+        signal: left for the caller to read), or `timeout` passes.
+        True if woken (spurious wake-ups are possible), False on timeout."""
         deadline = time.monotonic() + max(0.0, timeout)
-        if self._notify is None:
+        fds = [fd for fd in (self.fileno(), wake_fd) if fd is not None]
+        if not fds:
             time.sleep(max(0.0, timeout))
             return False
         while True:
             left = max(0.0, deadline - time.monotonic())
             try:
-                ready, _, _ = select.select([self._notify.fd], [], [], left)
+                ready, _, _ = select.select(fds, [], [], left)
             except InterruptedError:
                 ready = []
-            if ready and self._notify.read(self._blocked):
+            if self.fileno() in ready and self.woken():
+                return True
+            if wake_fd is not None and wake_fd in ready:
                 return True
             if time.monotonic() >= deadline:
                 return False

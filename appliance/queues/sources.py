@@ -10,12 +10,13 @@ The local directory queue is always served. Names starting with "." and editors'
 (`~`, `.swp`, `.tmp`, `.part`) are ignored, so an editor's atomic save (write a temp file, rename
 it over the entry) is seen once, complete.
 
-`SourceSet` is the one queue source a runner gets: it looks at the directory (a few stat calls)
-at most every 0.25 s, opens sources for new entries, stops claiming from removed or changed
-ones at once while their claimed messages still settle on their open connection, and closes
-them after. A broken entry (bad URL, wrong password, unreadable, half-written) is logged and
-retried every few seconds; it never touches other entries. Sharing policy: every slot serves
-every source, taking turns queue by queue (the runner's round-robin), so no source starves.
+`SourceSet` is the one queue source a runner gets: it watches the directory with inotify (without
+inotify it looks, a few stat calls, every 0.25 s), opens sources for new entries, stops claiming
+from removed or changed ones at once while their claimed messages still settle on their open
+connection, and closes them after. A broken entry (bad URL, wrong password, unreadable,
+half-written) is logged and retried every few seconds; it never touches other entries. Sharing
+policy: every slot serves every source, taking turns queue by queue (the runner's round-robin),
+so no source starves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +38,25 @@ from appliance.queues.entries import (  # noqa: F401 - where importers find them
 
 log = logging.getLogger("appliance.queues.sources")
 
-CHECK_EVERY_S = 0.25
+CHECK_EVERY_S = 0.25  # without inotify: how often the directory is looked at
+RECHECK_S = 60.0  # with inotify: looked at all the same this often, at a wake-up that comes anyway
 RETRY_BROKEN_S = 5.0
 REMOTE_POLL_S = 0.5
 POLICY = "every slot serves every source, taking turns queue by queue"
+
+
+def _watch(root: Path):
+    """An inotify watch on the credentials directory (and its parent: it may be made later),
+    or None where inotify is not available."""
+    from appliance.inotify import Watch
+
+    try:
+        watch = Watch()
+    except OSError as e:
+        log.warning("cannot watch %s (%s): looking at it every %.2fs", root, e, CHECK_EVERY_S)
+        return None
+    watch.tree(root)
+    return watch
 
 
 def credentials_dir(home, config=None) -> Path:
@@ -92,6 +109,8 @@ class SourceSet:
         self.retiring: list = []  # sources no longer served, still holding claimed messages
         self._sig: Optional[tuple] = None
         self._checked = 0.0
+        self._watch = _watch(self.root)  # None: no inotify, look every check_every_s
+        self._dirty = False  # the watch saw a change not yet read
         self._last_remote_poll = 0.0
         self._served: Optional[dict] = None
         self.refresh(force=True)
@@ -101,7 +120,14 @@ class SourceSet:
     def refresh(self, force: bool = False) -> bool:
         """Re-read the directory if it changed; True if the set of sources changed."""
         now = time.monotonic()
-        if not force and now - self._checked < self.check_every_s:
+        if self._watch is not None:
+            self._dirty |= bool(self._watch.changed())
+            due = self._dirty or now - self._checked >= RECHECK_S or any(
+                b.retry_at <= now for b in self.broken.values() if not b.entry.error)
+            if not force and not due:
+                return False
+            self._dirty = False
+        elif not force and now - self._checked < self.check_every_s:
             return False
         self._checked = now
         sig = directory_signature(self.root)
@@ -232,9 +258,10 @@ class SourceSet:
     def recover_orphans(self) -> int:
         return self.local.recover_orphans()
 
-    def wait(self, timeout: float) -> bool:
-        """Until a local message may be there, the sources changed, or remote queues are due
-        for another poll (every 0.5 s while any remote source is served)."""
+    def wait(self, timeout: float, wake_fd: Optional[int] = None) -> bool:
+        """Until a local message may be there, the sources changed, remote queues are due for
+        another poll (every 0.5 s while any remote source is served), a broken entry is due for
+        another try, or `wake_fd` is readable (left for the caller to read)."""
         end = time.monotonic() + max(0.0, timeout)
         while True:
             if self.refresh():
@@ -246,12 +273,30 @@ class SourceSet:
             left = end - now
             if left <= 0:
                 return False
-            step = min(left, self.check_every_s)
-            if hasattr(self.local, "wait"):
-                if self.local.wait(step):
-                    return True
-            else:
+            step = left
+            if self.live:
+                step = min(step, self._last_remote_poll + REMOTE_POLL_S - now)
+            retries = [b.retry_at for b in self.broken.values() if not b.entry.error]
+            if retries:
+                step = min(step, max(0.0, min(retries) - now))
+            if self._watch is None:
+                step = min(step, self.check_every_s)
+            local = self.local.fileno()
+            watch = self._watch.fd if self._watch is not None else None
+            fds = [fd for fd in (local, watch, wake_fd) if fd is not None]
+            ready: list = []
+            if not fds:
                 time.sleep(step)
+            else:
+                try:
+                    ready = select.select(fds, [], [], step)[0]
+                except InterruptedError:
+                    pass
+            if local is not None and local in ready and self.local.woken():
+                return True
+            if wake_fd is not None and wake_fd in ready:
+                return True
+            # the watch's events are read by refresh(), at the top of the loop
 
     def close(self) -> None:
         for src in self._sources()[1:] + self.retiring:
@@ -259,6 +304,9 @@ class SourceSet:
         self.live.clear()
         self.retiring.clear()
         self._close(self.local)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     # -- what `appliance status` shows
 

@@ -22,10 +22,10 @@ How each message is settled:
   credentials refused / workspace missing, past runner.max_attempts or max_interruptions, or
   the job failed for good. Its `output` is uploaded first, so the user sees why.
 
-SIGTERM/SIGINT: drain. Idle: exit at once. Busy: the job may finish within
-`drain_timeout_s`; after that it gets SIGTERM (to checkpoint), SIGKILL after `term_grace_s`,
-its artifacts are uploaded and its message released, and the runner exits 0. supervisord's
-`stopwaitsecs` must therefore exceed drain_timeout_s + term_grace_s + an upload.
+SIGTERM/SIGINT: drain. Idle: exit at once (the signal ends the idle wait: wakeup.py). Busy: the
+job may finish within `drain_timeout_s`; after that it gets SIGTERM (to checkpoint), SIGKILL
+after `term_grace_s`, its artifacts are uploaded and its message released, and the runner exits
+0. supervisord's `stopwaitsecs` must therefore exceed drain_timeout_s + term_grace_s + an upload.
 
 A runner killed with SIGKILL takes its workload with it (PDEATHSIG); the queue source gives
 the orphaned claim back (`recover_orphans`) and the job runs again from its last upload (an
@@ -56,6 +56,7 @@ from appliance.runner.settings import RunnerSettings  # noqa: F401  (with Runner
 from appliance.runner.settle import put_back, release_or_quarantine, settle_broken
 from appliance.runner.status import StatusFile
 from appliance.runner.store_health import StoreHealth
+from appliance.runner.wakeup import SignalWake
 from appliance.runner.triage import ELSEWHERE, LATER, RUN, expired, fit, slot_shapes, this_slot
 from appliance.slot import users
 from appliance.studioml import transfer
@@ -99,6 +100,7 @@ class Runner:
         self.status.counters = SlotCounters(home, slot, artifact_cache=self.cache, env_cache=self.venvs,
                                             store_errors=transfer.STORE_ERRORS)
         self.stop_requested_at: Optional[float] = None
+        self.wake: Optional[SignalWake] = None  # readable once a signal came (install_signals)
         self.cursor = 0
         self.store_health = StoreHealth(self.settings.store_backoff_s, self.settings.store_backoff_max_s,
                                         own=self.settings.own_store)
@@ -145,6 +147,7 @@ class Runner:
         return self.stop_requested_at + self.settings.drain_timeout_s
 
     def install_signals(self) -> None:
+        self.wake = SignalWake()  # an idle runner stops at once, however long it sleeps
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
 
@@ -189,7 +192,8 @@ class Runner:
         return 0
 
     def _idle(self, seconds: float) -> None:
-        """Wait for work, in short steps so a SIGTERM is seen at once."""
+        """Wait for work: a message, a change of the sources, or a signal ends the wait at once
+        (without install_signals, it waits in steps of a second so a stop is seen)."""
         self.launcher.warm(*self.warm_with)
         end = time.monotonic() + max(0.0, seconds)
         waiter = next((s for s in self.sources if hasattr(s, "wait")), None)
@@ -197,12 +201,17 @@ class Runner:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            step = min(1.0, left)
+            step = left if self.wake else min(1.0, left)
             if waiter is not None and not self.held_back:
-                if waiter.wait(step):
-                    return
+                if waiter.wait(step, wake_fd=self.wake.fd if self.wake else None):
+                    break
+            elif self.wake:
+                if self.wake.sleep(step):
+                    break
             else:
                 time.sleep(step)
+        if self.wake and not self.stopping:
+            self.wake.clear()  # a signal that does not stop the runner: its byte must not wake it again
 
     # ------------------------------------------------------------------ claiming
 

@@ -25,7 +25,7 @@ class RunnerSettings:
     default_lifetime_s: float = 86400.0
     term_grace_s: float = 10.0
     keepalive_s: float = 60.0
-    idle_wait_s: float = 10.0
+    idle_wait_s: float = 30.0  # idle, with nothing arriving: look at the queues again (orphans, retries)
     tick_s: float = 1.0
     store_backoff_s: float = 5.0  # first pause after the store was down; doubles
     store_backoff_max_s: float = 300.0

@@ -57,13 +57,18 @@ def weed_binary() -> str:
 
 
 def seaweed_ports(port: int) -> dict[str, int]:
-    """S3 on `port`; master, volume and filer on the next three; gRPC on each + 10000.
+    """S3 on `port`; master, volume, filer and the admin server on the next four; gRPC on each
+    + 10000.
 
     Only `port` is on the host (the sandbox's forwarder); the rest live in the store's own
-    network namespace, so they can never clash with anything on the host."""
-    http = {"s3": port, "master": port + 1, "volume": port + 2, "filer": port + 3}
+    network namespace, so they can never clash with anything on the host. But SeaweedFS also
+    serves each gRPC port on a unix socket named after it in /tmp (`/tmp/seaweedfs-admin-grpc-
+    PORT.sock`), which every store of the host sees: with the admin server on its default port,
+    the maintenance worker of one store reached the admin server of another (and then retried a
+    master it could not reach, ten times a second, for good)."""
+    http = {"s3": port, "master": port + 1, "volume": port + 2, "filer": port + 3, "admin": port + 4}
     if max(http.values()) + 10000 > 65535:
-        raise StoreError(f"object_store.port = {port} is too high: the store also uses port + 10003; "
+        raise StoreError(f"object_store.port = {port} is too high: the store also uses port + 10004; "
                          "choose a port below 55530")
     return http
 
@@ -85,12 +90,13 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
         f"-dir={home.store_data}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # its own loopback: see appliance.store.sandbox
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}",
+        f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
         f"-s3.config={home.store_identities}",
         f"-s3.localSocket={s3_socket}",
         f"-filer.localSocket={private / 'filer.sock'}",
         f"-bucket={store.bucket}",
+        "-master.telemetry=false",  # no usage report to seaweedfs.com (it has no way out anyway)
     ]
     host = store.host or "127.0.0.1"
     command = [sys.executable, "-m", "appliance.store.sandbox",

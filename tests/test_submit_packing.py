@@ -206,7 +206,10 @@ def test_ctrl_c_leaves_no_parts_in_the_store(store_home, store, project, tmp_pat
                 fh.write(os.urandom(2**20) * 4)
         proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(store_home.root),
                                  "submit", "--dir", str(project), "--no-freeze", "train.py"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # as a terminal has it, even when this suite runs in the background
+                                # (where a shell starts it with SIGINT ignored, and Python then keeps it so)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         uploads = []
         while time.time() < deadline and proc.poll() is None and not uploads:

@@ -53,6 +53,17 @@ class RunningRabbit:
         return depths
 
 
+def management_answers(management: str) -> bool:
+    """Whether RabbitMQ's management API answers (as the guest user)."""
+    try:
+        req = urllib.request.Request(f"{management}/api/overview",
+                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+        with urllib.request.urlopen(req, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def start_rabbit(root: Path, consumer_timeout_ms: int | None = None) -> RunningRabbit:
     need(Path(SERVER).exists(), "rabbitmq-server (apt-get install rabbitmq-server)")
     root.mkdir(parents=True, exist_ok=True)
@@ -81,13 +92,9 @@ def start_rabbit(root: Path, consumer_timeout_ms: int | None = None) -> RunningR
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        try:
-            req = urllib.request.Request(f"{management}/api/overview",
-                                         headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
-            with urllib.request.urlopen(req, timeout=2):
-                return running
-        except OSError:
-            time.sleep(0.3)
+        if management_answers(management):
+            return running
+        time.sleep(0.3)
     stop_rabbit(running)
     raise RuntimeError(f"test RabbitMQ did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
 

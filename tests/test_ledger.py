@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -202,20 +201,11 @@ def test_a_job_whose_runner_is_killed_five_times_still_completes_once(store, hom
 # ------------------------------------------------------------------ a broker restart mid-job (issue 19.3)
 
 def restart_rabbit(r) -> None:
-    from tests.rabbitmq_fixtures import SERVER, stop_rabbit
+    from tests.rabbitmq_fixtures import SERVER, management_answers, stop_rabbit
     stop_rabbit(r)
     log = open(r.root / "server.log", "ab")
     r.process = subprocess.Popen([SERVER], env=r.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def up():
-        try:
-            req = urllib.request.Request(f"{r.management}/api/overview",
-                                         headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
-            with urllib.request.urlopen(req, timeout=2):
-                return True
-        except OSError:
-            return False
-    wait_for(up, "RabbitMQ to come back")
+    wait_for(lambda: management_answers(r.management), "RabbitMQ to come back")
 
 
 def test_a_rabbitmq_restart_mid_job_does_not_run_the_job_twice(store, home, tmp_path):

@@ -116,14 +116,18 @@ def warm_next(job, env: dict) -> None:
 
 
 def keep_warm_venv(job) -> None:
-    """The job is over: its venv stays held while the next job's interpreter warms up in it."""
+    """The job is over: its venv stays held while the next job's interpreter warms up in it; one
+    no interpreter warms up in any more is let go."""
     r = job.r
-    if r.warm_with and r.warm_with[0] == job.env.python and job.env is not r.warm_venv:
+    if r.warm_with and r.warm_with[0] == job.env.python:  # the next interpreter warms up in it
         if r.warm_venv is not None:
             r.warm_venv.release()
         r.warm_venv = job.env
-    elif job.env is not r.warm_venv:
-        job.env.release()
+        return
+    job.env.release()
+    if not r.warm_with and r.warm_venv is not None:  # nothing warms up in a venv any more
+        r.warm_venv.release()
+        r.warm_venv = None
 
 
 def report(job, result: execute.Result) -> dict:

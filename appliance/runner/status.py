@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from appliance.files import write_atomic
 
 log = logging.getLogger("appliance.runner")
 
@@ -39,24 +40,9 @@ STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "
 
 
 def write_json_atomic(path: Path, data: Any, mode: Optional[int] = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            f = open(tmp, "w")
-        except FileNotFoundError:  # its folder is missing: made on the first write only
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(tmp, "w")
-        with f:
-            if mode is not None:
-                os.fchmod(f.fileno(), mode)
-            f.write(json.dumps(data, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no half file left behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """`data` as JSON, replaced atomically; advisory (status, metrics, the experiment index):
+    not synced to the disk."""
+    write_atomic(path, json.dumps(data, sort_keys=True) + "\n", mode=mode, sync=False)
 
 
 def _read_json(path: Path) -> Optional[dict]:

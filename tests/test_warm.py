@@ -125,9 +125,14 @@ def test_a_job_it_does_not_serve_is_forked_and_the_interpreter_goes(tmp_path):
     assert waiting.returncode is not None  # killed, never handed a job
 
 
-def test_it_waits_as_the_workloads_account_in_the_job_cgroup(tmp_path, slot_cgroup):
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "subprocess"])
+def test_it_waits_as_the_workloads_account_in_the_job_cgroup(tmp_path, slot_cgroup, setpriv, monkeypatch):
     if os.geteuid() != 0:
         pytest.skip("needs root to switch accounts")
+    if not setpriv:  # a box without util-linux's setpriv: subprocess changes the account
+        monkeypatch.setattr(warm, "SETPRIV", None)
+    elif warm.SETPRIV is None:
+        pytest.fail("setpriv (util-linux) is missing on this box")
     os.chmod(tmp_path, 0o755)
     launcher = warmed(slot=slot_cgroup, user=NOBODY)
     try:
@@ -138,6 +143,10 @@ def test_it_waits_as_the_workloads_account_in_the_job_cgroup(tmp_path, slot_cgro
         assert "_warm()" in open(f"/proc/{pid}/cmdline").read()
         status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
         assert status["Uid"].split()[:4] == ["65534"] * 4  # not one instruction of it as root
+        assert status["Gid"].split()[:4] == ["65534"] * 4
+        assert status["Groups"].split() == []  # none of root's supplementary groups
+        assert status["Umask"].strip() == "0077"
+        assert status["CapEff"].strip() == status["CapPrm"].strip() == "0000000000000000"
         assert f"/{slot_cgroup}/job" in open(f"/proc/{pid}/cgroup").read()
     finally:
         launcher.close()

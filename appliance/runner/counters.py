@@ -82,9 +82,9 @@ class SlotCounters:
         except Exception as e:  # noqa: BLE001 - a damaged file must never stop a job
             log.warning("metrics counters of %s: %s", self.path, e)
 
-    def job_finished(self, queue: Optional[str], outcome: str, started: Optional[float]) -> None:
+    def job_finished(self, queue: Optional[str], outcome: str, started: Optional[float], save: bool = True) -> None:
         try:
-            self._job_finished(queue or UNKNOWN_QUEUE, outcome, started)
+            self._job_finished(queue or UNKNOWN_QUEUE, outcome, started, save)
         except Exception as e:  # noqa: BLE001
             log.warning("metrics counters of %s: %s", self.path, e)
 
@@ -97,13 +97,14 @@ class SlotCounters:
         if save:
             self.save()
 
-    def _job_finished(self, queue: str, outcome: str, started: Optional[float]) -> None:
+    def _job_finished(self, queue: str, outcome: str, started: Optional[float], save: bool = True) -> None:
         by_outcome = self.data["jobs_finished"].setdefault(queue, {})
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
         if started:
             times = self.data["job_seconds"]
             times[queue] = observe(times.get(queue), max(0.0, time.time() - float(started)), JOB_BUCKETS)
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         """Write the file; a failure is logged, never raised (metrics never stop a job)."""

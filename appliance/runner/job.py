@@ -27,7 +27,7 @@ from appliance import pyenv
 from appliance.runner import classes, execute, gpu, launch, ledger
 from appliance.runner.ledger import ENDED, LOCK, REQUEST
 from appliance.runner.settle import SettleOnce, disk_full, put_back, release_or_quarantine
-from appliance.runner.status import LAZY_WRITE_S, record_experiment
+from appliance.runner.status import record_experiment
 from appliance.studioml import transfer
 from appliance.studioml.artifacts import OUTPUT_FILE, result_record
 from appliance.studioml.transfer import ArtifactError, ArtifactTooBig, StoreUnavailable
@@ -100,8 +100,6 @@ class Job:
 
     def tick(self) -> None:
         now = time.time()
-        if self.status.dirty and now - self.started >= LAZY_WRITE_S:  # a slow start shows
-            self.status.flush()
         if now >= self.next_keepalive:
             self.next_keepalive = now + self.s.keepalive_s
             try:
@@ -152,7 +150,8 @@ class Job:
         cls = cls or classes.classify(outcome, exit_code, reason)
         if not self.recorded:  # it ended before its workload started
             self.record_experiment()
-        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
+        # lazy: written with the next job's steps, or as the runner starts to wait for work
+        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report, lazy=True)
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 
@@ -254,7 +253,7 @@ class Job:
 
     def execute(self) -> execute.Result:
         def started(proc):  # what nobody needs before the workload runs is told now
-            self.status.update(state="draining" if self.r.stopping else "running",
+            self.status.update(state="draining" if self.r.stopping else "running", lazy=True,
                                workload={"pid": proc.pid, "start_ticks": execute.process_start_ticks(proc.pid)})
             if self.entry is None:  # a local queue's message: its running record (this box's alone)
                 self.entry = self.ledger.running(self.req, self.r.slot, getattr(self.msg, "attempt", 1),
@@ -304,7 +303,7 @@ class Job:
         self.r.jobs.given_back(self.req.key, what)
 
     def settle(self, result: execute.Result) -> None:
-        self.status.update(workload=None)
+        self.status.update(workload=None, lazy=True)
         if result.outcome == execute.INTERRUPTED:  # drained: never ended, runs again, not counted
             self.status.update(state="uploading")
             self.upload_quietly()
@@ -330,7 +329,7 @@ class Job:
         ended["report"] = launch.report(self, result)
         self.note(f"{result.outcome}: {classes.report_line(ended['report'])}")
         self.hold_for_space(lambda: self._record_end(ended), "to record that it ended")  # never runs again
-        self.status.update(state="uploading")  # so "uploading" means: ended, and never runs again
+        self.status.update(state="uploading", lazy=True)  # "uploading": ended, and never runs again
         self.keep_dir = True
         self.entry = self.ledger.ended(self.entry or self.ledger_entry(), ended,  # the users' copy: once done
                                        share=self.shared)
@@ -414,7 +413,7 @@ class Job:
         self.r.lookahead.together(lambda: self.ledger.share(entry),
                                   lambda: self._write_record({**ended, "state": "done"}))
         self.keep_dir = False
-        self.status.update(last_upload=self.uploader.last_upload)
+        self.status.update(last_upload=self.uploader.last_upload, lazy=True)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")
         cls = ended.get("class") or classes.classify(outcome, ended.get("exit_code"), reason)
         if outcome in (execute.SUCCESS, execute.CANCELLED):  # done, or stopped as its owner asked

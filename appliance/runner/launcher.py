@@ -128,9 +128,9 @@ class Launcher:
                 import socket
                 from appliance.runner import warm
                 self.channel, theirs = socket.socketpair()
-                account = dict(user=want[2][0], group=want[2][1], extra_groups=[]) if want[2] else {}
+                argv, account = warm.as_account(warm.warm_argv(want[0], os.getpid(), theirs.fileno()), want[2])
                 self.proc = subprocess.Popen(
-                    warm.warm_argv(want[0], os.getpid(), theirs.fileno()), stdin=subprocess.DEVNULL,
+                    argv, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],
                     start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=0o077,
                     **account)

@@ -195,6 +195,7 @@ class Runner:
         """Wait for work: a message, a change of the sources, or a signal ends the wait at once
         (without install_signals, it waits in steps of a second so a stop is seen)."""
         self.launcher.warm(*self.warm_with)
+        self.status.flush()  # the last job's end, before the runner rests
         end = time.monotonic() + max(0.0, seconds)
         waiter = next((s for s in self.sources if hasattr(s, "wait")), None)
         while not self.stopping:

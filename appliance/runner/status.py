@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +36,7 @@ from appliance.files import write_atomic
 
 log = logging.getLogger("appliance.runner")
 
-LAZY_WRITE_S = 0.25  # a job still getting ready after this long has its lazy status written
+LAZY_WRITE_S = 0.25  # a lazy update is on the disk at most this long after it was made
 STATES = ("idle", "fetching", "preparing", "running", "uploading", "draining", "stopped")
 
 
@@ -72,27 +73,49 @@ class StatusFile:
         self.unwritten: Optional[str] = None  # why the last update is in memory only (a full disk)
         self.dirty = False  # lazy updates not written yet
         self._counters_due = False
+        self._changed = threading.Condition()  # guards data and the file; wakes the writer
+        self._dirty_since = 0.0
+        self._writer: Optional[threading.Thread] = None
 
     def update(self, lazy: bool = False, **fields: Any) -> None:
-        """Merge `fields` and rewrite the file. `lazy`: at the next write or `flush()` (a job's
-        first steps: a job that starts at once is not held up by them; the runner flushes
-        before a download and when a step takes long, so a slow fetch still shows)."""
+        """Merge `fields` and rewrite the file. `lazy`: written by the next write, `flush()`, or
+        a second thread LAZY_WRITE_S later, whichever comes first: a job's steps cost the runner
+        a file write each otherwise (a burst of short jobs: ~5 each), while whoever looks at the
+        status sees a step that lasts."""
         state = fields.get("state")
         if state is not None and state not in STATES:
             raise ValueError(f"unknown runner state {state!r}")
-        self.data.update(fields)
-        self.data["updated"] = time.time()
-        if lazy:
-            self.dirty = True
-            return
-        self._write()
+        with self._changed:
+            self.data.update(fields)
+            self.data["updated"] = time.time()
+            if not lazy:
+                self._write()
+            elif not self.dirty:
+                self.dirty, self._dirty_since = True, time.monotonic()
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_later, name="status", daemon=True)
+                    self._writer.start()
+                self._changed.notify()
 
     def flush(self) -> None:
         """Write what lazy updates left in memory."""
-        if self.dirty:
-            self._write()
+        with self._changed:
+            if self.dirty:
+                self._write()
+
+    def _write_later(self) -> None:
+        with self._changed:
+            while True:
+                while not self.dirty:
+                    self._changed.wait()
+                left = self._dirty_since + LAZY_WRITE_S - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)  # a write meanwhile makes it clean
+                elif self.dirty:
+                    self._write()
 
     def _write(self) -> None:
+        """With `_changed` held."""
         self.dirty = False
         if self._counters_due and self.counters is not None:
             self._counters_due = False
@@ -110,21 +133,24 @@ class StatusFile:
                     owner_uid: Optional[int] = None, lazy: bool = False) -> None:
         """`owner_uid`: who submitted it, as the kernel said (the queue file's uid); None: unknown."""
         if self.counters is not None:
-            self.counters.job_started(queue, enqueued, save=not lazy)
-            self._counters_due = lazy
+            with self._changed:  # the status writer saves the counters too
+                self.counters.job_started(queue, enqueued, save=not lazy)
+                self._counters_due = self._counters_due or lazy
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
                     started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid,
                     lazy=lazy)
 
     def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
                      gpu: Optional[dict] = None, cls: Optional[str] = None,
-                     retry: Optional[int] = None, report: Optional[dict] = None) -> None:
+                     retry: Optional[int] = None, report: Optional[dict] = None, lazy: bool = False) -> None:
         """`cls`: the failure class (runner/classes.py); worked out from the rest when not given."""
         if cls is None:
             from appliance.runner.classes import classify
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
-            self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"))
+            with self._changed:
+                self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"), save=not lazy)
+                self._counters_due = self._counters_due or lazy
         result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
                   "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
@@ -135,7 +161,7 @@ class StatusFile:
         if retry:
             result["retry"] = retry  # released to run again: this many retries so far
         self.update(state="idle", last_result=result, experiment=None, queue=None, source=None,
-                    started=None, output=None, workload=None, gpu=None)
+                    started=None, output=None, workload=None, gpu=None, lazy=lazy)
 
 
 def read_status(home, slot: str) -> Optional[dict]:

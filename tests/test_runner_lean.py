@@ -91,6 +91,21 @@ def test_the_quick_client_does_only_what_the_store_answers_as_expected(store):
         down.head(store.bucket, prefix + "a b+c.txt")
 
 
+def test_the_boxs_own_store_is_reached_at_its_socket_and_over_tcp_once_that_is_gone(store, tmp_path, monkeypatch):
+    from appliance.store.server import store_run_dir
+    monkeypatch.setattr(lite, "_BESIDE", {})
+    key = f"lite-{uuid.uuid4().hex[:8]}/beside"
+    # nothing listens on port 9: what answers is the store, at its unix socket
+    lite.reach_through("http://127.0.0.1:9", str(store_run_dir(store.home) / "s3.sock"))
+    beside = lite.Client("http://127.0.0.1:9", store.access_key, store.secret_key, timeout=5)
+    beside.put(store.bucket, key, b"through the socket")
+    assert beside.get(store.bucket, key, 100) == b"through the socket"
+    # a socket that is not there (the store restarting): the same request over TCP
+    lite.reach_through(store.endpoint_url, str(tmp_path / "gone.sock"))
+    tcp = lite.Client(store.endpoint_url, store.access_key, store.secret_key, timeout=5)
+    assert tcp.get(store.bucket, key, 100) == b"through the socket"
+
+
 def test_the_quick_client_sends_again_when_its_kept_connection_was_closed():
     import socket
     import threading

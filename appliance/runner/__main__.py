@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.config import Config, load_config as _load
     logging.getLogger("pika").setLevel(logging.WARNING)
     config = _load(home.config_file) if home.config_file.exists() else Config()
+    from appliance.store.server import own_s3_socket
+    own_socket = own_s3_socket(home, config)
+    if settings.own_store and own_socket is not None:
+        from appliance.store import lite
+        lite.reach_through(settings.own_store, str(own_socket))
     sources = [SourceSet(home, config, slot=args.slot,
                          local=LocalQueueSource(home.queue_root, runner_id=args.slot,
                                                 dead_ttl_s=config.queues.dead_ttl))]

@@ -137,6 +137,12 @@ def filer_store_environment(home: Home, memory_limit: int) -> dict[str, str]:
             "WEED_LEVELDB_ENABLED": "true", "WEED_LEVELDB_DIR": str(home.store_data / "filerldb")}
 
 
+def own_s3_socket(home: Home, config: Config) -> Path | None:
+    """The bundled SeaweedFS's S3 unix socket (root's alone), where the box's own processes
+    reach it without the forwarder; None for another kind of store."""
+    return store_run_dir(home) / "s3.sock" if config.object_store.kind == "seaweedfs" else None
+
+
 def store_run_dir(home: Home) -> Path:
     """The bundled store's sockets and temporary files: its owner's alone (0700)."""
     return home.run_dir / "store"

@@ -1,6 +1,8 @@
 """The small status file each runner keeps, and the experiment index `logs`/`results` read.
 
-`HOME/status/<slot>.json` is replaced atomically (write a temp file, rename) at every step:
+`HOME/status/<slot>.json` is replaced atomically (write a temp file, rename). A job's steps are
+on disk within LAZY_WRITE_S (a second thread writes them), a runner at rest's at once; so a
+burst of short jobs costs a few writes a second, not five a job:
 
     {"state": "idle|fetching|preparing|running|uploading|draining|stopped",
      "slot": ..., "pid": <runner pid>, "updated": <epoch>,

@@ -408,10 +408,13 @@ class Job:
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
-        self.entry = self.ledger.settled(self.entry or self.ledger_entry(), ended, share=False)  # this box's
-        entry = self.entry  # then the store's copy and the users' copy, at once
-        self.r.lookahead.together(lambda: self.ledger.share(entry),
-                                  lambda: self._write_record({**ended, "state": "done"}))
+        # its final record on this box (durable), in the store and the users' copy, all at once: a
+        # kill between them leaves the ended one here (.ended.json: finished, never run again) or a
+        # final one somewhere, and a claim goes by the newer of this box's and the store's
+        final = self.ledger.final(self.entry or self.ledger_entry(), ended)
+        *_, self.entry = self.r.lookahead.together(
+            lambda: self.ledger.share(final), lambda: self._write_record({**ended, "state": "done"}),
+            here=lambda: self.ledger.write(final, share=False))
         self.keep_dir = False
         self.status.update(last_upload=self.uploader.last_upload, lazy=True)
         outcome, reason = ended.get("outcome", execute.FAILED), ended.get("reason", "")

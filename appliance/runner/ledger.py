@@ -253,8 +253,13 @@ class Ledger:
 
     def settled(self, record: dict, ended: dict, share: bool = True) -> dict:
         """Final (done or failed); `share=False`: the caller `share`s it with the store."""
-        final = DONE if ended.get("outcome") == "success" else FAILED
-        return self.write({**record, **ended, "state": final}, share=share)
+        return self.write(self.final(record, ended), share=share)
+
+    @staticmethod
+    def final(record: dict, ended: dict) -> dict:
+        """The final record (done or failed) of a run that ended as `ended`; not written yet."""
+        return {**record, **ended, "state": DONE if ended.get("outcome") == "success" else FAILED,
+                "updated": time.time()}
 
     def released(self, record: Optional[dict], why: str) -> Optional[dict]:
         if record is None or record.get("state") in FINAL:

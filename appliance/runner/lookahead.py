@@ -50,14 +50,18 @@ class Lookahead:
                  for a in arts if not a.mutable and cached} if cached else {}
         return Asked(listed, heads)
 
-    def together(self, *calls: Callable[[], object]) -> list:
-        """Run `calls` at once (store requests that do not depend on each other); their results,
-        or the first one's exception once all ended."""
+    def together(self, *calls: Callable[[], object], here: Optional[Callable[[], object]] = None) -> list:
+        """Run `calls` at once (store requests that do not depend on each other), and `here` in
+        this thread meanwhile (a local write); their results (`here`'s last), or the first one's
+        exception once all ended."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookahead")
         futures = [self._pool.submit(c) for c in calls]
-        wait(futures)
-        return [f.result() for f in futures]
+        try:
+            mine = [here()] if here is not None else []
+        finally:
+            wait(futures)
+        return [f.result() for f in futures] + mine
 
     def close(self) -> None:
         if self._pool is not None:

@@ -272,6 +272,10 @@ class Job:
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
+        if self.workload_ended and not self.r.stopping:
+            # the next job's interpreter starts up while this one's outputs go to the store: in a
+            # burst of short jobs, started only at the next claim, it was not up when that job came
+            self.r.launcher.warm(*self.r.warm_with)
         return result
 
     def record_experiment(self) -> None:

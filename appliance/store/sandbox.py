@@ -11,9 +11,10 @@ HOST:PORT with `splice` (no copy through Python).
     python -m appliance.store.sandbox --listen 127.0.0.1:8333 --socket DIR/s3.sock \
         --private DIR ... -- weed server -filer -s3 ...
 
-This process stays the one supervisord watches: it forwards TERM/INT/HUP to the store and
-exits with its status; the store gets SIGKILL if this process dies. It restarts the store when
-the store cannot write after its disk was full (appliance/store/watchdog.py).
+This process stays the one supervisord watches: it forwards TERM/INT to the store and exits
+with its status, and HUP (read the identities again) without stopping it; the store gets
+SIGKILL if this process dies. It restarts the store when the store cannot write after its disk
+was full (appliance/store/watchdog.py).
 """
 
 from __future__ import annotations
@@ -272,6 +273,14 @@ class Store:
                 except ProcessLookupError:
                     pass
 
+    def reload(self) -> None:
+        """Pass SIGHUP on: the store reads its identities again and goes on running."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def stop(self, signum: int) -> None:
         self.stopping = True
         if self.pid:
@@ -340,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance store: {e}", file=sys.stderr, flush=True)
         return 1
     store = Store(command, args.socket)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: store.stop(signum))
+    # a reload, not a stop (as a stop it armed the kill timer: the store died 5 s after each
+    # new member identity)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: store.reload())
     threading.Thread(target=forward, args=(listener, args.socket), daemon=True).start()
     if args.data and args.filer_socket:
         threading.Thread(target=store.watch, args=(Watchdog(args.data, args.filer_socket, say=_say),),

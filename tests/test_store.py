@@ -172,3 +172,24 @@ def test_the_stores_secret_is_made_once_and_kept(tmp_path):
     assert os.listdir(tmp_path) == [".mini_sse_kek"]
     path.write_text("")  # emptied: made again, as `weed mini` did
     assert secret_environment([f"WEED_S3_SSE_KEK={path}"]) != first
+
+
+def test_a_reload_keeps_the_store_running(tmp_path):
+    """SIGHUP to the store's wrapper (a member identity was made) has the store read its
+    identities again; it is not a stop: the same store still answers after the wrapper's kill
+    timer would have fired (it used to SIGKILL the store 5 s after each reload)."""
+    import signal
+    import time
+
+    from appliance.store.sandbox import Store
+    from tests.store_fixtures import start_store, stop_store
+
+    running = start_store(tmp_path / "home")
+    try:
+        weed = _weed_pid(running)
+        running.process.send_signal(signal.SIGHUP)
+        time.sleep(Store.KILL_AFTER_S + 2)
+        assert running.process.poll() is None and _weed_pid(running) == weed
+        assert running.client().list_objects_v2(Bucket=running.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    finally:
+        stop_store(running)

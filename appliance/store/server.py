@@ -104,6 +104,9 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
         f"-s3.localSocket={s3_socket}",
         f"-filer.localSocket={private / 'filer.sock'}",
         "-master.telemetry=false",  # no usage report to seaweedfs.com (it has no way out anyway)
+        # one master, leader at once (as mini): without it a restarted master waits out a raft
+        # election of >= 10 s, and nothing can write meanwhile
+        "-master.peers=none",
         # what mini chose: volumes sized to the disk, as many as fit, and a quick stop (the
         # sandbox kills a store that takes over 5 s; server's default waits 10 s)
         "-volume.max=0", f"-master.volumeSizeLimitMB={volume_size_limit_mb(data)}",

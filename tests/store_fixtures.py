@@ -12,7 +12,7 @@ import pytest
 
 from appliance.config import Config, ObjectStoreConfig
 from appliance.paths import Home
-from appliance.store.client import check_store, s3_client
+from appliance.store.client import check_store, ensure_bucket, s3_client
 from appliance.store.credentials import ensure_credentials, load_client_credentials, write_identities
 from appliance.store.server import ports_in_use, seaweed_ports, store_program, weed_binary
 from tests.realparts import need
@@ -71,6 +71,9 @@ def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
         if proc.poll() is not None:
             break
         problem = check_store(endpoint, creds.access_key, creds.secret_key, bucket)
+        if problem is not None and "does not exist" in problem:  # a new store: `up` makes it
+            ensure_bucket(endpoint, creds.access_key, creds.secret_key, bucket)
+            problem = check_store(endpoint, creds.access_key, creds.secret_key, bucket)
         if problem is None:
             break
         time.sleep(0.1)

@@ -68,6 +68,61 @@ def test_a_store_made_by_an_older_appliance_keeps_its_objects(tmp_path):
         stop_store(again)
 
 
+def test_a_store_made_by_weed_mini_keeps_its_objects(tmp_path):
+    """Stores made before the appliance ran `weed server` ran `weed mini` on the same folder:
+    the new command finds their objects, the volume size mini chose, and the SSE-S3 key mini
+    kept beside them (an object stored encrypted stays readable)."""
+    import subprocess
+    import time
+
+    from appliance.paths import Home
+    from appliance.store.client import check_store
+    from appliance.store.credentials import ensure_credentials, write_identities
+    from appliance.store.server import filer_store_environment, seaweed_ports, volume_size_limit_mb, weed_binary
+    from tests.store_fixtures import free_store_port, start_store, stop_store
+
+    root = tmp_path / "old"
+    home = Home.at(root)
+    home.ensure()
+    creds = ensure_credentials(home, with_client=True)
+    write_identities(home, "appliance")
+    port = free_store_port()
+    ports = seaweed_ports(port)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    mini = subprocess.Popen(
+        [weed_binary(), "-logtostderr", "mini", f"-dir={home.store_data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+         f"-s3.port={port}", f"-admin.port={port + 4}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+         "-admin.ui=false", f"-s3.config={home.store_identities}", "-bucket=appliance", "-master.telemetry=false"],
+        env={"PATH": "/usr/bin:/bin", "TMPDIR": str(scratch), **filer_store_environment(home, 256 * 1024 * 1024)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            if check_store(endpoint, creds.access_key, creds.secret_key, "appliance") is None:
+                break
+            time.sleep(0.2)
+        old = s3_client(endpoint, creds.access_key, creds.secret_key)
+        old.put_object(Bucket="appliance", Key="plain", Body=b"kept")
+        old.put_object(Bucket="appliance", Key="sealed", Body=b"kept sealed", ServerSideEncryption="AES256")
+        time.sleep(3)  # mini writes mini.options once every part is up
+    finally:
+        mini.terminate()
+        mini.wait(30)
+    chosen = {k: v for k, _, v in (line.partition("=") for line in (home.store_data / "mini.options").read_text().split())}
+    assert volume_size_limit_mb(home.store_data) == int(chosen["master.volumeSizeLimitMB"])
+
+    again = start_store(root)
+    try:
+        client = again.client()
+        assert client.get_object(Bucket="appliance", Key="plain")["Body"].read() == b"kept"
+        assert client.get_object(Bucket="appliance", Key="sealed")["Body"].read() == b"kept sealed"
+        assert b"-filer" in open(f"/proc/{_weed_pid(again)}/cmdline", "rb").read().split(b"\0")
+    finally:
+        stop_store(again)
+
+
 def test_a_memory_limit_the_store_cannot_rest_in_is_refused(tmp_path):
     from appliance.config import Config, ObjectStoreConfig
     from appliance.paths import Home
@@ -101,3 +156,40 @@ def test_the_health_check_of_a_healthy_store_needs_no_boto3_and_a_wrong_key_is_s
     assert check(store.secret_key) == (None, False)
     problem, _ = check("wrong")  # told on the quick path too, in boto3's words
     assert "refused the appliance's credentials" in problem
+
+
+def test_the_stores_secret_is_made_once_and_kept(tmp_path):
+    """The SSE-S3 key the wrapper hands the store: made whole the first time, the owner's alone,
+    the same at every later start (a new key would leave encrypted objects unreadable)."""
+    import os
+
+    from appliance.store.sandbox import secret_environment
+
+    path = tmp_path / ".mini_sse_kek"
+    first = secret_environment([f"WEED_S3_SSE_KEK={path}"])
+    assert len(first["WEED_S3_SSE_KEK"]) == 64 and (path.stat().st_mode & 0o777) == 0o600
+    assert secret_environment([f"WEED_S3_SSE_KEK={path}"]) == first
+    assert os.listdir(tmp_path) == [".mini_sse_kek"]
+    path.write_text("")  # emptied: made again, as `weed mini` did
+    assert secret_environment([f"WEED_S3_SSE_KEK={path}"]) != first
+
+
+def test_a_reload_keeps_the_store_running(tmp_path):
+    """SIGHUP to the store's wrapper (a member identity was made) has the store read its
+    identities again; it is not a stop: the same store still answers after the wrapper's kill
+    timer would have fired (it used to SIGKILL the store 5 s after each reload)."""
+    import signal
+    import time
+
+    from appliance.store.sandbox import Store
+    from tests.store_fixtures import start_store, stop_store
+
+    running = start_store(tmp_path / "home")
+    try:
+        weed = _weed_pid(running)
+        running.process.send_signal(signal.SIGHUP)
+        time.sleep(Store.KILL_AFTER_S + 2)
+        assert running.process.poll() is None and _weed_pid(running) == weed
+        assert running.client().list_objects_v2(Bucket=running.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    finally:
+        stop_store(running)

@@ -1,6 +1,6 @@
 """The bundled store as another local user sees it: only the S3 port answers, and only signed
 requests; SeaweedFS's master, volume and filer (HTTP and gRPC), its unix sockets and its data
-files are out of reach. A real store (`weed mini` in its sandbox); the probes run as uid 65534."""
+files are out of reach. A real store (`weed server` in its sandbox); the probes run as uid 65534."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ for port in args["grpc"]:
         out[f"grpc {port}"] = "connected"
     except ConnectionRefusedError:
         out[f"grpc {port}"] = "refused"
-for path in (args["data"], os.path.join(args["data"], "mini.options")):
+for path in (args["data"], os.path.join(args["data"], ".mini_sse_kek")):
     try:
         out[f"read {path}"] = f"read {len(os.listdir(path) if os.path.isdir(path) else open(path).read())}"
     except PermissionError:
@@ -190,14 +190,15 @@ def test_up_runs_the_store_in_its_own_network_and_hands_out_the_client_identity(
 
 def test_the_stores_unix_sockets_are_named_after_its_own_ports(store):
     """SeaweedFS serves every gRPC port on /tmp/seaweedfs-NAME-grpc-PORT.sock, which all the
-    stores of a host share: each of ours must name a port of its own, or one store's maintenance
-    worker talks to another's admin server (and then retries its master forever)."""
+    stores of a host share: each of ours must name a port of its own, or one store's parts talk
+    to another's (`weed mini`'s maintenance worker reached another store's admin server, and
+    then retried its master forever)."""
     import re
 
     from tests.realparts import wait_for
 
     log = store.home.logs_dir / "store.log"
-    wait_for("the admin server's socket", lambda: "seaweedfs-admin-grpc-" in log.read_text(), timeout=120)
+    wait_for("the filer's socket", lambda: "seaweedfs-filer-grpc-" in log.read_text(), timeout=120)
     own = {p + 10000 for p in seaweed_ports(urlsplit(store.endpoint_url).port).values()}
     named = {int(n) for n in re.findall(r"/tmp/seaweedfs-[a-z0-9]+-grpc-(\d+)\.sock", log.read_text())}
     assert named and named <= own, f"sockets named after ports not its own: {sorted(named - own)}"

@@ -4,16 +4,17 @@ SeaweedFS's master, volume and filer take unauthenticated requests on their HTTP
 ports, and its own security config cannot close them all: a JWT key leaves the master handing
 out write tokens (`/dir/assign`) and deleting whole buckets (`/col/delete`) to anyone, and its
 IP whitelist, the only guard of those, also refuses the store's own internal traffic from
-127.0.0.1. So `weed mini` runs in a private network namespace (only its own loopback), and
+127.0.0.1. So the store runs in a private network namespace (only its own loopback), and
 S3 reaches the host through its unix socket (`-s3.localSocket`), forwarded here from
 HOST:PORT with `splice` (no copy through Python).
 
     python -m appliance.store.sandbox --listen 127.0.0.1:8333 --socket DIR/s3.sock \
-        --private DIR ... -- weed mini ...
+        --private DIR ... -- weed server -filer -s3 ...
 
-This process stays the one supervisord watches: it forwards TERM/INT/HUP to the store and
-exits with its status; the store gets SIGKILL if this process dies. It restarts the store when
-the store cannot write after its disk was full (appliance/store/watchdog.py).
+This process stays the one supervisord watches: it forwards TERM/INT to the store and exits
+with its status, and HUP (read the identities again) without stopping it; the store gets
+SIGKILL if this process dies. It restarts the store when the store cannot write after its disk
+was full (appliance/store/watchdog.py).
 """
 
 from __future__ import annotations
@@ -56,6 +57,30 @@ def make_private(path: str) -> None:
                     os.chmod(name, st.st_mode & ~0o077)
             except FileNotFoundError:
                 pass
+
+
+def secret_environment(pairs: list[str]) -> dict[str, str]:
+    """NAME=PATH pairs: NAME set to PATH's content, which is made (32 random bytes in hex, 0600)
+    the first time. The store's secrets stay in its data folder, never in supervisord's config."""
+    env = {}
+    for pair in pairs:
+        name, _, path = pair.partition("=")
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except FileNotFoundError:
+            value = ""
+        if not value:  # made whole or not at all: a torn key would lock the store out
+            value = os.urandom(32).hex()
+            fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, value.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path + ".new", path)
+        env[name] = value
+    return env
 
 
 def enter_private_network() -> None:
@@ -248,6 +273,14 @@ class Store:
                 except ProcessLookupError:
                     pass
 
+    def reload(self) -> None:
+        """Pass SIGHUP on: the store reads its identities again and goes on running."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def stop(self, signum: int) -> None:
         self.stopping = True
         if self.pid:
@@ -298,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="append", default=[], help="folder made 0700, contents go-rwx")
     p.add_argument("--data", help="the store's data folder: watched for a full disk (appliance/store/watchdog.py)")
     p.add_argument("--filer-socket", help="the filer's unix socket, where the watchdog proves a write")
+    p.add_argument("--secret-env", action="append", default=[], metavar="NAME=PATH",
+                   help="give the store NAME from the file PATH (made with a random key the first time)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -307,14 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.private:
             make_private(path)
+        os.environ.update(secret_environment(args.secret_env))
         listener = listen(args.listen)  # in the host's network, before leaving it
         enter_private_network()
     except (SandboxError, OSError) as e:
         print(f"appliance store: {e}", file=sys.stderr, flush=True)
         return 1
     store = Store(command, args.socket)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: store.stop(signum))
+    # a reload, not a stop (as a stop it armed the kill timer: the store died 5 s after each
+    # new member identity)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: store.reload())
     threading.Thread(target=forward, args=(listener, args.socket), daemon=True).start()
     if args.data and args.filer_socket:
         threading.Thread(target=store.watch, args=(Watchdog(args.data, args.filer_socket, say=_say),),

@@ -219,6 +219,8 @@ def test_a_claim_starts_a_queued_job_and_records_its_owner_from_the_file(home, t
     assert rec.claim(claimed("k", tmp_path, uid=4321), "k") == "run"
     row = rec.table.get("k")
     assert (row.state, row.slot, row.owner_uid, row.attempts) == ("running", "slot-0", 4321, 1)
+    assert row.started is not None and row.submitted is not None
+    assert rec.table.request_body("k")[1] == body("k")  # kept: `requeue` can run it again
     rec.ended("k", "failed", "user", 3, "exit code 3", {"cpu_seconds": 0.5, "peak_memory_bytes": 1 << 20,
                                                           "wall_seconds": 2.0})
     row = rec.table.get("k")

@@ -88,8 +88,15 @@ class RunnerRecord:
                                    message_id=msg.message_id)
             if job is None:
                 return RUN  # no usable key: triage already settles such a message
-            t.add(job, msg.body)  # kept for requeue, and for a cancel to reach the ledger
-            row = t.get(key)
+            if not (job.array_base and job.array_limit):  # nothing it waits for: running at once,
+                attempt = getattr(msg, "attempt", None)  # in one write (queued, then running: two)
+                job.state, job.slot, job.started = RUNNING, self.slot, time.time()
+                job.attempts = attempt if attempt is not None else 1
+                if t.add(job, msg.body):  # kept for requeue, and for a cancel to reach the ledger
+                    return RUN
+            else:
+                t.add(job, msg.body)
+            row = t.get(key)  # (or another runner added it meanwhile: as if it had been there)
         elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id \
                 and _owner_of(msg) != row.owner_uid:
             return DUPLICATE  # another account's message taking over this key's row

@@ -83,13 +83,17 @@ class Job:
         out = self.output.parent
         out.mkdir(mode=0o700)
         for name in (".tmp", ".home"):
-            self._own(self.dir / name)
+            self._own(self.dir / name, empty=True)
 
-    def _own(self, path: Path) -> None:
-        """`path` (made if missing, and everything in it) belongs to the workload's user, 0700."""
-        path.mkdir(mode=0o700, exist_ok=True)
+    def _own(self, path: Path, empty: bool = False) -> None:
+        """`path` (made if missing, and everything in it) belongs to the workload's user, 0700.
+        `empty`: a folder the job's new folder has not got yet, made here."""
+        path.mkdir(mode=0o700, exist_ok=not empty)
         user = self.r.user
         if user is None:
+            return
+        if empty:
+            os.chown(path, user.uid, user.gid, follow_symlinks=False)
             return
         for root, dirs, files in os.walk(path):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
@@ -193,6 +197,10 @@ class Job:
                 self.tick()
                 if self.r.stopping:
                     return self.give_back("runner stopping before the job started")
+                if art.mutable and known.get(art.name) is False:  # not in the store: an empty folder
+                    if art.name != "output":  # (made with the job's folder)
+                        self._own(self.dir / art.name, empty=True)
+                    continue
                 got = transfer.fetch(art, self.dir / art.name, None if art.mutable else self.r.cache,
                                      self.s.retry, left, exists=known.get(art.name) if art.mutable else None,
                                      known_as=self.asked.cache_key(art.name) if self.asked else None,

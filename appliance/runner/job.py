@@ -280,10 +280,6 @@ class Job:
             container_slot=self.r.container_slot, launcher=self.r.launcher, user=self.r.user_ids,
             on_end=lambda: launch.gpu_end(self), ram_bytes=self.req.resources.ram_bytes)
         self.workload_ended = result.usage is not None  # it ran, and run_workload cleaned up after it
-        if self.workload_ended and not self.r.stopping:
-            # the next job's interpreter starts up while this one's outputs go to the store: in a
-            # burst of short jobs, started only at the next claim, it was not up when that job came
-            self.r.launcher.warm(*self.r.warm_with)
         return result
 
     def record_experiment(self) -> None:
@@ -420,6 +416,11 @@ class Job:
         settle the message as the workload ended (never run again)."""
         if not self.upload_until_done():
             return
+        if self.workload_ended and not self.r.stopping:
+            # the next job's interpreter starts up while this one's records are written (a burst
+            # of short jobs: started at the next claim, it was still starting when that job came;
+            # started before the upload, it held the output back by ~10 ms on a 2-core box)
+            self.r.launcher.warm(*self.r.warm_with)
         # its final record on this box (durable), in the store and the users' copy, all at once: a
         # kill between them leaves the ended one here (.ended.json: finished, never run again) or a
         # final one somewhere, and a claim goes by the newer of this box's and the store's

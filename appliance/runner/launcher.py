@@ -106,7 +106,7 @@ class Launcher:
         import sys
         self.slot = slot
         self.python = python or sys.executable
-        self._proc: Optional[subprocess.Popen] = None
+        self.proc: Optional[subprocess.Popen] = None
         self.warning = b""  # _preexec's words on a failed cgroup join, for the output
         self.warm_as: Optional[tuple] = None  # (python, env, user) of a warm interpreter
         self.channel = None  # the runner's end of the warm interpreter's socket
@@ -114,62 +114,44 @@ class Launcher:
         self._mover = None  # the thread that moves it into its cgroup (warm)
         self._placed = None  # that move, under way
 
-    @property
-    def proc(self) -> Optional[subprocess.Popen]:
-        """The waiting process, once started (a start under way is waited for)."""
-        self.ready()
-        return self._proc
-
     def warm(self, python: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
              user: Optional[tuple] = None) -> None:
         """Have a launcher process waiting (call when idle); with `python` and `env`, a warm
-        interpreter for the jobs it serves (warm.serves). It is started, and moved into its
-        cgroup, by a second thread: the runner goes on at once; `ready()` waits for it."""
+        interpreter for the jobs it serves (warm.serves)."""
         want = (python, dict(env or {}), tuple(user) if user else None) if python else None
-        if want == self.warm_as and (self._placed is not None or
-                                     (self._proc is not None and self._proc.poll() is None)):
-            return  # waiting, or on its way
+        if self.proc is not None and self.proc.poll() is None and want == self.warm_as:
+            return
         self._discard()
-        self.warning, self.warm_as, self.fresh_leaf = b"", want, False
-        if self._mover is None:
-            from concurrent.futures import ThreadPoolExecutor
-            # its one thread is the parent of every process it starts: it lives as long as the
-            # launcher (a PDEATHSIG fires when the thread that forked a process ends)
-            self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
-        self._placed = self._mover.submit(self._start, want)
-
-    def _start(self, want: Optional[tuple]) -> bool:
-        """The waiting process, started and moved into a new job cgroup (the second thread:
-        even a vfork waits until the child gets a CPU, and a cgroup v1 move for the kernel)."""
         theirs = None
         try:
             if want:  # the interpreter itself, as the workload's account from its first instruction
                 import socket
                 from appliance.runner import warm
-                channel, theirs = socket.socketpair()
+                self.channel, theirs = socket.socketpair()
                 argv, account = warm.as_account(warm.warm_argv(want[0], os.getpid(), theirs.fileno()), want[2])
-                try:
-                    proc = subprocess.Popen(
-                        argv, stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],
-                        start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=0o077,
-                        **account)
-                except BaseException:
-                    channel.close()
-                    raise
-                self.channel = channel
+                self.proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],
+                    start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),), umask=0o077,
+                    **account)
             else:
-                proc = subprocess.Popen(
+                self.proc = subprocess.Popen(
                     [self.python, "-I", "-S", "-c", _LAUNCHER, str(os.getpid())],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                     cwd="/", env={}, start_new_session=True, close_fds=True)
         except (OSError, subprocess.SubprocessError):
-            return False
+            self._discard()
+            return
         finally:
             if theirs is not None:
                 theirs.close()
-        self._proc = proc
-        return self._place(proc)
+        self.warning, self.warm_as, self.fresh_leaf = b"", want, False
+        # a cgroup move waits for the kernel (milliseconds on cgroup v1): done by a second thread,
+        # so the runner claims and fetches the next job meanwhile; ready() waits for it
+        if self._mover is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
+        self._placed = self._mover.submit(self._place, self.proc)
 
     def _place(self, proc: subprocess.Popen) -> bool:
         """The waiting process into a new job cgroup."""
@@ -189,15 +171,11 @@ class Launcher:
         return True
 
     def ready(self) -> bool:
-        """Wait until the waiting process is started and in its cgroup; False when there is none."""
+        """Wait until the waiting process is in its cgroup; False when there is none."""
         placed, self._placed = self._placed, None
-        try:
-            started = placed is None or placed.result()
-        except Exception:  # noqa: BLE001 - nothing depends on it: the job starts the cold way
-            started = False
-        if not started:
+        if placed is not None and not placed.result():
             self._discard()
-        return self._proc is not None
+        return self.proc is not None
 
     @staticmethod
     def _send(proc: subprocess.Popen, argv, cwd, env, output: str, user) -> bool:
@@ -218,7 +196,7 @@ class Launcher:
         Raises OSError as subprocess.Popen does when argv[0] or cwd cannot be used."""
         import marshal
         self.ready()
-        proc, self._proc = self._proc, None
+        proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             self._discard(proc)
             return None
@@ -283,14 +261,11 @@ class Launcher:
     def _discard(self, proc: Optional[subprocess.Popen] = None) -> None:
         placed, self._placed = self._placed, None
         if placed is not None:
-            try:
-                placed.result()  # not killed while it is being started or moved
-            except Exception:  # noqa: BLE001
-                pass
-        proc = proc or self._proc
-        if proc is self._proc:
-            self._proc = None
-        if self.channel is not None and self._proc is None:
+            placed.result()  # not killed while it is being moved
+        proc = proc or self.proc
+        if proc is self.proc:
+            self.proc = None
+        if self.channel is not None and self.proc is None:
             self.channel.close()
             self.channel = None
         if proc is None:
@@ -311,7 +286,7 @@ class Launcher:
         if self._mover is not None:
             self._mover.shutdown()
             self._mover = None
-        proc, self._proc = self._proc, None
+        proc, self.proc = self.proc, None
         if self.channel is not None:
             self.channel.close()
             self.channel = None

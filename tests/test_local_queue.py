@@ -70,6 +70,24 @@ def test_fifo_by_mtime_then_name(src, root):
     assert [src.claim(Q).body for _ in range(5)] == [b"1", b"2", b"3", b"4", b"5"]
 
 
+def test_a_deep_queue_stays_fifo_as_messages_come_between_claims(src, root):
+    now = time.time()
+    for i, name in enumerate("wxyz"):
+        client_write(root, Q, name, name.encode(), mtime=now - 100 + i)
+    assert src.claim(Q).body == b"w"  # the others are listed (and remembered) now
+    client_write(root, Q, "older", b"older", mtime=now - 200)  # came later, written long ago
+    client_write(root, Q, "newer", b"newer", mtime=now)
+    assert [src.claim(Q).body for _ in range(5)] == [b"older", b"x", b"y", b"z", b"newer"]
+
+
+def test_an_empty_message_still_being_written_is_claimed_once_written(src, root):
+    (root / Q).mkdir(parents=True)
+    (root / Q / "m").write_bytes(b"")  # a lock-less writer has created it, not written it
+    assert src.claim(Q) is None
+    (root / Q / "m").write_bytes(b'{"x": 1}')
+    assert src.claim(Q).body == b'{"x": 1}'
+
+
 def test_ignores_lock_temp_files_and_other_dirs(src, root):
     (root / Q).mkdir(parents=True)
     (root / Q / ".half-written.tmp").write_bytes(b"{")

@@ -82,20 +82,19 @@ class RunnerRecord:
 
     def _claim(self, msg, key: str) -> str:
         t = self.table
+        attempt = getattr(msg, "attempt", None)
         row = t.get(key)
         if row is None:
             job = job_from_request(msg.body, owner_uid=_owner_of(msg), queue=msg.queue, source=msg.source,
                                    message_id=msg.message_id)
             if job is None:
                 return RUN  # no usable key: triage already settles such a message
-            if not (job.array_base and job.array_limit):  # nothing it waits for: running at once,
-                attempt = getattr(msg, "attempt", None)  # in one write (queued, then running: two)
+            waits_for_nothing = not (job.array_base and job.array_limit)
+            if waits_for_nothing:  # added running, in one write (not queued, then running: two)
                 job.state, job.slot, job.started = RUNNING, self.slot, time.time()
                 job.attempts = attempt if attempt is not None else 1
-                if t.add(job, msg.body):  # kept for requeue, and for a cancel to reach the ledger
-                    return RUN
-            else:
-                t.add(job, msg.body)
+            if t.add(job, msg.body) and waits_for_nothing:  # the body kept for requeue and cancel
+                return RUN
             row = t.get(key)  # (or another runner added it meanwhile: as if it had been there)
         elif row.message_id and msg.source == "local" and row.source == "local" and row.message_id != msg.message_id \
                 and _owner_of(msg) != row.owner_uid:
@@ -109,7 +108,6 @@ class RunnerRecord:
         if row.array_base and row.array_limit and row.state != RUNNING and \
                 t.running_in_array(row.array_base, row.owner_uid) >= row.array_limit:
             return HOLD
-        attempt = getattr(msg, "attempt", None)
         if t.started(key, self.slot, attempt):
             return RUN
         row = t.get(key)

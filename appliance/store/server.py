@@ -83,7 +83,7 @@ def store_program(home: Home, config: Config) -> StoreProgram | None:
         return _minio_program(home, config)
     ports = seaweed_ports(store.port)
     private = store_run_dir(home)
-    s3_socket = private / "s3.sock"
+    s3_socket = _s3_socket(home)
     data = home.store_data
     # `weed server -filer -s3`, not `weed mini`: mini also runs an admin server with two
     # maintenance workers (vacuum, erasure coding, balance) that poll it every few seconds,
@@ -193,7 +193,11 @@ def filer_store_environment(home: Home, memory_limit: int) -> dict[str, str]:
 def own_s3_socket(home: Home, config: Config) -> Path | None:
     """The bundled SeaweedFS's S3 unix socket (root's alone), where the box's own processes
     reach it without the forwarder; None for another kind of store."""
-    return store_run_dir(home) / "s3.sock" if config.object_store.kind == "seaweedfs" else None
+    return _s3_socket(home) if config.object_store.kind == "seaweedfs" else None
+
+
+def _s3_socket(home: Home) -> Path:
+    return store_run_dir(home) / "s3.sock"
 
 
 def store_run_dir(home: Home) -> Path:

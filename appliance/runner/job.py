@@ -154,8 +154,8 @@ class Job:
         cls = cls or classes.classify(outcome, exit_code, reason)
         if not self.recorded:  # it ended before its workload started
             self.record_experiment()
-        # lazy: written with the next job's steps, or as the runner starts to wait for work
-        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report, lazy=True)
+        # at once (the steps before it were lazy): each job's result shows, even in a burst
+        self.status.job_finished(outcome, exit_code, reason, gpu=gpu_use, cls=cls, report=report)
         self.r.jobs.finished(self.req.key, outcome, cls, exit_code, reason, report)
         log.info("%s: %s [%s] %s", self.req.key, outcome, cls, reason)
 

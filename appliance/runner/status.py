@@ -1,8 +1,8 @@
 """The small status file each runner keeps, and the experiment index `logs`/`results` read.
 
 `HOME/status/<slot>.json` is replaced atomically (write a temp file, rename). A job's steps are
-on disk within LAZY_WRITE_S (a second thread writes them), a runner at rest's at once; so a
-burst of short jobs costs a few writes a second, not five a job:
+on disk within LAZY_WRITE_S (a second thread writes them), its end at once (every job's result
+shows, even in a burst), a runner at rest's at once: a short job costs one write, not five:
 
     {"state": "idle|fetching|preparing|running|uploading|draining|stopped",
      "slot": ..., "pid": <runner pid>, "updated": <epoch>,
@@ -135,24 +135,24 @@ class StatusFile:
                     owner_uid: Optional[int] = None, lazy: bool = False) -> None:
         """`owner_uid`: who submitted it, as the kernel said (the queue file's uid); None: unknown."""
         if self.counters is not None:
-            with self._changed:  # the status writer saves the counters too
-                self.counters.job_started(queue, enqueued, save=not lazy)
-                self._counters_due = self._counters_due or lazy
+            with self._changed:  # saved with the status, by whichever writes it
+                self.counters.job_started(queue, enqueued, save=False)
+                self._counters_due = True
         self.update(state="fetching", experiment=experiment, queue=queue, source=source,
                     started=time.time(), last_upload=None, output=None, workload=None, owner_uid=owner_uid,
                     lazy=lazy)
 
     def job_finished(self, outcome: str, exit_code: Optional[int], reason: str,
                      gpu: Optional[dict] = None, cls: Optional[str] = None,
-                     retry: Optional[int] = None, report: Optional[dict] = None, lazy: bool = False) -> None:
+                     retry: Optional[int] = None, report: Optional[dict] = None) -> None:
         """`cls`: the failure class (runner/classes.py); worked out from the rest when not given."""
         if cls is None:
             from appliance.runner.classes import classify
             cls = classify(outcome, exit_code, reason)
         if self.counters is not None:
             with self._changed:
-                self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"), save=not lazy)
-                self._counters_due = self._counters_due or lazy
+                self.counters.job_finished(self.data.get("queue"), outcome, self.data.get("started"), save=False)
+                self._counters_due = True
         result = {"experiment": self.data.get("experiment"), "owner_uid": self.data.get("owner_uid"),
                   "outcome": outcome, "class": cls,
                   "exit_code": exit_code, "reason": reason, "finished": time.time()}
@@ -163,7 +163,7 @@ class StatusFile:
         if retry:
             result["retry"] = retry  # released to run again: this many retries so far
         self.update(state="idle", last_result=result, experiment=None, queue=None, source=None,
-                    started=None, output=None, workload=None, gpu=None, lazy=lazy)
+                    started=None, output=None, workload=None, gpu=None)
 
 
 def read_status(home, slot: str) -> Optional[dict]:

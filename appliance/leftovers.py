@@ -143,9 +143,20 @@ def _signal(pids: list[int], sig: int) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Running, and not a zombie (an orphan's zombie waits for init, which may be slow to reap)."""
+    """Running, and not a zombie (an orphan's zombie waits for init, which may be slow to reap).
+
+    Each thread counts: a process's first thread shows as a zombie as soon as it exits, while
+    the others may still be finishing (a store thread in fsync or splice) and hold its open
+    files, its listening port among them."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            pass
+    return False

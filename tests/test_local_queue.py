@@ -707,3 +707,15 @@ def test_a_wake_fd_ends_the_wait_of_a_source_set(tmp_path):
         sources.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_message_id_is_a_random_uuid4_as_the_client_writes_it():
+    import uuid
+
+    from appliance.queues.local_write import uuid4
+
+    ids = [uuid4() for _ in range(200)]
+    assert len(set(ids)) == 200
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,11 @@ from appliance.pyenv.requirements import canonical_name
 
 
 def uv_binary() -> Optional[str]:
-    """The uv executable the `uv` wheel ships, or None."""
+    """The uv executable the `uv` wheel ships, or None: beside this interpreter, where the wheel
+    puts it in a venv (asking the wheel imports sysconfig, ~0.2 MB more in every runner)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "uv")
+    if os.access(beside, os.X_OK):
+        return beside
     try:
         import uv
         return uv.find_uv_bin()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
@@ -62,7 +61,7 @@ class ArtifactCache:
         kept (the caller still has `tmp` inside the block).
         """
         self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp / f"{os.urandom(16).hex()}.part"
         try:
             yield tmp
             size = tmp.stat().st_size

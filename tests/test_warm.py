@@ -150,3 +150,63 @@ def test_it_waits_as_the_workloads_account_in_the_job_cgroup(tmp_path, slot_cgro
         assert f"/{slot_cgroup}/job" in open(f"/proc/{pid}/cgroup").read()
     finally:
         launcher.close()
+
+
+DIES_WITH_RUNNER = """
+import os, socket, sys, time
+from appliance.runner import warm
+from appliance.runner.execute import Launcher
+if sys.argv[1] == "subprocess":
+    warm.SETPRIV = None
+launcher = Launcher(None)
+launcher.warm(sys.executable, warm.startup_env({"PATH": "/usr/bin:/bin"}), eval(sys.argv[2]))
+launcher.channel.settimeout(30)
+assert launcher.channel.recv(1, socket.MSG_PEEK) == b"W"
+keeper = os.fork()  # holds the runner's end of the channel: only the parent-death signal ends it
+if keeper == 0:
+    time.sleep(60)
+    os._exit(0)
+print(launcher.proc.pid, keeper, "_ctypes" in open(f"/proc/{launcher.proc.pid}/maps").read(), flush=True)
+sys.stdin.read()
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", ["setpriv", "subprocess"])
+@pytest.mark.parametrize("user", [NOBODY, None], ids=["nobody", "runners-account"])
+def test_a_waiting_interpreter_dies_with_its_runner(how, user):
+    """A runner killed (SIGKILL, OOM) takes its waiting interpreter with it, however that was
+    started; one that setpriv started never loads _ctypes for it."""
+    import signal
+    import subprocess
+
+    if user and os.geteuid() != 0:
+        pytest.skip("needs root to switch accounts")
+    if how == "setpriv" and warm.SETPRIV is None:
+        pytest.fail("setpriv (util-linux) is missing on this box")
+    runner = subprocess.Popen([sys.executable, "-c", DIES_WITH_RUNNER, how, repr(user)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, keeper, ctypes_loaded = runner.stdout.readline().split()
+        pid, keeper = int(pid), int(keeper)
+        assert ctypes_loaded == str(not (user and how == "setpriv"))
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _ended(pid):
+            time.sleep(0.02)
+        assert _ended(pid), "the warm interpreter outlived its runner"
+    finally:
+        runner.kill()
+        runner.wait()
+        try:
+            os.kill(keeper, signal.SIGKILL)
+        except (NameError, ProcessLookupError):
+            pass

@@ -128,7 +128,7 @@ class Launcher:
                 import socket
                 from appliance.runner import warm
                 self.channel, theirs = socket.socketpair()
-                argv, account = warm.as_account(warm.warm_argv(want[0], os.getpid(), theirs.fileno()), want[2])
+                argv, account = warm.warm_command(want[0], os.getpid(), theirs.fileno(), want[2])
                 self.proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=want[1],

@@ -20,14 +20,16 @@ nothing of a request reaches it but through the socket, after it runs as the wor
 account: no root process runs a byte of the venv.
 
 The interpreter is started directly as the workload's account (`as_account`: setgroups([]),
-setgid, setuid, umask 077, its own session) - no launcher process in between, which costs as
-much CPU as the interpreter - and sets PDEATHSIG and oom_score_adj itself before anything else;
-a second thread of the runner moves it into a fresh job cgroup meanwhile.
+setgid, setuid, umask 077, its own session, and SIGKILL when the runner ends, all set by
+util-linux's setpriv before it execs the interpreter) - no launcher process in between, which
+costs as much CPU as the interpreter - and sets oom_score_adj itself before anything else (and
+PDEATHSIG, where no setpriv started it); a second thread of the runner moves it into a fresh
+job cgroup meanwhile.
 
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
-`_socket`, `_ctypes` and `time` are already imported, and its start-up ran before the job came
-(so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns
+`_socket` and `time` are already imported (and `_ctypes` where no setpriv started it), and its
+start-up ran before the job came (so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns
 it off.
 """
 
@@ -60,21 +62,24 @@ def serves(python: str, env: Mapping[str, str], user, argv: list[str], job_env: 
     return startup_env(job_env) == dict(env)
 
 
-# argv: -c STUB <runner pid> <socket fd>. Everything lives in one function, whose globals are
-# the __main__ dict it hands to the script; tracebacks drop its frame.
+# argv: -c STUB <runner pid> <socket fd> <1: setpriv set its parent-death signal, 0: not>.
+# Everything lives in one function, whose globals are the __main__ dict it hands to the script;
+# tracebacks drop its frame.
 STUB = r'''# appliance: a warm interpreter, waiting for its slot's next job (appliance/runner/warm.py)
 def _warm():
-    import marshal, os, sys, time, _ctypes, _socket  # no more: each import is every job's CPU
+    import marshal, os, sys, time, _socket  # no more: each import is every job's CPU and memory
     parent, fd = int(sys.argv[1]), int(sys.argv[2])
+    if sys.argv[3] != "1":  # it dies with its runner: PR_SET_PDEATHSIG, SIGKILL
+        import _ctypes
 
-    class Libc:
-        _handle = _ctypes.dlopen(None)
+        class Libc:
+            _handle = _ctypes.dlopen(None)
 
-    class Function(_ctypes.CFuncPtr):
-        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
 
-    Function(("prctl", Libc))(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL: it dies with its runner
-    del Libc, Function
+        Function(("prctl", Libc))(1, 9, 0, 0, 0)
+        del Libc, Function, _ctypes
     if os.getppid() != parent:
         os._exit(137)
     try:  # the kernel's first pick when the slot runs out of memory, never the runner
@@ -158,17 +163,21 @@ SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, 
 def as_account(argv: list[str], user: Optional[tuple]) -> tuple[list[str], dict]:
     """`argv` and the Popen keywords that start it as `user` ((uid, gid), no supplementary
     groups; None: the runner's own account): through setpriv where the box has it, else as
-    subprocess does it."""
+    subprocess does it. Through setpriv, it also gets SIGKILL when its parent ends."""
     if not user:
         return argv, {}
     uid, gid = int(user[0]), int(user[1])
     if SETPRIV is None:
         return argv, {"user": uid, "group": gid, "extra_groups": []}
-    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv], {}
+    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--pdeathsig=SIGKILL", "--", *argv], {}
 
 
-def warm_argv(python: str, runner_pid: int, fd: int) -> list[str]:
-    return [python, "-c", STUB, str(runner_pid), str(fd)]
+def warm_command(python: str, runner_pid: int, fd: int, user: Optional[tuple]) -> tuple[list[str], dict]:
+    """The warm interpreter's argv and Popen keywords (as_account). Where setpriv sets its
+    parent-death signal, the stub need not: it then never loads _ctypes (~0.2 MB in the slot's
+    waiting interpreter and in every job it becomes)."""
+    by_setpriv = bool(user) and SETPRIV is not None
+    return as_account([python, "-c", STUB, str(runner_pid), str(fd), "1" if by_setpriv else "0"], user)
 
 
 def job_spec(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:

@@ -19,13 +19,15 @@ from tests.test_runner_loop import HELLO, REPO, home, output_of, request, submit
 
 HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker", "ssl", "_ssl", "_hashlib", "email")
 IDLE_TOO = ("packaging", "tomlkit", "jinja2", "prometheus_client", "watchdog")  # nor these, while idle
+# each ~0.2-0.3 MB of every slot, for good, for one call: the command line, a message id, uv's path
+SMALL = ("argparse", "uuid", "sysconfig")
 
 PROBE = """
 import json, sys
 from appliance.runner.__main__ import main
 rc = main(sys.argv[1:])
 print(json.dumps({"rc": rc, "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}))
-""" % (HEAVY + IDLE_TOO,)
+""" % (HEAVY + IDLE_TOO + SMALL,)
 
 
 def run_runner(home, slot: str, own_python: bool = True) -> dict:
@@ -48,7 +50,7 @@ def test_a_job_runs_and_uploads_without_boto3_in_the_runner(store, home):
     key, body = request(store, HELLO, args=["--lr", "0.1"])
     submit(home, body)
     got = run_runner(home, "slot-lean")
-    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY)
+    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY + SMALL)
     assert "hello from the workload ['--lr', '0.1']" in output_of(store, key)
 
 
@@ -56,7 +58,7 @@ def test_a_job_without_requirements_that_builds_its_venv_leaves_no_packaging_beh
     key, body = request(store, HELLO, args=["--lr", "0.2"], pythonenv=())  # requirements would need it
     submit(home, body)
     got = run_runner(home, "slot-lean", own_python=False)
-    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY + ("packaging",))
+    assert got["rc"] == 0 and not set(got["loaded"]) & set(HEAVY + SMALL + ("packaging",))
     assert "hello from the workload ['--lr', '0.2']" in output_of(store, key)
 
 
@@ -124,3 +126,28 @@ def test_the_quick_client_sends_again_when_its_kept_connection_was_closed():
     c = lite.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", "key", "secret", timeout=5)
     assert [c.head_status("b", "k") for _ in range(3)] == [200, 200, 200]
     assert len(connections) == 3
+
+
+@pytest.mark.parametrize("argv, home, slot, idle, verbose", [
+    (["--home", "/h", "--slot", "slot-1"], "/h", "slot-1", False, False),  # as supervisord starts it
+    (["--home=/h", "--slot=s", "--exit-when-idle", "-v"], "/h", "s", True, True),
+    (["--verbose", "--home", "/h"], "/h", "dev", False, True),
+])
+def test_the_runners_command_line(argv, home, slot, idle, verbose, monkeypatch):
+    from appliance.runner.__main__ import parse
+
+    monkeypatch.delenv("APPLIANCE_SLOT", raising=False)
+    args = parse(argv)
+    assert (args.home, args.slot, args.exit_when_idle, args.verbose) == (home, slot, idle, verbose)
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["--help"], 0, "--exit-when-idle  stop when no queue has work"),
+    (["--bogus"], 2, "error: option --bogus not recognized"),
+    (["--slot"], 2, "error: option --slot requires argument"),
+    (["--slot", "s", "stray"], 2, "error: unrecognized arguments: stray"),
+])
+def test_the_runners_help_and_its_errors(argv, code, says):
+    done = subprocess.run([sys.executable, "-m", "appliance.runner", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == code and says in done.stdout + done.stderr

@@ -5,7 +5,6 @@ The slot exec wrapper starts this inside the slot's cgroup; supervisord keeps it
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -13,17 +12,56 @@ import sys
 from appliance.paths import Home
 
 
+USAGE = """usage: python -m appliance.runner [--home HOME] [--slot NAME] [--exit-when-idle] [-v]
+
+run experiments from the queues in one slot
+
+options:
+  --home HOME       appliance home (default: APPLIANCE_HOME or the per-user/system default)
+  --slot NAME       slot name (default: APPLIANCE_SLOT, else 'dev')
+  --exit-when-idle  stop when no queue has work (tests, one-off use)
+  -v, --verbose     log more
+  -h, --help        show this help and exit
+"""
+
+
+class Args:
+    def __init__(self) -> None:
+        self.home = None
+        self.slot = os.environ.get("APPLIANCE_SLOT", "dev")
+        self.exit_when_idle = self.verbose = False
+
+
+def parse(argv: list[str]) -> Args:
+    """The runner's options, with getopt: argparse (and its gettext) would stay in every runner's
+    memory for good, ~0.3 MB of each slot, for a command line supervisord writes."""
+    import getopt
+
+    args = Args()
+    try:
+        opts, rest = getopt.gnu_getopt(argv, "hv", ["home=", "slot=", "exit-when-idle", "verbose", "help"])
+        if rest:
+            raise getopt.GetoptError(f"unrecognized arguments: {' '.join(rest)}")
+    except getopt.GetoptError as e:
+        print(f"{USAGE.splitlines()[0]}\npython -m appliance.runner: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    for name, value in opts:
+        if name in ("-h", "--help"):
+            print(USAGE, end="")
+            raise SystemExit(0)
+        if name == "--home":
+            args.home = value
+        elif name == "--slot":
+            args.slot = value
+        elif name == "--exit-when-idle":
+            args.exit_when_idle = True
+        else:
+            args.verbose = True
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m appliance.runner",
-                                description="run experiments from the queues in one slot")
-    p.add_argument("--home", default=None, help="appliance home (default: APPLIANCE_HOME or "
-                                               "the per-user/system default)")
-    p.add_argument("--slot", default=os.environ.get("APPLIANCE_SLOT", "dev"),
-                   help="slot name (default: APPLIANCE_SLOT, else 'dev')")
-    p.add_argument("--exit-when-idle", action="store_true",
-                   help="stop when no queue has work (tests, one-off use)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.slot} %(levelname)s %(message)s")

@@ -146,8 +146,10 @@ def test_the_runners_command_line(argv, home, slot, idle, verbose, monkeypatch):
     (["--bogus"], 2, "error: option --bogus not recognized"),
     (["--slot"], 2, "error: option --slot requires argument"),
     (["--slot", "s", "stray"], 2, "error: unrecognized arguments: stray"),
+    (["--home", "/nonexistent/appliance-home", "--exit-when-idle"], 2, "there is no appliance home at /nonexistent"),
 ])
 def test_the_runners_help_and_its_errors(argv, code, says):
     done = subprocess.run([sys.executable, "-m", "appliance.runner", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == code and says in done.stdout + done.stderr
+    assert not os.path.exists("/nonexistent")  # not made

@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.runner.runner import Runner, RunnerSettings
 
     home = Home.at(args.home)
+    if not home.root.is_dir():  # a typo would otherwise become a new, empty home that runs nothing
+        print(f"appliance runner: there is no appliance home at {home.root}: give --home the folder "
+              f"`appliance up` made (or make one with `appliance up --home {home.root}`)", file=sys.stderr)
+        return 2
     settings = RunnerSettings()
     if home.config_file.exists():
         from appliance.config import ConfigError, load_config

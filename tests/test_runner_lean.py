@@ -146,10 +146,12 @@ def test_the_runners_command_line(argv, home, slot, idle, verbose, monkeypatch):
     (["--bogus"], 2, "error: option --bogus not recognized"),
     (["--slot"], 2, "error: option --slot requires argument"),
     (["--slot", "s", "stray"], 2, "error: unrecognized arguments: stray"),
-    (["--home", "/nonexistent/appliance-home", "--exit-when-idle"], 2, "there is no appliance home at /nonexistent"),
+    (["--home", "{missing}", "--exit-when-idle"], 2, "there is no appliance home at {missing}"),
 ])
-def test_the_runners_help_and_its_errors(argv, code, says):
+def test_the_runners_help_and_its_errors(argv, code, says, tmp_path):
+    missing = tmp_path / "no-such-home"  # a typo'd --home
+    argv = [a.format(missing=missing) for a in argv]
     done = subprocess.run([sys.executable, "-m", "appliance.runner", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
-    assert done.returncode == code and says in done.stdout + done.stderr
-    assert not os.path.exists("/nonexistent")  # not made
+    assert done.returncode == code and says.format(missing=missing) in done.stdout + done.stderr
+    assert not missing.exists()  # not made

@@ -55,7 +55,7 @@ def parse(argv: list[str]) -> Args:
             args.slot = value
         elif name == "--exit-when-idle":
             args.exit_when_idle = True
-        else:
+        elif name in ("-v", "--verbose"):
             args.verbose = True
     return args
 

@@ -29,8 +29,8 @@ job cgroup meanwhile.
 What a workload can tell: `/proc/self/cmdline` shows the stub's command line (sys.orig_argv is
 the job's), two frames of the stub sit below its `<module>` in `inspect.stack()`, `marshal`,
 `_socket` and `time` are already imported (and `_ctypes` where no setpriv started it), and its
-start-up ran before the job came (so a .pth file printing at start-up prints nowhere). `runner.warm_interpreter = false` turns
-it off.
+start-up ran before the job came (so a .pth file printing at start-up prints nowhere).
+`runner.warm_interpreter = false` turns it off.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def as_account(argv: list[str], user: Optional[tuple]) -> tuple[list[str], dict]
     if not user:
         return argv, {}
     uid, gid = int(user[0]), int(user[1])
-    if SETPRIV is None:
+    if not _through_setpriv(user):
         return argv, {"user": uid, "group": gid, "extra_groups": []}
     return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--pdeathsig=SIGKILL", "--", *argv], {}
 
@@ -176,8 +176,13 @@ def warm_command(python: str, runner_pid: int, fd: int, user: Optional[tuple]) -
     """The warm interpreter's argv and Popen keywords (as_account). Where setpriv sets its
     parent-death signal, the stub need not: it then never loads _ctypes (~0.2 MB in the slot's
     waiting interpreter and in every job it becomes)."""
-    by_setpriv = bool(user) and SETPRIV is not None
-    return as_account([python, "-c", STUB, str(runner_pid), str(fd), "1" if by_setpriv else "0"], user)
+    dies_with_runner = "1" if _through_setpriv(user) else "0"
+    return as_account([python, "-c", STUB, str(runner_pid), str(fd), dies_with_runner], user)
+
+
+def _through_setpriv(user: Optional[tuple]) -> bool:
+    """Whether as_account starts a process for `user` through setpriv."""
+    return bool(user) and SETPRIV is not None
 
 
 def job_spec(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:

@@ -11,6 +11,7 @@ import sys
 import pytest
 from botocore.exceptions import ClientError
 
+from appliance.jobs.table import DONE, FINISHED, JobTable
 from appliance.store.client import s3_client
 from tests.appliance_fixtures import store_client
 from tests.realparts import wait_for
@@ -36,12 +37,16 @@ def _creds(user) -> dict:
     return dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines())
 
 
-def _finished(home, key) -> dict | None:
-    for slot in home.status()["slots"]:
-        result = slot.get("last_result") or {}
-        if result.get("experiment") == key:
-            return result
-    return None
+def _finished(home, key):
+    """The job's row once it has ended. The job table keeps every job; a slot's status shows
+    only its last result, which the next job on that slot replaces (two back to back on one
+    slot, 20 ms apart, left the first one's never seen)."""
+    table = JobTable.of(home.home)
+    try:
+        row = table.get(key)
+    finally:
+        table.close()
+    return row if row is not None and row.state in FINISHED else None
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,7 @@ def test_each_member_fetches_their_own_job(lab, jobs):
     for name in ("alice", "bob"):
         user, key = users[name], jobs[name]
         result = _finished(home, key)
-        assert result["outcome"] == "success" and result["owner_uid"] == user.uid, result
+        assert result.state == DONE and result.class_ == "success" and result.owner_uid == user.uid, result
         logs = user.cli("logs", key)
         assert logs.returncode == 0 and f"hello from {name}" in logs.stdout, logs.stderr
         dest = user.home_dir / f"results-{name}"
@@ -207,7 +212,7 @@ def test_the_shared_buckets_jobs_stay_roots(lab, tmp_path):
     (ws / "train.py").write_text("print('hello from root')\n")
     key = home.cli("submit", "--no-freeze", "--ram", "256mb", "--dir", str(ws), "train.py").stdout.strip().splitlines()[-1]
     wait_for(f"job {key} to finish", lambda: _finished(home, key), timeout=240)
-    assert _finished(home, key)["owner_uid"] == 0
+    assert _finished(home, key).owner_uid == 0
     got = home.cli("results", key, "--dest", str(tmp_path / "out"))
     assert "hello from root" in (tmp_path / "out" / "output" / "output").read_text(), got.stdout
     theirs = users["alice"].cli("logs", key)

@@ -145,6 +145,17 @@ class Home:
         return self.root / "work"
 
     @property
+    def jobs_dir(self) -> Path:
+        """The job table's folder (jobs/table.py: jobs.db and SQLite's -wal and -shm beside it),
+        root's alone; a folder so that a slot's container can mount it whole."""
+        return self.root / "jobs"
+
+    @property
+    def ledger_dir(self) -> Path:
+        """This box's exactly-once records (runner/ledger_stores.py), root's alone."""
+        return self.root / "ledger"
+
+    @property
     def appliance_id_file(self) -> Path:
         """This appliance's id among the appliances sharing a queue (appliance/identity.py)."""
         return self.root / "appliance-id"
@@ -169,5 +180,8 @@ class Home:
         # running job's key and owner) and other tenants' cached workspaces are the appliance's
         # alone (members read status through the API); venvs and job folders stay reachable
         # (0711 or sealed read-only), each job's own content is its workload's
-        for d in (self.secrets_dir, self.credentials_dir, self.logs_dir, self.status_dir, self.artifact_cache):
+        for d in (self.jobs_dir, self.ledger_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        for d in (self.secrets_dir, self.credentials_dir, self.logs_dir, self.status_dir, self.artifact_cache,
+                  self.jobs_dir, self.ledger_dir):
             os.chmod(d, 0o700)

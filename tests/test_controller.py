@@ -209,13 +209,16 @@ def test_the_controller_wakes_for_its_config_and_credentials_not_for_other_files
     watch.start()
     woken = lambda: bool(select.select([watch.inotify.fd], [], [], 0.2)[0])  # noqa: E731
     try:
-        for name in ("jobs.db", "jobs.db-wal", "events.jsonl"):
-            (home.root / name).write_text("x")  # made once, then written again
+        written = [home.jobs_dir / "jobs.db", home.jobs_dir / "jobs.db-wal", home.ledger_dir / "entry.json",
+                   home.root / "events.jsonl"]
+        for path in written:
+            path.write_text("x")  # made once, then written again
         woken() and watch.take(0)
-        (home.root / "jobs.db").write_text("y")
-        with open(home.root / "jobs.db-wal", "a") as f:
+        written[0].write_text("y")
+        with open(written[1], "a") as f:
             f.write("z")
-        os.utime(home.root / "events.jsonl")
+        os.replace(written[0], written[2])
+        os.utime(written[3])
         assert not woken()
         home.config_file.write_text(home.config_file.read_text() + "\n")  # in place
         assert woken() and watch.take(0) == (False, True)

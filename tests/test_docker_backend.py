@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.inventory import format_cpu_list
+from appliance.jobs.table import CANCELLED, DONE, FINISHED, RUNNING, JobTable
 from appliance.plan import Plan
 from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL, container_name
 from tests.appliance_fixtures import artifact_text, last_result, make_home, stop_home, submit
@@ -152,45 +153,70 @@ def test_a_memory_hog_fails_as_out_of_memory_and_the_slot_keeps_running(docker_a
     assert all(s["state"] == "RUNNING" for s in after), after
 
 
-SHM_WRITE = (
+# Looks at /dev/shm first (it must be empty and whole), then leaves a secret and 32 MiB in it
+# for whichever job runs on this slot next.
+SHM_LOOK_THEN_WRITE = (
     "import os\n"
+    "st = os.statvfs('/dev/shm')\n"
+    "print('seen', sorted(os.listdir('/dev/shm')), 'free', st.f_bavail * st.f_frsize, flush=True)\n"
     "open('/dev/shm/secret', 'w').write('SECRET-IN-MY-PRIVATE-SHM')\n"
     "os.chmod('/dev/shm/secret', 0o644)\n"
     "open('/dev/shm/fill', 'wb').write(b'x' * (32 << 20))\n"
     "print('wrote', flush=True)\n")
 
-SHM_LOOK = (
-    "import os\n"
-    "st = os.statvfs('/dev/shm')\n"
-    "print('seen', sorted(os.listdir('/dev/shm')), 'free', st.f_bavail * st.f_frsize, flush=True)\n")
+
+def _row(home, key):
+    """The job's row in the box's job table (the runner in a container writes it too)."""
+    table = JobTable.of(home.home)
+    try:
+        return table.get(key)
+    finally:
+        table.close()
 
 
-def _slot_of(home, key) -> str | None:
-    for slot in home.status()["slots"]:
-        if (slot.get("last_result") or {}).get("experiment") == key:
-            return slot["name"]
-    return None
+def _finished(home, key):
+    row = _row(home, key)
+    return row if row is not None and row.state in FINISHED else None
 
 
 def test_the_next_job_in_a_container_finds_dev_shm_empty(docker_appliance, tmp_path):
+    """One job more than there are slots, one after another: at least two share a slot
+    (whichever the scheduler picks), and every one finds /dev/shm empty and whole although
+    each job before it left a file and 32 MiB there."""
     ws = tmp_path / "shm"
     ws.mkdir()
-    (ws / "write.py").write_text(SHM_WRITE)
-    (ws / "look.py").write_text(SHM_LOOK)
-    writer = submit(docker_appliance, ws, "write.py")
-    assert wait_for("the writer", lambda: last_result(docker_appliance, writer), timeout=240)["outcome"] == "success"
-    slot = _slot_of(docker_appliance, writer)
-    for _ in range(8):  # until a look runs on the writer's slot (the scheduler picks the slot)
-        look = submit(docker_appliance, ws, "look.py")
-        assert wait_for("the look", lambda: last_result(docker_appliance, look), timeout=240)["outcome"] == "success"
-        if _slot_of(docker_appliance, look) == slot:
-            break
-    else:
-        pytest.fail(f"no job ran on {slot} again")
-    text = wait_for("its output", lambda: artifact_text(docker_appliance, look))
-    assert "seen [] free" in text, text
-    free = int(text.split(" free ")[1].split()[0])
-    assert free == next(s.shm_bytes for s in plan_of(docker_appliance).slots if s.name == slot)
+    (ws / "look.py").write_text(SHM_LOOK_THEN_WRITE)
+    shm_of = {s.name: s.shm_bytes for s in plan_of(docker_appliance).slots}
+    slots_used = []
+    for _ in range(len(shm_of) + 1):
+        key = submit(docker_appliance, ws, "look.py")
+        row = wait_for("the job", lambda key=key: _finished(docker_appliance, key), timeout=240)
+        assert row.state == DONE, row
+        text = wait_for("its output", lambda key=key: artifact_text(docker_appliance, key))
+        assert "seen [] free" in text and "wrote" in text, text
+        assert int(text.split(" free ")[1].split()[0]) == shm_of[row.slot], text
+        slots_used.append(row.slot)
+    assert len(set(slots_used)) < len(slots_used), slots_used  # a slot ran a job after a writer
+
+
+LONG = "import time\nprint('started, working', flush=True)\ntime.sleep(600)\n"
+
+
+def test_a_job_in_a_container_shows_running_and_its_owner_cancels_it(docker_appliance, tmp_path):
+    """The job table and the ledger are mounted in each slot's container: the job shows as
+    running, `cancel` stops it, and `wait` says it was cancelled (before, the row stayed
+    queued, `wait` never returned and a cancel never reached the runner)."""
+    ws = tmp_path / "long"
+    ws.mkdir()
+    (ws / "long.py").write_text(LONG)
+    key = submit(docker_appliance, ws, "long.py")
+    row = wait_for("it to run", lambda: (r := _row(docker_appliance, key)) and r.state == RUNNING and r, timeout=240)
+    assert row.slot in {s.name for s in plan_of(docker_appliance).slots}
+    wait_for("its first line", lambda: "started, working" in docker_appliance.cli("logs", key, check=False).stdout)
+    assert "cancelling" in docker_appliance.cli("cancel", key).stdout
+    assert docker_appliance.cli("wait", key, check=False, timeout=120).returncode == 143
+    row = _row(docker_appliance, key)
+    assert (row.state, row.class_) == (CANCELLED, "cancelled"), row
 
 
 # under the slot's 512MiB, over its ram

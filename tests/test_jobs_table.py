@@ -26,7 +26,7 @@ def home(tmp_path):
 
 @pytest.fixture
 def table(home):
-    t = JobTable(home.root / "jobs.db")
+    t = JobTable(jt.db_path(home))
     yield t
     t.close()
 
@@ -52,9 +52,9 @@ def add(table, key, owner=ALICE, **kw):
 
 
 def test_made_private_in_wal_mode_with_its_schema_version(home, table):
-    mode = stat.S_IMODE(os.stat(home.root / "jobs.db").st_mode)
+    mode = stat.S_IMODE(os.stat(jt.db_path(home)).st_mode)
     assert mode == 0o600
-    db = sqlite3.connect(home.root / "jobs.db")
+    db = sqlite3.connect(jt.db_path(home))
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA user_version").fetchone()[0] == jt.SCHEMA_VERSION
 
@@ -62,7 +62,7 @@ def test_made_private_in_wal_mode_with_its_schema_version(home, table):
 def test_a_newer_schema_is_refused_with_the_fix(home, table):
     table.db.execute(f"PRAGMA user_version = {jt.SCHEMA_VERSION + 1}")
     with pytest.raises(jt.TableError, match="upgrade the appliance"):
-        JobTable(home.root / "jobs.db")
+        JobTable(jt.db_path(home))
 
 
 def test_a_job_life_is_recorded_and_survives_reopening(home, table):
@@ -73,7 +73,7 @@ def test_a_job_life_is_recorded_and_survives_reopening(home, table):
     assert table.ended("k1", "failed", cls="user", exit_code=3, peak_memory_bytes=10 << 20, cpu_seconds=1.5)
     assert not table.ended("k1", "done")  # finished jobs never change
     table.close()
-    again = JobTable(home.root / "jobs.db")
+    again = JobTable(jt.db_path(home))
     job = again.get("k1")
     assert (job.state, job.class_, job.exit_code, job.slot, job.attempts) == ("failed", "user", 3, "slot-0", 1)
     assert job.started <= job.ended
@@ -108,7 +108,7 @@ def test_two_processes_write_at_once_and_lose_nothing(home, table):
     code = ("import sys; from appliance.jobs.table import JobTable, Job\n"
             "t = JobTable(sys.argv[1])\n"
             "for i in range(200): t.add(Job(key=f'{sys.argv[2]}{i}', state='queued'))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(home.root / "jobs.db"), p]) for p in "ab"]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(jt.db_path(home)), p]) for p in "ab"]
     assert [p.wait() for p in procs] == [0, 0]
     assert len(table.active()) == 400
 
@@ -412,3 +412,30 @@ def test_status_and_metrics_count_the_waiting_held_and_running_jobs(tmp_path):
     assert "jobs: 2 queued, 1 held, 1 running" in format_status(facts)
     [family] = [f for f in Collector(home).collect() if f.name == "appliance_jobs"]
     assert {s.labels["state"]: s.value for s in family.samples} == {"queued": 2, "held": 1, "running": 1}
+
+
+def test_an_older_homes_table_moves_into_the_jobs_folder_with_what_its_log_holds(home):
+    """Homes made before the table had a folder kept it as HOME/jobs.db: its rows, even those
+    still only in its -wal (a process has it open), are there at the new place, root's alone."""
+    old = JobTable(home.root / "jobs.db")
+    add(old, "before-the-move")
+    assert (home.root / "jobs.db-wal").stat().st_size > 0  # committed, not yet checkpointed
+    moved = JobTable.of(home)
+    try:
+        assert moved.path == home.root / "jobs" / "jobs.db"
+        assert moved.get("before-the-move").state == "queued"
+        assert not any((home.root / ("jobs.db" + s)).exists() for s in ("", "-wal", "-shm"))
+        assert stat.S_IMODE(os.stat(home.root / "jobs").st_mode) == 0o700
+        add(old, "written-by-the-old-connection")  # a process that had it open goes on, same file
+        assert moved.get("written-by-the-old-connection") is not None
+    finally:
+        old.close()
+        moved.close()
+
+
+def test_a_new_home_makes_its_table_in_the_jobs_folder(home):
+    assert not (home.root / "jobs").exists()
+    table = JobTable.of(home)
+    table.close()
+    assert (home.root / "jobs" / "jobs.db").is_file() and not (home.root / "jobs.db").exists()
+    assert stat.S_IMODE(os.stat(home.root / "jobs").st_mode) == 0o700

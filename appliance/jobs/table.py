@@ -1,7 +1,8 @@
 """The job table: this box's record of every job it has seen, one row per job, kept in SQLite.
 
-`HOME/jobs.db` (WAL mode, root's, 0600): only root processes open it (the runners, the API,
-the controller). A row is made when the box first sees a job (submitted here, found in a local
+`HOME/jobs/jobs.db` (WAL mode, root's, 0600, in a folder of its own so that a slot's container
+can mount it whole, -wal and -shm included; an older home's `HOME/jobs.db` is moved in at first
+open): only root processes open it (the runners, the API, the controller). A row is made when the box first sees a job (submitted here, found in a local
 queue folder, or claimed from a shared queue) and updated on every state change:
 
     queued ──> running ──> done | failed | cancelled
@@ -127,8 +128,24 @@ def _row(values) -> Job:
     return Job(**dict(zip(_COLUMNS, values)))
 
 
+OLD_DB_SUFFIXES = ("-wal", "-shm", "")  # the database last: whoever sees it finds its log beside it
+
+
 def db_path(home) -> Path:
-    return Path(home.root) / DB_NAME
+    """The table of `home`; an older home's `HOME/jobs.db` is moved into the jobs folder first."""
+    path = Path(home.root) / "jobs" / DB_NAME
+    if not path.exists() and (Path(home.root) / DB_NAME).exists():
+        _move_old_table(Path(home.root), path.parent)
+    return path
+
+
+def _move_old_table(root: Path, folder: Path) -> None:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for suffix in OLD_DB_SUFFIXES:
+        try:
+            os.rename(root / (DB_NAME + suffix), folder / (DB_NAME + suffix))
+        except FileNotFoundError:  # no log (a clean close), or another process moved it first
+            pass
 
 
 class JobTable:
@@ -140,6 +157,7 @@ class JobTable:
         self.path = Path(path)
         old = os.umask(0o077)  # the db and its -wal/-shm files: root's alone
         try:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=BUSY_MS / 1000, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")

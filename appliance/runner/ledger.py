@@ -173,7 +173,7 @@ class Ledger:
             except ConfigError:
                 config = Config()
         store = StoreLedger.for_home(home, config)
-        return cls(LocalLedger(Path(home.root) / "ledger"), store, me, stale_s)
+        return cls(LocalLedger(home.ledger_dir), store, me, stale_s)
 
     def read(self, bucket: str, key: str) -> Optional[dict]:
         name = entry_name(bucket, key)

@@ -204,11 +204,17 @@ def _start_failure(error: Exception, args) -> str:
 
 def slot_mounts(home: str, slot: str) -> dict:
     """What a slot's runner needs of the home, and nothing else: never `secrets/` (the store's
-    admin keys), the store's data, supervisord's socket or logs, or another slot's work dir."""
+    admin keys), the store's data, supervisord's socket or logs, or another slot's work dir.
+    The job table and the ledger are the box's, shared with every slot and the API: without
+    them a job in a container never showed as running or done, could not be cancelled, and
+    its exactly-once record went with the container."""
     from appliance.paths import Home
     h = Home(Path(home))
-    rw = [h.queue_root, h.status_dir, h.cache_dir, h.work_dir / slot, h.run_dir / "serving"]
+    private = [h.jobs_dir, h.ledger_dir]  # root's alone, as on the host
+    rw = [h.queue_root, h.status_dir, h.cache_dir, h.work_dir / slot, h.run_dir / "serving"] + private
     ro = [h.config_file, h.plan_file, h.credentials_dir, h.run_dir / "sources.json"]
+    for d in private:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     for d in rw:
         d.mkdir(parents=True, exist_ok=True)
     mounts = {str(p): {"bind": str(p), "mode": "rw"} for p in rw}

@@ -64,6 +64,8 @@ def prepare(home: Home, python: str = sys.executable) -> Prepared:
     home.ensure()
     from appliance.identity import appliance_id
     appliance_id(home)  # made now, before any runner: slots in containers see another host name
+    from appliance.jobs.table import db_path
+    db_path(home)  # an older home's table moves into jobs/ now: a slot's container sees only that folder
     from appliance.queues.local import share_queue_tree
     note = share_queue_tree(home.studioml_home)
     if note:

@@ -102,15 +102,18 @@ def test_what_a_slot_needs_of_the_home_is_mounted_at_the_same_path_and_host_pyth
     # The renderer may write the host's interpreter path; inside, the image's python runs.
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "store.json").write_text("the admin key")
+    (tmp_path / "appliance-id").write_text("the-lab-box-0123abcd\n")
     hello = tmp_path / "status" / "hello"
     # the job table and the ledger are the box's: what the runner writes there, the host sees
     shared = [tmp_path / "jobs" / "from-the-container", tmp_path / "ledger" / "from-the-container"]
     done = run_slot(runner_image, tmp_path, slot_name(), sys.executable, "-c",
                     f"import os, sys; open({str(hello)!r}, 'w').write(sys.executable + ' ' + "
-                    f"str(os.path.exists({str(tmp_path / 'secrets')!r})))\n"
+                    f"str(os.path.exists({str(tmp_path / 'secrets')!r})) + ' ' + "
+                    f"open({str(tmp_path / 'appliance-id')!r}).read())\n"
                     f"for p in {[str(p) for p in shared]!r}: open(p, 'w').write('written')")
     assert done.returncode == 0, done.stderr
-    interpreter, secrets_seen = hello.read_text().split()
+    interpreter, secrets_seen, box_id = hello.read_text().split()
+    assert box_id == "the-lab-box-0123abcd"  # the box's id, as every slot and the host see it
     assert interpreter.startswith("/opt/appliance/venv/bin/python")
     assert secrets_seen == "False"  # never the store's admin keys
     assert [p.read_text() for p in shared] == ["written", "written"]

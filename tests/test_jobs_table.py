@@ -439,3 +439,23 @@ def test_a_new_home_makes_its_table_in_the_jobs_folder(home):
     table.close()
     assert (home.root / "jobs" / "jobs.db").is_file() and not (home.root / "jobs.db").exists()
     assert stat.S_IMODE(os.stat(home.root / "jobs").st_mode) == 0o700
+
+
+def test_up_moves_an_older_homes_table_before_any_runner_opens_it(tmp_path):
+    """`up` (lifecycle.prepare) moves it: a slot's container sees only the jobs folder, so a
+    runner there would otherwise start a new, empty table beside the old one."""
+    from appliance.lifecycle import prepare
+    from appliance.paths import Home
+
+    h = Home.at(tmp_path / "home")
+    h.root.mkdir()
+    old = JobTable(h.root / "jobs.db")
+    add(old, "from-before-the-upgrade")
+    old.close()
+    prepare(h)
+    assert not (h.root / "jobs.db").exists()
+    table = JobTable(h.jobs_dir / "jobs.db")
+    try:
+        assert table.get("from-before-the-upgrade").state == "queued"
+    finally:
+        table.close()

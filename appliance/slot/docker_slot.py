@@ -212,7 +212,8 @@ def slot_mounts(home: str, slot: str) -> dict:
     h = Home(Path(home))
     private = [h.jobs_dir, h.ledger_dir]  # root's alone, as on the host
     rw = [h.queue_root, h.status_dir, h.cache_dir, h.work_dir / slot, h.run_dir / "serving"] + private
-    ro = [h.config_file, h.plan_file, h.credentials_dir, h.run_dir / "sources.json"]
+    ro = [h.config_file, h.plan_file, h.credentials_dir, h.run_dir / "sources.json",
+          h.appliance_id_file]  # `up` made it: the box's id, whatever host name a container has
     for d in private:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
     for d in rw:

@@ -80,7 +80,22 @@ def _check_permissions(home: Home) -> list[Finding]:
                                              f"chmod 600 {' '.join(map(str, loose))}"))
     elif secrets:
         out.append(Finding(True, "secrets", "store credentials are private (0600)"))
+    out += _check_records(home)
     return out
+
+
+def _check_records(home: Home) -> list[Finding]:
+    """The job table (every request, with its owner's store keys) and the ledger: root's alone."""
+    folders = [p for p in (home.jobs_dir, home.ledger_dir) if p.is_dir()]
+    if not folders:
+        return []
+    loose = [p for p in folders if p.stat().st_mode & 0o077]
+    loose += [p for p in home.jobs_dir.glob("jobs.db*") if p.stat().st_mode & 0o077]
+    if loose:
+        return [Finding(False, "records", f"{', '.join(map(str, loose))} open to others (the job table holds every "
+                                          f"request with its owner's store keys): chmod go= "
+                                          f"{' '.join(map(str, loose))}")]
+    return [Finding(True, "records", "the job table and the ledger are private (0700)")]
 
 
 def _check_disk(home: Home) -> Finding:

@@ -459,3 +459,22 @@ def test_up_moves_an_older_homes_table_before_any_runner_opens_it(tmp_path):
         assert table.get("from-before-the-upgrade").state == "queued"
     finally:
         table.close()
+
+
+def test_doctor_finds_a_job_table_or_ledger_opened_to_others_and_names_the_fix(tmp_path):
+    from appliance.doctor import check
+    from appliance.paths import Home
+
+    h = Home.at(tmp_path / "home")
+    h.ensure()
+    h.config_file.write_text("")
+    JobTable.of(h).close()
+    records = lambda: [f for f in check(h) if f.what == "records"]  # noqa: E731
+    (finding,) = records()
+    assert finding.ok, finding
+    os.chmod(h.jobs_dir / "jobs.db", 0o644)
+    os.chmod(h.ledger_dir, 0o755)
+    (finding,) = records()
+    assert not finding.ok
+    assert str(h.jobs_dir / "jobs.db") in finding.detail and str(h.ledger_dir) in finding.detail
+    assert "chmod go=" in finding.detail

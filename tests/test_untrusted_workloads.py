@@ -46,6 +46,8 @@ report = {
     "read cached workspaces": attempt("", lambda: os.listdir(os.path.join(home, "cache", "artifacts"))),
     "read broker passwords": attempt("", lambda: os.listdir(os.path.join(home, "credentials"))),
     "read logs": attempt("", lambda: os.listdir(os.path.join(home, "logs"))),
+    "read job table": attempt("", lambda: open(os.path.join(home, "jobs", "jobs.db"), "rb").read()),
+    "read ledger": attempt("", lambda: os.listdir(os.path.join(home, "ledger"))),
     "write own workspace": attempt("", lambda: open("mine.txt", "w").write("ok")),
 }
 print("REPORT " + json.dumps(report))
@@ -73,7 +75,7 @@ def test_a_workload_is_an_unprivileged_account_of_its_slot_and_reaches_nothing_o
     assert report["groups"] == []
     for what in ("read secrets", "read shadow", "signal runner", "runner environ", "host shm", "runner root",
                  "write status", "write cache", "read queue", "read cached workspaces", "read broker passwords",
-                 "read logs"):
+                 "read logs", "read job table", "read ledger"):
         assert report[what] != "allowed", (what, report)
     assert report["write own workspace"] == "allowed"
     assert "the admin key" not in out

@@ -12,7 +12,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
 from appliance.inventory import format_cpu_list
 from appliance.lifecycle import previous_plan
-from appliance.jobs.table import active_counts
+from appliance.jobs.table import active_counts, finished_counts
 from appliance.paths import Home
 from appliance.runner.status import read_status
 from appliance.store.health import store_problem
@@ -164,6 +164,7 @@ def gather(home: Home) -> dict:
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
         "jobs": active_counts(home),
+        "finished_last_hour": finished_counts(home, time.time() - 3600),
         "disk_problem": disk_problem(home),
         "sources": _sources(home),
         **_queue_rows(home, config),
@@ -315,6 +316,10 @@ def format_status(facts: dict) -> str:
     if jobs:
         lines.append(f"jobs: {jobs['queued']} queued, {jobs['held']} held, {jobs['running']} running "
                      "(`appliance jobs` lists them, where each waits and why)")
+    ended = facts.get("finished_last_hour")
+    if ended:  # a slot's row shows only its last result: these are all of them
+        lines.append(f"  in the last hour: {ended['done']} done, {ended['failed']} failed, {ended['cancelled']} "
+                     "cancelled (`appliance history` lists them)")
     if facts.get("queue_problem"):
         lines.append(f"  {facts['queue_problem']}")
     src = facts.get("sources") or {}

@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -412,6 +413,17 @@ def test_status_and_metrics_count_the_waiting_held_and_running_jobs(tmp_path):
     assert "jobs: 2 queued, 1 held, 1 running" in format_status(facts)
     [family] = [f for f in Collector(home).collect() if f.name == "appliance_jobs"]
     assert {s.labels["state"]: s.value for s in family.samples} == {"queued": 2, "held": 1, "running": 1}
+    assert facts["finished_last_hour"] == {"done": 0, "failed": 0, "cancelled": 0}
+    table = JobTable.of(home)
+    for key, state, ago in (("d1", "done", 60), ("d2", "done", 600), ("f", "failed", 30), ("old", "done", 7200)):
+        add(table, key)
+        table.started(key, "slot-0")
+        assert table.ended(key, state, now=time.time() - ago)
+    table.cancel("q1")
+    table.close()
+    facts = gather(home)
+    assert facts["finished_last_hour"] == {"done": 2, "failed": 1, "cancelled": 1}  # not the one 2 hours ago
+    assert "in the last hour: 2 done, 1 failed, 1 cancelled (`appliance history` lists them)" in format_status(facts)
 
 
 def test_an_older_homes_table_moves_into_the_jobs_folder_with_what_its_log_holds(home):

@@ -16,6 +16,9 @@ Writes are one short transaction each (WAL with synchronous=NORMAL: a commit cos
 a crash of any process loses nothing committed, a power cut at most the last moments); every
 process waits up to `BUSY_MS` for another's write. The schema's version is `PRAGMA
 user_version`; `MIGRATIONS` is the one place that changes it, applied in order at open.
+
+A little over 400 lines, on purpose: the schema, its migrations and every query stand in this
+one module, so that no other module writes SQL.
 """
 
 from __future__ import annotations
@@ -391,6 +394,20 @@ def active_counts(home) -> Optional[dict]:
     """Queued, held and running jobs of the appliance at `home` ({state: n}); None when it has no
     table yet or it cannot be read here (a member: the API answers for them). For status and
     /metrics, which must answer whatever the table's state."""
+    return _answer(home, JobTable.counts)
+
+
+def finished_counts(home, since: float) -> Optional[dict]:
+    """Done, failed and cancelled jobs that ended at or after `since` ({state: n}, every one
+    present); None as for active_counts. For status: results its slots' rows no longer show."""
+    def ask(table: JobTable) -> dict:
+        found = dict(table.db.execute("SELECT state, COUNT(*) FROM jobs INDEXED BY jobs_finished WHERE state IN "
+                                      "('done', 'failed', 'cancelled') AND ended >= ? GROUP BY state", (since,)))
+        return {state: found.get(state, 0) for state in FINISHED}
+    return _answer(home, ask)
+
+
+def _answer(home, ask):
     if not db_path(home).exists():
         return None
     try:
@@ -398,7 +415,7 @@ def active_counts(home) -> Optional[dict]:
     except Exception:  # noqa: BLE001 - not ours to open, or broken
         return None
     try:
-        return table.counts()
+        return ask(table)
     except Exception:  # noqa: BLE001
         return None
     finally:

@@ -12,7 +12,7 @@ from appliance.config import Config, ConfigError, load_config
 from appliance.gpus import scan_gpus
 from appliance.inventory import format_cpu_list
 from appliance.lifecycle import previous_plan
-from appliance.jobs.table import active_counts, finished_counts
+from appliance.jobs.table import read_table
 from appliance.paths import Home
 from appliance.runner.status import read_status
 from appliance.store.health import store_problem
@@ -163,12 +163,18 @@ def gather(home: Home) -> dict:
         "queues": {"root": str(home.queue_root), "studioml_home": str(home.studioml_home),
                    "credentials_dir": config.queues.credentials_dir or str(home.credentials_dir)},
         "last_rebalance": _last_rebalance(home),
-        "jobs": active_counts(home),
-        "finished_last_hour": finished_counts(home, time.time() - 3600),
+        **_job_counts(home),
         "disk_problem": disk_problem(home),
         "sources": _sources(home),
         **_queue_rows(home, config),
     }
+
+
+def _job_counts(home: Home) -> dict:
+    """Jobs waiting and running, and those that ended in the last hour: one open of the table."""
+    hour_ago = time.time() - 3600
+    active, ended = read_table(home, lambda t: (t.counts(), t.finished_since(hour_ago))) or (None, None)
+    return {"jobs": active, "finished_last_hour": ended}
 
 
 DISK_LOW_BYTES = 1 << 20

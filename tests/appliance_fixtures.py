@@ -108,6 +108,22 @@ def artifact_text(appliance, key, name="output") -> str | None:
     return "\n".join(texts)
 
 
+def job_row(appliance, key):
+    """The job's row in the box's job table (it keeps every job; runners in containers write it too)."""
+    table = JobTable.of(appliance.home)
+    try:
+        return table.get(key)
+    finally:
+        table.close()
+
+
+def finished_row(appliance, key):
+    """The job's row once it has ended, else None. A slot's status shows only its last result,
+    which the next job on that slot replaces (two back to back, 20 ms apart): wait on this."""
+    row = job_row(appliance, key)
+    return row if row is not None and row.state in FINISHED else None
+
+
 def last_result(appliance, key):
     """The job's result once it has ended: its slot's last result, else (the next job on that
     slot has replaced it: two jobs back to back, 20 ms apart) the result record it left in the
@@ -116,12 +132,7 @@ def last_result(appliance, key):
         result = slot.get("last_result") or {}
         if result.get("experiment") == key:
             return result
-    table = JobTable.of(appliance.home)
-    try:
-        row = table.get(key)
-    finally:
-        table.close()
-    if row is None or row.state not in FINISHED:
+    if finished_row(appliance, key) is None:
         return None
     client = store_client(appliance)
     try:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from appliance.inventory import format_cpu_list
-from appliance.jobs.table import CANCELLED, DONE, FINISHED, RUNNING, JobTable
+from appliance.jobs.table import CANCELLED, DONE, RUNNING
 from appliance.plan import Plan
 from appliance.slot.docker_slot import HOME_LABEL, SLOT_LABEL, container_name
-from tests.appliance_fixtures import artifact_text, last_result, make_home, stop_home, submit
+from tests.appliance_fixtures import (artifact_text, finished_row, job_row, last_result, make_home, stop_home,
+                                      submit)
 from tests.realparts import wait_for
 
 pytestmark = pytest.mark.integration
@@ -165,20 +166,6 @@ SHM_LOOK_THEN_WRITE = (
     "print('wrote', flush=True)\n")
 
 
-def _row(home, key):
-    """The job's row in the box's job table (the runner in a container writes it too)."""
-    table = JobTable.of(home.home)
-    try:
-        return table.get(key)
-    finally:
-        table.close()
-
-
-def _finished(home, key):
-    row = _row(home, key)
-    return row if row is not None and row.state in FINISHED else None
-
-
 def test_the_next_job_in_a_container_finds_dev_shm_empty(docker_appliance, tmp_path):
     """One job more than there are slots, one after another: at least two share a slot
     (whichever the scheduler picks), and every one finds /dev/shm empty and whole although
@@ -190,7 +177,7 @@ def test_the_next_job_in_a_container_finds_dev_shm_empty(docker_appliance, tmp_p
     slots_used = []
     for _ in range(len(shm_of) + 1):
         key = submit(docker_appliance, ws, "look.py")
-        row = wait_for("the job", lambda key=key: _finished(docker_appliance, key), timeout=240)
+        row = wait_for("the job", lambda key=key: finished_row(docker_appliance, key), timeout=240)
         assert row.state == DONE, row
         text = wait_for("its output", lambda key=key: artifact_text(docker_appliance, key))
         assert "seen [] free" in text and "wrote" in text, text
@@ -210,12 +197,12 @@ def test_a_job_in_a_container_shows_running_and_its_owner_cancels_it(docker_appl
     ws.mkdir()
     (ws / "long.py").write_text(LONG)
     key = submit(docker_appliance, ws, "long.py")
-    row = wait_for("it to run", lambda: (r := _row(docker_appliance, key)) and r.state == RUNNING and r, timeout=240)
+    row = wait_for("it to run", lambda: (r := job_row(docker_appliance, key)) and r.state == RUNNING and r, timeout=240)
     assert row.slot in {s.name for s in plan_of(docker_appliance).slots}
     wait_for("its first line", lambda: "started, working" in docker_appliance.cli("logs", key, check=False).stdout)
     assert "cancelling" in docker_appliance.cli("cancel", key).stdout
     assert docker_appliance.cli("wait", key, check=False, timeout=120).returncode == 143
-    row = _row(docker_appliance, key)
+    row = job_row(docker_appliance, key)
     assert (row.state, row.class_) == (CANCELLED, "cancelled"), row
 
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 from botocore.exceptions import ClientError
 
-from appliance.jobs.table import DONE, FINISHED, JobTable
+from appliance.jobs.table import DONE
 from appliance.store.client import s3_client
-from tests.appliance_fixtures import store_client
+from tests.appliance_fixtures import finished_row, store_client
 from tests.realparts import wait_for
 
 
@@ -37,25 +37,13 @@ def _creds(user) -> dict:
     return dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines())
 
 
-def _finished(home, key):
-    """The job's row once it has ended. The job table keeps every job; a slot's status shows
-    only its last result, which the next job on that slot replaces (two back to back on one
-    slot, 20 ms apart, left the first one's never seen)."""
-    table = JobTable.of(home.home)
-    try:
-        row = table.get(key)
-    finally:
-        table.close()
-    return row if row is not None and row.state in FINISHED else None
-
-
 @pytest.fixture(scope="module")
 def jobs(lab):
     """Alice and Bob each submit a job and it runs to the end: {name: key}."""
     home, users = lab
     keys = {name: _submit(users[name], _workspace(users[name], name), name) for name in ("alice", "bob")}
     for key in keys.values():
-        wait_for(f"job {key} to finish", lambda key=key: _finished(home, key), timeout=240)
+        wait_for(f"job {key} to finish", lambda key=key: finished_row(home, key), timeout=240)
     return keys
 
 
@@ -63,7 +51,7 @@ def test_each_member_fetches_their_own_job(lab, jobs):
     home, users = lab
     for name in ("alice", "bob"):
         user, key = users[name], jobs[name]
-        result = _finished(home, key)
+        result = finished_row(home, key)
         assert result.state == DONE and result.class_ == "success" and result.owner_uid == user.uid, result
         logs = user.cli("logs", key)
         assert logs.returncode == 0 and f"hello from {name}" in logs.stdout, logs.stderr
@@ -211,8 +199,8 @@ def test_the_shared_buckets_jobs_stay_roots(lab, tmp_path):
     ws.mkdir()
     (ws / "train.py").write_text("print('hello from root')\n")
     key = home.cli("submit", "--no-freeze", "--ram", "256mb", "--dir", str(ws), "train.py").stdout.strip().splitlines()[-1]
-    wait_for(f"job {key} to finish", lambda: _finished(home, key), timeout=240)
-    assert _finished(home, key).owner_uid == 0
+    wait_for(f"job {key} to finish", lambda: finished_row(home, key), timeout=240)
+    assert finished_row(home, key).owner_uid == 0
     got = home.cli("results", key, "--dest", str(tmp_path / "out"))
     assert "hello from root" in (tmp_path / "out" / "output" / "output").read_text(), got.stdout
     theirs = users["alice"].cli("logs", key)

@@ -2,8 +2,9 @@
 
 `HOME/jobs/jobs.db` (WAL mode, root's, 0600, in a folder of its own so that a slot's container
 can mount it whole, -wal and -shm included; an older home's `HOME/jobs.db` is moved in at first
-open): only root processes open it (the runners, the API, the controller). A row is made when the box first sees a job (submitted here, found in a local
-queue folder, or claimed from a shared queue) and updated on every state change:
+open): only root processes open it (the runners, the API, the controller). A row is made when
+the box first sees a job (submitted here, found in a local queue folder, or claimed from a
+shared queue) and updated on every state change:
 
     queued ──> running ──> done | failed | cancelled
       │  ^        │
@@ -330,6 +331,13 @@ class JobTable:
                                      "WHERE state IN ('queued', 'held', 'running') GROUP BY state"))
         return {state: found.get(state, 0) for state in ("queued", "held", "running")}
 
+    def finished_since(self, since: float) -> dict[str, int]:
+        """How many jobs are done, failed and cancelled that ended at or after `since`."""
+        found = dict(self.db.execute("SELECT state, COUNT(*) FROM jobs INDEXED BY jobs_finished "
+                                     "WHERE state IN ('done', 'failed', 'cancelled') AND ended >= ? GROUP BY state",
+                                     (since,)))
+        return {state: found.get(state, 0) for state in FINISHED}
+
     def queued_local(self) -> list[tuple]:
         """(key, queue, message id) of the queued jobs of local queues."""
         return self.db.execute("SELECT key, queue, message_id FROM jobs INDEXED BY jobs_active "
@@ -394,20 +402,11 @@ def active_counts(home) -> Optional[dict]:
     """Queued, held and running jobs of the appliance at `home` ({state: n}); None when it has no
     table yet or it cannot be read here (a member: the API answers for them). For status and
     /metrics, which must answer whatever the table's state."""
-    return _answer(home, JobTable.counts)
+    return read_table(home, JobTable.counts)
 
 
-def finished_counts(home, since: float) -> Optional[dict]:
-    """Done, failed and cancelled jobs that ended at or after `since` ({state: n}, every one
-    present); None as for active_counts. For status: results its slots' rows no longer show."""
-    def ask(table: JobTable) -> dict:
-        found = dict(table.db.execute("SELECT state, COUNT(*) FROM jobs INDEXED BY jobs_finished WHERE state IN "
-                                      "('done', 'failed', 'cancelled') AND ended >= ? GROUP BY state", (since,)))
-        return {state: found.get(state, 0) for state in FINISHED}
-    return _answer(home, ask)
-
-
-def _answer(home, ask):
+def read_table(home, ask):
+    """`ask(table)` of the appliance at `home`, opened once; None as for active_counts."""
     if not db_path(home).exists():
         return None
     try:

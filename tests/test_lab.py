@@ -207,6 +207,15 @@ def test_the_shared_buckets_jobs_stay_roots(lab, tmp_path):
     assert theirs.returncode != 0 and "hello from root" not in theirs.stdout
 
 
+def test_a_member_sees_how_many_jobs_ended_in_the_last_hour(lab, jobs):
+    """Counts of the whole box (as the waiting and running ones), through the API: no key, no owner."""
+    home, users = lab
+    text = users["bob"].cli("status").stdout
+    line = next(ln for ln in text.splitlines() if "in the last hour:" in ln)
+    assert int(line.split("in the last hour: ")[1].split(" done")[0]) >= 2  # alice's and bob's at least
+    assert jobs["alice"] not in line and jobs["bob"] not in line
+
+
 def test_doctor_for_a_member_checks_what_they_rely_on(lab):
     home, users = lab
     out = users["alice"].cli("doctor")

@@ -406,12 +406,15 @@ def test_a_rabbitmq_credential_is_served_live_without_restarting_busy_slots(rabb
         assert [w for w, k, _ in marker_lines(marker) if k == busy_key] == ["start", "done"]  # never restarted
         assert slot_pids(appliance) == before
 
-        facts = wait_for("the controller to check both entries", lambda: (lambda f: f if len(
-            f["sources"]["sources"]) == 3 else None)(appliance.status()))
+        # the busy slot's runner takes the entry up once its job is settled, a moment after the
+        # workload's own "done": wait for every slot to say so rather than read it at once
+        facts = wait_for("the controller to check both entries and every slot to serve main", lambda: (
+            lambda f: f if len(f["sources"]["sources"]) == 3
+            and all("rabbitmq:main" in (s["serves"] or {}) for s in f["slots"]) else None)(appliance.status()),
+            timeout=30)
         rows = {r["name"]: r for r in facts["sources"]["sources"]}
         assert rows["rabbitmq:main"]["state"] == "ok" and queue in rows["rabbitmq:main"]["queues"]
         assert rows["rabbitmq:broken"]["state"] == "broken" and "login refused" in rows["rabbitmq:broken"]["reason"]
-        assert all("rabbitmq:main" in (s["serves"] or {}) for s in facts["slots"])
         text = appliance.cli("status").stdout
         assert "rabbitmq:broken [broken.toml]: BROKEN: " in text and "serves: " in text
 

@@ -82,9 +82,10 @@ def start_rabbit(root: Path, consumer_timeout_ms: int | None = None) -> RunningR
            "ERL_EPMD_ADDRESS": "127.0.0.1", "ERL_EPMD_PORT": str(epmd),
            "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
            "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
-           "RABBITMQ_PID_FILE": str(root / "rabbit.pid")}
+           "RABBITMQ_PID_FILE": str(root / "rabbit.pid"),
+           "ERL_CRASH_DUMP": str(root / "erl_crash.dump")}  # not into the checkout when it fails
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([SERVER], env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([SERVER], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                             start_new_session=True)
     management = f"http://127.0.0.1:{mgmt}"
     running = RunningRabbit(f"amqp://guest:guest@127.0.0.1:{amqp}/%2f", management, amqp, root, env, proc)

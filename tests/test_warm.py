@@ -65,8 +65,9 @@ def test_a_warm_workload_is_the_same_as_a_forked_one(tmp_path):
     launcher = warmed()
     try:
         time.sleep(0.2)  # let it come up, as it does while the slot is idle
-        r1, hot, was_warm = run(tmp_path, "warm", launcher, ["probe.py", "x y", ""], {"probe.py": PROBE})
-        r2, cold, _ = run(tmp_path, "cold", None, ["probe.py", "x y", ""], {"probe.py": PROBE})
+        per_job = {**ENV, "HOME": "/per/job/home", "TMPDIR": "/per/job/tmp"}  # set once the job comes
+        r1, hot, was_warm = run(tmp_path, "warm", launcher, ["probe.py", "x y", ""], {"probe.py": PROBE}, env=per_job)
+        r2, cold, _ = run(tmp_path, "cold", None, ["probe.py", "x y", ""], {"probe.py": PROBE}, env=per_job)
     finally:
         launcher.close()
     assert was_warm and r1.ok and r2.ok
@@ -74,6 +75,7 @@ def test_a_warm_workload_is_the_same_as_a_forked_one(tmp_path):
     cold = json.loads(cold.splitlines()[1])
     assert hot == cold
     assert hot["argv"] == ["probe.py", "x y", ""] and hot["env"]["ODD"] == "a b\n'c\""
+    assert (hot["env"]["HOME"], hot["env"]["TMPDIR"]) == ("/per/job/home", "/per/job/tmp")
     assert hot["leader"] and hot["oom_score_adj"] == "1000" and hot["extra_fds"] == 0
 
 

@@ -1,6 +1,6 @@
 """The runner: one loop per slot, from queue message to uploaded results.
 
-This module is the claim loop, a few lines over 400: the loop's state (sources, cursor, ledger,
+This module is the claim loop, some 45 lines over 400: the loop's state (sources, cursor, ledger,
 launcher, lookahead) is one object. What a slot may run is triage.py, one job's life job.py, the
 exactly-once ledger ledger.py, store health store_health.py, shared-queue refusals refusing.py.
 
@@ -350,6 +350,11 @@ class Runner:
             log.warning("dead-lettering %s/%s: bad request: %s", msg.queue, msg.message_id, e)
             src.dead_letter(msg, f"bad request: {e} [class: {classes.USER}]")
             return "settled"
+        placed = self._placement(req)
+        # one that will run here unless the ledger settles it: its store lookups go out now, beside the
+        # ledger's own request (every check below still decides, in the same order)
+        early = self._ask(req) if placed[0] == RUN and not expired(req, self.settings.default_lifetime_s, time.time()) \
+            and not self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()) else None
         verdict, record = self.ledger.look(self.home, req, self.settings.store_wait_s)
         if verdict != ledger.RUN:
             return ledger.settle_from(verdict, record, src, msg, req.key, self.status, self.held_logged,
@@ -366,13 +371,10 @@ class Runner:
             return "settled"
         if self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()):
             return "held"  # its store did not answer a moment ago: other queues first
-        disk = shutil.disk_usage(self._work_root())
-        me = this_slot(self.home, self.slot, self.environ)
-        others = [s for s in slot_shapes(self.home) if s.name != self.slot]
-        verdict, here = fit(req, me, others, disk.total, disk.free)
+        verdict, here = placed
         if verdict == RUN:
             self.ledger_seen = {req.key: record}
-            self.asked = {req.key: self.lookahead.ask(req, self.settings.retry, cached=self.cache is not None)}
+            self.asked = {req.key: early or self._ask(req)}
             return req
         if verdict in (LATER, ELSEWHERE):
             return "held"  # not now (the disk may free up), or another slot can
@@ -381,6 +383,17 @@ class Runner:
         src.dead_letter(msg, f"no slot of this appliance can run it: {here} [class: {classes.USER}]")
         log.warning("dead-lettering %s: no slot can run it: %s", req.key, here)
         return "settled"
+
+    def _placement(self, req) -> tuple:
+        """(verdict, why) of triage.fit for `req` on this slot now."""
+        disk = shutil.disk_usage(self._work_root())
+        me = this_slot(self.home, self.slot, self.environ)
+        others = [s for s in slot_shapes(self.home) if s.name != self.slot]
+        return fit(req, me, others, disk.total, disk.free)
+
+    def _ask(self, req):
+        """Its fetch's store lookups, asked in the background (lookahead.py)."""
+        return self.lookahead.ask(req, self.settings.retry, cached=self.cache is not None)
 
     # ------------------------------------------------------------------ one job
 

@@ -19,8 +19,9 @@ from tests.test_runner_loop import HELLO, REPO, home, output_of, request, submit
 
 HEAVY = ("boto3", "botocore", "s3transfer", "pika", "pynvml", "docker", "ssl", "_ssl", "_hashlib", "email")
 IDLE_TOO = ("packaging", "tomlkit", "jinja2", "prometheus_client", "watchdog")  # nor these, while idle
-# each ~0.2-0.3 MB of every slot, for good, for one call: the command line, a message id, uv's path
-SMALL = ("argparse", "uuid", "sysconfig")
+# each ~0.2-0.3 MB of every slot, for good, for one call: the command line, a message id, uv's path;
+# inspect with ast and dis (~1.2 MB) for a dataclass's docstring (runner/__main__.py)
+SMALL = ("argparse", "uuid", "sysconfig", "inspect", "ast", "dis")
 
 PROBE = """
 import json, sys

@@ -9,7 +9,32 @@ import logging
 import os
 import sys
 
-from appliance.paths import Home
+
+def _dataclasses_without_inspect() -> None:
+    """Import dataclasses with a stand-in for `inspect`, which it uses for one thing only: a
+    class's signature, for the docstring it writes when a class has none (every class under
+    -OO). `inspect` and what it imports (ast, dis, ...) are ~1.2 MB of every runner's memory for
+    good; the stand-in has no signatures, so a dataclass's __doc__ reads "Name(...)". It is taken
+    away at once: whatever imports `inspect` later gets the real one."""
+    if "dataclasses" in sys.modules or "inspect" in sys.modules:
+        return
+    import types
+
+    def signature(_obj, *_args, **_kwargs) -> str:
+        return "(...)"
+
+    stand_in = types.ModuleType("inspect")
+    stand_in.signature = signature
+    sys.modules["inspect"] = stand_in
+    try:
+        import dataclasses  # noqa: F401
+    finally:
+        del sys.modules["inspect"]
+
+
+_dataclasses_without_inspect()
+
+from appliance.paths import Home  # noqa: E402
 
 
 USAGE = """usage: python -m appliance.runner [--home HOME] [--slot NAME] [--exit-when-idle] [-v]

@@ -8,7 +8,7 @@ metrics on, as installed) and measures only from outside the appliance:
     program), from utime+stime deltas of /proc/PID/stat over --idle-seconds, fresh, again
     after at least --jobs experiments, and once more after `appliance down` and `up` over the
     same home (a box's reboot: the store then starts over its own data); VmRSS of each group
-    after the jobs;
+    after the first --throughput-jobs experiments (200: the issue's moment) and after all;
   - enqueue -> workload start: the time just before the rename of a message into the local
     queue, against the workload's first instruction, which writes time.monotonic() (the same
     system-wide clock); one at a time on idle slots;
@@ -75,6 +75,10 @@ TABLE = {
     "RSS supervisord + controller": ("88", 60, "MB", "low"),
     "RSS runner + launcher (each)": ("72", 30, "MB", "low"),
     "RSS store": ("305", 150, "MB", "low"),
+    # the issue measures RSS after 200 jobs (the rows above); the same after every job of the run
+    "RSS supervisord + controller, after all jobs": ("-", 60, "MB", "low"),
+    "RSS runner + launcher (each), after all jobs": ("-", 30, "MB", "low"),
+    "RSS store, after all jobs": ("-", 150, "MB", "low"),
     "enqueue -> start p50": ("21-28", 10, "ms", "low"),
     "enqueue -> start p90": ("25-33", 20, "ms", "low"),
     "enqueue -> output in store p50": ("60", 50, "ms", "low"),
@@ -397,10 +401,29 @@ def main() -> int:
                 fig.setdefault(f"idle CPU, store, {label}", []).append(by.get("store", 0.0))
                 fig.setdefault(f"idle CPU, controller, {label}", []).append(by.get("controller", 0.0))
 
+        def memory(after: str) -> dict[str, float]:
+            sizes = rss(app.home)
+            runners = [v for k, v in sizes.items() if k.startswith("slot-")]
+            fig[f"RSS supervisord + controller{after}"] = [sizes.get("supervisord", 0) + sizes.get("controller", 0)]
+            fig[f"RSS runner + launcher (each){after}"] = runners
+            fig[f"RSS store{after}"] = [sizes.get("store", 0)]
+            note[f"RSS store{after}"] = "weed and the forwarder in front of it"
+            warm = warm_interpreters(app.home)
+            if warm:
+                note[f"RSS runner + launcher (each){after}"] = (
+                    "each slot's tree, with its next job's warm interpreter: "
+                    + ", ".join(f"{slot} {mb:.1f} MB of it" for slot, mb in sorted(warm.items())))
+            print(f"\n{app.jobs_run} jobs run; RSS now: " + ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(sizes.items())),
+                  flush=True)
+            return sizes
+
         print(f"appliance at {app.home_dir}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
         idle("fresh")
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             took = app.batch(args.throughput_jobs)
+            if repeat == 0:  # the issue's moment: 200 jobs run (its slots back at rest, warm)
+                time.sleep(3)
+                memory("")
             par = gnu_parallel(base, args.throughput_jobs, "start.py")
             fig.setdefault("trivial jobs, appliance / parallel", []).append(par / took)
             print(f"  {args.throughput_jobs} trivial jobs: appliance {took:.2f} s, parallel {par:.2f} s", flush=True)
@@ -434,28 +457,17 @@ def main() -> int:
         if app.jobs_run < args.jobs:
             app.batch(args.jobs - app.jobs_run)
         idle("after jobs")
-        sizes = rss(app.home)
-        runners = [v for k, v in sizes.items() if k.startswith("slot-")]
-        fig["RSS supervisord + controller"] = [sizes.get("supervisord", 0) + sizes.get("controller", 0)]
-        fig["RSS runner + launcher (each)"] = runners
-        fig["RSS store"] = [sizes.get("store", 0)]
-        note["RSS store"] = "weed and the forwarder in front of it"
-        warm = warm_interpreters(app.home)
-        if warm:
-            note["RSS runner + launcher (each)"] = (
-                "each slot's tree, with its next job's warm interpreter: "
-                + ", ".join(f"{slot} {mb:.1f} MB of it" for slot, mb in sorted(warm.items())))
-        print(f"\n{app.jobs_run} jobs run; RSS now: " + ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(sizes.items())))
+        memory(", after all jobs")
         app.restart()
         idle("after a restart")
-        print(f"\n{'measure':42} {'min / median / max':>26} {'then':>12} {'goal':>8}")
+        print(f"\n{'measure':46} {'min / median / max':>26} {'then':>12} {'goal':>8}")
         for name, (then, goal, unit, better) in TABLE.items():
             values = fig.get(name, [])
             aim = "-" if goal is None else f"{'<=' if better == 'low' else '>='} {goal:g}"
             ok = "" if goal is None or not values else (
                 "  ok" if (statistics.median(values) <= goal if better == "low" else statistics.median(values) >= goal)
                 else "  MISSED")
-            print(f"{name:42} {spread(values):>26} {then:>12} {aim:>8} {unit}{ok}"
+            print(f"{name:46} {spread(values):>26} {then:>12} {aim:>8} {unit}{ok}"
                   + (f"   ({note[name]})" if name in note else ""))
     finally:
         if args.keep:

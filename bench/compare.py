@@ -386,6 +386,8 @@ def main() -> int:
     if not shutil.which("parallel"):
         print("compare: GNU parallel is missing: apt-get install parallel", file=sys.stderr)
         return 2
+    import compileall  # the bytecode install.sh makes (-OO for runners): no runner compiles from source
+    compileall.compile_dir(str(ROOT / "appliance"), quiet=1, optimize=[0, 2])
     base = Path(tempfile.mkdtemp(prefix="appliance-compare-"))
     app = Appliance(base)
     app.up()

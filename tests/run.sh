@@ -35,6 +35,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# bytecode for the runners' -OO too, as install.sh makes it (a runner never compiles from source)
+.venv/bin/python -m compileall -q -o 0 -o 2 appliance >/dev/null
 
 if ! docker info >/dev/null 2>&1; then
     step "starting dockerd"

@@ -128,6 +128,9 @@ def test_the_launcher_runs_for_every_user_and_a_rerun_repairs_a_broken_venv(inst
     os.chmod(tmp_path, 0o755)  # the home must be reachable by other users, as /var/lib/appliance is
     checkout = checkout_copy(tmp_path / "checkout")
     run([str(checkout / "install.sh"), "--home", str(home), "--no-start"], env)
+    # no runner has started yet: the runners' -OO bytecode is the install's (a runner started where
+    # .pyc files are not written would otherwise compile the package at every start)
+    assert list((home / "venv").rglob("appliance/runner/__pycache__/runner.*.opt-2.pyc"))
     as_nobody = ["runuser", "-u", "nobody", "--", str(LAUNCHER), "--version"]
     assert subprocess.run(as_nobody, capture_output=True, text=True, cwd="/").returncode == 0
     assert os.path.realpath(home / "venv" / "bin" / "python").startswith("/usr/")  # not an interpreter under /root

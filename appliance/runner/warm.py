@@ -124,7 +124,7 @@ def _warm():
     safe = getattr(sys.flags, "safe_path", False)  # -P: no folder of the script goes first
     ch.sendall(b".")
     ch.close()
-    del data, anc, fds, spec, ch
+    del data, anc, fds, spec, ch, env
     import builtins
     main = sys.modules["__main__"].__dict__
     main.clear()

@@ -350,11 +350,13 @@ class Runner:
             log.warning("dead-lettering %s/%s: bad request: %s", msg.queue, msg.message_id, e)
             src.dead_letter(msg, f"bad request: {e} [class: {classes.USER}]")
             return "settled"
+        endpoints = [a.endpoint_url for a in req.artifacts.values()]
         placed = self._placement(req)
         # one that will run here unless the ledger settles it: its store lookups go out now, beside the
         # ledger's own request (every check below still decides, in the same order)
-        early = self._ask(req) if placed[0] == RUN and not expired(req, self.settings.default_lifetime_s, time.time()) \
-            and not self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()) else None
+        runs_here = placed[0] == RUN and not expired(req, self.settings.default_lifetime_s, time.time()) \
+            and not self.store_health.paused(endpoints, time.time())
+        early = self._ask(req) if runs_here else None
         verdict, record = self.ledger.look(self.home, req, self.settings.store_wait_s)
         if verdict != ledger.RUN:
             return ledger.settle_from(verdict, record, src, msg, req.key, self.status, self.held_logged,
@@ -369,7 +371,7 @@ class Runner:
         if too_late:
             src.dead_letter(msg, f"{too_late} [class: {classes.TIMEOUT}]")
             return "settled"
-        if self.store_health.paused([a.endpoint_url for a in req.artifacts.values()], time.time()):
+        if self.store_health.paused(endpoints, time.time()):
             return "held"  # its store did not answer a moment ago: other queues first
         verdict, here = placed
         if verdict == RUN:
